@@ -1,0 +1,230 @@
+"""The batch memory layout, shared by server and client.
+
+A collated batch is a tree: tensors at the leaves (plus plain ``str``/``int``/
+``float``/``bool``/``None`` values), inside ``list``/``tuple``/``dict`` nodes. On the
+wire and in shared memory it is two parts:
+
+* a :class:`~batchferry.v1.loader_pb2.Layout` message: the tree, each tensor as
+  (dtype, shape, byte offset into the payload);
+* the payload: every tensor's bytes, contiguous, each starting on a 64-byte
+  boundary (so any dtype can be viewed in place, and SIMD loads stay aligned).
+
+The server encodes a tree whose tensors already lie in a slot (collates write
+there directly) without copying them; the client decodes a payload buffer into
+tensors that are views of it, again without copying.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from batchferry.v1 import loader_pb2 as _pb2
+
+__all__ = [
+    "ALIGNMENT",
+    "LayoutError",
+    "SlotOverflow",
+    "SlotWriter",
+    "align",
+    "decode",
+    "describe",
+    "encode",
+]
+
+ALIGNMENT = 64
+
+_DTYPES: dict[torch.dtype, int] = {
+    torch.float32: _pb2.FLOAT32,
+    torch.float64: _pb2.FLOAT64,
+    torch.float16: _pb2.FLOAT16,
+    torch.bfloat16: _pb2.BFLOAT16,
+    torch.uint8: _pb2.UINT8,
+    torch.int8: _pb2.INT8,
+    torch.int16: _pb2.INT16,
+    torch.int32: _pb2.INT32,
+    torch.int64: _pb2.INT64,
+    torch.bool: _pb2.BOOL,
+    torch.complex64: _pb2.COMPLEX64,
+    torch.complex128: _pb2.COMPLEX128,
+    torch.uint16: _pb2.UINT16,
+    torch.uint32: _pb2.UINT32,
+    torch.uint64: _pb2.UINT64,
+}
+_TORCH_DTYPES = {code: dtype for dtype, code in _DTYPES.items()}
+
+
+class LayoutError(ValueError):
+    """A tree cannot be encoded, or a Layout message does not fit its payload."""
+
+
+class SlotOverflow(Exception):
+    """The batch needs more bytes than the slot holds; ``needed`` says how many."""
+
+    def __init__(self, needed: int) -> None:
+        super().__init__(f"batch needs {needed} bytes")
+        self.needed = needed
+
+
+def align(n: int) -> int:
+    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+class SlotWriter:
+    """Bump allocator of tensors inside one payload buffer (a slot).
+
+    Collates call :meth:`alloc` to build their output in place; :func:`encode`
+    then records those tensors by offset and copies in only what lies elsewhere.
+    When the buffer is too small, allocation keeps counting and :meth:`check`
+    raises :class:`SlotOverflow` with the total needed, so one failed attempt is
+    enough to size the next slot.
+    """
+
+    def __init__(self, buffer: torch.Tensor) -> None:
+        if buffer.dtype != torch.uint8 or buffer.dim() != 1:
+            raise TypeError("slot buffer must be a 1-D uint8 tensor")
+        self._buffer = buffer
+        self._base = buffer.data_ptr()
+        self._capacity = buffer.numel()
+        self.used = 0
+
+    def alloc(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in _DTYPES:
+            raise LayoutError(f"unsupported dtype {dtype}")
+        shape = tuple(int(s) for s in shape)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        start = align(self.used)
+        self.used = start + nbytes
+        if self.used > self._capacity:
+            # Keep going on scratch memory so the collate can finish and report its size.
+            return torch.empty(shape, dtype=dtype)
+        return self._buffer[start : start + nbytes].view(dtype).view(shape)
+
+    def check(self) -> None:
+        if self.used > self._capacity:
+            raise SlotOverflow(self.used)
+
+    def offset_of(self, tensor: torch.Tensor) -> int | None:
+        """Offset of ``tensor`` if it is a contiguous CPU tensor inside this slot."""
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            return None
+        offset = tensor.data_ptr() - self._base
+        if 0 <= offset and offset + tensor.numel() * tensor.element_size() <= min(
+            self.used, self._capacity
+        ):
+            return offset
+        return None
+
+
+def encode(tree: Any, writer: SlotWriter) -> _pb2.Layout:
+    """Layout of ``tree``; tensors not already in the writer's slot are copied in."""
+
+    def node(obj: Any) -> _pb2.Node:
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.kind in "OUSV":
+                raise LayoutError(f"numpy arrays of dtype {obj.dtype} cannot be sent")
+            obj = torch.from_numpy(np.ascontiguousarray(obj))
+        if isinstance(obj, np.generic):
+            obj = obj.item()
+        if isinstance(obj, torch.Tensor):
+            return _pb2.Node(tensor=_tensor_spec(obj, writer))
+        if obj is None:
+            return _pb2.Node(none=_pb2.NoneValue())
+        if isinstance(obj, bool):
+            return _pb2.Node(bool=obj)
+        if isinstance(obj, int):
+            return _pb2.Node(int=obj)
+        if isinstance(obj, float):
+            return _pb2.Node(float=obj)
+        if isinstance(obj, str):
+            return _pb2.Node(str=obj)
+        if isinstance(obj, Mapping):
+            keys = []
+            for key in obj:
+                if isinstance(key, bool) or not isinstance(key, (str, int)):
+                    raise LayoutError(f"dict keys must be str or int, got {type(key).__name__}")
+                keys.append(node(key))
+            return _pb2.Node(dict=_pb2.NodeMap(keys=keys, values=[node(v) for v in obj.values()]))
+        if isinstance(obj, tuple):
+            return _pb2.Node(tuple=_pb2.NodeList(items=[node(v) for v in obj]))
+        if isinstance(obj, list):
+            return _pb2.Node(list=_pb2.NodeList(items=[node(v) for v in obj]))
+        raise LayoutError(f"cannot send a value of type {type(obj).__name__} in a batch")
+
+    root = node(tree)
+    writer.check()
+    return _pb2.Layout(root=root, payload_bytes=writer.used)
+
+
+def _tensor_spec(tensor: torch.Tensor, writer: SlotWriter) -> _pb2.TensorSpec:
+    if tensor.layout != torch.strided:
+        raise LayoutError(f"cannot send a {tensor.layout} tensor; make it dense first")
+    if tensor.dtype not in _DTYPES:
+        raise LayoutError(f"unsupported dtype {tensor.dtype}")
+    offset = writer.offset_of(tensor)
+    if offset is None:
+        out = writer.alloc(tensor.shape, tensor.dtype)
+        out.copy_(tensor)
+        offset = writer.offset_of(out)
+        if offset is None:  # overflowed: the writer reports it in check()
+            offset = 0
+    return _pb2.TensorSpec(dtype=_DTYPES[tensor.dtype], shape=list(tensor.shape), offset=offset)
+
+
+def decode(layout: _pb2.Layout, payload: torch.Tensor) -> Any:
+    """The tree described by ``layout``; tensors are views of ``payload`` (uint8, 1-D)."""
+    size = payload.numel()
+    if layout.payload_bytes > size:
+        raise LayoutError(f"layout spans {layout.payload_bytes} bytes, payload has {size}")
+
+    def tensor(spec: _pb2.TensorSpec) -> torch.Tensor:
+        dtype = _TORCH_DTYPES.get(spec.dtype)
+        if dtype is None:
+            raise LayoutError(f"unknown dtype code {spec.dtype}")
+        shape = tuple(spec.shape)
+        if any(s < 0 for s in shape):
+            raise LayoutError(f"negative dimension in shape {shape}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if spec.offset % ALIGNMENT or spec.offset + nbytes > size:
+            raise LayoutError(f"tensor at offset {spec.offset} (+{nbytes} bytes) is outside the payload")
+        return payload[spec.offset : spec.offset + nbytes].view(dtype).view(shape)
+
+    return _walk(layout.root, tensor)
+
+
+def _walk(node: _pb2.Node, tensor: Callable[[_pb2.TensorSpec], torch.Tensor]) -> Any:
+    kind = node.WhichOneof("kind")
+    if kind == "tensor":
+        return tensor(node.tensor)
+    if kind == "list":
+        return [_walk(n, tensor) for n in node.list.items]
+    if kind == "tuple":
+        return tuple(_walk(n, tensor) for n in node.tuple.items)
+    if kind == "dict":
+        if len(node.dict.keys) != len(node.dict.values):
+            raise LayoutError("dict node has different numbers of keys and values")
+        return {_walk(k, tensor): _walk(v, tensor) for k, v in zip(node.dict.keys, node.dict.values)}
+    if kind in ("str", "int", "float", "bool"):
+        return getattr(node, kind)
+    if kind == "none":
+        return None
+    raise LayoutError("layout node has no kind")
+
+
+def describe(obj: Any) -> str:
+    """Short structure of a sample or batch, e.g. ``(Tensor[float32, 3x224x224], int)``."""
+    if isinstance(obj, np.ndarray):
+        return f"ndarray[{obj.dtype}, {'x'.join(map(str, obj.shape)) or 'scalar'}]"
+    if isinstance(obj, torch.Tensor):
+        dtype = str(obj.dtype).removeprefix("torch.")
+        return f"Tensor[{dtype}, {'x'.join(map(str, obj.shape)) or 'scalar'}]"
+    if isinstance(obj, Mapping):
+        return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in obj.items()) + "}"
+    if isinstance(obj, tuple):
+        return "(" + ", ".join(describe(v) for v in obj) + ("," if len(obj) == 1 else "") + ")"
+    if isinstance(obj, list):
+        return "[" + ", ".join(describe(v) for v in obj) + "]"
+    return type(obj).__name__

@@ -1,0 +1,50 @@
+"""gRPC method names and message framing, from the generated service descriptor.
+
+Both directions use raw-bytes (identity) serializers: the server parses requests
+itself so malformed bytes become INVALID_ARGUMENT naming the message, not an
+opaque INTERNAL, and payload chunks go out as the bytes they are.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError, Message
+
+from batchferry.v1 import loader_pb2 as _pb2
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "LIST_DATASETS",
+    "MAX_CHUNK_BYTES",
+    "MIN_CHUNK_BYTES",
+    "SERVICE",
+    "STREAM_BATCHES",
+    "parse",
+]
+
+_SERVICE_DESC = _pb2.DESCRIPTOR.services_by_name["Loader"]
+SERVICE = _SERVICE_DESC.full_name
+LIST_DATASETS = f"/{SERVICE}/{_SERVICE_DESC.methods_by_name['ListDatasets'].name}"
+STREAM_BATCHES = f"/{SERVICE}/{_SERVICE_DESC.methods_by_name['StreamBatches'].name}"
+
+# gRPC-Python moves messages of a few MiB far faster than tens of MiB.
+DEFAULT_CHUNK_BYTES = 2 << 20
+MIN_CHUNK_BYTES = 64 << 10
+MAX_CHUNK_BYTES = 16 << 20
+# Largest gRPC message either side accepts: a chunk plus headroom for headers.
+MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + (1 << 20)
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+M = TypeVar("M", bound=Message)
+
+
+def parse(cls: type[M], data: bytes) -> M:
+    """Parse ``data`` as ``cls``; ``ValueError`` naming the message when malformed."""
+    try:
+        return cls.FromString(data)
+    except (DecodeError, RuntimeError) as exc:
+        raise ValueError(f"malformed {cls.DESCRIPTOR.name} message ({len(data)} bytes)") from exc

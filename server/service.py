@@ -1,0 +1,306 @@
+"""gRPC handlers: validate requests, order the epoch, stream built batches in order.
+
+One StreamBatches call is one epoch (or its rest) for one client:
+
+    OPEN -> (validated) START sent -> per batch: BUILDING -> SENT -> DONE
+
+The stream keeps at most ``credits`` batches built or being built ahead of what
+the client has consumed; each batch holds one ring slot from submission until
+its bytes are copied into chunk messages. Errors in one stream never touch others.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import NoReturn
+
+import grpc
+import numpy as np
+
+from batchferry import sampling, wire
+from batchferry.errors import DATASET_ERROR_KEY
+from batchferry.layout import describe
+from batchferry.v1 import loader_pb2 as _pb2
+
+from .collate import CollateFn, SlotCollate
+from .datasets import MapDataset
+from .ring import RingExhausted, Slot, SlotRing
+from .workers import Result, Task, WorkerPool
+
+__all__ = ["LoaderService"]
+
+log = logging.getLogger("batchferry.server")
+
+MAX_CREDITS = 64
+_WAIT = 0.2  # seconds between liveness checks while blocked
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str, dataset_error: bool = False) -> None:
+        super().__init__(details)
+        self.code, self.details, self.dataset_error = code, details, dataset_error
+
+
+def _fail(code: grpc.StatusCode, details: str) -> NoReturn:
+    raise _Abort(code, details)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    dataset: str
+    collate: str
+    batch_size: int
+    num_batches: int
+    start_batch: int
+    credits: int
+    chunk_bytes: int
+    order: sampling.EpochOrder
+
+
+class _Credits:
+    """Reads the client's messages on its own thread; counts granted credits."""
+
+    def __init__(self, requests: Iterator[bytes], initial: int) -> None:
+        self._requests = requests
+        self._cond = threading.Condition()
+        self.granted = initial
+        self.error: str | None = None
+        self.ended = False
+        self._thread = threading.Thread(target=self._run, name="batchferry-credits", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for raw in self._requests:
+                msg = wire.parse(_pb2.ClientMessage, raw)
+                if msg.WhichOneof("kind") != "credit" or msg.credit.batches < 1:
+                    raise ValueError("after open, the client may only send credit messages with batches >= 1")
+                with self._cond:
+                    self.granted += msg.credit.batches
+                    self._cond.notify_all()
+        except ValueError as exc:
+            self.error = str(exc)
+        except Exception:  # the call was cancelled or the peer went away
+            pass
+        with self._cond:
+            self.ended = True
+            self._cond.notify_all()
+
+    def wait_for(self, sent: int, active: Callable[[], bool]) -> bool:
+        """Block until a send is allowed (granted > sent); False when the call is over."""
+        with self._cond:
+            while self.granted <= sent:
+                if self.error is not None or not active():
+                    return False
+                self._cond.wait(_WAIT)
+            return True
+
+
+class LoaderService:
+    def __init__(
+        self,
+        datasets: dict[str, MapDataset],
+        collates: dict[str, SlotCollate | CollateFn],
+        pool: WorkerPool,
+        ring: SlotRing,
+        chunk_bytes: int,
+    ) -> None:
+        self._datasets = datasets
+        self._collates = collates
+        self._pool = pool
+        self._ring = ring
+        self._chunk_bytes = chunk_bytes
+        self._infos = [
+            _pb2.DatasetInfo(name=name, length=len(ds), sample_structure=_sample_structure(ds))
+            for name, ds in sorted(datasets.items())
+        ]
+        self.batches_built = 0  # across all streams, for tests and metrics
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            wire.SERVICE,
+            {
+                "ListDatasets": grpc.unary_unary_rpc_method_handler(self.list_datasets),
+                "StreamBatches": grpc.stream_stream_rpc_method_handler(self.stream_batches),
+            },
+        )
+
+    # -- ListDatasets -----------------------------------------------------------------
+    def list_datasets(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            wire.parse(_pb2.ListDatasetsRequest, request)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return _pb2.ListDatasetsResponse(datasets=self._infos).SerializeToString()
+
+    # -- StreamBatches ----------------------------------------------------------------
+    def stream_batches(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        try:
+            yield from self._stream(requests, context)
+        except _Abort as exc:
+            if exc.dataset_error:
+                context.set_trailing_metadata(((DATASET_ERROR_KEY, "1"),))
+            context.abort(exc.code, exc.details)
+
+    def _stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        try:
+            first = next(requests)
+        except StopIteration:
+            _fail(grpc.StatusCode.INVALID_ARGUMENT, "stream ended before an open message")
+        try:
+            msg = wire.parse(_pb2.ClientMessage, first)
+        except ValueError as exc:
+            _fail(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if msg.WhichOneof("kind") != "open":
+            _fail(grpc.StatusCode.INVALID_ARGUMENT, "the first message of a stream must be 'open'")
+        plan = self._plan(msg.open)
+        credits = _Credits(requests, plan.credits)
+        yield _pb2.ServerFrame(
+            start=_pb2.StreamStart(
+                num_batches=plan.num_batches,
+                state_after_order=plan.order.state_after_order,
+                state_after_epoch=plan.order.state_after_epoch,
+            )
+        ).SerializeToString()
+        yield from self._send_batches(plan, credits, context)
+
+    def _plan(self, req: _pb2.OpenStream) -> _Plan:
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        if not req.dataset:
+            _fail(invalid, "dataset: required")
+        ds = self._datasets.get(req.dataset)
+        if ds is None:
+            _fail(
+                grpc.StatusCode.NOT_FOUND,
+                f"dataset {req.dataset!r} not found; this server has: {', '.join(sorted(self._datasets))}",
+            )
+        if req.batch_size < 1:
+            _fail(invalid, f"batch_size must be >= 1, got {req.batch_size}")
+        collate = req.collate or "default"
+        if collate not in self._collates:
+            _fail(
+                grpc.StatusCode.NOT_FOUND,
+                f"collate {collate!r} not found; registered: {', '.join(sorted(self._collates))}",
+            )
+        if req.epoch < 0:
+            _fail(invalid, f"epoch must be >= 0, got {req.epoch}")
+        if not 1 <= req.credits <= MAX_CREDITS:
+            _fail(invalid, f"credits must be in [1, {MAX_CREDITS}], got {req.credits}")
+        chunk = req.chunk_bytes or self._chunk_bytes
+        if not wire.MIN_CHUNK_BYTES <= chunk <= wire.MAX_CHUNK_BYTES:
+            _fail(
+                invalid,
+                f"chunk_bytes must be 0 or in [{wire.MIN_CHUNK_BYTES}, {wire.MAX_CHUNK_BYTES}], got {req.chunk_bytes}",
+            )
+        length = len(ds)
+        total = sampling.num_batches(length, req.batch_size, req.drop_last)
+        if not 0 <= req.start_batch <= total:
+            _fail(invalid, f"start_batch must be in [0, {total}], got {req.start_batch}")
+        if req.shuffle and not req.sampler_state:
+            _fail(invalid, "sampler_state: required when shuffle is true")
+        try:
+            order = sampling.epoch_order(length, req.shuffle, req.sampler_state)
+        except ValueError as exc:
+            _fail(invalid, f"sampler_state: {exc}")
+        return _Plan(req.dataset, collate, req.batch_size, total, req.start_batch, req.credits, chunk, order)
+
+    def _send_batches(self, plan: _Plan, credits: _Credits, context: grpc.ServicerContext) -> Iterator[bytes]:
+        pending: collections.deque[tuple[int, Slot, Future[Result]]] = collections.deque()
+        next_build = next_send = plan.start_batch
+        min_bytes = 0
+        active = context.is_active
+        try:
+            while next_send < plan.num_batches:
+                # Build ahead only as far as the client has granted.
+                while next_build < plan.num_batches and next_build - next_send < credits.granted - (
+                    next_send - plan.start_batch
+                ):
+                    slot = self._acquire(min_bytes, active)
+                    pending.append((next_build, slot, self._submit(plan, next_build, slot)))
+                    next_build += 1
+                if not pending:
+                    if not credits.wait_for(next_send - plan.start_batch, active):
+                        break
+                    continue
+                index, slot, future = pending[0]
+                result = self._result(future, active)
+                if result is None:
+                    break
+                if result.status == "overflow":
+                    self._ring.release(slot)
+                    min_bytes = max(min_bytes, result.needed)
+                    slot = self._acquire(min_bytes, active)
+                    pending[0] = (index, slot, self._submit(plan, index, slot))
+                    continue
+                pending.popleft()
+                if result.status == "error":
+                    self._ring.release(slot)
+                    raise _Abort(
+                        grpc.StatusCode.INTERNAL,
+                        f"dataset {plan.dataset!r}, batch {index}: {result.error}",
+                        dataset_error=True,
+                    )
+                frames = self._frames(index, result.layout, slot, plan.chunk_bytes)
+                self._ring.release(slot)
+                self.batches_built += 1
+                if not credits.wait_for(next_send - plan.start_batch, active):
+                    break
+                yield from frames
+                next_send += 1
+            if credits.error is not None:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, credits.error)
+        finally:
+            # Builds still running write into their slots: release each when it ends.
+            for _, slot, future in pending:
+                future.add_done_callback(lambda _f, s=slot: self._ring.release(s))
+
+    def _acquire(self, min_bytes: int, active: Callable[[], bool]) -> Slot:
+        try:
+            slot = self._ring.acquire(min_bytes, timeout=3600.0, cancelled=lambda: not active())
+        except RingExhausted as exc:
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+        if slot is None:
+            raise _Abort(grpc.StatusCode.CANCELLED, "stream cancelled or server closing")
+        return slot
+
+    def _submit(self, plan: _Plan, index: int, slot: Slot) -> Future[Result]:
+        indices = plan.order.batch(index, plan.batch_size).numpy().astype(np.int64, copy=False)
+        task = Task(plan.dataset, indices, plan.collate, slot.name, slot.capacity)
+        try:
+            return self._pool.submit(task)
+        except RuntimeError as exc:
+            self._ring.release(slot)
+            raise _Abort(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+
+    @staticmethod
+    def _result(future: Future[Result], active: Callable[[], bool]) -> Result | None:
+        while True:
+            try:
+                return future.result(timeout=_WAIT)
+            except TimeoutError:
+                if not active():
+                    return None
+
+    @staticmethod
+    def _frames(index: int, layout_bytes: bytes, slot: Slot, chunk: int) -> list[bytes]:
+        layout = _pb2.Layout.FromString(layout_bytes)
+        size = layout.payload_bytes
+        view = memoryview(slot.segment.tensor.numpy())
+        # The only copy on the server: slot -> message bytes (gRPC needs bytes objects).
+        chunks = [bytes(view[o : min(o + chunk, size)]) for o in range(0, size, chunk)]
+        header = _pb2.ServerFrame(batch=_pb2.BatchHeader(index=index, layout=layout, num_chunks=len(chunks)))
+        return [header.SerializeToString(), *chunks]
+
+
+def _sample_structure(ds: MapDataset) -> str:
+    if len(ds) == 0:
+        return "(empty)"
+    with contextlib.suppress(Exception):
+        return describe(ds[0])
+    return "(unavailable: reading sample 0 failed)"
