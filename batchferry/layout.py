@@ -37,7 +37,7 @@ __all__ = [
 
 ALIGNMENT = 64
 
-_DTYPES: dict[torch.dtype, int] = {
+_DTYPES: dict[torch.dtype, _pb2.DType] = {
     torch.float32: _pb2.FLOAT32,
     torch.float64: _pb2.FLOAT64,
     torch.float16: _pb2.FLOAT16,
@@ -112,9 +112,7 @@ class SlotWriter:
         if tensor.device.type != "cpu" or not tensor.is_contiguous():
             return None
         offset = tensor.data_ptr() - self._base
-        if 0 <= offset and offset + tensor.numel() * tensor.element_size() <= min(
-            self.used, self._capacity
-        ):
+        if offset >= 0 and offset + tensor.numel() * tensor.element_size() <= min(self.used, self._capacity):
             return offset
         return None
 
@@ -206,7 +204,9 @@ def _walk(node: _pb2.Node, tensor: Callable[[_pb2.TensorSpec], torch.Tensor]) ->
     if kind == "dict":
         if len(node.dict.keys) != len(node.dict.values):
             raise LayoutError("dict node has different numbers of keys and values")
-        return {_walk(k, tensor): _walk(v, tensor) for k, v in zip(node.dict.keys, node.dict.values)}
+        return {
+            _walk(k, tensor): _walk(v, tensor) for k, v in zip(node.dict.keys, node.dict.values, strict=True)
+        }
     if kind in ("str", "int", "float", "bool"):
         return getattr(node, kind)
     if kind == "none":

@@ -68,6 +68,12 @@ class Segment:
             else torch.empty(0, dtype=torch.uint8)
         )
 
+    def memory(self) -> memoryview:
+        """A memoryview of the whole mapping; release it (``with``) before close()."""
+        if self._mmap is None:
+            return memoryview(b"")
+        return memoryview(self._mmap)
+
     @classmethod
     def create(cls, name: str, size: int) -> Segment:
         return cls(name, size, create=True)
@@ -109,7 +115,7 @@ def _alive(pid: int) -> bool:
 
 def remove_stale() -> list[str]:
     """Unlink segments whose owning process is gone; return their names."""
-    removed = []
+    removed: list[str] = []
     if not SHM_DIR.is_dir():
         return removed
     for path in SHM_DIR.iterdir():

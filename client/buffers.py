@@ -59,7 +59,11 @@ class BufferPool:
         """A 1-D uint8 buffer of exactly ``nbytes`` (a view of a pooled buffer)."""
         with self._lock:
             free = [e for e in self._entries if e.free()]
-            fit = min((e for e in free if e.base.numel() >= nbytes), key=lambda e: e.base.numel(), default=None)
+            fit = min(
+                (e for e in free if e.base.numel() >= nbytes),
+                key=lambda e: e.base.numel(),
+                default=None,
+            )
             if fit is None:
                 fit = self._allocate(nbytes)
                 if len(self._entries) < self.max_buffers:

@@ -30,7 +30,8 @@ class CudaCopier:
         """Issue the copies of every tensor in ``tree``; return the device tree and its event."""
         with torch.cuda.stream(self.stream):
             out = tree_map(
-                lambda t: t.to(self.device, non_blocking=True) if isinstance(t, torch.Tensor) else t, tree
+                lambda t: t.to(self.device, non_blocking=True) if isinstance(t, torch.Tensor) else t,
+                tree,
             )
             event = torch.cuda.Event()
             event.record(self.stream)

@@ -64,7 +64,11 @@ class LoaderConfig:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise bad("batch_size", self.batch_size, "must be a positive integer")
         if not isinstance(self.collate_fn, str) or not self.collate_fn:
-            raise bad("collate_fn", self.collate_fn, "must be the name of a collate registered on the server")
+            raise bad(
+                "collate_fn",
+                self.collate_fn,
+                "must be the name of a collate registered on the server",
+            )
         if not isinstance(self.prefetch_factor, int) or not 1 <= self.prefetch_factor <= 64:
             raise bad("prefetch_factor", self.prefetch_factor, "must be an integer in [1, 64]")
         if not isinstance(self.timeout, (int, float)) or not self.timeout > 0 or math.isinf(self.timeout):
@@ -74,7 +78,11 @@ class LoaderConfig:
         if self.transport == "shm":
             raise InvalidArgument("transport='shm' is not available in this version; use 'auto' or 'grpc'")
         if self.chunk_bytes and not wire.MIN_CHUNK_BYTES <= self.chunk_bytes <= wire.MAX_CHUNK_BYTES:
-            raise bad("chunk_bytes", self.chunk_bytes, f"must be 0 or in [{wire.MIN_CHUNK_BYTES}, {wire.MAX_CHUNK_BYTES}]")
+            raise bad(
+                "chunk_bytes",
+                self.chunk_bytes,
+                f"must be 0 or in [{wire.MIN_CHUNK_BYTES}, {wire.MAX_CHUNK_BYTES}]",
+            )
 
 
 def _device(device: str | torch.device | None) -> torch.device | None:
@@ -179,18 +187,23 @@ class DataLoader:
     # -- dataset facts ----------------------------------------------------------------
     def _dataset_length(self) -> int:
         if self._length is None:
-            stub = self._channel.unary_unary(wire.LIST_DATASETS, request_serializer=None, response_deserializer=None)
+            stub = self._channel.unary_unary(
+                wire.LIST_DATASETS, request_serializer=None, response_deserializer=None
+            )
             try:
                 raw = stub(b"", timeout=self.config.timeout, wait_for_ready=True)
             except grpc.RpcError as exc:
                 err = from_rpc_error(exc)
                 if err.code == "DEADLINE_EXCEEDED":
-                    err = ServerUnavailable(f"server {self.config.address} not reachable within {self.config.timeout}s")
+                    err = ServerUnavailable(
+                        f"server {self.config.address} not reachable within {self.config.timeout}s"
+                    )
                 raise err from exc
             infos = {d.name: d for d in wire.parse(_pb2.ListDatasetsResponse, raw).datasets}
             if self.config.dataset not in infos:
                 raise NotFound(
-                    f"dataset {self.config.dataset!r} not found on {self.config.address}; it has: {', '.join(sorted(infos))}"
+                    f"dataset {self.config.dataset!r} not found on {self.config.address}; "
+                    f"it has: {', '.join(sorted(infos))}"
                 )
             self._length = int(infos[self.config.dataset].length)
         return self._length
@@ -228,6 +241,8 @@ class DataLoader:
             "shuffle": self.config.shuffle,
             "drop_last": self.config.drop_last,
             "epoch": self._epoch,
+            # True while an epoch has begun (its draws made) and not ended.
+            "in_epoch": False,
             "batch": 0,
             "sampler_state": b"",
             "generator_state": (
@@ -237,25 +252,46 @@ class DataLoader:
         it = self._active
         if self._resume is not None:
             state["epoch"], state["batch"], state["sampler_state"] = self._resume
+            state["in_epoch"] = True
         elif it is not None and not it.finished:
-            state["epoch"], state["batch"], state["sampler_state"] = it.epoch, it.yielded, it.sampler_state
+            state["epoch"], state["batch"], state["sampler_state"] = (
+                it.epoch,
+                it.yielded,
+                it.sampler_state,
+            )
+            state["in_epoch"] = True
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``: the next ``iter()`` yields the batch after the saved one."""
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise InvalidArgument(f"state_dict version must be {_STATE_VERSION}, got {state.get('version')!r}")
+            raise InvalidArgument(
+                f"state_dict version must be {_STATE_VERSION}, got {state.get('version')!r}"
+            )
         for key in ("dataset", "batch_size", "shuffle", "drop_last"):
             if state.get(key) != getattr(self.config, key):
                 raise InvalidArgument(
-                    f"state_dict {key} is {state.get(key)!r} but this loader has {getattr(self.config, key)!r}"
+                    f"state_dict {key} is {state.get(key)!r} "
+                    f"but this loader has {getattr(self.config, key)!r}"
                 )
         epoch, batch = state.get("epoch"), state.get("batch")
         if not isinstance(epoch, int) or epoch < 0 or not isinstance(batch, int) or batch < 0:
-            raise InvalidArgument(f"state_dict epoch and batch must be non-negative ints, got {epoch!r}, {batch!r}")
-        gen_state, sampler_state = state.get("generator_state", b""), state.get("sampler_state", b"")
-        if not isinstance(gen_state, bytes) or not isinstance(sampler_state, bytes):
-            raise InvalidArgument("state_dict generator_state and sampler_state must be bytes")
+            raise InvalidArgument(
+                f"state_dict epoch and batch must be non-negative ints, got {epoch!r}, {batch!r}"
+            )
+        gen_state, sampler_state = (
+            state.get("generator_state", b""),
+            state.get("sampler_state", b""),
+        )
+        if not isinstance(gen_state, bytes):
+            raise InvalidArgument(f"state_dict generator_state must be bytes, got {type(gen_state).__name__}")
+        if not isinstance(sampler_state, bytes):
+            raise InvalidArgument(
+                f"state_dict sampler_state must be bytes, got {type(sampler_state).__name__}"
+            )
+        in_epoch = state.get("in_epoch", False)
+        if not isinstance(in_epoch, bool):
+            raise InvalidArgument(f"state_dict in_epoch must be a bool, got {in_epoch!r}")
         if gen_state:
             if self.generator is None:
                 self.generator = torch.Generator()
@@ -264,7 +300,7 @@ class DataLoader:
             except ValueError as exc:
                 raise InvalidArgument(f"state_dict generator_state: {exc}") from exc
         self._epoch = epoch
-        self._resume = (epoch, batch, sampler_state) if batch > 0 else None
+        self._resume = (epoch, batch, sampler_state) if in_epoch else None
 
     # -- iteration --------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:

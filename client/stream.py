@@ -145,4 +145,3 @@ class EpochStream:
         self._requests.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=10)
-

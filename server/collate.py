@@ -67,7 +67,7 @@ def _pad_into(
     longest = [max(t.shape[d] for t in batch) for d in range(elem.dim())]
     out = writer.alloc((len(batch), *longest), elem.dtype)
     out.fill_(padding_value)
-    for row, t in zip(out, batch):
+    for row, t in zip(out, batch, strict=True):
         row[tuple(slice(0, s) for s in t.shape)].copy_(t)
     return out
 

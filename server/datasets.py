@@ -85,7 +85,7 @@ class NpyDataset:
         if self.labels is None:
             return list(rows)
         labels = self.labels[np.asarray(indices, dtype=np.int64)].tolist()
-        return list(zip(rows, labels))
+        return list(zip(rows, labels, strict=True))
 
 
 class SyntheticDataset:
@@ -103,8 +103,16 @@ class SyntheticDataset:
         seed: int = 0,
     ) -> None:
         if n < 1 or classes < 1 or any(s < 1 for s in shape):
-            raise ValueError(f"synthetic dataset needs n, classes and shape >= 1, got {n}, {classes}, {shape}")
-        self.n, self.shape, self.dtype, self.classes, self.seed = n, tuple(shape), dtype, classes, seed
+            raise ValueError(
+                f"synthetic dataset needs n, classes and shape >= 1, got {n}, {classes}, {shape}"
+            )
+        self.n, self.shape, self.dtype, self.classes, self.seed = (
+            n,
+            tuple(shape),
+            dtype,
+            classes,
+            seed,
+        )
         gen = torch.Generator().manual_seed(seed)
         features = torch.randn((n, *self.shape), generator=gen)
         teacher = torch.randn((int(np.prod(self.shape)), classes), generator=gen)
@@ -125,7 +133,7 @@ class SyntheticDataset:
 
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         idx = torch.as_tensor(indices, dtype=torch.int64)
-        return list(zip(self.data[idx], self.targets[idx]))
+        return list(zip(self.data[idx], self.targets[idx], strict=True))
 
 
 @dataclass(frozen=True)
@@ -136,7 +144,7 @@ class DatasetSource:
     obj: Any = None
 
     def build(self) -> MapDataset:
-        return parse_spec(self.spec) if self.spec is not None else self.obj  # type: ignore[no-any-return]
+        return parse_spec(self.spec) if self.spec is not None else self.obj
 
 
 def _kv(text: str, spec: str) -> dict[str, str]:

@@ -18,7 +18,7 @@ import grpc
 
 from batchferry import shm, wire
 
-from .collate import CollateFn, SlotCollate, get_collate, collate_names
+from .collate import CollateFn, SlotCollate, collate_names, get_collate
 from .datasets import DatasetSource, MapDataset, parse_spec
 from .ring import SlotRing
 from .service import LoaderService
@@ -57,7 +57,8 @@ class ServerConfig:
             raise ValueError(f"max_streams must be >= 1, got {self.max_streams}")
         if not wire.MIN_CHUNK_BYTES <= self.chunk_bytes <= wire.MAX_CHUNK_BYTES:
             raise ValueError(
-                f"chunk_bytes must be in [{wire.MIN_CHUNK_BYTES}, {wire.MAX_CHUNK_BYTES}], got {self.chunk_bytes}"
+                f"chunk_bytes must be in [{wire.MIN_CHUNK_BYTES}, {wire.MAX_CHUNK_BYTES}], "
+                f"got {self.chunk_bytes}"
             )
         if self.num_replicas < 1 or not 0 <= self.replica_index < self.num_replicas:
             raise ValueError(
@@ -133,7 +134,12 @@ class Server:
         except BaseException:
             self.close()
             raise
-        log.info("serving %s on %s with %d worker(s)", ", ".join(built), self.address, self.config.num_workers)
+        log.info(
+            "serving %s on %s with %d worker(s)",
+            ", ".join(built),
+            self.address,
+            self.config.num_workers,
+        )
 
     @property
     def address(self) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -196,7 +197,8 @@ class LoaderService:
         if not wire.MIN_CHUNK_BYTES <= chunk <= wire.MAX_CHUNK_BYTES:
             _fail(
                 invalid,
-                f"chunk_bytes must be 0 or in [{wire.MIN_CHUNK_BYTES}, {wire.MAX_CHUNK_BYTES}], got {req.chunk_bytes}",
+                f"chunk_bytes must be 0 or in [{wire.MIN_CHUNK_BYTES}, {wire.MAX_CHUNK_BYTES}], "
+                f"got {req.chunk_bytes}",
             )
         length = len(ds)
         total = sampling.num_batches(length, req.batch_size, req.drop_last)
@@ -217,11 +219,14 @@ class LoaderService:
         active = context.is_active
         try:
             while next_send < plan.num_batches:
-                # Build ahead only as far as the client has granted.
+                # Build ahead only as far as the client has granted, and block for a
+                # slot only while holding none: a stream never waits on itself.
                 while next_build < plan.num_batches and next_build - next_send < credits.granted - (
                     next_send - plan.start_batch
                 ):
-                    slot = self._acquire(min_bytes, active)
+                    slot = self._acquire(min_bytes, active, wait=not pending)
+                    if slot is None:
+                        break
                     pending.append((next_build, slot, self._submit(plan, next_build, slot)))
                     next_build += 1
                 if not pending:
@@ -233,10 +238,13 @@ class LoaderService:
                 if result is None:
                     break
                 if result.status == "overflow":
-                    self._ring.release(slot)
+                    # Rebuild from this batch in slots of the size it needs; builds
+                    # made ahead in smaller slots are dropped, not waited for.
                     min_bytes = max(min_bytes, result.needed)
-                    slot = self._acquire(min_bytes, active)
-                    pending[0] = (index, slot, self._submit(plan, index, slot))
+                    self._ring.release(slot)
+                    pending.popleft()
+                    self._drop(pending)
+                    next_build = index
                     continue
                 pending.popleft()
                 if result.status == "error":
@@ -256,16 +264,26 @@ class LoaderService:
             if credits.error is not None:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, credits.error)
         finally:
-            # Builds still running write into their slots: release each when it ends.
-            for _, slot, future in pending:
-                future.add_done_callback(lambda _f, s=slot: self._ring.release(s))
+            self._drop(pending)
 
-    def _acquire(self, min_bytes: int, active: Callable[[], bool]) -> Slot:
+    def _drop(self, pending: collections.deque[tuple[int, Slot, Future[Result]]]) -> None:
+        """Forget builds; each slot is released once its worker is done writing to it."""
+        for _, slot, future in pending:
+            future.add_done_callback(functools.partial(self._release_when_done, slot))
+        pending.clear()
+
+    def _release_when_done(self, slot: Slot, _future: Future[Result]) -> None:
+        self._ring.release(slot)
+
+    def _acquire(self, min_bytes: int, active: Callable[[], bool], *, wait: bool) -> Slot | None:
+        """A slot, or None when ``wait`` is false and none is free now."""
         try:
-            slot = self._ring.acquire(min_bytes, timeout=3600.0, cancelled=lambda: not active())
+            slot = self._ring.acquire(
+                min_bytes, timeout=3600.0 if wait else 0.0, cancelled=lambda: not active()
+            )
         except RingExhausted as exc:
             raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
-        if slot is None:
+        if slot is None and wait:
             raise _Abort(grpc.StatusCode.CANCELLED, "stream cancelled or server closing")
         return slot
 
@@ -291,9 +309,9 @@ class LoaderService:
     def _frames(index: int, layout_bytes: bytes, slot: Slot, chunk: int) -> list[bytes]:
         layout = _pb2.Layout.FromString(layout_bytes)
         size = layout.payload_bytes
-        view = memoryview(slot.segment.tensor.numpy())
         # The only copy on the server: slot -> message bytes (gRPC needs bytes objects).
-        chunks = [bytes(view[o : min(o + chunk, size)]) for o in range(0, size, chunk)]
+        with slot.segment.memory() as view:
+            chunks = [bytes(view[o : min(o + chunk, size)]) for o in range(0, size, chunk)]
         header = _pb2.ServerFrame(batch=_pb2.BatchHeader(index=index, layout=layout, num_chunks=len(chunks)))
         return [header.SerializeToString(), *chunks]
 

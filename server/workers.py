@@ -63,7 +63,9 @@ class Result:
 class _TaskRunner:
     """Builds batches for one process: its datasets, collates and attached slots."""
 
-    def __init__(self, sources: dict[str, DatasetSource], collates: dict[str, SlotCollate | CollateFn]) -> None:
+    def __init__(
+        self, sources: dict[str, DatasetSource], collates: dict[str, SlotCollate | CollateFn]
+    ) -> None:
         self._sources = sources
         self._datasets: dict[str, MapDataset] = {}
         self._collates = collates
@@ -192,7 +194,14 @@ class WorkerPool:
     def _spawn(self, index: int) -> Any:
         proc = self._ctx.Process(
             target=_worker_main,
-            args=(index, self._sources, self._collates, self._queues[index], self._results, os.getpid()),
+            args=(
+                index,
+                self._sources,
+                self._collates,
+                self._queues[index],
+                self._results,
+                os.getpid(),
+            ),
             name=f"batchferry-worker-{index}",
             daemon=True,
         )
@@ -204,7 +213,9 @@ class WorkerPool:
             try:
                 kind, index, message = self._results.get(timeout=_READY_TIMEOUT)
             except queue.Empty:
-                raise RuntimeError(f"worker(s) {sorted(pending)} did not start in {_READY_TIMEOUT:.0f}s") from None
+                raise RuntimeError(
+                    f"worker(s) {sorted(pending)} did not start in {_READY_TIMEOUT:.0f}s"
+                ) from None
             if kind == "failed":
                 raise RuntimeError(f"worker {index} could not load the datasets: {message}")
             pending.discard(index)

@@ -1,0 +1,161 @@
+"""The ``batchferry`` command: serve, demo, datasets."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from batchferry import wire
+
+__all__ = ["main"]
+
+
+def _size(text: str) -> int:
+    """``4194304``, ``4MiB``, ``2GiB``, ``512KiB``."""
+    units = {
+        "kib": 1 << 10,
+        "mib": 1 << 20,
+        "gib": 1 << 30,
+        "k": 1 << 10,
+        "m": 1 << 20,
+        "g": 1 << 30,
+    }
+    lower = text.strip().lower()
+    for suffix, factor in units.items():
+        if lower.endswith(suffix):
+            try:
+                return int(float(lower[: -len(suffix)]) * factor)
+            except ValueError:
+                break
+    try:
+        return int(lower)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use bytes or KiB/MiB/GiB)") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from batchferry.server import Server, ServerConfig
+    from batchferry.server.datasets import parse_dataset_arg
+
+    for module in args.import_module:
+        importlib.import_module(module)  # registers collates or datasets as a side effect
+    datasets = dict(parse_dataset_arg(arg) for arg in args.dataset)
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        num_workers=args.num_workers,
+        slots=args.slots,
+        shm_bytes=args.shm_bytes,
+        chunk_bytes=args.chunk_bytes,
+        max_streams=args.max_streams,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        logging.getLogger("batchferry.server").info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    with Server(datasets, config=config) as server:
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        print(f"batchferry serving {', '.join(datasets)} on {server.address}", flush=True)
+        while not stop.wait(0.5):
+            pass
+    return 0
+
+
+def _datasets(args: argparse.Namespace) -> int:
+    import grpc
+
+    from batchferry.errors import from_rpc_error
+    from batchferry.v1 import loader_pb2 as _pb2
+
+    with grpc.insecure_channel(args.target, options=wire.CHANNEL_OPTIONS) as channel:
+        call = channel.unary_unary(wire.LIST_DATASETS, request_serializer=None, response_deserializer=None)
+        try:
+            raw = call(b"", timeout=args.timeout, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            print(f"error: {from_rpc_error(exc)}", file=sys.stderr)
+            return 1
+    for info in _pb2.ListDatasetsResponse.FromString(raw).datasets:
+        print(f"{info.name}\t{info.length}\t{info.sample_structure}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from batchferry.demo import run_demo
+
+    run_demo(
+        num_workers=args.num_workers,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        samples=args.samples,
+        device=args.device,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchferry", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a loader server")
+    serve.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        required=True,
+        metavar="NAME=SPEC",
+        help="npy:PATH[,labels=PATH] | synthetic:n=N,shape=AxB,... | python:MODULE:CALLABLE (repeatable)",
+    )
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--num-workers", type=int, default=2)
+    serve.add_argument("--slots", type=int, default=0, help="shared-memory ring slots (0: automatic)")
+    serve.add_argument("--shm-bytes", type=_size, default=4 << 30, help="shared-memory budget, e.g. 4GiB")
+    serve.add_argument("--chunk-bytes", type=_size, default=wire.DEFAULT_CHUNK_BYTES)
+    serve.add_argument("--max-streams", type=int, default=64)
+    serve.add_argument(
+        "--import",
+        dest="import_module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first (e.g. one that calls register_collate)",
+    )
+    serve.set_defaults(func=_serve)
+
+    demo = sub.add_parser("demo", help="embedded server + a short training loop")
+    demo.add_argument("--num-workers", type=int, default=2)
+    demo.add_argument("--epochs", type=int, default=3)
+    demo.add_argument("--batch-size", type=int, default=256)
+    demo.add_argument("--samples", type=int, default=32768)
+    demo.add_argument("--device", default=None, help="e.g. cuda (default: cuda when available)")
+    demo.set_defaults(func=_demo)
+
+    datasets = sub.add_parser("datasets", help="list the datasets of a server")
+    datasets.add_argument("target", help="host:port")
+    datasets.add_argument("--timeout", type=float, default=10.0)
+    datasets.set_defaults(func=_datasets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Datasets and helpers shared by the tests (importable by spawned server workers)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from batchferry import shm
+
+
+class Plain(Dataset[tuple[torch.Tensor, int]]):
+    """(float32[3] tensor, int label) samples; no __getitems__ (per-sample path)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.arange(3, dtype=torch.float32) + 10 * i, i % 7
+
+
+class Nested(Dataset[dict[str, Any]]):
+    """Samples exercising every leaf kind and container default_collate handles."""
+
+    def __len__(self) -> int:
+        return 23
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        base = torch.arange(12, dtype=torch.float32).reshape(3, 4) + i
+        return {
+            "f16": base.half(),
+            "bf16": base.bfloat16(),
+            "bool": base > 5 + i,
+            "i8": base.to(torch.int8),
+            "scalar": torch.tensor(i * 2.5),  # 0-d
+            "noncontig": base.t(),  # non-contiguous view
+            "strided": base[:, ::2],
+            "py_int": i,
+            "py_float": i / 3,
+            "py_bool": i % 2 == 0,
+            "np": np.full((2,), i, dtype=np.int16),
+            "np_scalar": np.float32(i),
+            "name": f"sample-{i}",
+            "pair": (torch.tensor([i, -i]), [i, i + 1]),
+            "inner": {
+                "u8": torch.full((2, 2), i, dtype=torch.uint8),
+                7: torch.tensor([i], dtype=torch.int64),
+            },
+        }
+
+
+class VarLen(Dataset[tuple[torch.Tensor, int]]):
+    """int64 sequences of length 1 + i % 9, and the length."""
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        n = 1 + i % 9
+        return torch.arange(n, dtype=torch.int64) + i, n
+
+
+class Failing(Dataset[torch.Tensor]):
+    """Raises on index 13."""
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i == 13:
+            raise KeyError(f"corrupt record {i}")
+        return torch.tensor([i])
+
+
+class Crashing(Dataset[torch.Tensor]):
+    """Kills its worker process on index 5."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i == 5:
+            os._exit(3)
+        return torch.tensor([i])
+
+
+class Big(Dataset[torch.Tensor]):
+    """3 MiB samples: batches outgrow the ring's initial slots."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.full((768, 1024), i, dtype=torch.int32)
+
+
+def sum_collate(samples: list[Any]) -> dict[str, torch.Tensor]:
+    """A plain user collate: returns tensors outside the slot (copied in once)."""
+    xs = torch.stack([s[0] for s in samples])
+    return {"sum": xs.sum(dim=1), "count": torch.tensor(len(samples))}
+
+
+def leaked_segments() -> list[str]:
+    return sorted(p.name for p in shm.SHM_DIR.iterdir() if p.name.startswith(shm.PREFIX))
+
+
+def assert_same(a: Any, b: Any, path: str = "batch") -> None:
+    """Structure, types, dtypes and values equal (tuples of torch batches become lists)."""
+    if isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor), f"{path}: {type(a).__name__} is not a tensor"
+        assert a.dtype == b.dtype, f"{path}: dtype {a.dtype} != {b.dtype}"
+        assert a.shape == b.shape, f"{path}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        assert torch.equal(a.cpu(), b.cpu()), f"{path}: values differ"
+    elif isinstance(b, dict):
+        assert isinstance(a, dict) and list(a) == list(b), f"{path}: keys {list(a)} != {list(b)}"
+        for k in b:
+            assert_same(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(b, (list, tuple)):
+        assert type(a) is type(b), f"{path}: {type(a).__name__} != {type(b).__name__}"
+        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert type(a) is type(b) and a == b, f"{path}: {a!r} != {b!r}"
+
+
+@contextmanager
+def no_new_segments() -> Iterator[None]:
+    before = set(leaked_segments())
+    yield
+    assert set(leaked_segments()) <= before, f"leaked: {sorted(set(leaked_segments()) - before)}"

@@ -1,0 +1,60 @@
+"""GPU delivery: pinned buffer pool, non_blocking copies on a side stream. Skips without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from batchferry.client import DataLoader
+from batchferry.server import Server
+from support import Nested, assert_same
+from torch.utils.data import DataLoader as TorchLoader
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_batches_arrive_on_the_device_equal_to_the_dataset(server: Server, tensor_ds) -> None:
+    with DataLoader(server.address, "tensor", 16, shuffle=True, seed=2, device="cuda") as loader:
+        for _ in range(2):
+            ours = list(loader)
+        ref = TorchLoader(tensor_ds, 16, shuffle=True, generator=torch.Generator().manual_seed(2))
+        list(ref)
+        theirs = list(ref)
+    for a, b in zip(ours, theirs):
+        assert all(t.is_cuda for t in a)
+        assert_same(a, b)
+
+
+def test_consumer_stream_sees_completed_copies(server: Server) -> None:
+    expected = list(TorchLoader(Nested(), batch_size=5))
+    with DataLoader(server.address, "nested", 5, device="cuda", prefetch_factor=8) as loader:
+        big = torch.randn(2048, 2048, device="cuda")
+        for batch, ref in zip(loader, expected, strict=True):
+            big = big @ big.T / 2048  # keep the consumer stream busy while copies run
+            assert_same(batch, ref)
+        torch.cuda.synchronize()
+
+
+def test_pinned_pool_is_reused_and_pinned(server: Server) -> None:
+    with DataLoader(server.address, "tensor", 10, pin_memory=True, prefetch_factor=2) as loader:
+        x, _ = next(iter(loader))
+        assert x.is_pinned()
+        del x
+        for _ in range(3):
+            for batch in loader:
+                del batch
+        assert loader._pool.pin and loader._pool.allocations <= loader._pool.max_buffers
+    with DataLoader(server.address, "tensor", 10, device="cuda", prefetch_factor=2) as loader:
+        for _ in range(3):
+            for batch in loader:
+                del batch
+        torch.cuda.synchronize()
+        assert loader._pool.allocations <= loader._pool.max_buffers
+
+
+def test_cuda_batches_match_cpu_batches_bytewise(server: Server) -> None:
+    with (
+        DataLoader(server.address, "nested", 4) as cpu,
+        DataLoader(server.address, "nested", 4, device="cuda") as gpu,
+    ):
+        for a, b in zip(cpu, gpu):
+            assert_same(b, a)

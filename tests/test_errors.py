@@ -1,0 +1,172 @@
+"""Every bad input gets the right status and a message naming it; the server keeps serving."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import torch
+from batchferry.client import DataLoader
+from batchferry.server import Server
+from support import Crashing, Failing, assert_same
+
+from batchferry import errors, wire
+from batchferry.v1 import loader_pb2 as pb
+
+
+def _open(**fields: object) -> bytes:
+    base: dict[str, object] = {"dataset": "tensor", "batch_size": 4, "credits": 2}
+    base.update(fields)
+    return pb.ClientMessage(open=pb.OpenStream(**base)).SerializeToString()  # type: ignore[arg-type]
+
+
+def _stream(address: str, messages: list[bytes]) -> list[bytes]:
+    with grpc.insecure_channel(address) as channel:
+        call = channel.stream_stream(wire.STREAM_BATCHES, request_serializer=None, response_deserializer=None)
+        return list(call(iter(messages), timeout=10))
+
+
+def _status(address: str, messages: list[bytes]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        _stream(address, messages)
+    return info.value.code(), info.value.details()
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "needle"),
+    [
+        ({"dataset": "nope"}, grpc.StatusCode.NOT_FOUND, "dataset 'nope' not found"),
+        ({"dataset": ""}, grpc.StatusCode.INVALID_ARGUMENT, "dataset: required"),
+        ({"batch_size": 0}, grpc.StatusCode.INVALID_ARGUMENT, "batch_size must be >= 1, got 0"),
+        ({"batch_size": -5}, grpc.StatusCode.INVALID_ARGUMENT, "batch_size"),
+        ({"collate": "nope"}, grpc.StatusCode.NOT_FOUND, "collate 'nope' not found"),
+        ({"credits": 0}, grpc.StatusCode.INVALID_ARGUMENT, "credits"),
+        ({"credits": 10**6}, grpc.StatusCode.INVALID_ARGUMENT, "credits"),
+        ({"start_batch": 999}, grpc.StatusCode.INVALID_ARGUMENT, "start_batch"),
+        ({"epoch": -1}, grpc.StatusCode.INVALID_ARGUMENT, "epoch"),
+        ({"chunk_bytes": 10}, grpc.StatusCode.INVALID_ARGUMENT, "chunk_bytes"),
+        ({"shuffle": True}, grpc.StatusCode.INVALID_ARGUMENT, "sampler_state: required"),
+        (
+            {"shuffle": True, "sampler_state": b"\x01\x02"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "sampler_state",
+        ),
+    ],
+)
+def test_bad_open_fields(
+    server: Server, fields: dict[str, object], code: grpc.StatusCode, needle: str
+) -> None:
+    got, details = _status(server.address, [_open(**fields)])
+    assert got == code and needle in details
+
+
+def test_malformed_bytes(server: Server) -> None:
+    code, details = _status(server.address, [b"\xff\xff\xff\xff garbage"])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "malformed ClientMessage" in details
+    with grpc.insecure_channel(server.address) as channel:
+        call = channel.unary_unary(wire.LIST_DATASETS, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as info:
+            call(b"\xff\xff\xff", timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed ListDatasetsRequest" in info.value.details()
+
+
+def test_protocol_violations(server: Server) -> None:
+    credit = pb.ClientMessage(credit=pb.Credit(batches=1)).SerializeToString()
+    code, details = _status(server.address, [credit])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "first message" in details
+    code, details = _status(server.address, [])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "open" in details
+    # A second open, or a garbage credit, after a valid open ends that stream only.
+    code, details = _status(server.address, [_open(credits=1), _open()])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "credit" in details
+
+
+def test_client_raises_documented_errors(server: Server) -> None:
+    with pytest.raises(errors.NotFound, match="dataset 'missing' not found"):
+        len(DataLoader(server.address, "missing"))
+    with pytest.raises(errors.NotFound, match="collate 'nope'"):
+        next(iter(DataLoader(server.address, "tensor", 4, collate_fn="nope")))
+    for kwargs, needle in [
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"prefetch_factor": 0}, "prefetch_factor"),
+        ({"timeout": -1}, "timeout"),
+        ({"transport": "carrier-pigeon"}, "transport"),
+        ({"mode": "weird"}, "mode"),
+        ({"seed": 1, "generator": torch.Generator()}, "generator or seed"),
+        ({"device": "tpu"}, "device"),
+        ({"collate_fn": ""}, "collate_fn"),
+    ]:
+        with pytest.raises(errors.InvalidArgument, match=needle):
+            DataLoader(server.address, "tensor", **kwargs)  # type: ignore[arg-type]
+    assert issubclass(errors.InvalidArgument, ValueError)
+
+
+def test_unreachable_server_times_out_clearly() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    loader = DataLoader(f"127.0.0.1:{port}", "x", timeout=0.5)
+    with pytest.raises(errors.ServerUnavailable, match="not reachable"):
+        iter(loader)
+    loader.close()
+
+
+def test_dataset_errors_reach_the_client_and_others_keep_going(tensor_ds) -> None:
+    with Server({"bad": Failing(), "good": tensor_ds}, port=0, num_workers=2) as srv:
+        with DataLoader(srv.address, "bad", 4) as loader:
+            it = iter(loader)
+            for _ in range(3):
+                next(it)
+            with pytest.raises(errors.DatasetError, match=r"batch 3: KeyError: .*corrupt record 13"):
+                next(it)
+        with DataLoader(srv.address, "good", 10) as loader:
+            assert_same(list(loader), list(torch.utils.data.DataLoader(tensor_ds, 10)))
+
+
+def test_worker_crash_fails_the_stream_and_the_pool_recovers(tensor_ds) -> None:
+    with Server({"crash": Crashing(), "good": tensor_ds}, port=0, num_workers=1) as srv:
+        with (
+            DataLoader(srv.address, "crash", 4) as loader,
+            pytest.raises(errors.DatasetError, match="died"),
+        ):
+            list(loader)
+        with DataLoader(srv.address, "good", 10) as loader:
+            assert len(list(loader)) == 11
+
+
+def test_big_batches_grow_the_ring() -> None:
+    from support import Big
+
+    with Server({"big": Big()}, port=0, num_workers=1) as srv:
+        with DataLoader(srv.address, "big", 4, chunk_bytes=1 << 20) as loader:
+            batches = list(loader)
+    assert [tuple(b.shape) for b in batches] == [(4, 768, 1024)] * 3
+    for i, b in enumerate(batches):
+        assert torch.equal(b[:, 0, 0], torch.arange(4 * i, 4 * i + 4, dtype=torch.int32))
+
+
+def test_batch_larger_than_shm_budget_is_resource_exhausted() -> None:
+    from support import Big
+
+    with Server({"big": Big()}, port=0, num_workers=0, slots=2, shm_bytes=4 << 20) as srv:
+        with (
+            DataLoader(srv.address, "big", 4) as loader,
+            pytest.raises(errors.ResourceExhausted, match="budget"),
+        ):
+            list(loader)
+
+
+def test_abandoned_iterators_release_server_slots(server: Server) -> None:
+    for _ in range(30):
+        with DataLoader(server.address, "tensor", 2, prefetch_factor=8) as loader:
+            next(iter(loader))
+    with DataLoader(server.address, "tensor", 10) as loader:
+        assert len(list(loader)) == 11
+
+
+def _never_ending() -> Iterator[bytes]:
+    yield _open(credits=1)

@@ -1,0 +1,75 @@
+"""Packaging facts: generated code is fresh, public names are sorted and importable."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_generated_proto_code_is_fresh(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_proto.py"), str(tmp_path)], check=True)
+    generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*_pb2.py*"))
+    assert generated, "protoc produced nothing"
+    for rel in generated:
+        committed = ROOT / rel
+        assert committed.exists(), f"{rel} is not committed"
+        assert committed.read_text() == (tmp_path / rel).read_text(), (
+            f"{rel} is stale: run python scripts/gen_proto.py"
+        )
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "batchferry",
+        "batchferry.server",
+        "batchferry.client",
+        "batchferry.errors",
+        "batchferry.layout",
+        "batchferry.sampling",
+        "batchferry.wire",
+        "batchferry.shm",
+    ],
+)
+def test_all_is_sorted_and_importable(module: str) -> None:
+    mod = importlib.import_module(module)
+    names = list(mod.__all__)
+    assert names == sorted(names), f"{module}.__all__ is not sorted"
+    for name in names:
+        assert hasattr(mod, name), f"{module}.{name} is listed but missing"
+
+
+def test_wheel_installs_only_the_batchferry_namespace(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        cwd=tmp_path,
+    )
+    (wheel,) = tmp_path.glob("batchferry-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        tops = {name.split("/", 1)[0] for name in zf.namelist()}
+        names = set(zf.namelist())
+    assert tops == {
+        "batchferry",
+        wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info",
+    }
+    for module in ("server/ring.py", "client/loader.py", "v1/loader_pb2.py", "py.typed"):
+        assert f"batchferry/{module}" in names
