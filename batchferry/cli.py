@@ -101,6 +101,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from batchferry.benchmarks.harness import RESULTS, main as bench_main
+    from batchferry.benchmarks.workloads import WORKLOADS
+
+    ids = sorted(WORKLOADS) if args.workloads == ["all"] else args.workloads
+    bench_main(
+        ids, reps=args.reps, num_workers=args.num_workers, out=Path(args.out or RESULTS),
+        scale=args.scale, with_ceiling=not args.no_ceiling,
+    )  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchferry", description=__doc__)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -139,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples", type=int, default=32768)
     demo.add_argument("--device", default=None, help="e.g. cuda (default: cuda when available)")
     demo.set_defaults(func=_demo)
+
+    bench = sub.add_parser("bench", help="batchferry vs torch DataLoader on the standard workloads")
+    bench.add_argument("workloads", nargs="+", metavar="W", help="W1 W2 W4, or all")
+    bench.add_argument("--reps", type=int, default=3)
+    bench.add_argument("--num-workers", type=int, default=2)
+    bench.add_argument("--scale", type=float, default=1.0, help="shrink datasets (smoke runs)")
+    bench.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    bench.add_argument("--no-ceiling", action="store_true", help="skip the raw gRPC ceiling")
+    bench.set_defaults(func=_bench)
 
     datasets = sub.add_parser("datasets", help="list the datasets of a server")
     datasets.add_argument("target", help="host:port")

@@ -1,0 +1,1 @@
+"""The benchmark harness (``batchferry bench``): batchferry against torch's DataLoader, same run."""
