@@ -104,7 +104,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from batchferry.benchmarks.harness import RESULTS, main as bench_main
+    from batchferry.benchmarks.harness import RESULTS
+    from batchferry.benchmarks.harness import main as bench_main
     from batchferry.benchmarks.workloads import WORKLOADS
 
     ids = sorted(WORKLOADS) if args.workloads == ["all"] else args.workloads

@@ -23,11 +23,11 @@ from typing import Any
 
 import grpc
 import torch
+from batchferry.client import DataLoader
 from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 import batchferry
-from batchferry.client import DataLoader
 
 from . import ceiling
 from .workloads import DATA_ENV, SCALE_ENV, WORKLOADS, Workload, data_dir
@@ -89,7 +89,7 @@ def _median(samples: list[Sample]) -> dict[str, float]:
     return {k: statistics.median(getattr(s, k) for s in samples) for k in asdict(samples[0])}
 
 
-def run_workload(workload: Workload, reps: int, num_workers: int, bar: tqdm) -> dict[str, Any]:  # type: ignore[type-arg]
+def run_workload(workload: Workload, reps: int, num_workers: int, bar: tqdm[Any]) -> dict[str, Any]:
     dataset = workload.factory()
     # Stay inside one epoch (small scales shrink the epoch).
     batches = min(workload.batches, len(dataset) // workload.batch_size - 1)
@@ -104,11 +104,11 @@ def run_workload(workload: Workload, reps: int, num_workers: int, bar: tqdm) -> 
         samples = []
         for rep in range(reps):
             bar.set_postfix_str(f"{workload.id} torch nw={nw} rep {rep + 1}")
-            loader = torch.utils.data.DataLoader(
+            reference = torch.utils.data.DataLoader(
                 dataset, batch_size=workload.batch_size, shuffle=True, num_workers=nw,
                 collate_fn=workload.torch_collate, generator=torch.Generator().manual_seed(rep),
             )  # fmt: skip
-            samples.append(measure(lambda loader=loader: iter(loader), batches))
+            samples.append(measure(reference.__iter__, batches))
             bar.update()
         torch_runs[f"num_workers={nw}"] = _median(samples)
     results["torch"] = torch_runs
@@ -122,7 +122,7 @@ def run_workload(workload: Workload, reps: int, num_workers: int, bar: tqdm) -> 
                     address, workload.id, workload.batch_size, shuffle=True, seed=rep,
                     collate_fn=workload.collate, transport=transport,
                 ) as loader:  # fmt: skip
-                    samples.append(measure(lambda loader=loader: iter(loader), batches))
+                    samples.append(measure(loader.__iter__, batches))
                 bar.update()
             ours[transport] = _median(samples)
     results["batchferry"] = ours
