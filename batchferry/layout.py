@@ -30,6 +30,7 @@ __all__ = [
     "SlotOverflow",
     "SlotWriter",
     "align",
+    "batch_bytes_hint",
     "decode",
     "describe",
     "encode",
@@ -212,6 +213,26 @@ def _walk(node: _pb2.Node, tensor: Callable[[_pb2.TensorSpec], torch.Tensor]) ->
     if kind == "none":
         return None
     raise LayoutError("layout node has no kind")
+
+
+def batch_bytes_hint(sample: Any, batch_size: int) -> int:
+    """Payload bytes a default-collated batch of samples like ``sample`` needs."""
+    leaves = 0
+    per_sample = 0
+    stack = [sample]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, (torch.Tensor, np.ndarray)):
+            per_sample += obj.nbytes
+            leaves += 1
+        elif isinstance(obj, Mapping):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif isinstance(obj, (int, float, np.generic)):
+            per_sample += 8
+            leaves += 1
+    return per_sample * batch_size + leaves * ALIGNMENT
 
 
 def describe(obj: Any) -> str:

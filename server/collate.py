@@ -88,8 +88,10 @@ def pad_collate(padding_value: float = 0) -> SlotCollate:
     return SlotCollate(functools.partial(_in_slot, tensor_fn))
 
 
+DEFAULT = SlotCollate(_default)
+
 _REGISTRY: dict[str, SlotCollate | CollateFn] = {
-    "default": SlotCollate(_default),
+    "default": DEFAULT,
     "pad": pad_collate(0),
 }
 

@@ -77,14 +77,14 @@ class NpyDataset:
         x = torch.from_numpy(np.array(self.data[index]))
         if self.labels is None:
             return x
-        return x, int(self.labels[index])
+        return x, self.labels[index].item()
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
         # One gather from the map instead of one page walk per sample.
         rows = torch.from_numpy(self.data[np.asarray(indices, dtype=np.int64)])
         if self.labels is None:
             return list(rows)
-        labels = self.labels[np.asarray(indices, dtype=np.int64)].tolist()
+        labels = self.labels[np.asarray(indices, dtype=np.int64)].tolist()  # Python scalars, as .item()
         return list(zip(rows, labels, strict=True))
 
 

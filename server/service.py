@@ -12,21 +12,20 @@ its bytes are copied into chunk messages. Errors in one stream never touch other
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 import numpy as np
 
 from batchferry import sampling, wire
 from batchferry.errors import DATASET_ERROR_KEY
-from batchferry.layout import describe
+from batchferry.layout import batch_bytes_hint, describe
 from batchferry.v1 import loader_pb2 as _pb2
 
 from .collate import CollateFn, SlotCollate
@@ -117,10 +116,16 @@ class LoaderService:
         self._pool = pool
         self._ring = ring
         self._chunk_bytes = chunk_bytes
+        samples = {name: _first_sample(ds) for name, ds in datasets.items()}
         self._infos = [
-            _pb2.DatasetInfo(name=name, length=len(ds), sample_structure=_sample_structure(ds))
+            _pb2.DatasetInfo(
+                name=name,
+                length=len(ds),
+                sample_structure=describe(samples[name]) if samples[name] is not None else "(unavailable)",
+            )
             for name, ds in sorted(datasets.items())
         ]
+        self._samples = samples
         self.batches_built = 0  # across all streams, for tests and metrics
 
     def handlers(self) -> grpc.GenericRpcHandler:
@@ -215,7 +220,10 @@ class LoaderService:
     def _send_batches(self, plan: _Plan, credits: _Credits, context: grpc.ServicerContext) -> Iterator[bytes]:
         pending: collections.deque[tuple[int, Slot, Future[Result]]] = collections.deque()
         next_build = next_send = plan.start_batch
-        min_bytes = 0
+        # Size slots for a typical batch up front; a batch that outgrows it reports its size.
+        sample = self._samples.get(plan.dataset)
+        min_bytes = batch_bytes_hint(sample, plan.batch_size) if sample is not None else 0
+        min_bytes = min(min_bytes, self._ring.max_bytes // self._ring.num_slots)
         active = context.is_active
         try:
             while next_send < plan.num_batches:
@@ -316,9 +324,12 @@ class LoaderService:
         return [header.SerializeToString(), *chunks]
 
 
-def _sample_structure(ds: MapDataset) -> str:
+def _first_sample(ds: MapDataset) -> Any:
+    """Sample 0, to describe the dataset and size its batches; None if unreadable."""
     if len(ds) == 0:
-        return "(empty)"
-    with contextlib.suppress(Exception):
-        return describe(ds[0])
-    return "(unavailable: reading sample 0 failed)"
+        return None
+    try:
+        return ds[0]
+    except Exception:
+        log.warning("reading sample 0 failed; batches will size their slots on first use", exc_info=True)
+        return None

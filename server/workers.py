@@ -32,8 +32,9 @@ import torch.multiprocessing as tmp
 from batchferry import shm
 from batchferry.layout import SlotOverflow, SlotWriter, encode
 
-from .collate import CollateFn, SlotCollate, run_collate
+from .collate import CollateFn, SlotCollate
 from .datasets import DatasetSource, MapDataset
+from .fetch import Gather, build_batch, gatherer
 
 __all__ = ["Result", "Task", "WorkerPool"]
 
@@ -67,7 +68,7 @@ class _TaskRunner:
         self, sources: dict[str, DatasetSource], collates: dict[str, SlotCollate | CollateFn]
     ) -> None:
         self._sources = sources
-        self._datasets: dict[str, MapDataset] = {}
+        self._datasets: dict[str, tuple[MapDataset, Gather | None]] = {}
         self._collates = collates
         self._segments: OrderedDict[str, shm.Segment] = OrderedDict()
 
@@ -82,20 +83,18 @@ class _TaskRunner:
             self._segments.move_to_end(name)
         return seg
 
-    def dataset(self, name: str) -> MapDataset:
-        ds = self._datasets.get(name)
-        if ds is None:
-            ds = self._datasets[name] = self._sources[name].build()
-        return ds
+    def dataset(self, name: str) -> tuple[MapDataset, Gather | None]:
+        entry = self._datasets.get(name)
+        if entry is None:
+            ds = self._sources[name].build()
+            entry = self._datasets[name] = (ds, gatherer(ds))
+        return entry
 
     def run(self, task: Task) -> Result:
         try:
-            ds = self.dataset(task.dataset)
+            ds, gather = self.dataset(task.dataset)
             writer = SlotWriter(self._segment(task.slot_name).tensor[: task.slot_bytes])
-            indices = task.indices.tolist()
-            getitems = getattr(ds, "__getitems__", None)
-            samples = getitems(indices) if getitems is not None else [ds[i] for i in indices]
-            batch = run_collate(self._collates[task.collate], samples, writer)
+            batch = build_batch(ds, gather, task.indices, self._collates[task.collate], writer)
             layout = encode(batch, writer).SerializeToString()
             return Result(task.task_id, "ok", layout=layout)
         except SlotOverflow as exc:

@@ -113,3 +113,24 @@ def _after_base_draw(seed: int) -> torch.Generator:
     gen = torch.Generator().manual_seed(seed)
     torch.empty((), dtype=torch.int64).random_(generator=gen)
     return gen
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [None, np.arange(30, dtype=np.int32), np.linspace(0, 1, 30), np.arange(30) % 2 == 0],
+    ids=["none", "int32", "float", "bool"],
+)
+def test_vectorised_npy_gather_equals_per_sample_collate(tmp_path, labels) -> None:
+    from batchferry.server import NpyDataset
+
+    data = np.random.default_rng(1).standard_normal((30, 5)).astype(np.float16)
+    np.save(tmp_path / "x.npy", data)
+    spec = f"npy:{tmp_path / 'x.npy'}"
+    if labels is not None:
+        np.save(tmp_path / "y.npy", labels)
+        spec += f",labels={tmp_path / 'y.npy'}"
+    ds = NpyDataset(tmp_path / "x.npy", tmp_path / "y.npy" if labels is not None else None)
+    ref = TorchLoader(ds, batch_size=7, shuffle=True, generator=torch.Generator().manual_seed(0))
+    with Server({"d": spec}, port=0, num_workers=0) as srv:
+        with DataLoader(srv.address, "d", 7, shuffle=True, seed=0) as loader:
+            assert_same(list(loader), list(ref))
