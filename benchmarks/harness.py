@@ -33,6 +33,7 @@ from . import ceiling
 from .workloads import DATA_ENV, SCALE_ENV, WORKLOADS, Workload, data_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
+TRANSPORTS = ("grpc", "shm")
 
 
 @dataclass
@@ -114,7 +115,7 @@ def run_workload(workload: Workload, reps: int, num_workers: int, bar: tqdm[Any]
     results["torch"] = torch_runs
     ours: dict[str, dict[str, float]] = {}
     with served(workload, num_workers) as address:
-        for transport in ("grpc",):
+        for transport in TRANSPORTS:
             samples = []
             for rep in range(reps):
                 bar.set_postfix_str(f"{workload.id} batchferry {transport} rep {rep + 1}")
@@ -205,7 +206,7 @@ def main(ids: list[str], *, reps: int = 3, num_workers: int = 2, out: Path = RES
         "machine": machine(),
         "workloads": {},
     }
-    total = len(ids) * reps * (len({0, num_workers}) + 1)
+    total = len(ids) * reps * (len({0, num_workers}) + len(TRANSPORTS))
     with tqdm(total=total, desc="bench", file=sys.stderr, dynamic_ncols=True) as bar:
         for wid in ids:
             report["workloads"][wid] = run_workload(WORKLOADS[wid], reps, num_workers, bar)

@@ -27,6 +27,7 @@ from batchferry.v1 import loader_pb2 as _pb2
 
 from .buffers import BufferPool
 from .device import CudaCopier
+from .segments import SegmentCache, probe
 from .stream import EpochStream
 
 __all__ = ["DataLoader", "LoaderConfig"]
@@ -75,8 +76,6 @@ class LoaderConfig:
             raise bad("timeout", self.timeout, "must be a positive, finite number of seconds")
         if self.transport not in TRANSPORTS:
             raise bad("transport", self.transport, f"must be one of {TRANSPORTS}")
-        if self.transport == "shm":
-            raise InvalidArgument("transport='shm' is not available in this version; use 'auto' or 'grpc'")
         if self.chunk_bytes and not wire.MIN_CHUNK_BYTES <= self.chunk_bytes <= wire.MAX_CHUNK_BYTES:
             raise bad(
                 "chunk_bytes",
@@ -118,7 +117,9 @@ class DataLoader:
             side stream; ``None`` keeps them on the CPU.
         prefetch_factor: batches in flight between server and client.
         timeout: seconds to wait for the server and for each batch.
-        transport: ``"auto"`` or ``"grpc"`` (the byte stream).
+        transport: ``"shm"`` maps the server's shared memory (same host, or containers
+            sharing IPC and /dev/shm); ``"grpc"`` streams the bytes; ``"auto"`` uses shm
+            when the server's memory is visible from here, else the byte stream.
         mode: ``"independent"``: this loader gets its own full epochs.
 
     Batches have the structure the collate returns (tuples of samples collate to
@@ -178,11 +179,14 @@ class DataLoader:
         self._epoch = 0
         self._resume: tuple[int, int, bytes] | None = None  # (epoch, batch, sampler_state)
         self._active: _Iterator | None = None
+        self._info: _pb2.ListDatasetsResponse | None = None
         self._length: int | None = None
+        self._use_shm: bool | None = None
         self._channel = grpc.insecure_channel(address, options=wire.CHANNEL_OPTIONS)
         pin = (self.config.pin_memory or dev is not None) and torch.cuda.is_available()
         self._pool = BufferPool(prefetch_factor + 2, pin=pin)
         self._copier = CudaCopier(dev) if dev is not None else None
+        self._segments = SegmentCache(register_with_cuda=dev is not None)
 
     # -- dataset facts ----------------------------------------------------------------
     def _dataset_length(self) -> int:
@@ -199,7 +203,8 @@ class DataLoader:
                         f"server {self.config.address} not reachable within {self.config.timeout}s"
                     )
                 raise err from exc
-            infos = {d.name: d for d in wire.parse(_pb2.ListDatasetsResponse, raw).datasets}
+            self._info = wire.parse(_pb2.ListDatasetsResponse, raw)
+            infos = {d.name: d for d in self._info.datasets}
             if self.config.dataset not in infos:
                 raise NotFound(
                     f"dataset {self.config.dataset!r} not found on {self.config.address}; "
@@ -207,6 +212,22 @@ class DataLoader:
                 )
             self._length = int(infos[self.config.dataset].length)
         return self._length
+
+    @property
+    def transport(self) -> str:
+        """The transport in use: ``"shm"`` (same host) or ``"grpc"`` (byte stream)."""
+        if self._use_shm is None:
+            self._dataset_length()
+            assert self._info is not None
+            visible = probe(self._info.shm_probe, self._info.shm_token)
+            if self.config.transport == "shm" and not visible:
+                raise InvalidArgument(
+                    f"transport='shm' needs the server's shared memory, but its segment "
+                    f"{self._info.shm_probe or '(none)'} is not visible here (another host, or a "
+                    f"container without the server's IPC namespace and /dev/shm); use 'auto' or 'grpc'"
+                )
+            self._use_shm = visible and self.config.transport != "grpc"
+        return "shm" if self._use_shm else "grpc"
 
     def __len__(self) -> int:
         return sampling.num_batches(self._dataset_length(), self.config.batch_size, self.config.drop_last)
@@ -313,8 +334,8 @@ class DataLoader:
             epoch, start = self._epoch, 0
             sampler_state = sampling.begin_iteration(self.generator, self.config.shuffle)
         self._epoch = epoch + 1
-        self._dataset_length()  # fail fast (NotFound, ServerUnavailable) before opening a stream
-        it = _Iterator(self, epoch, start, sampler_state)
+        shm = self.transport == "shm"  # fails fast (NotFound, ServerUnavailable) before a stream opens
+        it = _Iterator(self, epoch, start, sampler_state, shm)
         self._active = it
         return it
 
@@ -324,6 +345,7 @@ class DataLoader:
             self._active.close()
             self._active = None
         self._channel.close()
+        self._segments.close()
         self._pool.close()
 
     def __enter__(self) -> DataLoader:
@@ -340,7 +362,7 @@ class DataLoader:
 class _Iterator:
     """One epoch of a DataLoader."""
 
-    def __init__(self, loader: DataLoader, epoch: int, start: int, sampler_state: bytes) -> None:
+    def __init__(self, loader: DataLoader, epoch: int, start: int, sampler_state: bytes, shm: bool) -> None:
         cfg = loader.config
         self._loader = loader
         self.epoch = epoch
@@ -361,9 +383,11 @@ class _Iterator:
                 start_batch=start,
                 credits=cfg.prefetch_factor,
                 chunk_bytes=cfg.chunk_bytes,
+                transport=_pb2.TRANSPORT_SHM if shm else _pb2.TRANSPORT_BYTES,
             ),
             pool=loader._pool,
             copier=self._copier,
+            segments=loader._segments if shm else None,
             timeout=cfg.timeout,
         )
         # torch's RandomSampler draws the permutation from the generator on the
@@ -388,6 +412,22 @@ class _Iterator:
         if self._copier is not None and batch.event is not None:
             return self._copier.hand_over(batch.data, batch.event)
         return batch.data
+
+    @property
+    def transport(self) -> str:
+        """The transport in use: ``"shm"`` (same host) or ``"grpc"`` (byte stream)."""
+        if self._use_shm is None:
+            self._dataset_length()
+            assert self._info is not None
+            visible = probe(self._info.shm_probe, self._info.shm_token)
+            if self.config.transport == "shm" and not visible:
+                raise InvalidArgument(
+                    f"transport='shm' needs the server's shared memory, but its segment "
+                    f"{self._info.shm_probe or '(none)'} is not visible here (another host, or a "
+                    f"container without the server's IPC namespace and /dev/shm); use 'auto' or 'grpc'"
+                )
+            self._use_shm = visible and self.config.transport != "grpc"
+        return "shm" if self._use_shm else "grpc"
 
     def __len__(self) -> int:
         return len(self._loader)

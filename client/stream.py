@@ -1,9 +1,12 @@
 """One epoch's batch stream from a server, received on a background thread.
 
-The receiver reads frames (a header, then raw chunks), writes the chunks straight
-into a pooled buffer, decodes the layout into tensors viewing that buffer, and,
-with a CUDA device, issues the copies to the GPU at once. Up to ``credits``
-batches are in flight: the consumer grants one more credit per batch it takes.
+The receiver reads a batch header and then its payload: raw chunks written
+straight into a pooled buffer (byte stream), or the server's shared-memory slot
+mapped in place (same host). It decodes the layout into tensors viewing that
+memory and, with a CUDA device, issues the copies to the GPU at once. A slot is
+released back to the server as soon as its bytes are copied out (CPU) or its
+device copies have completed (CUDA). Up to ``credits`` batches are in flight:
+the consumer grants one more credit per batch it takes.
 
 States: OPEN -> STARTED (StreamStart received) -> RECEIVING -> ENDED | FAILED | CLOSED.
 """
@@ -26,6 +29,7 @@ from batchferry.v1 import loader_pb2 as _pb2
 
 from .buffers import BufferPool
 from .device import CudaCopier
+from .segments import SegmentCache
 
 __all__ = ["Batch", "EpochStream"]
 
@@ -49,15 +53,26 @@ class EpochStream:
         *,
         pool: BufferPool,
         copier: CudaCopier | None,
+        segments: SegmentCache | None,
         timeout: float,
     ) -> None:
         self._pool = pool
         self._copier = copier
+        self._segments = segments
         self._timeout = timeout
+        # (event, index) of slots whose device copies are in flight (same host + CUDA).
+        self._releases: queue.SimpleQueue[tuple[Any, int] | None] = queue.SimpleQueue()
+        self._releaser: threading.Thread | None = None
+        if segments is not None and copier is not None:
+            self._releaser = threading.Thread(
+                target=self._release_loop, name="batchferry-release", daemon=True
+            )
+            self._releaser.start()
         self._requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._requests.put(_pb2.ClientMessage(open=open_msg).SerializeToString())
         self._ready: queue.Queue[Any] = queue.Queue()
         self._closed = False
+        self._saw_end = False
         call = channel.stream_stream(wire.STREAM_BATCHES, request_serializer=None, response_deserializer=None)
         self._call = call(iter(self._requests.get, None), wait_for_ready=True)
         self._thread = threading.Thread(target=self._receive, name="batchferry-receiver", daemon=True)
@@ -81,10 +96,20 @@ class EpochStream:
             self._ready.put(first.start)
             for raw in responses:
                 frame = wire.parse(_pb2.ServerFrame, raw)
-                if frame.WhichOneof("kind") != "batch":
+                kind = frame.WhichOneof("kind")
+                if kind == "end":
+                    self._saw_end = True
+                    self._finish_releases()
+                    self._ready.put(_END)
+                    continue
+                if kind != "batch":
                     raise ValueError("expected a batch header frame")
-                self._ready.put(self._assemble(frame.batch, responses))
-            self._ready.put(_END)
+                if frame.batch.slot:
+                    self._ready.put(self._from_slot(frame.batch))
+                else:
+                    self._ready.put(self._assemble(frame.batch, responses))
+            if not self._saw_end and not self._closed:
+                raise ValueError("stream ended without an end frame")
         except grpc.RpcError as exc:
             if not self._closed:
                 self._ready.put(from_rpc_error(exc))
@@ -116,6 +141,44 @@ class EpochStream:
         self._pool.release_after(buffer, event)
         return Batch(header.index, data, event)
 
+    def _from_slot(self, header: _pb2.BatchHeader) -> Batch:
+        if self._segments is None:
+            raise ValueError("server sent a shared-memory slot on a byte stream")
+        size = header.layout.payload_bytes
+        try:
+            segment = self._segments.get(header.slot)
+        except OSError as exc:
+            raise ValueError(f"cannot map slot {header.slot}: {exc}") from exc
+        if size > segment.size:
+            raise ValueError(f"batch {header.index} spans {size} bytes of a {segment.size}-byte slot")
+        view = segment.tensor[:size]
+        if self._copier is None:
+            buffer = self._pool.acquire(size)
+            buffer.copy_(view)  # the one copy: out of the slot, which goes straight back
+            self._release(header.index)
+            return Batch(header.index, _layout.decode(header.layout, buffer))
+        # Registered with CUDA: copy to the device straight from the slot.
+        data, event = self._copier.copy(_layout.decode(header.layout, view))
+        self._releases.put((event, header.index))
+        return Batch(header.index, data, event)
+
+    def _release(self, index: int) -> None:
+        self._requests.put(_pb2.ClientMessage(release=_pb2.Release(index=index)).SerializeToString())
+
+    def _release_loop(self) -> None:
+        while (item := self._releases.get()) is not None:
+            event, index = item
+            event.synchronize()
+            self._release(index)
+
+    def _finish_releases(self) -> None:
+        """Release every slot still held, then half-close so the server can end the call."""
+        if self._releaser is not None:
+            self._releases.put(None)
+            self._releaser.join()
+            self._releaser = None
+        self._requests.put(None)
+
     # -- consumer side ------------------------------------------------------------------
     def _get(self) -> Any:
         try:
@@ -141,6 +204,11 @@ class EpochStream:
         if self._closed:
             return
         self._closed = True
+        if self._releaser is not None:
+            # Device copies may still read slots; let them finish before the
+            # server may reuse those slots.
+            self._releases.put(None)
+            self._releaser.join(timeout=10)
         self._call.cancel()
         self._requests.put(None)
         if threading.current_thread() is not self._thread:

@@ -9,10 +9,13 @@ so a steady workload reuses the same segments; the total never exceeds
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from batchferry import shm
 
@@ -51,7 +54,18 @@ class SlotRing:
         self._generation = 0
         self._cond = threading.Condition()
         self._closed = False
-        self._slots = [Slot(i, self._new_segment(initial_bytes)) for i in range(num_slots)]
+        # A small segment holding a random token: a client that can read it shares
+        # /dev/shm with this server and may map slots directly.
+        self.probe_token = secrets.token_bytes(16)
+        self._probe = shm.Segment.create(shm.new_name(self._token, 0), len(self.probe_token))
+        self._probe.tensor[:] = torch.frombuffer(bytearray(self.probe_token), dtype=torch.uint8)
+        self._slots: list[Slot] = []
+        try:
+            for i in range(num_slots):
+                self._slots.append(Slot(i, self._new_segment(initial_bytes)))
+        except BaseException:
+            self.close()
+            raise
         self._free = list(range(num_slots))
 
     def _new_segment(self, size: int) -> shm.Segment:
@@ -59,8 +73,17 @@ class SlotRing:
         return shm.Segment.create(shm.new_name(self._token, self._generation), size)
 
     @property
+    def probe_name(self) -> str:
+        return self._probe.name
+
+    @property
     def num_slots(self) -> int:
         return len(self._slots)
+
+    @property
+    def free_slots(self) -> int:
+        with self._cond:
+            return len(self._free)
 
     @property
     def total_bytes(self) -> int:
@@ -68,7 +91,7 @@ class SlotRing:
 
     def segment_names(self) -> list[str]:
         with self._cond:
-            return [s.name for s in self._slots]
+            return [self._probe.name, *(s.name for s in self._slots)]
 
     def acquire(
         self, min_bytes: int, *, timeout: float, cancelled: Callable[[], bool] = lambda: False
@@ -113,3 +136,4 @@ class SlotRing:
             self._cond.notify_all()
             for slot in self._slots:
                 slot.segment.close()
+            self._probe.close()

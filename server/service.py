@@ -15,6 +15,7 @@ import collections
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ log = logging.getLogger("batchferry.server")
 
 MAX_CREDITS = 64
 _WAIT = 0.2  # seconds between liveness checks while blocked
+# After the last batch, how long a same-host client may take to release its slots.
+_RELEASE_TIMEOUT = 60.0
+_END_FRAME = _pb2.ServerFrame(end=_pb2.StreamEnd()).SerializeToString()
 
 
 class _Abort(Exception):
@@ -61,29 +65,42 @@ class _Plan:
     credits: int
     chunk_bytes: int
     order: sampling.EpochOrder
+    shm: bool
 
 
-class _Credits:
-    """Reads the client's messages on its own thread; counts granted credits."""
+class _ClientMessages:
+    """Reads the client's messages on its own thread: credits granted, slots released.
 
-    def __init__(self, requests: Iterator[bytes], initial: int) -> None:
+    Slots sent over the same-host transport are held here until the client
+    releases them; whatever is still held when the stream ends is released then.
+    """
+
+    def __init__(self, requests: Iterator[bytes], initial: int, ring: SlotRing) -> None:
         self._requests = requests
+        self._ring = ring
         self._cond = threading.Condition()
         self.granted = initial
+        self.held: dict[int, Slot] = {}
         self.error: str | None = None
         self.ended = False
-        self._thread = threading.Thread(target=self._run, name="batchferry-credits", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="batchferry-client-messages", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
             for raw in self._requests:
                 msg = wire.parse(_pb2.ClientMessage, raw)
-                if msg.WhichOneof("kind") != "credit" or msg.credit.batches < 1:
-                    raise ValueError("after open, the client may only send credit messages with batches >= 1")
-                with self._cond:
-                    self.granted += msg.credit.batches
-                    self._cond.notify_all()
+                kind = msg.WhichOneof("kind")
+                if kind == "credit" and msg.credit.batches >= 1:
+                    with self._cond:
+                        self.granted += msg.credit.batches
+                        self._cond.notify_all()
+                elif kind == "release":
+                    self._release(msg.release.index)
+                else:
+                    raise ValueError(
+                        "after open, the client may only send credit (batches >= 1) and release messages"
+                    )
         except ValueError as exc:
             self.error = str(exc)
         except Exception:  # the call was cancelled or the peer went away
@@ -91,6 +108,31 @@ class _Credits:
         with self._cond:
             self.ended = True
             self._cond.notify_all()
+
+    def hold(self, index: int, slot: Slot) -> None:
+        with self._cond:
+            self.held[index] = slot
+
+    def _release(self, index: int) -> None:
+        with self._cond:
+            slot = self.held.pop(index, None)
+            if slot is None:
+                raise ValueError(f"release: batch {index} holds no slot")
+            self._cond.notify_all()
+        self._ring.release(slot)
+
+    def wait_released(self, timeout: float, active: Callable[[], bool]) -> None:
+        """Until the client released every slot, half-closed, or ``timeout`` passed."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.held and not self.ended and active() and time.monotonic() < deadline:
+                self._cond.wait(_WAIT)
+
+    def release_all(self) -> None:
+        with self._cond:
+            slots, self.held = list(self.held.values()), {}
+        for slot in slots:
+            self._ring.release(slot)
 
     def wait_for(self, sent: int, active: Callable[[], bool]) -> bool:
         """Block until a send is allowed (granted > sent); False when the call is over."""
@@ -143,7 +185,9 @@ class LoaderService:
             wire.parse(_pb2.ListDatasetsRequest, request)
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return _pb2.ListDatasetsResponse(datasets=self._infos).SerializeToString()
+        return _pb2.ListDatasetsResponse(
+            datasets=self._infos, shm_probe=self._ring.probe_name, shm_token=self._ring.probe_token
+        ).SerializeToString()
 
     # -- StreamBatches ----------------------------------------------------------------
     def stream_batches(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -166,7 +210,7 @@ class LoaderService:
         if msg.WhichOneof("kind") != "open":
             _fail(grpc.StatusCode.INVALID_ARGUMENT, "the first message of a stream must be 'open'")
         plan = self._plan(msg.open)
-        credits = _Credits(requests, plan.credits)
+        credits = _ClientMessages(requests, plan.credits, self._ring)
         yield _pb2.ServerFrame(
             start=_pb2.StreamStart(
                 num_batches=plan.num_batches,
@@ -215,9 +259,23 @@ class LoaderService:
             order = sampling.epoch_order(length, req.shuffle, req.sampler_state)
         except ValueError as exc:
             _fail(invalid, f"sampler_state: {exc}")
-        return _Plan(req.dataset, collate, req.batch_size, total, req.start_batch, req.credits, chunk, order)
+        if req.transport not in (_pb2.TRANSPORT_BYTES, _pb2.TRANSPORT_SHM):
+            _fail(invalid, f"transport: unknown value {req.transport}")
+        return _Plan(
+            req.dataset,
+            collate,
+            req.batch_size,
+            total,
+            req.start_batch,
+            req.credits,
+            chunk,
+            order,
+            shm=req.transport == _pb2.TRANSPORT_SHM,
+        )
 
-    def _send_batches(self, plan: _Plan, credits: _Credits, context: grpc.ServicerContext) -> Iterator[bytes]:
+    def _send_batches(
+        self, plan: _Plan, credits: _ClientMessages, context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
         pending: collections.deque[tuple[int, Slot, Future[Result]]] = collections.deque()
         next_build = next_send = plan.start_batch
         # Size slots for a typical batch up front; a batch that outgrows it reports its size.
@@ -262,17 +320,27 @@ class LoaderService:
                         f"dataset {plan.dataset!r}, batch {index}: {result.error}",
                         dataset_error=True,
                     )
-                frames = self._frames(index, result.layout, slot, plan.chunk_bytes)
-                self._ring.release(slot)
                 self.batches_built += 1
+                if plan.shm:
+                    credits.hold(index, slot)
+                    frames = [self._shm_frame(index, result.layout, slot)]
+                else:
+                    frames = self._frames(index, result.layout, slot, plan.chunk_bytes)
+                    self._ring.release(slot)
                 if not credits.wait_for(next_send - plan.start_batch, active):
                     break
                 yield from frames
                 next_send += 1
             if credits.error is not None:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, credits.error)
+            if next_send == plan.num_batches:
+                yield _END_FRAME
+                credits.wait_released(_RELEASE_TIMEOUT, active)
+                if credits.error is not None:
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, credits.error)
         finally:
             self._drop(pending)
+            credits.release_all()
 
     def _drop(self, pending: collections.deque[tuple[int, Slot, Future[Result]]]) -> None:
         """Forget builds; each slot is released once its worker is done writing to it."""
@@ -312,6 +380,11 @@ class LoaderService:
             except TimeoutError:
                 if not active():
                     return None
+
+    @staticmethod
+    def _shm_frame(index: int, layout_bytes: bytes, slot: Slot) -> bytes:
+        header = _pb2.BatchHeader(index=index, layout=_pb2.Layout.FromString(layout_bytes), slot=slot.name)
+        return _pb2.ServerFrame(batch=header).SerializeToString()
 
     @staticmethod
     def _frames(index: int, layout_bytes: bytes, slot: Slot, chunk: int) -> list[bytes]:

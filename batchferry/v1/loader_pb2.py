@@ -24,45 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62\x61tchferry/v1/loader.proto\x12\rbatchferry.v1\"\x15\n\x13ListDatasetsRequest\"E\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x03\x12\x18\n\x10sample_structure\x18\x03 \x01(\t\"D\n\x14ListDatasetsResponse\x12,\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x1a.batchferry.v1.DatasetInfo\"P\n\nTensorSpec\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.batchferry.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x04\".\n\x08NodeList\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.batchferry.v1.Node\"Q\n\x07NodeMap\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.batchferry.v1.Node\x12#\n\x06values\x18\x02 \x03(\x0b\x32\x13.batchferry.v1.Node\"\x0b\n\tNoneValue\"\x9f\x02\n\x04Node\x12+\n\x06tensor\x18\x01 \x01(\x0b\x32\x19.batchferry.v1.TensorSpecH\x00\x12\'\n\x04list\x18\x02 \x01(\x0b\x32\x17.batchferry.v1.NodeListH\x00\x12(\n\x05tuple\x18\x03 \x01(\x0b\x32\x17.batchferry.v1.NodeListH\x00\x12&\n\x04\x64ict\x18\x04 \x01(\x0b\x32\x16.batchferry.v1.NodeMapH\x00\x12\r\n\x03str\x18\x05 \x01(\tH\x00\x12\r\n\x03int\x18\x06 \x01(\x12H\x00\x12\x0f\n\x05\x66loat\x18\x07 \x01(\x01H\x00\x12\x0e\n\x04\x62ool\x18\x08 \x01(\x08H\x00\x12(\n\x04none\x18\t \x01(\x0b\x32\x18.batchferry.v1.NoneValueH\x00\x42\x06\n\x04kind\"B\n\x06Layout\x12!\n\x04root\x18\x01 \x01(\x0b\x32\x13.batchferry.v1.Node\x12\x15\n\rpayload_bytes\x18\x02 \x01(\x04\"\xc7\x01\n\nOpenStream\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x03\x12\x0f\n\x07shuffle\x18\x03 \x01(\x08\x12\x15\n\rsampler_state\x18\x04 \x01(\x0c\x12\x11\n\tdrop_last\x18\x05 \x01(\x08\x12\x0f\n\x07\x63ollate\x18\x06 \x01(\t\x12\r\n\x05\x65poch\x18\x07 \x01(\x03\x12\x13\n\x0bstart_batch\x18\x08 \x01(\x03\x12\x0f\n\x07\x63redits\x18\t \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\n \x01(\x03\"\x19\n\x06\x43redit\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x03\"k\n\rClientMessage\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.batchferry.v1.OpenStreamH\x00\x12\'\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x15.batchferry.v1.CreditH\x00\x42\x06\n\x04kind\"X\n\x0bStreamStart\x12\x13\n\x0bnum_batches\x18\x01 \x01(\x03\x12\x19\n\x11state_after_order\x18\x02 \x01(\x0c\x12\x19\n\x11state_after_epoch\x18\x03 \x01(\x0c\"W\n\x0b\x42\x61tchHeader\x12\r\n\x05index\x18\x01 \x01(\x03\x12%\n\x06layout\x18\x02 \x01(\x0b\x32\x15.batchferry.v1.Layout\x12\x12\n\nnum_chunks\x18\x03 \x01(\x03\"o\n\x0bServerFrame\x12+\n\x05start\x18\x01 \x01(\x0b\x32\x1a.batchferry.v1.StreamStartH\x00\x12+\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1a.batchferry.v1.BatchHeaderH\x00\x42\x06\n\x04kind*\xd6\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0c\n\x08\x42\x46LOAT16\x10\x04\x12\t\n\x05UINT8\x10\x05\x12\x08\n\x04INT8\x10\x06\x12\t\n\x05INT16\x10\x07\x12\t\n\x05INT32\x10\x08\x12\t\n\x05INT64\x10\t\x12\x08\n\x04\x42OOL\x10\n\x12\r\n\tCOMPLEX64\x10\x0b\x12\x0e\n\nCOMPLEX128\x10\x0c\x12\n\n\x06UINT16\x10\r\x12\n\n\x06UINT32\x10\x0e\x12\n\n\x06UINT64\x10\x0f\x32\xb0\x01\n\x06Loader\x12W\n\x0cListDatasets\x12\".batchferry.v1.ListDatasetsRequest\x1a#.batchferry.v1.ListDatasetsResponse\x12M\n\rStreamBatches\x12\x1c.batchferry.v1.ClientMessage\x1a\x1a.batchferry.v1.ServerFrame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62\x61tchferry/v1/loader.proto\x12\rbatchferry.v1\"\x15\n\x13ListDatasetsRequest\"E\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x03\x12\x18\n\x10sample_structure\x18\x03 \x01(\t\"j\n\x14ListDatasetsResponse\x12,\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x1a.batchferry.v1.DatasetInfo\x12\x11\n\tshm_probe\x18\x02 \x01(\t\x12\x11\n\tshm_token\x18\x03 \x01(\x0c\"P\n\nTensorSpec\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.batchferry.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x04\".\n\x08NodeList\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.batchferry.v1.Node\"Q\n\x07NodeMap\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.batchferry.v1.Node\x12#\n\x06values\x18\x02 \x03(\x0b\x32\x13.batchferry.v1.Node\"\x0b\n\tNoneValue\"\x9f\x02\n\x04Node\x12+\n\x06tensor\x18\x01 \x01(\x0b\x32\x19.batchferry.v1.TensorSpecH\x00\x12\'\n\x04list\x18\x02 \x01(\x0b\x32\x17.batchferry.v1.NodeListH\x00\x12(\n\x05tuple\x18\x03 \x01(\x0b\x32\x17.batchferry.v1.NodeListH\x00\x12&\n\x04\x64ict\x18\x04 \x01(\x0b\x32\x16.batchferry.v1.NodeMapH\x00\x12\r\n\x03str\x18\x05 \x01(\tH\x00\x12\r\n\x03int\x18\x06 \x01(\x12H\x00\x12\x0f\n\x05\x66loat\x18\x07 \x01(\x01H\x00\x12\x0e\n\x04\x62ool\x18\x08 \x01(\x08H\x00\x12(\n\x04none\x18\t \x01(\x0b\x32\x18.batchferry.v1.NoneValueH\x00\x42\x06\n\x04kind\"B\n\x06Layout\x12!\n\x04root\x18\x01 \x01(\x0b\x32\x13.batchferry.v1.Node\x12\x15\n\rpayload_bytes\x18\x02 \x01(\x04\"\xf4\x01\n\nOpenStream\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x03\x12\x0f\n\x07shuffle\x18\x03 \x01(\x08\x12\x15\n\rsampler_state\x18\x04 \x01(\x0c\x12\x11\n\tdrop_last\x18\x05 \x01(\x08\x12\x0f\n\x07\x63ollate\x18\x06 \x01(\t\x12\r\n\x05\x65poch\x18\x07 \x01(\x03\x12\x13\n\x0bstart_batch\x18\x08 \x01(\x03\x12\x0f\n\x07\x63redits\x18\t \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\n \x01(\x03\x12+\n\ttransport\x18\x0b \x01(\x0e\x32\x18.batchferry.v1.Transport\"\x19\n\x06\x43redit\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x03\"\x18\n\x07Release\x12\r\n\x05index\x18\x01 \x01(\x03\"\x96\x01\n\rClientMessage\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.batchferry.v1.OpenStreamH\x00\x12\'\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x15.batchferry.v1.CreditH\x00\x12)\n\x07release\x18\x03 \x01(\x0b\x32\x16.batchferry.v1.ReleaseH\x00\x42\x06\n\x04kind\"X\n\x0bStreamStart\x12\x13\n\x0bnum_batches\x18\x01 \x01(\x03\x12\x19\n\x11state_after_order\x18\x02 \x01(\x0c\x12\x19\n\x11state_after_epoch\x18\x03 \x01(\x0c\"e\n\x0b\x42\x61tchHeader\x12\r\n\x05index\x18\x01 \x01(\x03\x12%\n\x06layout\x18\x02 \x01(\x0b\x32\x15.batchferry.v1.Layout\x12\x12\n\nnum_chunks\x18\x03 \x01(\x03\x12\x0c\n\x04slot\x18\x04 \x01(\t\"\x0b\n\tStreamEnd\"\x98\x01\n\x0bServerFrame\x12+\n\x05start\x18\x01 \x01(\x0b\x32\x1a.batchferry.v1.StreamStartH\x00\x12+\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1a.batchferry.v1.BatchHeaderH\x00\x12\'\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x18.batchferry.v1.StreamEndH\x00\x42\x06\n\x04kind*3\n\tTransport\x12\x13\n\x0fTRANSPORT_BYTES\x10\x00\x12\x11\n\rTRANSPORT_SHM\x10\x01*\xd6\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0c\n\x08\x42\x46LOAT16\x10\x04\x12\t\n\x05UINT8\x10\x05\x12\x08\n\x04INT8\x10\x06\x12\t\n\x05INT16\x10\x07\x12\t\n\x05INT32\x10\x08\x12\t\n\x05INT64\x10\t\x12\x08\n\x04\x42OOL\x10\n\x12\r\n\tCOMPLEX64\x10\x0b\x12\x0e\n\nCOMPLEX128\x10\x0c\x12\n\n\x06UINT16\x10\r\x12\n\n\x06UINT32\x10\x0e\x12\n\n\x06UINT64\x10\x0f\x32\xb0\x01\n\x06Loader\x12W\n\x0cListDatasets\x12\".batchferry.v1.ListDatasetsRequest\x1a#.batchferry.v1.ListDatasetsResponse\x12M\n\rStreamBatches\x12\x1c.batchferry.v1.ClientMessage\x1a\x1a.batchferry.v1.ServerFrame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'batchferry.v1.loader_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1424
-  _globals['_DTYPE']._serialized_end=1638
+  _globals['_TRANSPORT']._serialized_start=1645
+  _globals['_TRANSPORT']._serialized_end=1696
+  _globals['_DTYPE']._serialized_start=1699
+  _globals['_DTYPE']._serialized_end=1913
   _globals['_LISTDATASETSREQUEST']._serialized_start=45
   _globals['_LISTDATASETSREQUEST']._serialized_end=66
   _globals['_DATASETINFO']._serialized_start=68
   _globals['_DATASETINFO']._serialized_end=137
   _globals['_LISTDATASETSRESPONSE']._serialized_start=139
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=207
-  _globals['_TENSORSPEC']._serialized_start=209
-  _globals['_TENSORSPEC']._serialized_end=289
-  _globals['_NODELIST']._serialized_start=291
-  _globals['_NODELIST']._serialized_end=337
-  _globals['_NODEMAP']._serialized_start=339
-  _globals['_NODEMAP']._serialized_end=420
-  _globals['_NONEVALUE']._serialized_start=422
-  _globals['_NONEVALUE']._serialized_end=433
-  _globals['_NODE']._serialized_start=436
-  _globals['_NODE']._serialized_end=723
-  _globals['_LAYOUT']._serialized_start=725
-  _globals['_LAYOUT']._serialized_end=791
-  _globals['_OPENSTREAM']._serialized_start=794
-  _globals['_OPENSTREAM']._serialized_end=993
-  _globals['_CREDIT']._serialized_start=995
-  _globals['_CREDIT']._serialized_end=1020
-  _globals['_CLIENTMESSAGE']._serialized_start=1022
-  _globals['_CLIENTMESSAGE']._serialized_end=1129
-  _globals['_STREAMSTART']._serialized_start=1131
-  _globals['_STREAMSTART']._serialized_end=1219
-  _globals['_BATCHHEADER']._serialized_start=1221
-  _globals['_BATCHHEADER']._serialized_end=1308
-  _globals['_SERVERFRAME']._serialized_start=1310
-  _globals['_SERVERFRAME']._serialized_end=1421
-  _globals['_LOADER']._serialized_start=1641
-  _globals['_LOADER']._serialized_end=1817
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=245
+  _globals['_TENSORSPEC']._serialized_start=247
+  _globals['_TENSORSPEC']._serialized_end=327
+  _globals['_NODELIST']._serialized_start=329
+  _globals['_NODELIST']._serialized_end=375
+  _globals['_NODEMAP']._serialized_start=377
+  _globals['_NODEMAP']._serialized_end=458
+  _globals['_NONEVALUE']._serialized_start=460
+  _globals['_NONEVALUE']._serialized_end=471
+  _globals['_NODE']._serialized_start=474
+  _globals['_NODE']._serialized_end=761
+  _globals['_LAYOUT']._serialized_start=763
+  _globals['_LAYOUT']._serialized_end=829
+  _globals['_OPENSTREAM']._serialized_start=832
+  _globals['_OPENSTREAM']._serialized_end=1076
+  _globals['_CREDIT']._serialized_start=1078
+  _globals['_CREDIT']._serialized_end=1103
+  _globals['_RELEASE']._serialized_start=1105
+  _globals['_RELEASE']._serialized_end=1129
+  _globals['_CLIENTMESSAGE']._serialized_start=1132
+  _globals['_CLIENTMESSAGE']._serialized_end=1282
+  _globals['_STREAMSTART']._serialized_start=1284
+  _globals['_STREAMSTART']._serialized_end=1372
+  _globals['_BATCHHEADER']._serialized_start=1374
+  _globals['_BATCHHEADER']._serialized_end=1475
+  _globals['_STREAMEND']._serialized_start=1477
+  _globals['_STREAMEND']._serialized_end=1488
+  _globals['_SERVERFRAME']._serialized_start=1491
+  _globals['_SERVERFRAME']._serialized_end=1643
+  _globals['_LOADER']._serialized_start=1916
+  _globals['_LOADER']._serialized_end=2092
 # @@protoc_insertion_point(module_scope)

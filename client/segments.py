@@ -1,0 +1,71 @@
+"""The server's shared-memory slots as this client maps them (same-host transport).
+
+Owner: one DataLoader. Segments are attached on first use and kept (the server
+reuses a fixed set of slots); with CUDA each mapping is page-locked in place once
+(``cudaHostRegister``) so device copies read it directly, as from a pinned buffer.
+close() unregisters and unmaps everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from batchferry import shm
+
+__all__ = ["SegmentCache", "probe"]
+
+_MAX_SEGMENTS = 128  # far above any ring; old slots drop out as the server regrows them
+
+
+def probe(name: str, token: bytes) -> bool:
+    """True when the server's probe segment is visible here with the expected token."""
+    if not name or "/" in name or not token:
+        return False
+    try:
+        with (shm.SHM_DIR / Path(name).name).open("rb") as f:
+            return f.read(len(token)) == token
+    except OSError:
+        return False
+
+
+class SegmentCache:
+    def __init__(self, register_with_cuda: bool) -> None:
+        self._register = register_with_cuda and torch.cuda.is_available()
+        self._segments: OrderedDict[str, shm.Segment] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> shm.Segment:
+        """The mapped segment; ``OSError`` when it cannot be opened."""
+        if not name.startswith(shm.PREFIX) or "/" in name:
+            raise ValueError(f"server named an invalid slot {name!r}")
+        with self._lock:
+            seg = self._segments.get(name)
+            if seg is not None:
+                self._segments.move_to_end(name)
+                return seg
+            seg = shm.Segment.attach(name)
+            if self._register and seg.size:
+                err = torch.cuda.cudart().cudaHostRegister(seg.tensor.data_ptr(), seg.size, 0)
+                if int(err) != 0:
+                    seg.close()
+                    raise OSError(f"cudaHostRegister of slot {name} failed with CUDA error {int(err)}")
+            self._segments[name] = seg
+            while len(self._segments) > _MAX_SEGMENTS:
+                self._drop(self._segments.popitem(last=False)[1])
+            return seg
+
+    def _drop(self, seg: shm.Segment) -> None:
+        if self._register and seg.size:
+            with contextlib.suppress(Exception):
+                torch.cuda.cudart().cudaHostUnregister(seg.tensor.data_ptr())
+        seg.close()
+
+    def close(self) -> None:
+        with self._lock:
+            while self._segments:
+                self._drop(self._segments.popitem()[1])

@@ -1,0 +1,127 @@
+"""Both transports give the same batches; shm slots are held until released, and freed if a client dies."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import grpc
+import pytest
+import torch
+from torch.utils.data import DataLoader as TorchLoader
+
+from batchferry import errors, wire
+from batchferry.client import DataLoader, loader as loader_module
+from batchferry.server import Server
+from batchferry.v1 import loader_pb2 as pb
+
+from support import Nested, VarLen, assert_same
+
+
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
+def test_transports_match_torch(server: Server, tensor_ds, transport: str) -> None:
+    ref = TorchLoader(tensor_ds, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(6))
+    with DataLoader(server.address, "tensor", 8, shuffle=True, seed=6, transport=transport) as loader:
+        assert loader.transport == transport
+        for _ in range(2):
+            assert_same(list(loader), list(ref))
+    with DataLoader(server.address, "nested", 5, transport=transport) as loader:
+        assert_same(list(loader), list(TorchLoader(Nested(), batch_size=5)))
+
+
+def test_auto_prefers_shm_on_the_same_host(server: Server) -> None:
+    with DataLoader(server.address, "tensor", 8) as loader:
+        assert loader.transport == "shm"
+
+
+def test_auto_falls_back_and_forced_shm_fails_when_memory_is_not_shared(
+    server: Server, tensor_ds, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loader_module, "probe", lambda name, token: False)
+    with DataLoader(server.address, "tensor", 10) as loader:
+        assert loader.transport == "grpc"
+        assert_same(list(loader), list(TorchLoader(tensor_ds, 10)))
+    with DataLoader(server.address, "tensor", 10, transport="shm") as loader:
+        with pytest.raises(errors.InvalidArgument, match="not visible here"):
+            iter(loader)
+
+
+def test_client_in_another_ipc_namespace_uses_the_byte_stream(server: Server) -> None:
+    """A real separate /dev/shm (unshare), as a container without shared IPC would have."""
+    script = (
+        "from batchferry.client import DataLoader;"
+        f"l = DataLoader('{server.address}', 'tensor', 10);"
+        "print(l.transport, sum(len(b[0]) for b in l))"
+    )
+    cmd = [
+        "unshare",
+        "--mount",
+        "--ipc",
+        "sh",
+        "-c",
+        f'mount -t tmpfs tmpfs /dev/shm && exec python3 -c "{script}"',
+    ]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        pytest.skip("unshare is not installed")
+    if out.returncode != 0 and ("Operation not permitted" in out.stderr or "unshare failed" in out.stderr):
+        pytest.skip(f"cannot create namespaces here: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["grpc", "103"]
+
+
+def _raw_shm_stream(address: str, messages: list[bytes]) -> tuple[grpc.Channel, object]:
+    channel = grpc.insecure_channel(address)
+    call = channel.stream_stream(wire.STREAM_BATCHES, request_serializer=None, response_deserializer=None)
+    return channel, call(iter(messages), timeout=30)
+
+
+def _open_shm(credits: int) -> bytes:
+    return pb.ClientMessage(
+        open=pb.OpenStream(dataset="tensor", batch_size=4, credits=credits, transport=pb.TRANSPORT_SHM)
+    ).SerializeToString()
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_slots_are_held_until_released_and_freed_when_a_client_vanishes(server: Server) -> None:
+    ring = server._ring
+    assert ring is not None
+    total = ring.num_slots
+    assert _wait_for(lambda: ring.free_slots == total)
+    channel, responses = _raw_shm_stream(server.address, [_open_shm(credits=3)])
+    frames = [pb.ServerFrame.FromString(next(responses)) for _ in range(4)]  # start + 3 batches
+    assert [f.WhichOneof("kind") for f in frames] == ["start", "batch", "batch", "batch"]
+    assert all(f.batch.slot for f in frames[1:])
+    assert _wait_for(lambda: ring.free_slots == total - 3)  # held: never released
+    responses.cancel()  # the client vanishes
+    channel.close()
+    assert _wait_for(lambda: ring.free_slots == total)
+
+
+def test_releasing_a_batch_that_holds_no_slot_is_refused(server: Server) -> None:
+    bogus = pb.ClientMessage(release=pb.Release(index=999)).SerializeToString()
+    channel, responses = _raw_shm_stream(server.address, [_open_shm(credits=1), bogus])
+    with pytest.raises(grpc.RpcError) as info:
+        list(responses)
+    channel.close()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "release: batch 999 holds no slot" in info.value.details()
+
+
+def test_kept_batches_survive_slot_reuse(server: Server) -> None:
+    # More batches than ring slots, all kept: shm batches must not alias slots.
+    with DataLoader(server.address, "varlen", 1, collate_fn="pad", transport="shm") as loader:
+        kept = list(loader)
+    ds = VarLen()
+    assert len(kept) == len(ds) > server.config.num_slots
+    for i, (seq, n) in enumerate(kept):
+        assert torch.equal(seq[0], ds[i][0]) and int(n) == ds[i][1]
