@@ -23,11 +23,11 @@ from typing import Any
 
 import grpc
 import torch
-from batchferry.client import DataLoader
 from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 import batchferry
+from batchferry.client import DataLoader
 
 from . import ceiling
 from .workloads import DATA_ENV, SCALE_ENV, WORKLOADS, Workload, data_dir

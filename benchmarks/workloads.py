@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from batchferry.server.datasets import NpyDataset
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import TensorDataset
+
+from batchferry.server.datasets import NpyDataset
 
 DATA_ENV = "BATCHFERRY_BENCH_DATA"
 SCALE_ENV = "BATCHFERRY_BENCH_SCALE"  # < 1 shrinks every dataset (for smoke tests)

@@ -4,7 +4,9 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+
 from batchferry.server import Server
+
 from support import Nested, Plain, VarLen, leaked_segments
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from batchferry.client import DataLoader
-from batchferry.server import Server
-from support import leaked_segments, no_new_segments
 
 from batchferry import shm
+from batchferry.client import DataLoader
+from batchferry.server import Server
+
+from support import leaked_segments, no_new_segments
 
 
 def test_close_unlinks_segments_and_stops_workers(tensor_ds) -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from batchferry.server import Server
 
 from batchferry import cli
 from batchferry.demo import run_demo
+from batchferry.server import Server
 
 
 def test_datasets_lists_names_lengths_and_structure(

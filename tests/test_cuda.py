@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import DataLoader as TorchLoader
+
 from batchferry.client import DataLoader
 from batchferry.server import Server
+
 from support import Nested, assert_same
-from torch.utils.data import DataLoader as TorchLoader
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -8,12 +8,13 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
-from batchferry.client import DataLoader
-from batchferry.server import Server
-from support import Crashing, Failing, assert_same
 
 from batchferry import errors, wire
+from batchferry.client import DataLoader
+from batchferry.server import Server
 from batchferry.v1 import loader_pb2 as pb
+
+from support import Crashing, Failing, assert_same
 
 
 def _open(**fields: object) -> bytes:

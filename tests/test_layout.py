@@ -8,10 +8,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import assert_same
 
 from batchferry import layout
 from batchferry.v1 import loader_pb2 as pb
+
+from support import assert_same
 
 DTYPES = [
     torch.float32,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import DataLoader as TorchLoader
+
 from batchferry.client import DataLoader
 from batchferry.server import Server
+
 from support import Plain, assert_same
-from torch.utils.data import DataLoader as TorchLoader
 
 EPOCHS = 3
 

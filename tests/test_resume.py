@@ -6,11 +6,12 @@ import pickle
 
 import pytest
 import torch
-from batchferry.client import DataLoader
-from batchferry.server import Server
-from support import assert_same
 
+from batchferry.client import DataLoader
 from batchferry.errors import InvalidArgument
+from batchferry.server import Server
+
+from support import assert_same
 
 
 def _run(address: str, epochs: int, **kw: object) -> list[list[object]]:

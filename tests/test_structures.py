@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from batchferry.client import DataLoader
-from batchferry.server import Server, pad_collate
-from support import Nested, VarLen, assert_same, sum_collate
 from torch.utils.data import DataLoader as TorchLoader
 from torch.utils.data import TensorDataset
 
+from batchferry.client import DataLoader
 from batchferry.errors import DatasetError
+from batchferry.server import Server, pad_collate
+
+from support import Nested, VarLen, assert_same, sum_collate
 
 
 def test_nested_structures_and_dtypes(server: Server) -> None:
