@@ -413,22 +413,6 @@ class _Iterator:
             return self._copier.hand_over(batch.data, batch.event)
         return batch.data
 
-    @property
-    def transport(self) -> str:
-        """The transport in use: ``"shm"`` (same host) or ``"grpc"`` (byte stream)."""
-        if self._use_shm is None:
-            self._dataset_length()
-            assert self._info is not None
-            visible = probe(self._info.shm_probe, self._info.shm_token)
-            if self.config.transport == "shm" and not visible:
-                raise InvalidArgument(
-                    f"transport='shm' needs the server's shared memory, but its segment "
-                    f"{self._info.shm_probe or '(none)'} is not visible here (another host, or a "
-                    f"container without the server's IPC namespace and /dev/shm); use 'auto' or 'grpc'"
-                )
-            self._use_shm = visible and self.config.transport != "grpc"
-        return "shm" if self._use_shm else "grpc"
-
     def __len__(self) -> int:
         return len(self._loader)
 
