@@ -285,11 +285,11 @@ class LoaderService:
         active = context.is_active
         try:
             while next_send < plan.num_batches:
-                # Build ahead only as far as the client has granted, and block for a
-                # slot only while holding none: a stream never waits on itself.
-                while next_build < plan.num_batches and next_build - next_send < credits.granted - (
-                    next_send - plan.start_batch
-                ):
+                # Build up to one credit window beyond what the client has granted, so
+                # builds overlap the credit round trip; sends never exceed the grant.
+                # Block for a slot only while holding none: a stream never waits on itself.
+                sendable = credits.granted - (next_send - plan.start_batch)
+                while next_build < plan.num_batches and next_build - next_send < sendable + plan.credits:
                     slot = self._acquire(min_bytes, active, wait=not pending)
                     if slot is None:
                         break
