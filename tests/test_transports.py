@@ -102,7 +102,9 @@ def test_slots_are_held_until_released_and_freed_when_a_client_vanishes(server: 
     frames = [pb.ServerFrame.FromString(next(responses)) for _ in range(4)]  # start + 3 batches
     assert [f.WhichOneof("kind") for f in frames] == ["start", "batch", "batch", "batch"]
     assert all(f.batch.slot for f in frames[1:])
-    assert _wait_for(lambda: ring.free_slots == total - 3)  # held: never released
+    # Three sent and never released (plus builds made ahead): held while the client lives.
+    time.sleep(0.5)
+    assert ring.free_slots <= total - 3
     responses.cancel()  # the client vanishes
     channel.close()
     assert _wait_for(lambda: ring.free_slots == total)
