@@ -108,7 +108,14 @@ def _bench(args: argparse.Namespace) -> int:
     from batchferry.benchmarks.harness import main as bench_main
     from batchferry.benchmarks.workloads import WORKLOADS
 
-    ids = sorted(WORKLOADS) if args.workloads == ["all"] else args.workloads
+    ids = sorted(WORKLOADS) if args.workloads == ["all"] else list(args.workloads)
+    if "G1" in ids:
+        from batchferry.benchmarks.gpu import main as gpu_main
+
+        ids.remove("G1")
+        gpu_main(out=Path(args.out or RESULTS))
+        if not ids:
+            return 0
     bench_main(
         ids, reps=args.reps, num_workers=args.num_workers, out=Path(args.out or RESULTS),
         scale=args.scale, with_ceiling=not args.no_ceiling,
@@ -156,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser("bench", help="batchferry vs torch DataLoader on the standard workloads")
-    bench.add_argument("workloads", nargs="+", metavar="W", help="W1 W2 W4, or all")
+    bench.add_argument(
+        "workloads", nargs="+", metavar="W", help="W1 W2 W4 G1 (G1 needs CUDA), or all (CPU workloads)"
+    )
     bench.add_argument("--reps", type=int, default=3)
     bench.add_argument("--num-workers", type=int, default=2)
     bench.add_argument("--scale", type=float, default=1.0, help="shrink datasets (smoke runs)")

@@ -9,6 +9,7 @@ close() unregisters and unmaps everything.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch
 from batchferry import shm
 
 __all__ = ["SegmentCache", "probe"]
+
+log = logging.getLogger("batchferry.client")
 
 _MAX_SEGMENTS = 128  # far above any ring; old slots drop out as the server regrows them
 
@@ -37,7 +40,12 @@ class SegmentCache:
     def __init__(self, register_with_cuda: bool) -> None:
         self._register = register_with_cuda and torch.cuda.is_available()
         self._segments: OrderedDict[str, shm.Segment] = OrderedDict()
+        self._registered: set[str] = set()
         self._lock = threading.Lock()
+
+    def is_registered(self, name: str) -> bool:
+        """Whether the segment is page-locked for CUDA (else copies go through pinned buffers)."""
+        return name in self._registered
 
     def get(self, name: str) -> shm.Segment:
         """The mapped segment; ``OSError`` when it cannot be opened."""
@@ -51,16 +59,19 @@ class SegmentCache:
             seg = shm.Segment.attach(name)
             if self._register and seg.size:
                 err = torch.cuda.cudart().cudaHostRegister(seg.tensor.data_ptr(), seg.size, 0)
-                if int(err) != 0:
-                    seg.close()
-                    raise OSError(f"cudaHostRegister of slot {name} failed with CUDA error {int(err)}")
+                if int(err) == 0:
+                    self._registered.add(name)
+                else:
+                    torch.cuda.cudart().cudaGetLastError()  # clear it; copies go through pinned buffers
+                    log.warning("cudaHostRegister of %s failed (CUDA error %d)", name, int(err))
             self._segments[name] = seg
             while len(self._segments) > _MAX_SEGMENTS:
                 self._drop(self._segments.popitem(last=False)[1])
             return seg
 
     def _drop(self, seg: shm.Segment) -> None:
-        if self._register and seg.size:
+        if seg.name in self._registered:
+            self._registered.discard(seg.name)
             with contextlib.suppress(Exception):
                 torch.cuda.cudart().cudaHostUnregister(seg.tensor.data_ptr())
         seg.close()

@@ -152,14 +152,19 @@ class EpochStream:
         if size > segment.size:
             raise ValueError(f"batch {header.index} spans {size} bytes of a {segment.size}-byte slot")
         view = segment.tensor[:size]
+        if self._copier is not None and self._segments.is_registered(header.slot):
+            # Page-locked in place: copy to the device straight from the slot.
+            data, event = self._copier.copy(_layout.decode(header.layout, view))
+            self._releases.put((event, header.index))
+            return Batch(header.index, data, event)
+        buffer = self._pool.acquire(size)
+        buffer.copy_(view)  # the one copy: out of the slot, which goes straight back
+        self._release(header.index)
+        data = _layout.decode(header.layout, buffer)
         if self._copier is None:
-            buffer = self._pool.acquire(size)
-            buffer.copy_(view)  # the one copy: out of the slot, which goes straight back
-            self._release(header.index)
-            return Batch(header.index, _layout.decode(header.layout, buffer))
-        # Registered with CUDA: copy to the device straight from the slot.
-        data, event = self._copier.copy(_layout.decode(header.layout, view))
-        self._releases.put((event, header.index))
+            return Batch(header.index, data)
+        data, event = self._copier.copy(data)
+        self._pool.release_after(buffer, event)
         return Batch(header.index, data, event)
 
     def _release(self, index: int) -> None:
