@@ -109,13 +109,18 @@ def _bench(args: argparse.Namespace) -> int:
     from batchferry.benchmarks.workloads import WORKLOADS
 
     ids = sorted(WORKLOADS) if args.workloads == ["all"] else list(args.workloads)
+    if "MEM" in ids:
+        from batchferry.benchmarks.memory import main as memory_main
+
+        ids.remove("MEM")
+        memory_main(out=Path(args.out or RESULTS))
     if "G1" in ids:
         from batchferry.benchmarks.gpu import main as gpu_main
 
         ids.remove("G1")
         gpu_main(out=Path(args.out or RESULTS))
-        if not ids:
-            return 0
+    if not ids:
+        return 0
     bench_main(
         ids, reps=args.reps, num_workers=args.num_workers, out=Path(args.out or RESULTS),
         scale=args.scale, with_ceiling=not args.no_ceiling,
@@ -164,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="batchferry vs torch DataLoader on the standard workloads")
     bench.add_argument(
-        "workloads", nargs="+", metavar="W", help="W1 W2 W4 G1 (G1 needs CUDA), or all (CPU workloads)"
+        "workloads",
+        nargs="+",
+        metavar="W",
+        help="W1 W2 W3 W4, MEM (memory bounds), G1 (needs CUDA), or all (the CPU workloads)",
     )
     bench.add_argument("--reps", type=int, default=3)
     bench.add_argument("--num-workers", type=int, default=2)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import TensorDataset
 
@@ -90,6 +91,50 @@ def w4() -> VarLenTokens:
     return VarLenTokens(root)
 
 
+class JpegFolder:
+    """JPEG files in class folders; decode, random 224 crop and horizontal flip per sample."""
+
+    def __init__(self, root: Path, crop: int = 224) -> None:
+        self.root = root
+        self.crop = crop
+        self.files = sorted(root.glob("*/*.jpg"))
+        self.classes = sorted({f.parent.name for f in self.files})
+        self._label = {c: i for i, c in enumerate(self.classes)}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (JpegFolder, (self.root, self.crop))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path = self.files[i]
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB"))
+        top, left = (int(v) for v in torch.randint(0, arr.shape[0] - self.crop + 1, (2,)))
+        arr = arr[top : top + self.crop, left : left + self.crop]
+        if torch.rand(()) < 0.5:
+            arr = arr[:, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), self._label[path.parent.name]
+
+
+def w3() -> JpegFolder:
+    """2,000 JPEG files of 256x256 in 10 class folders."""
+    n = _scaled(2000)
+    root = data_dir() / f"w3-{n}"
+    if not (root / "done").exists():
+        rng = np.random.default_rng(3)
+        base = rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+        for i in range(n):
+            folder = root / f"class_{i % 10}"
+            folder.mkdir(parents=True, exist_ok=True)
+            # Smooth, photo-like content compresses like real images (noise would not).
+            img = Image.fromarray(np.roll(base, i, axis=(0, 1))).resize((256, 256), Image.BILINEAR)
+            img.save(folder / f"{i:05d}.jpg", quality=90)
+        (root / "done").touch()
+    return JpegFolder(root)
+
+
 def torch_pad(batch: Sequence[torch.Tensor]) -> torch.Tensor:
     return pad_sequence(list(batch), batch_first=True, padding_value=0)
 
@@ -114,6 +159,7 @@ class Workload:
 WORKLOADS = {
     "W1": Workload("W1", "tiny samples, per-batch overhead", w1, 256, 1500),
     "W2": Workload("W2", "224x224 images from a memory map", w2, 256, 24, unit="GB/s"),
+    "W3": Workload("W3", "JPEG decode + random crop + flip", w3, 64, 25),
     "W4": Workload(
         "W4", "variable-length tokens, pad collate", w4, 64, 600, collate="pad", torch_collate=torch_pad
     ),
