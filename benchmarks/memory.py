@@ -64,17 +64,18 @@ def track(wid: str, batches: int, transport: str, prefetch: int = 4, every: int 
 
 
 def main(out: Path = RESULTS) -> dict[str, Any]:
-    report = {
+    runs = [
+        track("W1", 10_000, "shm", every=500),
+        track("W1", 10_000, "grpc", every=500),
+        track("W2", 300, "shm", every=25),
+    ]
+    report: dict[str, Any] = {
         "date": _dt.date.today().isoformat(),
         "command": "batchferry bench MEM",
         "machine": machine(),
-        "runs": [
-            track("W1", 10_000, "shm", every=500),
-            track("W1", 10_000, "grpc", every=500),
-            track("W2", 300, "shm", every=25),
-        ],
+        "runs": runs,
     }
-    for r in report["runs"]:
+    for r in runs:
         print(
             f"{r['workload']} {r['transport']:>4} {r['batches']:>6} batches: client RSS +"
             f"{r['client_rss_growth_after_warmup'] / 1e6:.1f} MB after warm-up (bound "

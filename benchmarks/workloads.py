@@ -129,7 +129,7 @@ def w3() -> JpegFolder:
             folder = root / f"class_{i % 10}"
             folder.mkdir(parents=True, exist_ok=True)
             # Smooth, photo-like content compresses like real images (noise would not).
-            img = Image.fromarray(np.roll(base, i, axis=(0, 1))).resize((256, 256), Image.BILINEAR)
+            img = Image.fromarray(np.roll(base, i, axis=(0, 1))).resize((256, 256), Image.Resampling.BILINEAR)
             img.save(folder / f"{i:05d}.jpg", quality=90)
         (root / "done").touch()
     return JpegFolder(root)
