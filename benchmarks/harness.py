@@ -186,6 +186,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
     bars = ax.bar(labels, values, color="#3b7dd8")
     ax.bar_label(bars, fmt="%.2fx")
     ax.axhline(1.0, color="#888", linestyle="--", linewidth=1)
+    ax.set_ylim(0, max([*values, 1.0]) * 1.15)
     ax.set_ylabel("x torch DataLoader (best num_workers)")
     ax.set_title(f"batchferry vs torch DataLoader, {report['machine']['cpus']} CPUs, {report['date']}")
     fig.tight_layout()

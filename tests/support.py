@@ -102,6 +102,16 @@ class Big(Dataset[torch.Tensor]):
         return torch.full((768, 1024), i, dtype=torch.int32)
 
 
+class Growing(Dataset[torch.Tensor]):
+    """Sample i holds (i + 1) x 256 KiB: sample 0 underestimates later batches."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.full(((i + 1) * 64, 1024), i, dtype=torch.int32)
+
+
 def sum_collate(samples: list[Any]) -> dict[str, torch.Tensor]:
     """A plain user collate: returns tensors outside the slot (copied in once)."""
     xs = torch.stack([s[0] for s in samples])

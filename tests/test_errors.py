@@ -139,15 +139,20 @@ def test_worker_crash_fails_the_stream_and_the_pool_recovers(tensor_ds) -> None:
             assert len(list(loader)) == 11
 
 
-def test_big_batches_grow_the_ring() -> None:
-    from support import Big
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
+def test_batches_larger_than_their_slot_grow_it(transport: str) -> None:
+    from support import Growing
 
-    with Server({"big": Big()}, port=0, num_workers=1) as srv:
-        with DataLoader(srv.address, "big", 4, chunk_bytes=1 << 20) as loader:
+    ds = Growing()
+    with Server({"g": ds}, port=0, num_workers=1, slots=2) as srv:
+        # Slots are sized from sample 0; every later batch outgrows them.
+        with DataLoader(
+            srv.address, "g", 1, pin_memory=True, chunk_bytes=1 << 20, transport=transport
+        ) as loader:
             batches = list(loader)
-    assert [tuple(b.shape) for b in batches] == [(4, 768, 1024)] * 3
+    assert len(batches) == len(ds)
     for i, b in enumerate(batches):
-        assert torch.equal(b[:, 0, 0], torch.arange(4 * i, 4 * i + 4, dtype=torch.int32))
+        assert torch.equal(b[0], ds[i])
 
 
 def test_batch_larger_than_shm_budget_is_resource_exhausted() -> None:
