@@ -81,10 +81,12 @@ def build_batch(
     indices: np.ndarray,
     collate: SlotCollate | CollateFn,
     writer: SlotWriter,
-) -> Any:
-    if gather is not None and collate is DEFAULT:
-        return gather(indices, writer)
+) -> tuple[Any, bool]:
+    """The batch, and whether it was gathered vectorised."""
+    # Equality, not identity: worker processes receive the registry by pickle.
+    if gather is not None and collate == DEFAULT:
+        return gather(indices, writer), True
     as_list = indices.tolist()
     getitems = getattr(ds, "__getitems__", None)
     samples = getitems(as_list) if getitems is not None else [ds[i] for i in as_list]
-    return run_collate(collate, samples, writer)
+    return run_collate(collate, samples, writer), False

@@ -168,7 +168,9 @@ class LoaderService:
             for name, ds in sorted(datasets.items())
         ]
         self._samples = samples
-        self.batches_built = 0  # across all streams, for tests and metrics
+        # Across all streams, for tests and metrics.
+        self.batches_built = 0
+        self.batches_gathered = 0  # of which built by the vectorised gather
 
     def handlers(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -321,6 +323,7 @@ class LoaderService:
                         dataset_error=True,
                     )
                 self.batches_built += 1
+                self.batches_gathered += result.gathered
                 if plan.shm:
                     credits.hold(index, slot)
                     frames = [self._shm_frame(index, result.layout, slot)]

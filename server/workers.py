@@ -59,6 +59,7 @@ class Result:
     layout: bytes = b""  # serialized Layout, status "ok"
     needed: int = 0  # bytes the batch needs, status "overflow"
     error: str = ""  # status "error"
+    gathered: bool = False  # built with one gather per field
 
 
 class _TaskRunner:
@@ -94,9 +95,9 @@ class _TaskRunner:
         try:
             ds, gather = self.dataset(task.dataset)
             writer = SlotWriter(self._segment(task.slot_name).tensor[: task.slot_bytes])
-            batch = build_batch(ds, gather, task.indices, self._collates[task.collate], writer)
+            batch, gathered = build_batch(ds, gather, task.indices, self._collates[task.collate], writer)
             layout = encode(batch, writer).SerializeToString()
-            return Result(task.task_id, "ok", layout=layout)
+            return Result(task.task_id, "ok", layout=layout, gathered=gathered)
         except SlotOverflow as exc:
             return Result(task.task_id, "overflow", needed=exc.needed)
         except Exception as exc:

@@ -12,7 +12,7 @@ from batchferry.client import DataLoader
 from batchferry.errors import DatasetError
 from batchferry.server import Server, pad_collate
 
-from support import Nested, VarLen, assert_same, sum_collate
+from support import Nested, Plain, VarLen, assert_same, sum_collate
 
 
 def test_nested_structures_and_dtypes(server: Server) -> None:
@@ -135,3 +135,13 @@ def test_vectorised_npy_gather_equals_per_sample_collate(tmp_path, labels) -> No
     with Server({"d": spec}, port=0, num_workers=0) as srv:
         with DataLoader(srv.address, "d", 7, shuffle=True, seed=0) as loader:
             assert_same(list(loader), list(ref))
+
+
+def test_worker_processes_gather_array_datasets_vectorised(tensor_ds) -> None:
+    with Server({"t": tensor_ds, "p": Plain(20)}, port=0, num_workers=2) as srv:
+        with DataLoader(srv.address, "t", 10) as loader:
+            assert_same(list(loader), list(TorchLoader(tensor_ds, 10)))
+        assert srv.service.batches_gathered == srv.service.batches_built == 11
+        with DataLoader(srv.address, "p", 10) as loader:
+            list(loader)
+        assert srv.service.batches_gathered == 11 and srv.service.batches_built == 13
