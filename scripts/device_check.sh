@@ -7,7 +7,7 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 tree=$(mktemp -d); mkdir "$tree/batchferry"
 for f in batchferry/*; do ln -s "$PWD/$f" "$tree/batchferry/"; done
 for pair in server:server client:client benchmarks:benchmarks; do ln -s "$PWD/${pair%%:*}" "$tree/batchferry/${pair##*:}"; done
-export PYTHONPATH="$tree" PYTHONUNBUFFERED=1 BATCHFERRY_BENCH_DATA=/tmp/bfdata
+export PYTHONSAFEPATH=1 PYTHONPATH="$tree" PYTHONUNBUFFERED=1 BATCHFERRY_BENCH_DATA=/tmp/bfdata
 df -h /dev/shm | tail -1 | tee "$out/shm.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, grpc, google.protobuf as p; print('torch', torch.__version__, 'grpc', grpc.__version__, 'protobuf', p.__version__)" | tee -a "$out/gpu.txt"
