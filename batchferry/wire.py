@@ -29,7 +29,7 @@ LIST_DATASETS = f"/{SERVICE}/{_SERVICE_DESC.methods_by_name['ListDatasets'].name
 STREAM_BATCHES = f"/{SERVICE}/{_SERVICE_DESC.methods_by_name['StreamBatches'].name}"
 
 # gRPC-Python moves messages of a few MiB far faster than tens of MiB.
-DEFAULT_CHUNK_BYTES = 2 << 20
+DEFAULT_CHUNK_BYTES = 4 << 20
 MIN_CHUNK_BYTES = 64 << 10
 MAX_CHUNK_BYTES = 16 << 20
 # Largest gRPC message either side accepts: a chunk plus headroom for headers.
