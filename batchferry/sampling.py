@@ -18,11 +18,21 @@ torch's would. Nothing here touches the network.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["EpochOrder", "begin_iteration", "epoch_order", "num_batches", "replay_epoch"]
+__all__ = [
+    "EpochOrder",
+    "begin_iteration",
+    "epoch_order",
+    "num_batches",
+    "replay_epoch",
+    "seeded_order",
+    "shard_length",
+    "sharded_order",
+]
 
 
 def num_batches(length: int, batch_size: int, drop_last: bool) -> int:
@@ -88,3 +98,34 @@ def replay_epoch(generator: torch.Generator, length: int, shuffle: bool) -> None
         generator.set_state(
             torch.frombuffer(bytearray(epoch_order(length, True, state).state_after_epoch), dtype=torch.uint8)
         )
+
+
+def seeded_order(length: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
+    """The whole-dataset order of an epoch in job modes, as DistributedSampler draws it."""
+    if not shuffle:
+        return torch.arange(length, dtype=torch.int64)
+    gen = torch.Generator()
+    gen.manual_seed(seed + epoch)
+    return torch.randperm(length, generator=gen)
+
+
+def shard_length(length: int, world_size: int, drop_last: bool) -> int:
+    """Samples per rank, as ``DistributedSampler.num_samples``."""
+    if drop_last and length % world_size:
+        return math.ceil((length - world_size) / world_size)
+    return math.ceil(length / world_size)
+
+
+def sharded_order(
+    length: int, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int, drop_last: bool
+) -> EpochOrder:
+    """Rank ``rank``'s indices of ``DistributedSampler(..., drop_last)`` after ``set_epoch(epoch)``."""
+    indices = seeded_order(length, shuffle, seed, epoch)
+    total = shard_length(length, world_size, drop_last) * world_size
+    if drop_last:
+        indices = indices[:total]
+    elif total > length:
+        # Pad by repeating from the start, as DistributedSampler does.
+        repeats = math.ceil((total - length) / length)
+        indices = torch.cat([indices, indices.repeat(repeats)[: total - length]])
+    return EpochOrder(indices[rank:total:world_size], b"", b"")

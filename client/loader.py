@@ -35,6 +35,12 @@ __all__ = ["DataLoader", "LoaderConfig"]
 _STATE_VERSION = 1
 TRANSPORTS = ("auto", "grpc", "shm")
 MODES = ("independent", "sharded", "shared", "dynamic")
+_MODES = {
+    "independent": _pb2.MODE_INDEPENDENT,
+    "sharded": _pb2.MODE_SHARDED,
+    "shared": _pb2.MODE_SHARED,
+    "dynamic": _pb2.MODE_DYNAMIC,
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +59,10 @@ class LoaderConfig:
     timeout: float = 60.0
     transport: str = "auto"
     chunk_bytes: int = 0
+    mode: str = "independent"
+    job: str = ""
+    rank: int = 0
+    world_size: int = 1
 
     def __post_init__(self) -> None:
         def bad(field: str, value: Any, why: str) -> InvalidArgument:
@@ -76,6 +86,20 @@ class LoaderConfig:
             raise bad("timeout", self.timeout, "must be a positive, finite number of seconds")
         if self.transport not in TRANSPORTS:
             raise bad("transport", self.transport, f"must be one of {TRANSPORTS}")
+        if self.mode not in MODES:
+            raise bad("mode", self.mode, f"must be one of {MODES}")
+        if self.mode != "independent" and (not isinstance(self.job, str) or not self.job):
+            raise bad(
+                "job", self.job, f"must name the job in {self.mode} mode (any string its consumers share)"
+            )
+        for name in ("rank", "world_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise bad(name, value, "must be an integer")
+        if self.world_size < 1:
+            raise bad("world_size", self.world_size, "must be >= 1")
+        if not 0 <= self.rank < self.world_size:
+            raise bad("rank", self.rank, f"must be in [0, world_size={self.world_size})")
         if self.chunk_bytes and not wire.MIN_CHUNK_BYTES <= self.chunk_bytes <= wire.MAX_CHUNK_BYTES:
             raise bad(
                 "chunk_bytes",
@@ -143,21 +167,27 @@ class DataLoader:
         timeout: float = 60.0,
         transport: str = "auto",
         mode: str = "independent",
+        job: str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
         chunk_bytes: int = 0,
     ) -> None:
-        if mode not in MODES:
-            raise InvalidArgument(f"mode must be one of {MODES}, got {mode!r}")
-        if mode != "independent":
-            raise InvalidArgument(f"mode {mode!r} is not available in this version; use 'independent'")
         if generator is not None and seed is not None:
             raise InvalidArgument("give generator or seed, not both")
         if generator is not None and (
             not isinstance(generator, torch.Generator) or generator.device.type != "cpu"
         ):
             raise InvalidArgument(f"generator must be a CPU torch.Generator, got {generator!r}")
-        if seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, int):
-                raise InvalidArgument(f"seed must be an integer, got {seed!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise InvalidArgument(f"seed must be an integer, got {seed!r}")
+        if mode != "independent" and generator is not None:
+            raise InvalidArgument(
+                f"{mode} mode orders epoch e by seed + e, as DistributedSampler does: "
+                "pass seed=, not generator="
+            )
+        # Job modes: every consumer derives the order from (seed, epoch), like DistributedSampler.
+        self.seed = seed if seed is not None else 0
+        if seed is not None and mode == "independent":
             generator = torch.Generator().manual_seed(seed)
         dev = _device(device)
         self.config = LoaderConfig(
@@ -173,6 +203,10 @@ class DataLoader:
             timeout=float(timeout),
             transport=transport,
             chunk_bytes=chunk_bytes,
+            mode=mode,
+            job=job or "",
+            rank=rank,
+            world_size=world_size,
         )
         self.generator = generator
         self._initial_state = generator.get_state() if generator is not None else None
@@ -230,7 +264,11 @@ class DataLoader:
         return "shm" if self._use_shm else "grpc"
 
     def __len__(self) -> int:
-        return sampling.num_batches(self._dataset_length(), self.config.batch_size, self.config.drop_last)
+        """Batches per epoch (dynamic mode: of the whole job, an upper bound for one consumer)."""
+        length = self._dataset_length()
+        if self.config.mode == "sharded":
+            length = sampling.shard_length(length, self.config.world_size, self.config.drop_last)
+        return sampling.num_batches(length, self.config.batch_size, self.config.drop_last)
 
     # -- epochs and state -------------------------------------------------------------
     @property
@@ -332,7 +370,9 @@ class DataLoader:
             self._resume = None
         else:
             epoch, start = self._epoch, 0
-            sampler_state = sampling.begin_iteration(self.generator, self.config.shuffle)
+            sampler_state = b""
+            if self.config.mode == "independent":
+                sampler_state = sampling.begin_iteration(self.generator, self.config.shuffle)
         self._epoch = epoch + 1
         shm = self.transport == "shm"  # fails fast (NotFound, ServerUnavailable) before a stream opens
         it = _Iterator(self, epoch, start, sampler_state, shm)
@@ -384,6 +424,11 @@ class _Iterator:
                 credits=cfg.prefetch_factor,
                 chunk_bytes=cfg.chunk_bytes,
                 transport=_pb2.TRANSPORT_SHM if shm else _pb2.TRANSPORT_BYTES,
+                mode=_MODES[cfg.mode],
+                job=cfg.job,
+                rank=cfg.rank,
+                world_size=cfg.world_size,
+                seed=loader.seed,
             ),
             pool=loader._pool,
             copier=self._copier,

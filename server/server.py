@@ -20,6 +20,7 @@ from batchferry import shm, wire
 
 from .collate import CollateFn, SlotCollate, collate_names, get_collate
 from .datasets import DatasetSource, MapDataset, parse_spec
+from .jobs import JobRegistry
 from .ring import SlotRing
 from .service import LoaderService
 from .workers import WorkerPool
@@ -42,6 +43,8 @@ class ServerConfig:
     shm_bytes: int = 4 << 30
     chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES
     max_streams: int = 64
+    # A job with no consumers for this long is forgotten (its settings no longer bind).
+    job_idle_s: float = 300.0
     replica_index: int = 0
     num_replicas: int = 1
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -120,7 +123,10 @@ class Server:
         try:
             self._pool = WorkerPool(sources, registry, self.config.num_workers)
             self._ring = SlotRing(self.config.num_slots, self.config.shm_bytes)
-            self.service = LoaderService(built, registry, self._pool, self._ring, self.config.chunk_bytes)
+            self.jobs = JobRegistry(self.config.job_idle_s)
+            self.service = LoaderService(
+                built, registry, self._pool, self._ring, self.config.chunk_bytes, self.jobs
+            )
             self._grpc = grpc.server(
                 ThreadPoolExecutor(self.config.max_streams + 4, thread_name_prefix="batchferry-rpc"),
                 handlers=[self.service.handlers()],

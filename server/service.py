@@ -31,6 +31,7 @@ from batchferry.v1 import loader_pb2 as _pb2
 
 from .collate import CollateFn, SlotCollate
 from .datasets import MapDataset
+from .jobs import Consumer, Job, JobConflict, JobRegistry, JobSettings
 from .ring import RingExhausted, Slot, SlotRing
 from .workers import Result, Task, WorkerPool
 
@@ -43,6 +44,12 @@ _WAIT = 0.2  # seconds between liveness checks while blocked
 # After the last batch, how long a same-host client may take to release its slots.
 _RELEASE_TIMEOUT = 60.0
 _END_FRAME = _pb2.ServerFrame(end=_pb2.StreamEnd()).SerializeToString()
+_MODE_NAMES = {
+    _pb2.MODE_INDEPENDENT: "independent",
+    _pb2.MODE_SHARDED: "sharded",
+    _pb2.MODE_SHARED: "shared",
+    _pb2.MODE_DYNAMIC: "dynamic",
+}
 
 
 class _Abort(Exception):
@@ -66,6 +73,11 @@ class _Plan:
     chunk_bytes: int
     order: sampling.EpochOrder
     shm: bool
+    mode: int = _pb2.MODE_INDEPENDENT
+    job: str = ""
+    rank: int = 0
+    epoch: int = 0
+    settings: JobSettings | None = None
 
 
 class _ClientMessages:
@@ -152,7 +164,9 @@ class LoaderService:
         pool: WorkerPool,
         ring: SlotRing,
         chunk_bytes: int,
+        jobs: JobRegistry,
     ) -> None:
+        self._jobs = jobs
         self._datasets = datasets
         self._collates = collates
         self._pool = pool
@@ -178,6 +192,7 @@ class LoaderService:
             {
                 "ListDatasets": grpc.unary_unary_rpc_method_handler(self.list_datasets),
                 "StreamBatches": grpc.stream_stream_rpc_method_handler(self.stream_batches),
+                "ListJobs": grpc.unary_unary_rpc_method_handler(self.list_jobs),
             },
         )
 
@@ -190,6 +205,35 @@ class LoaderService:
         return _pb2.ListDatasetsResponse(
             datasets=self._infos, shm_probe=self._ring.probe_name, shm_token=self._ring.probe_token
         ).SerializeToString()
+
+    # -- ListJobs ---------------------------------------------------------------------
+    def list_jobs(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            wire.parse(_pb2.ListJobsRequest, request)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        infos = []
+        for job in self._jobs.jobs():
+            with job.cond:
+                consumers = [
+                    _pb2.ConsumerInfo(
+                        peer=c.peer, rank=c.rank, epoch=c.epoch, batches_sent=c.sent, num_batches=c.total
+                    )
+                    for c in job.consumers.values()
+                ]
+            s = job.settings
+            infos.append(
+                _pb2.JobInfo(
+                    name=job.name,
+                    mode=s.mode,
+                    dataset=s.dataset,
+                    batch_size=s.batch_size,
+                    world_size=s.world_size,
+                    consumers=consumers,
+                    batches_built=job.batches_built,
+                )
+            )
+        return _pb2.ListJobsResponse(jobs=infos).SerializeToString()
 
     # -- StreamBatches ----------------------------------------------------------------
     def stream_batches(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -212,15 +256,30 @@ class LoaderService:
         if msg.WhichOneof("kind") != "open":
             _fail(grpc.StatusCode.INVALID_ARGUMENT, "the first message of a stream must be 'open'")
         plan = self._plan(msg.open)
-        credits = _ClientMessages(requests, plan.credits, self._ring)
-        yield _pb2.ServerFrame(
-            start=_pb2.StreamStart(
-                num_batches=plan.num_batches,
-                state_after_order=plan.order.state_after_order,
-                state_after_epoch=plan.order.state_after_epoch,
-            )
-        ).SerializeToString()
-        yield from self._send_batches(plan, credits, context)
+        job: Job | None = None
+        consumer: Consumer | None = None
+        if plan.settings is not None:
+            try:
+                job, consumer = self._jobs.join(
+                    plan.job, plan.settings, context.peer(), plan.rank, plan.epoch
+                )
+            except JobConflict as exc:
+                _fail(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            consumer.total = plan.num_batches
+            consumer.sent = plan.start_batch
+        try:
+            credits = _ClientMessages(requests, plan.credits, self._ring)
+            yield _pb2.ServerFrame(
+                start=_pb2.StreamStart(
+                    num_batches=plan.num_batches,
+                    state_after_order=plan.order.state_after_order,
+                    state_after_epoch=plan.order.state_after_epoch,
+                )
+            ).SerializeToString()
+            yield from self._send_batches(plan, credits, context, job, consumer)
+        finally:
+            if job is not None and consumer is not None:
+                self._jobs.leave(job, consumer)
 
     def _plan(self, req: _pb2.OpenStream) -> _Plan:
         invalid = grpc.StatusCode.INVALID_ARGUMENT
@@ -252,15 +311,42 @@ class LoaderService:
                 f"got {req.chunk_bytes}",
             )
         length = len(ds)
-        total = sampling.num_batches(length, req.batch_size, req.drop_last)
+        settings = None
+        if req.mode not in _MODE_NAMES:
+            _fail(invalid, f"mode: unknown value {req.mode}")
+        if req.mode == _pb2.MODE_INDEPENDENT:
+            if req.shuffle and not req.sampler_state:
+                _fail(invalid, "sampler_state: required when shuffle is true")
+            try:
+                order = sampling.epoch_order(length, req.shuffle, req.sampler_state)
+            except ValueError as exc:
+                _fail(invalid, f"sampler_state: {exc}")
+        else:
+            mode = _MODE_NAMES[req.mode]
+            if not req.job:
+                _fail(invalid, f"job: required in {mode} mode")
+            if req.world_size < 1:
+                _fail(invalid, f"world_size must be >= 1, got {req.world_size}")
+            if not 0 <= req.rank < req.world_size:
+                _fail(invalid, f"rank must be in [0, world_size={req.world_size}), got {req.rank}")
+            if req.mode in (_pb2.MODE_SHARED, _pb2.MODE_DYNAMIC):
+                _fail(grpc.StatusCode.UNIMPLEMENTED, f"mode: {mode} is not served by this server version")
+            settings = JobSettings(
+                req.mode,
+                req.dataset,
+                req.batch_size,
+                req.shuffle,
+                req.drop_last,
+                collate,
+                req.seed,
+                req.world_size,
+            )
+            order = sampling.sharded_order(
+                length, req.shuffle, req.seed, req.epoch, req.rank, req.world_size, req.drop_last
+            )
+        total = sampling.num_batches(len(order.indices), req.batch_size, req.drop_last)
         if not 0 <= req.start_batch <= total:
             _fail(invalid, f"start_batch must be in [0, {total}], got {req.start_batch}")
-        if req.shuffle and not req.sampler_state:
-            _fail(invalid, "sampler_state: required when shuffle is true")
-        try:
-            order = sampling.epoch_order(length, req.shuffle, req.sampler_state)
-        except ValueError as exc:
-            _fail(invalid, f"sampler_state: {exc}")
         if req.transport not in (_pb2.TRANSPORT_BYTES, _pb2.TRANSPORT_SHM):
             _fail(invalid, f"transport: unknown value {req.transport}")
         return _Plan(
@@ -273,10 +359,20 @@ class LoaderService:
             chunk,
             order,
             shm=req.transport == _pb2.TRANSPORT_SHM,
+            mode=req.mode,
+            job=req.job,
+            rank=req.rank,
+            epoch=req.epoch,
+            settings=settings,
         )
 
     def _send_batches(
-        self, plan: _Plan, credits: _ClientMessages, context: grpc.ServicerContext
+        self,
+        plan: _Plan,
+        credits: _ClientMessages,
+        context: grpc.ServicerContext,
+        job: Job | None = None,
+        consumer: Consumer | None = None,
     ) -> Iterator[bytes]:
         pending: collections.deque[tuple[int, Slot, Future[Result]]] = collections.deque()
         next_build = next_send = plan.start_batch
@@ -324,6 +420,8 @@ class LoaderService:
                     )
                 self.batches_built += 1
                 self.batches_gathered += result.gathered
+                if job is not None:
+                    job.batches_built += 1
                 if plan.shm:
                     credits.hold(index, slot)
                     frames = [self._shm_frame(index, result.layout, slot)]
@@ -334,6 +432,8 @@ class LoaderService:
                     break
                 yield from frames
                 next_send += 1
+                if consumer is not None:
+                    consumer.sent = next_send
             if credits.error is not None:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, credits.error)
             if next_send == plan.num_batches:

@@ -7,6 +7,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODE_INDEPENDENT: _ClassVar[Mode]
+    MODE_SHARDED: _ClassVar[Mode]
+    MODE_SHARED: _ClassVar[Mode]
+    MODE_DYNAMIC: _ClassVar[Mode]
+
 class Transport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TRANSPORT_BYTES: _ClassVar[Transport]
@@ -30,6 +37,10 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UINT16: _ClassVar[DType]
     UINT32: _ClassVar[DType]
     UINT64: _ClassVar[DType]
+MODE_INDEPENDENT: Mode
+MODE_SHARDED: Mode
+MODE_SHARED: Mode
+MODE_DYNAMIC: Mode
 TRANSPORT_BYTES: Transport
 TRANSPORT_SHM: Transport
 DTYPE_UNSPECIFIED: DType
@@ -48,6 +59,48 @@ COMPLEX128: DType
 UINT16: DType
 UINT32: DType
 UINT64: DType
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ConsumerInfo(_message.Message):
+    __slots__ = ("peer", "rank", "epoch", "batches_sent", "num_batches")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_SENT_FIELD_NUMBER: _ClassVar[int]
+    NUM_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    peer: str
+    rank: int
+    epoch: int
+    batches_sent: int
+    num_batches: int
+    def __init__(self, peer: _Optional[str] = ..., rank: _Optional[int] = ..., epoch: _Optional[int] = ..., batches_sent: _Optional[int] = ..., num_batches: _Optional[int] = ...) -> None: ...
+
+class JobInfo(_message.Message):
+    __slots__ = ("name", "mode", "dataset", "batch_size", "world_size", "consumers", "batches_built")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CONSUMERS_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_BUILT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    mode: Mode
+    dataset: str
+    batch_size: int
+    world_size: int
+    consumers: _containers.RepeatedCompositeFieldContainer[ConsumerInfo]
+    batches_built: int
+    def __init__(self, name: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., world_size: _Optional[int] = ..., consumers: _Optional[_Iterable[_Union[ConsumerInfo, _Mapping]]] = ..., batches_built: _Optional[int] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobInfo]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ...) -> None: ...
 
 class ListDatasetsRequest(_message.Message):
     __slots__ = ()
@@ -132,7 +185,7 @@ class Layout(_message.Message):
     def __init__(self, root: _Optional[_Union[Node, _Mapping]] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class OpenStream(_message.Message):
-    __slots__ = ("dataset", "batch_size", "shuffle", "sampler_state", "drop_last", "collate", "epoch", "start_batch", "credits", "chunk_bytes", "transport")
+    __slots__ = ("dataset", "batch_size", "shuffle", "sampler_state", "drop_last", "collate", "epoch", "start_batch", "credits", "chunk_bytes", "transport", "mode", "job", "rank", "world_size", "seed")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHUFFLE_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +197,11 @@ class OpenStream(_message.Message):
     CREDITS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     batch_size: int
     shuffle: bool
@@ -155,7 +213,12 @@ class OpenStream(_message.Message):
     credits: int
     chunk_bytes: int
     transport: Transport
-    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., sampler_state: _Optional[bytes] = ..., drop_last: _Optional[bool] = ..., collate: _Optional[str] = ..., epoch: _Optional[int] = ..., start_batch: _Optional[int] = ..., credits: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ...) -> None: ...
+    mode: Mode
+    job: str
+    rank: int
+    world_size: int
+    seed: int
+    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., sampler_state: _Optional[bytes] = ..., drop_last: _Optional[bool] = ..., collate: _Optional[str] = ..., epoch: _Optional[int] = ..., start_batch: _Optional[int] = ..., credits: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Credit(_message.Message):
     __slots__ = ("batches",)
