@@ -435,6 +435,8 @@ class _Iterator:
             segments=loader._segments if shm else None,
             timeout=cfg.timeout,
         )
+        # In shared mode a consumer joining late starts where the job still is.
+        self.yielded = max(start, int(self._stream.start.first_batch))
         # torch's RandomSampler draws the permutation from the generator on the
         # first batch; leave the generator where that draw would.
         if loader.generator is not None and self._stream.start.state_after_order:

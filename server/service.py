@@ -32,6 +32,7 @@ from batchferry.v1 import loader_pb2 as _pb2
 from .collate import CollateFn, SlotCollate
 from .datasets import MapDataset
 from .jobs import Consumer, Job, JobConflict, JobRegistry, JobSettings
+from .modes import DynamicEpoch, SharedBatch, SharedEpoch
 from .ring import RingExhausted, Slot, SlotRing
 from .workers import Result, Task, WorkerPool
 
@@ -41,6 +42,7 @@ log = logging.getLogger("batchferry.server")
 
 MAX_CREDITS = 64
 _WAIT = 0.2  # seconds between liveness checks while blocked
+_POLL = 0.02  # while waiting on other consumers of a job
 # After the last batch, how long a same-host client may take to release its slots.
 _RELEASE_TIMEOUT = 60.0
 _END_FRAME = _pb2.ServerFrame(end=_pb2.StreamEnd()).SerializeToString()
@@ -87,9 +89,9 @@ class _ClientMessages:
     releases them; whatever is still held when the stream ends is released then.
     """
 
-    def __init__(self, requests: Iterator[bytes], initial: int, ring: SlotRing) -> None:
+    def __init__(self, requests: Iterator[bytes], initial: int, release: Callable[[int, Slot], None]) -> None:
         self._requests = requests
-        self._ring = ring
+        self._release_slot = release
         self._cond = threading.Condition()
         self.granted = initial
         self.held: dict[int, Slot] = {}
@@ -131,7 +133,7 @@ class _ClientMessages:
             if slot is None:
                 raise ValueError(f"release: batch {index} holds no slot")
             self._cond.notify_all()
-        self._ring.release(slot)
+        self._release_slot(index, slot)
 
     def wait_released(self, timeout: float, active: Callable[[], bool]) -> None:
         """Until the client released every slot, half-closed, or ``timeout`` passed."""
@@ -142,9 +144,14 @@ class _ClientMessages:
 
     def release_all(self) -> None:
         with self._cond:
-            slots, self.held = list(self.held.values()), {}
-        for slot in slots:
-            self._ring.release(slot)
+            held, self.held = list(self.held.items()), {}
+        for index, slot in held:
+            self._release_slot(index, slot)
+
+    @property
+    def acked(self) -> int:
+        """Batches the client has taken into its loop (credits beyond the first grant)."""
+        return self.granted
 
     def wait_for(self, sent: int, active: Callable[[], bool]) -> bool:
         """Block until a send is allowed (granted > sent); False when the call is over."""
@@ -185,6 +192,7 @@ class LoaderService:
         # Across all streams, for tests and metrics.
         self.batches_built = 0
         self.batches_gathered = 0  # of which built by the vectorised gather
+        self._count_lock = threading.Lock()
 
     def handlers(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -268,18 +276,218 @@ class LoaderService:
             consumer.total = plan.num_batches
             consumer.sent = plan.start_batch
         try:
-            credits = _ClientMessages(requests, plan.credits, self._ring)
-            yield _pb2.ServerFrame(
-                start=_pb2.StreamStart(
-                    num_batches=plan.num_batches,
-                    state_after_order=plan.order.state_after_order,
-                    state_after_epoch=plan.order.state_after_epoch,
-                )
-            ).SerializeToString()
+            if plan.mode == _pb2.MODE_SHARED:
+                assert job is not None and consumer is not None
+                yield from self._send_shared(plan, requests, context, job, consumer)
+                return
+            if plan.mode == _pb2.MODE_DYNAMIC:
+                assert job is not None and consumer is not None
+                yield from self._send_dynamic(plan, requests, context, job, consumer)
+                return
+            credits = _ClientMessages(requests, plan.credits, self._release_to_ring)
+            yield self._start_frame(plan, plan.start_batch)
             yield from self._send_batches(plan, credits, context, job, consumer)
         finally:
             if job is not None and consumer is not None:
                 self._jobs.leave(job, consumer)
+
+    @staticmethod
+    def _start_frame(plan: _Plan, first: int) -> bytes:
+        return _pb2.ServerFrame(
+            start=_pb2.StreamStart(
+                num_batches=plan.num_batches,
+                state_after_order=plan.order.state_after_order,
+                state_after_epoch=plan.order.state_after_epoch,
+                first_batch=first,
+            )
+        ).SerializeToString()
+
+    def _release_to_ring(self, _index: int, slot: Slot) -> None:
+        self._ring.release(slot)
+
+    def _send_one(
+        self, plan: _Plan, credits: _ClientMessages, index: int, layout: bytes, slot: Slot
+    ) -> list[bytes]:
+        """Frames for one built batch; with the byte stream the slot may be reused after this."""
+        if plan.shm:
+            credits.hold(index, slot)
+            return [self._shm_frame(index, layout, slot)]
+        return self._frames(index, layout, slot, plan.chunk_bytes)
+
+    def _build_now(
+        self, plan: _Plan, index: int, min_bytes: int, active: Callable[[], bool], job: Job
+    ) -> tuple[Slot, Result]:
+        """Build one batch and wait for it, growing its slot until it fits."""
+        while True:
+            slot = self._acquire(min_bytes, active, wait=True)
+            assert slot is not None
+            result = self._result(self._submit(plan, index, slot, job), active)
+            if result is None:
+                self._ring.release(slot)
+                raise _Abort(grpc.StatusCode.CANCELLED, "stream cancelled")
+            if result.status == "overflow":
+                self._ring.release(slot)
+                min_bytes = max(min_bytes, result.needed)
+                continue
+            if result.status == "error":
+                self._ring.release(slot)
+                raise _Abort(
+                    grpc.StatusCode.INTERNAL,
+                    f"dataset {plan.dataset!r}, batch {index}: {result.error}",
+                    dataset_error=True,
+                )
+            return slot, result
+
+    # -- dynamic: first come first served, exactly once --------------------------------
+    def _send_dynamic(
+        self,
+        plan: _Plan,
+        requests: Iterator[bytes],
+        context: grpc.ServicerContext,
+        job: Job,
+        consumer: Consumer,
+    ) -> Iterator[bytes]:
+        work = self._epoch_state(job, plan, lambda: DynamicEpoch(plan.num_batches, job.cond))
+        assert isinstance(work, DynamicEpoch)
+        credits = _ClientMessages(requests, plan.credits, self._release_to_ring)
+        sent: collections.deque[int] = collections.deque()  # sent, not yet taken into the client's loop
+        acked = sent_count = 0
+        active = context.is_active
+        min_bytes = self._size_hint(plan)
+        yield self._start_frame(plan, 0)
+        try:
+            while active() and credits.error is None:
+                # Each credit beyond the first grant means the client took one more batch.
+                while acked < credits.acked - plan.credits and sent:
+                    work.ack(consumer.id, sent.popleft())
+                    acked += 1
+                if sent_count >= credits.granted:
+                    work.wait(_POLL)  # no credit: the client has not taken enough batches yet
+                    continue
+                index = work.take(consumer.id)
+                if index is None:
+                    if work.finished:
+                        yield _END_FRAME
+                        credits.wait_released(_RELEASE_TIMEOUT, active)
+                        return
+                    work.wait(_POLL)  # others hold batches that may come back
+                    continue
+                try:
+                    slot, result = self._build_now(plan, index, min_bytes, active, job)
+                except BaseException:
+                    work.give_back(consumer.id, index)
+                    raise
+                min_bytes = max(min_bytes, slot.capacity)
+                frames = self._send_one(plan, credits, index, result.layout, slot)
+                if not plan.shm:
+                    self._ring.release(slot)
+                yield from frames
+                sent.append(index)
+                sent_count += 1
+                consumer.sent += 1
+            if credits.error is not None:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, credits.error)
+        finally:
+            credits.release_all()
+            lost = work.leave(consumer.id)
+            if lost:
+                log.info("job %r: %d batch(es) of a departed consumer go to others", job.name, len(lost))
+
+    # -- shared: every consumer gets every batch, each built once ----------------------
+    def _send_shared(
+        self,
+        plan: _Plan,
+        requests: Iterator[bytes],
+        context: grpc.ServicerContext,
+        job: Job,
+        consumer: Consumer,
+    ) -> Iterator[bytes]:
+        window = max(1, min(2 * plan.credits, self._ring.num_slots // 2))
+        work = self._epoch_state(
+            job, plan, lambda: SharedEpoch(plan.num_batches, window, job.cond, self._release_shared)
+        )
+        assert isinstance(work, SharedEpoch)
+        credits = _ClientMessages(requests, plan.credits, lambda index, _slot: work.done(consumer.id, index))
+        active = context.is_active
+        min_bytes = self._size_hint(plan)
+        first = index = work.join(consumer.id, plan.start_batch)
+        consumer.sent = index
+
+        def ensure_built(j: int, wait: bool) -> SharedBatch:
+            entry, mine = work.get(j)
+            if mine:
+                slot: Slot | None = None
+                future: Future[Result] | None = None
+                try:
+                    slot = self._acquire(min_bytes, active, wait=wait)
+                    if slot is not None:
+                        future = self._submit(plan, j, slot, job)
+                finally:
+                    work.built(entry, slot, future)
+            return entry
+
+        yield self._start_frame(plan, index)
+        try:
+            while index < plan.num_batches and active() and credits.error is None:
+                work.consume(consumer.id, first + credits.granted - plan.credits)
+                if not work.may_build(index):
+                    work.wait(_POLL)  # the slowest consumer holds the window
+                    continue
+                entry = ensure_built(index, wait=True)
+                for ahead in range(index + 1, min(index + 1 + plan.credits, plan.num_batches)):
+                    if work.may_build(ahead):
+                        ensure_built(ahead, wait=False)
+                while not entry.ready.wait(_POLL):
+                    if not active():
+                        return
+                if entry.failed or entry.future is None or entry.slot is None:
+                    continue  # its builder gave up: build it again
+                result = self._result(entry.future, active)
+                if result is None:
+                    return
+                if result.status == "overflow":
+                    min_bytes = max(min_bytes, result.needed)
+                    work.rebuild(entry)
+                    continue
+                if result.status == "error":
+                    raise _Abort(
+                        grpc.StatusCode.INTERNAL,
+                        f"dataset {plan.dataset!r}, batch {index}: {result.error}",
+                        dataset_error=True,
+                    )
+                if not credits.wait_for(index - first, active):
+                    return
+                frames = self._send_one(plan, credits, index, result.layout, entry.slot)
+                if not plan.shm:
+                    work.done(consumer.id, index)
+                yield from frames
+                index += 1
+                consumer.sent = index
+            if credits.error is not None:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, credits.error)
+            if index >= plan.num_batches:
+                yield _END_FRAME
+                credits.wait_released(_RELEASE_TIMEOUT, active)
+        finally:
+            credits.release_all()
+            work.leave(consumer.id)
+
+    def _release_shared(self, entry: SharedBatch) -> None:
+        if entry.slot is not None and entry.future is not None:
+            entry.future.add_done_callback(functools.partial(self._release_when_done, entry.slot))
+
+    def _size_hint(self, plan: _Plan) -> int:
+        sample = self._samples.get(plan.dataset)
+        hint = batch_bytes_hint(sample, plan.batch_size) if sample is not None else 0
+        return min(hint, self._ring.max_bytes // self._ring.num_slots)
+
+    @staticmethod
+    def _epoch_state(job: Job, plan: _Plan, make: Callable[[], object]) -> object:
+        with job.cond:
+            state = job.epochs.get(plan.epoch)
+            if state is None:
+                state = job.epochs[plan.epoch] = make()
+            return state
 
     def _plan(self, req: _pb2.OpenStream) -> _Plan:
         invalid = grpc.StatusCode.INVALID_ARGUMENT
@@ -329,8 +537,6 @@ class LoaderService:
                 _fail(invalid, f"world_size must be >= 1, got {req.world_size}")
             if not 0 <= req.rank < req.world_size:
                 _fail(invalid, f"rank must be in [0, world_size={req.world_size}), got {req.rank}")
-            if req.mode in (_pb2.MODE_SHARED, _pb2.MODE_DYNAMIC):
-                _fail(grpc.StatusCode.UNIMPLEMENTED, f"mode: {mode} is not served by this server version")
             settings = JobSettings(
                 req.mode,
                 req.dataset,
@@ -341,9 +547,14 @@ class LoaderService:
                 req.seed,
                 req.world_size,
             )
-            order = sampling.sharded_order(
-                length, req.shuffle, req.seed, req.epoch, req.rank, req.world_size, req.drop_last
-            )
+            if req.mode == _pb2.MODE_SHARDED:
+                order = sampling.sharded_order(
+                    length, req.shuffle, req.seed, req.epoch, req.rank, req.world_size, req.drop_last
+                )
+            else:  # shared and dynamic split the whole epoch among the job's consumers
+                order = sampling.EpochOrder(
+                    sampling.seeded_order(length, req.shuffle, req.seed, req.epoch), b"", b""
+                )
         total = sampling.num_batches(len(order.indices), req.batch_size, req.drop_last)
         if not 0 <= req.start_batch <= total:
             _fail(invalid, f"start_batch must be in [0, {total}], got {req.start_batch}")
@@ -377,9 +588,7 @@ class LoaderService:
         pending: collections.deque[tuple[int, Slot, Future[Result]]] = collections.deque()
         next_build = next_send = plan.start_batch
         # Size slots for a typical batch up front; a batch that outgrows it reports its size.
-        sample = self._samples.get(plan.dataset)
-        min_bytes = batch_bytes_hint(sample, plan.batch_size) if sample is not None else 0
-        min_bytes = min(min_bytes, self._ring.max_bytes // self._ring.num_slots)
+        min_bytes = self._size_hint(plan)
         active = context.is_active
         try:
             while next_send < plan.num_batches:
@@ -391,7 +600,7 @@ class LoaderService:
                     slot = self._acquire(min_bytes, active, wait=not pending)
                     if slot is None:
                         break
-                    pending.append((next_build, slot, self._submit(plan, next_build, slot)))
+                    pending.append((next_build, slot, self._submit(plan, next_build, slot, job)))
                     next_build += 1
                 if not pending:
                     if not credits.wait_for(next_send - plan.start_batch, active):
@@ -418,10 +627,6 @@ class LoaderService:
                         f"dataset {plan.dataset!r}, batch {index}: {result.error}",
                         dataset_error=True,
                     )
-                self.batches_built += 1
-                self.batches_gathered += result.gathered
-                if job is not None:
-                    job.batches_built += 1
                 if plan.shm:
                     credits.hold(index, slot)
                     frames = [self._shm_frame(index, result.layout, slot)]
@@ -466,14 +671,25 @@ class LoaderService:
             raise _Abort(grpc.StatusCode.CANCELLED, "stream cancelled or server closing")
         return slot
 
-    def _submit(self, plan: _Plan, index: int, slot: Slot) -> Future[Result]:
+    def _submit(self, plan: _Plan, index: int, slot: Slot, job: Job | None = None) -> Future[Result]:
         indices = plan.order.batch(index, plan.batch_size).numpy().astype(np.int64, copy=False)
         task = Task(plan.dataset, indices, plan.collate, slot.name, slot.capacity)
         try:
-            return self._pool.submit(task)
+            future = self._pool.submit(task)
         except RuntimeError as exc:
             self._ring.release(slot)
             raise _Abort(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+        future.add_done_callback(functools.partial(self._count, job))
+        return future
+
+    def _count(self, job: Job | None, future: Future[Result]) -> None:
+        result = future.result()
+        if result.status == "ok":
+            with self._count_lock:
+                self.batches_built += 1
+                self.batches_gathered += result.gathered
+                if job is not None:
+                    job.batches_built += 1
 
     @staticmethod
     def _result(future: Future[Result], active: Callable[[], bool]) -> Result | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import pytest
 import torch
@@ -101,3 +103,132 @@ def test_job_mode_arguments_are_checked(server: Server) -> None:
         with pytest.raises(grpc.RpcError) as info:
             list(call(iter([bad.SerializeToString()]), timeout=10))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rank must be in" in info.value.details()
+
+
+def _shared(server: Server, job: str, **kw: object) -> DataLoader:
+    return DataLoader(server.address, "tensor", 8, True, seed=5, mode="shared", job=job, **kw)  # type: ignore[arg-type]
+
+
+def _reference_epoch(tensor_ds, seed: int, epoch: int, batch_size: int) -> list[object]:
+    order = torch.randperm(len(tensor_ds), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return list(TorchLoader(torch.utils.data.Subset(tensor_ds, order), batch_size))
+
+
+@pytest.mark.parametrize("transport", ["shm", "grpc"])
+def test_shared_consumers_get_identical_batches_built_once(tensor_ds, transport: str) -> None:
+    with Server({"tensor": tensor_ds}, port=0, num_workers=2) as srv:
+        loaders = [_shared(srv, "sweep", transport=transport, rank=0) for _ in range(4)]
+        for epoch in range(2):
+            iters = [iter(loader) for loader in loaders]
+            got: list[list[object]] = [[] for _ in loaders]
+            # Round-robin so all four are inside the window together.
+            for _ in range(len(loaders[0])):
+                for k, it in enumerate(iters):
+                    got[k].append(next(it))
+            for it in iters:
+                with pytest.raises(StopIteration):
+                    next(it)
+            expected = _reference_epoch(tensor_ds, 5, epoch, 8)
+            for seq in got:
+                assert_same(seq, expected)
+        (job,) = srv.jobs.jobs()
+        assert job.batches_built == 2 * len(expected)  # once per batch, not once per consumer
+        assert srv.service.batches_built == 2 * len(expected)
+        for loader in loaders:
+            loader.close()
+
+
+def test_shared_slow_consumer_applies_backpressure_and_leaving_releases_it(server: Server) -> None:
+    fast, slow = _shared(server, "bp", prefetch_factor=1), _shared(server, "bp", prefetch_factor=1)
+    slow_it, fast_it = iter(slow), iter(fast)
+    next(slow_it)  # then the slow consumer stalls at 1 batch consumed
+    window = 2  # 2 x prefetch_factor: the fast one may run this far past the slow one's position
+    got = [next(fast_it) for _ in range(1 + window)]
+    blocked = threading.Thread(target=lambda: got.append(next(fast_it)))
+    blocked.start()
+    blocked.join(timeout=1.0)
+    assert blocked.is_alive(), "the fast consumer ran past the window"
+    slow.close()  # the slow consumer leaves: the fast one is free to finish
+    blocked.join(timeout=30)
+    assert not blocked.is_alive()
+    assert len(got) + len(list(fast_it)) == len(fast)
+    fast.close()
+
+
+def test_shared_late_joiner_starts_where_the_job_is(server: Server, tensor_ds) -> None:
+    first, late = _shared(server, "late", prefetch_factor=2), _shared(server, "late", prefetch_factor=2)
+    first_it = iter(first)
+    head = [next(first_it) for _ in range(5)]
+    late_it = iter(late)  # joins at the slowest consumer's position: batch 5
+    tails: list[list[object]] = [[], []]
+    live = {0, 1}
+    while live:
+        for k, it in ((0, first_it), (1, late_it)):
+            if k in live:
+                try:
+                    tails[k].append(next(it))
+                except StopIteration:
+                    live.discard(k)
+    expected = _reference_epoch(tensor_ds, 5, 0, 8)
+    assert_same(head + tails[0], expected)
+    assert_same(tails[1], expected[5:])
+    assert late.state_dict()["epoch"] == 1
+    first.close()
+    late.close()
+
+
+def _dynamic(address: str, job: str, **kw: object) -> DataLoader:
+    return DataLoader(address, "tensor", 4, True, seed=2, mode="dynamic", job=job, **kw)  # type: ignore[arg-type]
+
+
+def _ids(batches: list[object]) -> list[int]:
+    return [int(v) for b in batches for v in b[0][:, 0].tolist()]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("transport", ["shm", "grpc"])
+def test_dynamic_splits_each_epoch_exactly_once(server: Server, tensor_ds, transport: str) -> None:
+    # Trainers run concurrently: one that runs out waits for the others' batches in flight.
+    loaders = [_dynamic(server.address, f"dyn-{transport}", transport=transport) for _ in range(3)]
+    all_ids = sorted(int(x) for x in tensor_ds.tensors[0][:, 0].tolist())
+    for _ in range(2):
+        got: list[list[object]] = [[] for _ in loaders]
+        threads = [threading.Thread(target=got[k].extend, args=(loaders[k],)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert sorted(_ids([b for seq in got for b in seq])) == all_ids
+        assert sum(len(seq) for seq in got) == len(loaders[0])
+    for loader in loaders:
+        loader.close()
+
+
+def test_dynamic_redelivers_what_a_dead_consumer_never_took(tensor_ds, tmp_path) -> None:
+    import multiprocessing as mp
+
+    record = tmp_path / "victim.txt"
+    with Server({"tensor": tensor_ds}, port=0, num_workers=1) as srv:
+        victim = mp.get_context("spawn").Process(target=_take_then_die, args=(srv.address, str(record)))
+        victim.start()
+        victim.join(timeout=60)
+        assert victim.exitcode == 17
+        # The victim took 3 batches into its loop (acknowledged) and held more in
+        # flight (never acknowledged): those go to the survivor.
+        with _dynamic(srv.address, "crash") as survivor:
+            rest = _ids(list(survivor))
+    taken = [int(x) for x in record.read_text().split()]
+    assert len(taken) == 3 * 4
+    assert sorted(taken + rest) == sorted(int(x) for x in tensor_ds.tensors[0][:, 0].tolist())
+
+
+def _take_then_die(address: str, record: str) -> None:
+    import os
+    import time
+    from pathlib import Path
+
+    loader = _dynamic(address, "crash", prefetch_factor=4)
+    it = iter(loader)
+    taken = _ids([next(it) for _ in range(3)])
+    Path(record).write_text(" ".join(map(str, taken)))
+    time.sleep(0.5)  # let the acknowledgements reach the server, then die without closing
+    os._exit(17)

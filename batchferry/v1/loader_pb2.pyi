@@ -243,14 +243,16 @@ class ClientMessage(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenStream, _Mapping]] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ...) -> None: ...
 
 class StreamStart(_message.Message):
-    __slots__ = ("num_batches", "state_after_order", "state_after_epoch")
+    __slots__ = ("num_batches", "state_after_order", "state_after_epoch", "first_batch")
     NUM_BATCHES_FIELD_NUMBER: _ClassVar[int]
     STATE_AFTER_ORDER_FIELD_NUMBER: _ClassVar[int]
     STATE_AFTER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BATCH_FIELD_NUMBER: _ClassVar[int]
     num_batches: int
     state_after_order: bytes
     state_after_epoch: bytes
-    def __init__(self, num_batches: _Optional[int] = ..., state_after_order: _Optional[bytes] = ..., state_after_epoch: _Optional[bytes] = ...) -> None: ...
+    first_batch: int
+    def __init__(self, num_batches: _Optional[int] = ..., state_after_order: _Optional[bytes] = ..., state_after_epoch: _Optional[bytes] = ..., first_batch: _Optional[int] = ...) -> None: ...
 
 class BatchHeader(_message.Message):
     __slots__ = ("index", "layout", "num_chunks", "slot")
