@@ -88,6 +88,31 @@ def _datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _jobs(args: argparse.Namespace) -> int:
+    import grpc
+
+    from batchferry.errors import from_rpc_error
+    from batchferry.v1 import loader_pb2 as _pb2
+
+    with grpc.insecure_channel(args.target, options=wire.CHANNEL_OPTIONS) as channel:
+        call = channel.unary_unary(wire.LIST_JOBS, request_serializer=None, response_deserializer=None)
+        try:
+            raw = call(b"", timeout=args.timeout, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            print(f"error: {from_rpc_error(exc)}", file=sys.stderr)
+            return 1
+    jobs = _pb2.ListJobsResponse.FromString(raw).jobs
+    if not jobs:
+        print("no jobs")
+    for job in jobs:
+        mode = _pb2.Mode.Name(job.mode).removeprefix("MODE_").lower()
+        print(f"{job.name}\t{mode}\t{job.dataset}\tbatch {job.batch_size}\tworld {job.world_size}\t"
+              f"{len(job.consumers)} consumer(s)\t{job.batches_built} batches built")  # fmt: skip
+        for c in job.consumers:
+            print(f"  {c.peer}\trank {c.rank}\tepoch {c.epoch}\t{c.batches_sent}/{c.num_batches} batches")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from batchferry.demo import run_demo
 
@@ -180,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     bench.add_argument("--no-ceiling", action="store_true", help="skip the raw gRPC ceiling")
     bench.set_defaults(func=_bench)
+
+    jobs = sub.add_parser("jobs", help="list the jobs of a server, their consumers and progress")
+    jobs.add_argument("target", help="host:port")
+    jobs.add_argument("--timeout", type=float, default=10.0)
+    jobs.set_defaults(func=_jobs)
 
     datasets = sub.add_parser("datasets", help="list the datasets of a server")
     datasets.add_argument("target", help="host:port")

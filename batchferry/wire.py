@@ -16,6 +16,7 @@ from batchferry.v1 import loader_pb2 as _pb2
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "LIST_DATASETS",
+    "LIST_JOBS",
     "MAX_CHUNK_BYTES",
     "MIN_CHUNK_BYTES",
     "SERVICE",
@@ -27,6 +28,7 @@ _SERVICE_DESC = _pb2.DESCRIPTOR.services_by_name["Loader"]
 SERVICE = _SERVICE_DESC.full_name
 LIST_DATASETS = f"/{SERVICE}/{_SERVICE_DESC.methods_by_name['ListDatasets'].name}"
 STREAM_BATCHES = f"/{SERVICE}/{_SERVICE_DESC.methods_by_name['StreamBatches'].name}"
+LIST_JOBS = f"/{SERVICE}/{_SERVICE_DESC.methods_by_name['ListJobs'].name}"
 
 # gRPC-Python moves messages of a few MiB far faster than tens of MiB.
 DEFAULT_CHUNK_BYTES = 4 << 20

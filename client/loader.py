@@ -13,7 +13,9 @@ iteration with the same generator (see :mod:`batchferry.sampling`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +24,7 @@ import grpc
 import torch
 
 from batchferry import sampling, wire
-from batchferry.errors import InvalidArgument, NotFound, ServerUnavailable, from_rpc_error
+from batchferry.errors import BatchTimeout, InvalidArgument, NotFound, ServerUnavailable, from_rpc_error
 from batchferry.v1 import loader_pb2 as _pb2
 
 from .buffers import BufferPool
@@ -31,6 +33,8 @@ from .segments import SegmentCache, probe
 from .stream import EpochStream
 
 __all__ = ["DataLoader", "LoaderConfig"]
+
+log = logging.getLogger("batchferry.client")
 
 _STATE_VERSION = 1
 TRANSPORTS = ("auto", "grpc", "shm")
@@ -400,30 +404,38 @@ class DataLoader:
 
 
 class _Iterator:
-    """One epoch of a DataLoader."""
+    """One epoch of a DataLoader; reopens its stream if the server goes away and comes back."""
 
     def __init__(self, loader: DataLoader, epoch: int, start: int, sampler_state: bytes, shm: bool) -> None:
-        cfg = loader.config
         self._loader = loader
         self.epoch = epoch
         self.sampler_state = sampler_state
         self.yielded = start
         self.finished = False
+        self._shm = shm
         self._copier = loader._copier
-        self._stream = EpochStream(
+        self._stream = self._open(start, loader.config.timeout)
+        # torch's RandomSampler draws the permutation from the generator on the
+        # first batch; leave the generator where that draw would.
+        if loader.generator is not None and self._stream.start.state_after_order:
+            loader.generator.set_state(_state(self._stream.start.state_after_order))
+
+    def _open(self, start: int, timeout: float) -> EpochStream:
+        cfg, loader = self._loader.config, self._loader
+        stream = EpochStream(
             loader._channel,
             _pb2.OpenStream(
                 dataset=cfg.dataset,
                 batch_size=cfg.batch_size,
                 shuffle=cfg.shuffle,
-                sampler_state=sampler_state,
+                sampler_state=self.sampler_state,
                 drop_last=cfg.drop_last,
                 collate=cfg.collate_fn,
-                epoch=epoch,
+                epoch=self.epoch,
                 start_batch=start,
                 credits=cfg.prefetch_factor,
                 chunk_bytes=cfg.chunk_bytes,
-                transport=_pb2.TRANSPORT_SHM if shm else _pb2.TRANSPORT_BYTES,
+                transport=_pb2.TRANSPORT_SHM if self._shm else _pb2.TRANSPORT_BYTES,
                 mode=_MODES[cfg.mode],
                 job=cfg.job,
                 rank=cfg.rank,
@@ -432,15 +444,33 @@ class _Iterator:
             ),
             pool=loader._pool,
             copier=self._copier,
-            segments=loader._segments if shm else None,
-            timeout=cfg.timeout,
+            segments=loader._segments if self._shm else None,
+            timeout=timeout,
         )
         # In shared mode a consumer joining late starts where the job still is.
-        self.yielded = max(start, int(self._stream.start.first_batch))
-        # torch's RandomSampler draws the permutation from the generator on the
-        # first batch; leave the generator where that draw would.
-        if loader.generator is not None and self._stream.start.state_after_order:
-            loader.generator.set_state(_state(self._stream.start.state_after_order))
+        self.yielded = max(start, int(stream.start.first_batch))
+        return stream
+
+    def _reconnect(self, cause: ServerUnavailable) -> None:
+        """Reopen at the next batch not yet yielded, retrying with backoff within ``timeout``."""
+        timeout = self._loader.config.timeout
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        self._stream.close()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ServerUnavailable(
+                    f"server {self._loader.config.address} did not come back within timeout={timeout}s "
+                    f"(epoch {self.epoch}, after batch {self.yielded})"
+                ) from cause
+            try:
+                self._stream = self._open(self.yielded, remaining)
+                log.info("reconnected to %s at batch %d", self._loader.config.address, self.yielded)
+                return
+            except (ServerUnavailable, BatchTimeout):
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(2 * delay, 2.0)
 
     def __iter__(self) -> _Iterator:
         return self
@@ -448,7 +478,12 @@ class _Iterator:
     def __next__(self) -> Any:
         if self.finished:
             raise StopIteration
-        batch = self._stream.next()
+        while True:
+            try:
+                batch = self._stream.next()
+                break
+            except ServerUnavailable as exc:
+                self._reconnect(exc)
         if batch is None:
             self.finished = True
             gen = self._loader.generator

@@ -232,3 +232,30 @@ def _take_then_die(address: str, record: str) -> None:
     Path(record).write_text(" ".join(map(str, taken)))
     time.sleep(0.5)  # let the acknowledgements reach the server, then die without closing
     os._exit(17)
+
+
+def test_shared_resume_continues_with_the_next_batch(server: Server, tensor_ds) -> None:
+    expected = _reference_epoch(tensor_ds, 5, 0, 8)
+    with _shared(server, "resume-shared") as loader:
+        it = iter(loader)
+        head = [next(it) for _ in range(5)]
+        state = loader.state_dict()
+    with _shared(server, "resume-shared") as loader:
+        loader.load_state_dict(state)
+        assert_same(head + list(loader), expected)
+
+
+def test_jobs_are_listed_with_their_consumers(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    from batchferry import cli
+
+    loader = DataLoader(
+        server.address, "tensor", 8, True, seed=1, mode="sharded", job="listed", rank=1, world_size=2
+    )
+    it = iter(loader)
+    next(it)
+    assert cli.main(["jobs", server.address]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("listed"))
+    assert "sharded" in line and "tensor" in line
+    assert "rank 1" in out and "/7 batches" in out
+    loader.close()
