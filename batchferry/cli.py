@@ -134,6 +134,11 @@ def _bench(args: argparse.Namespace) -> int:
     from batchferry.benchmarks.workloads import WORKLOADS
 
     ids = sorted(WORKLOADS) if args.workloads == ["all"] else list(args.workloads)
+    if "W5" in ids:
+        from batchferry.benchmarks.multi import main as multi_main
+
+        ids.remove("W5")
+        multi_main(reps=args.reps, num_workers=args.num_workers, out=Path(args.out or RESULTS))
     if "MEM" in ids:
         from batchferry.benchmarks.memory import main as memory_main
 
@@ -197,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         "workloads",
         nargs="+",
         metavar="W",
-        help="W1 W2 W3 W4, MEM (memory bounds), G1 (needs CUDA), or all (the CPU workloads)",
+        help="W1 W2 W3 W4, W5 (shared mode), MEM (memory bounds), G1 (needs CUDA), or all (W1-W4)",
     )
     bench.add_argument("--reps", type=int, default=3)
     bench.add_argument("--num-workers", type=int, default=2)

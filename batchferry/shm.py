@@ -82,14 +82,19 @@ class Segment:
     def attach(cls, name: str) -> Segment:
         return cls(name, 0, create=False)
 
-    def close(self) -> None:
-        """Unmap (and unlink, for the owner). Views of ``tensor`` must be gone."""
+    def close(self, unmap: bool = True) -> None:
+        """Unlink (the owner) and unmap.
+
+        ``torch.frombuffer`` keeps a reference to the mapping but no buffer export,
+        so unmapping under a live view would leave it pointing at nothing. Where
+        tensors may still view the segment, pass ``unmap=False``: the mapping then
+        goes when the last of them is collected.
+        """
         self.tensor = torch.empty(0, dtype=torch.uint8)
         if self._mmap is not None:
-            # BufferError: a caller still holds a view; the mapping then lives
-            # until that view is collected, which is harmless once unlinked.
-            with contextlib.suppress(BufferError):
-                self._mmap.close()
+            if unmap:
+                with contextlib.suppress(BufferError):
+                    self._mmap.close()
             self._mmap = None
         if self._owner:
             self._owner = False

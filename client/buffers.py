@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["BufferPool"]
+__all__ = ["BufferPool", "storage_use_count"]
 
 _ROUND = 1 << 20
 
 
-def _use_count(t: torch.Tensor) -> int:
+def storage_use_count(t: torch.Tensor) -> int:
+    """References to ``t``'s storage (tensors and views of it), as torch counts them."""
     return int(torch._C._storage_Use_Count(t.untyped_storage()._cdata))
 
 
@@ -36,7 +37,7 @@ class _Entry:
             if not self.event.query():
                 return False
             self.event = None
-        return _use_count(self.base) <= self.baseline
+        return storage_use_count(self.base) <= self.baseline
 
 
 class BufferPool:
@@ -53,7 +54,7 @@ class BufferPool:
         size = max(_ROUND, -(-nbytes // _ROUND) * _ROUND)
         base = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
         self.allocations += 1
-        return _Entry(base, _use_count(base))
+        return _Entry(base, storage_use_count(base))
 
     def acquire(self, nbytes: int) -> torch.Tensor:
         """A 1-D uint8 buffer of exactly ``nbytes`` (a view of a pooled buffer)."""

@@ -3,7 +3,8 @@
 Owner: one DataLoader. Segments are attached on first use and kept (the server
 reuses a fixed set of slots); with CUDA each mapping is page-locked in place once
 (``cudaHostRegister``) so device copies read it directly, as from a pinned buffer.
-close() unregisters and unmaps everything.
+Mappings are never unmapped here while batches may view them: dropping a segment
+drops this cache's reference, and the mapping goes with the last tensor using it.
 """
 
 from __future__ import annotations
@@ -69,12 +70,21 @@ class SegmentCache:
                 self._drop(self._segments.popitem(last=False)[1])
             return seg
 
+    def forget(self, name: str) -> None:
+        """Stop caching a segment the server detached; batches viewing it keep it mapped."""
+        with self._lock:
+            seg = self._segments.pop(name, None)
+            if seg is not None:
+                self._drop(seg)
+
     def _drop(self, seg: shm.Segment) -> None:
         if seg.name in self._registered:
+            # Device copies from it have completed (slots are released only after
+            # their events), so the registration can go.
             self._registered.discard(seg.name)
             with contextlib.suppress(Exception):
                 torch.cuda.cudart().cudaHostUnregister(seg.tensor.data_ptr())
-        seg.close()
+        seg.close(unmap=False)
 
     def close(self) -> None:
         with self._lock:

@@ -3,10 +3,16 @@
 The receiver reads a batch header and then its payload: raw chunks written
 straight into a pooled buffer (byte stream), or the server's shared-memory slot
 mapped in place (same host). It decodes the layout into tensors viewing that
-memory and, with a CUDA device, issues the copies to the GPU at once. A slot is
-released back to the server as soon as its bytes are copied out (CPU) or its
-device copies have completed (CUDA). Up to ``credits`` batches are in flight:
-the consumer grants one more credit per batch it takes.
+memory and, with a CUDA device, issues the copies to the GPU at once. Up to
+``credits`` batches are in flight: the consumer grants one more credit per batch.
+
+Same host, on the CPU, batches are views of the slot itself (no copy). Such a
+slot is HELD until nothing references its memory any more, then RELEASED to the
+server; a slot still referenced long after (the caller keeps batches) or at the
+end of the stream is DETACHED: the server replaces it in its ring and the memory
+stays with this process until the caller drops the batch. With CUDA a slot is
+released once its device copies have completed; with pinned host batches it is
+copied into the pinned pool and released at once.
 
 States: OPEN -> STARTED (StreamStart received) -> RECEIVING -> ENDED | FAILED | CLOSED.
 """
@@ -15,25 +21,28 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import numpy as np
+import torch
 
 from batchferry import layout as _layout
 from batchferry import wire
 from batchferry.errors import BatchTimeout, ProtocolError, from_rpc_error
 from batchferry.v1 import loader_pb2 as _pb2
 
-from .buffers import BufferPool
+from .buffers import BufferPool, storage_use_count
 from .device import CudaCopier
 from .segments import SegmentCache
 
 __all__ = ["Batch", "EpochStream"]
 
 _END = object()
+_HELD_POLL = 0.05  # seconds between checks for dropped zero-copy batches while waiting
 
 
 @dataclass
@@ -73,6 +82,11 @@ class EpochStream:
         self._ready: queue.Queue[Any] = queue.Queue()
         self._closed = False
         self._saw_end = False
+        # Zero-copy slots: index -> (slot name, a view of the slot, its use count unreferenced).
+        self._held: dict[int, tuple[str, torch.Tensor, int]] = {}
+        self._handed: dict[int, int] = {}  # index -> step at which the caller got it
+        self._step = 0
+        self._held_lock = threading.Lock()
         call = channel.stream_stream(wire.STREAM_BATCHES, request_serializer=None, response_deserializer=None)
         self._call = call(iter(self._requests.get, None), wait_for_ready=True)
         self._thread = threading.Thread(target=self._receive, name="batchferry-receiver", daemon=True)
@@ -152,6 +166,13 @@ class EpochStream:
         if size > segment.size:
             raise ValueError(f"batch {header.index} spans {size} bytes of a {segment.size}-byte slot")
         view = segment.tensor[:size]
+        if self._copier is None and not self._pool.pin:
+            # Zero copy: the batch views the slot; it goes back once unreferenced.
+            with self._held_lock:
+                self._held[header.index] = (header.slot, view, storage_use_count(view))
+            data = _layout.decode(header.layout, view)
+            self._poll_held()
+            return Batch(header.index, data)
         if self._copier is not None and self._segments.is_registered(header.slot):
             # Page-locked in place: copy to the device straight from the slot.
             data, event = self._copier.copy(_layout.decode(header.layout, view))
@@ -170,6 +191,29 @@ class EpochStream:
     def _release(self, index: int) -> None:
         self._requests.put(_pb2.ClientMessage(release=_pb2.Release(index=index)).SerializeToString())
 
+    def _detach(self, index: int, name: str) -> None:
+        self._requests.put(_pb2.ClientMessage(detach=_pb2.Release(index=index)).SerializeToString())
+        if self._segments is not None:
+            self._segments.forget(name)
+
+    def _poll_held(self, final: bool = False) -> None:
+        """Release slots nothing references. A batch still referenced two steps after the
+        caller got it is being kept (a loop only holds its current and previous batch):
+        detach it, as every handed-out batch still referenced when the stream ends or
+        while the caller waits for a batch (``final``): the server may need the slot."""
+        with self._held_lock:
+            for index, (name, view, baseline) in list(self._held.items()):
+                if storage_use_count(view) <= baseline:
+                    del self._held[index]
+                    self._handed.pop(index, None)
+                    self._release(index)
+                elif (final and index in self._handed) or self._handed.get(
+                    index, self._step
+                ) < self._step - 1:
+                    del self._held[index]
+                    self._handed.pop(index, None)
+                    self._detach(index, name)
+
     def _release_loop(self) -> None:
         while (item := self._releases.get()) is not None:
             event, index = item
@@ -177,20 +221,30 @@ class EpochStream:
             self._release(index)
 
     def _finish_releases(self) -> None:
-        """Release every slot still held, then half-close so the server can end the call."""
+        """Release or detach every slot still held, then half-close so the server can end the call."""
         if self._releaser is not None:
             self._releases.put(None)
             self._releaser.join()
             self._releaser = None
+        with self._held_lock:
+            self._handed.update(dict.fromkeys(self._held, self._step))  # nothing more to hand out
+        self._poll_held(final=True)
         self._requests.put(None)
 
     # -- consumer side ------------------------------------------------------------------
     def _get(self) -> Any:
-        try:
-            item = self._ready.get(timeout=self._timeout)
-        except queue.Empty:
-            self.close()
-            raise BatchTimeout(f"no batch from the server within timeout={self._timeout}s") from None
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                # Wake now and then to give back slots the caller has dropped meanwhile:
+                # the server may be waiting for one to build the next batch.
+                item = self._ready.get(timeout=min(_HELD_POLL, max(0.0, deadline - time.monotonic())))
+                break
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    self.close()
+                    raise BatchTimeout(f"no batch from the server within timeout={self._timeout}s") from None
+                self._poll_held(final=True)
         if isinstance(item, BaseException):
             self.close()
             raise item
@@ -198,11 +252,16 @@ class EpochStream:
 
     def next(self) -> Batch | None:
         """The next batch, or None at the end of the epoch."""
+        self._poll_held()
         item = self._get()
         if item is _END:
             self.close()
             return None
         self._requests.put(_pb2.ClientMessage(credit=_pb2.Credit(batches=1)).SerializeToString())
+        with self._held_lock:
+            self._step += 1
+            if item.index in self._held:
+                self._handed[item.index] = self._step
         return item  # type: ignore[no-any-return]
 
     def close(self) -> None:
@@ -218,3 +277,9 @@ class EpochStream:
         self._requests.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=10)
+        # The server detaches what this stream still held; stop caching those mappings.
+        with self._held_lock:
+            held, self._held = list(self._held.values()), {}
+        if self._segments is not None:
+            for name, _, _ in held:
+                self._segments.forget(name)

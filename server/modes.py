@@ -95,6 +95,7 @@ class SharedBatch:
     future: Future[Result] | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     failed: bool = False
+    detach: bool = False  # a consumer keeps the batch: hand the slot over instead of reusing it
 
 
 class SharedEpoch:
@@ -149,9 +150,12 @@ class SharedEpoch:
                 self._release(old)
         return self.get(old.index)
 
-    def done(self, consumer: int, index: int) -> None:
-        """``consumer`` no longer reads batch ``index``'s slot."""
+    def done(self, consumer: int, index: int, detach: bool = False) -> None:
+        """``consumer`` no longer reads batch ``index``'s slot (or keeps it: ``detach``)."""
         with self._cond:
+            entry = self._built.get(index)
+            if detach and entry is not None:
+                entry.detach = True
             if consumer in self.released:
                 self.released[consumer] = max(self.released[consumer], index + 1)
             self._collect()

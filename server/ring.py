@@ -1,10 +1,12 @@
 """The ring of reusable shared-memory slots that workers build batches into.
 
-Owner: the server process. A slot is FREE, or HELD by one stream from the moment
-it is acquired until that stream has copied the batch out (byte stream) and
-releases it. Slots start small and grow to the largest batch seen (plus a margin),
-so a steady workload reuses the same segments; the total never exceeds
-``max_bytes``. Lock order: ``_cond`` is the only lock.
+Owner: the server process. A slot is FREE, or HELD from the moment a stream
+acquires it until the batch in it has been copied out (byte stream) or released
+by the client that maps it (same host). Slots start small and grow to the largest
+batch seen (plus a margin), so a steady workload reuses the same segments. When
+every slot is held for a while (many streams, clients holding prefetched batches)
+the ring adds slots; the total never exceeds ``max_bytes``. Lock order: ``_cond``
+is the only lock.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ __all__ = ["RingExhausted", "Slot", "SlotRing"]
 
 _GROWTH = 1.25
 _ROUND = 1 << 20
+# How long a stream waits with no free slot before the ring adds one.
+_ADD_AFTER = 0.05
 
 
 class RingExhausted(Exception):
@@ -54,6 +58,7 @@ class SlotRing:
         self._generation = 0
         self._cond = threading.Condition()
         self._closed = False
+        self._lingering: list[tuple[float, shm.Segment]] = []
         # A small segment holding a random token: a client that can read it shares
         # /dev/shm with this server and may map slots directly.
         self.probe_token = secrets.token_bytes(16)
@@ -97,13 +102,16 @@ class SlotRing:
         self, min_bytes: int, *, timeout: float, cancelled: Callable[[], bool] = lambda: False
     ) -> Slot | None:
         """A free slot of at least ``min_bytes``; None on timeout, cancel or close."""
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
         with self._cond:
             while not self._free:
                 remaining = deadline - time.monotonic()
                 if self._closed or cancelled() or remaining <= 0:
                     return None
-                self._cond.wait(min(remaining, 0.1))
+                if time.monotonic() - start >= _ADD_AFTER and self._add(min_bytes):
+                    break
+                self._cond.wait(min(remaining, _ADD_AFTER))
             if self._closed:
                 return None
             # Prefer a slot that is already large enough.
@@ -123,8 +131,46 @@ class SlotRing:
             self._free.remove(pick)
             return slot
 
+    def _add(self, min_bytes: int) -> bool:
+        """Add a slot if the budget allows (caller holds ``_cond``)."""
+        size = max(_ROUND, -(-min_bytes // _ROUND) * _ROUND)
+        if self.total_bytes + size > self.max_bytes:
+            return False
+        self._slots.append(Slot(len(self._slots), self._new_segment(size)))
+        self._free.append(len(self._slots) - 1)
+        return True
+
+    def detach(self, slot: Slot, linger: float = 0.0) -> None:
+        """Give a held slot's memory away: a fresh segment takes its place in the ring.
+
+        Unlinking leaves the pages to whoever still maps them (a client keeping the
+        batch); they are freed when the last mapping goes. ``linger`` delays the
+        unlink, for a client that was sent the slot's name but may not have opened
+        it yet (a stream that ended abnormally).
+        """
+        with self._cond:
+            self._sweep()
+            if self._closed or self._slots[slot.index] is not slot or slot.index in self._free:
+                return
+            if linger > 0:
+                self._lingering.append((time.monotonic() + linger, slot.segment))
+            else:
+                slot.segment.close()
+            self._slots[slot.index] = Slot(slot.index, self._new_segment(slot.capacity))
+            self._free.append(slot.index)
+            self._cond.notify()
+
+    def _sweep(self) -> None:
+        """Unlink lingering segments whose time is up (caller holds ``_cond``)."""
+        now = time.monotonic()
+        due = [seg for deadline, seg in self._lingering if deadline <= now]
+        self._lingering = [(d, seg) for d, seg in self._lingering if d > now]
+        for seg in due:
+            seg.close()
+
     def release(self, slot: Slot) -> None:
         with self._cond:
+            self._sweep()
             if self._slots[slot.index] is slot and slot.index not in self._free:
                 self._free.append(slot.index)
                 self._cond.notify()
@@ -136,4 +182,7 @@ class SlotRing:
             self._cond.notify_all()
             for slot in self._slots:
                 slot.segment.close()
+            for _, seg in self._lingering:
+                seg.close()
+            self._lingering = []
             self._probe.close()

@@ -121,7 +121,8 @@ class Server:
         if removed:
             log.warning("removed %d shared-memory segment(s) left by a stopped server", len(removed))
         try:
-            self._pool = WorkerPool(sources, registry, self.config.num_workers)
+            # Workers keep a mapping per slot; the ring may add slots under load.
+            self._pool = WorkerPool(sources, registry, self.config.num_workers, 4 * self.config.num_slots)
             self._ring = SlotRing(self.config.num_slots, self.config.shm_bytes)
             self.jobs = JobRegistry(self.config.job_idle_s)
             self.service = LoaderService(

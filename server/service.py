@@ -43,6 +43,8 @@ log = logging.getLogger("batchferry.server")
 MAX_CREDITS = 64
 _WAIT = 0.2  # seconds between liveness checks while blocked
 _POLL = 0.02  # while waiting on other consumers of a job
+# How long a slot abandoned by an ending stream stays openable by name.
+_LINGER = 30.0
 # After the last batch, how long a same-host client may take to release its slots.
 _RELEASE_TIMEOUT = 60.0
 _END_FRAME = _pb2.ServerFrame(end=_pb2.StreamEnd()).SerializeToString()
@@ -89,9 +91,18 @@ class _ClientMessages:
     releases them; whatever is still held when the stream ends is released then.
     """
 
-    def __init__(self, requests: Iterator[bytes], initial: int, release: Callable[[int, Slot], None]) -> None:
+    def __init__(
+        self,
+        requests: Iterator[bytes],
+        initial: int,
+        release: Callable[[int, Slot], None],
+        detach: Callable[[int, Slot], None],
+        abandon: Callable[[int, Slot], None] | None = None,
+    ) -> None:
         self._requests = requests
         self._release_slot = release
+        self._detach_slot = detach
+        self._abandon_slot = abandon or detach
         self._cond = threading.Condition()
         self.granted = initial
         self.held: dict[int, Slot] = {}
@@ -110,7 +121,9 @@ class _ClientMessages:
                         self.granted += msg.credit.batches
                         self._cond.notify_all()
                 elif kind == "release":
-                    self._release(msg.release.index)
+                    self._release(msg.release.index, self._release_slot)
+                elif kind == "detach":
+                    self._release(msg.detach.index, self._detach_slot)
                 else:
                     raise ValueError(
                         "after open, the client may only send credit (batches >= 1) and release messages"
@@ -127,13 +140,13 @@ class _ClientMessages:
         with self._cond:
             self.held[index] = slot
 
-    def _release(self, index: int) -> None:
+    def _release(self, index: int, how: Callable[[int, Slot], None]) -> None:
         with self._cond:
             slot = self.held.pop(index, None)
             if slot is None:
                 raise ValueError(f"release: batch {index} holds no slot")
             self._cond.notify_all()
-        self._release_slot(index, slot)
+        how(index, slot)
 
     def wait_released(self, timeout: float, active: Callable[[], bool]) -> None:
         """Until the client released every slot, half-closed, or ``timeout`` passed."""
@@ -143,10 +156,12 @@ class _ClientMessages:
                 self._cond.wait(_WAIT)
 
     def release_all(self) -> None:
+        """At stream end: slots the client never released may still back its batches, so
+        they are detached (never reused) rather than released."""
         with self._cond:
             held, self.held = list(self.held.items()), {}
         for index, slot in held:
-            self._release_slot(index, slot)
+            self._abandon_slot(index, slot)
 
     @property
     def acked(self) -> int:
@@ -284,7 +299,9 @@ class LoaderService:
                 assert job is not None and consumer is not None
                 yield from self._send_dynamic(plan, requests, context, job, consumer)
                 return
-            credits = _ClientMessages(requests, plan.credits, self._release_to_ring)
+            credits = _ClientMessages(
+                requests, plan.credits, self._release_to_ring, self._detach_from_ring, self._abandon_to_ring
+            )
             yield self._start_frame(plan, plan.start_batch)
             yield from self._send_batches(plan, credits, context, job, consumer)
         finally:
@@ -304,6 +321,13 @@ class LoaderService:
 
     def _release_to_ring(self, _index: int, slot: Slot) -> None:
         self._ring.release(slot)
+
+    def _detach_from_ring(self, _index: int, slot: Slot) -> None:
+        self._ring.detach(slot)
+
+    def _abandon_to_ring(self, _index: int, slot: Slot) -> None:
+        # The client may not have opened it yet: keep the name valid for a while.
+        self._ring.detach(slot, linger=_LINGER)
 
     def _send_one(
         self, plan: _Plan, credits: _ClientMessages, index: int, layout: bytes, slot: Slot
@@ -349,7 +373,9 @@ class LoaderService:
     ) -> Iterator[bytes]:
         work = self._epoch_state(job, plan, lambda: DynamicEpoch(plan.num_batches, job.cond))
         assert isinstance(work, DynamicEpoch)
-        credits = _ClientMessages(requests, plan.credits, self._release_to_ring)
+        credits = _ClientMessages(
+            requests, plan.credits, self._release_to_ring, self._detach_from_ring, self._abandon_to_ring
+        )
         sent: collections.deque[int] = collections.deque()  # sent, not yet taken into the client's loop
         acked = sent_count = 0
         active = context.is_active
@@ -407,7 +433,12 @@ class LoaderService:
             job, plan, lambda: SharedEpoch(plan.num_batches, window, job.cond, self._release_shared)
         )
         assert isinstance(work, SharedEpoch)
-        credits = _ClientMessages(requests, plan.credits, lambda index, _slot: work.done(consumer.id, index))
+        credits = _ClientMessages(
+            requests,
+            plan.credits,
+            lambda index, _slot: work.done(consumer.id, index),
+            lambda index, _slot: work.done(consumer.id, index, detach=True),
+        )
         active = context.is_active
         min_bytes = self._size_hint(plan)
         first = index = work.join(consumer.id, plan.start_batch)
@@ -473,7 +504,11 @@ class LoaderService:
             work.leave(consumer.id)
 
     def _release_shared(self, entry: SharedBatch) -> None:
-        if entry.slot is not None and entry.future is not None:
+        if entry.slot is None or entry.future is None:
+            return
+        if entry.detach:
+            self._ring.detach(entry.slot, linger=_LINGER)  # a consumer keeps it
+        else:
             entry.future.add_done_callback(functools.partial(self._release_when_done, entry.slot))
 
     def _size_hint(self, plan: _Plan) -> int:

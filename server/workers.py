@@ -66,9 +66,13 @@ class _TaskRunner:
     """Builds batches for one process: its datasets, collates and attached slots."""
 
     def __init__(
-        self, sources: dict[str, DatasetSource], collates: dict[str, SlotCollate | CollateFn]
+        self,
+        sources: dict[str, DatasetSource],
+        collates: dict[str, SlotCollate | CollateFn],
+        max_segments: int,
     ) -> None:
         self._sources = sources
+        self._max_segments = max_segments
         self._datasets: dict[str, tuple[MapDataset, Gather | None]] = {}
         self._collates = collates
         self._segments: OrderedDict[str, shm.Segment] = OrderedDict()
@@ -77,8 +81,9 @@ class _TaskRunner:
         seg = self._segments.get(name)
         if seg is None:
             seg = self._segments[name] = shm.Segment.attach(name)
-            # Slots are replaced when they grow; forget mappings of old ones.
-            while len(self._segments) > 256:
+            # Slots are replaced when they grow or are detached: keep only as many
+            # mappings as the ring has slots, so replaced memory is not pinned here.
+            while len(self._segments) > self._max_segments:
                 self._segments.popitem(last=False)[1].close()
         else:
             self._segments.move_to_end(name)
@@ -118,13 +123,14 @@ def _worker_main(
     index: int,
     sources: dict[str, DatasetSource],
     collates: dict[str, SlotCollate | CollateFn],
+    max_segments: int,
     tasks: Any,
     results: Any,
     parent_pid: int,
 ) -> None:
     # One intra-op thread per worker: parallelism comes from the processes.
     torch.set_num_threads(1)
-    runner = _TaskRunner(sources, collates)
+    runner = _TaskRunner(sources, collates, max_segments)
     try:
         for name in sources:
             runner.dataset(name)
@@ -155,12 +161,14 @@ class WorkerPool:
         sources: dict[str, DatasetSource],
         collates: dict[str, SlotCollate | CollateFn],
         num_workers: int,
+        max_segments: int = 64,
     ) -> None:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.num_workers = num_workers
         self._sources = sources
         self._collates = collates
+        self._max_segments = max_segments
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._futures: dict[int, Future[Result]] = {}
@@ -174,7 +182,7 @@ class WorkerPool:
         self._procs: list[Any] = []
         self._dispatcher: threading.Thread | None = None
         if num_workers == 0:
-            self._inline_runner = _TaskRunner(sources, collates)
+            self._inline_runner = _TaskRunner(sources, collates, max_segments)
             for name in sources:
                 self._inline_runner.dataset(name)
             self._inline = ThreadPoolExecutor(1, thread_name_prefix="batchferry-inline")
@@ -198,6 +206,7 @@ class WorkerPool:
                 index,
                 self._sources,
                 self._collates,
+                self._max_segments,
                 self._queues[index],
                 self._results,
                 os.getpid(),
