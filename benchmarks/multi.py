@@ -46,33 +46,34 @@ def _trainer(kind: str, address: str, batches: int, num_workers: int, start: Any
         loader = DataLoader(
             address, "W2", BATCH, shuffle=True, seed=0, mode="shared", job="w5", prefetch_factor=4
         )
-    start.wait()
+    it = iter(loader)  # in shared mode this joins the job: all four join before any consumes
+    start.wait(timeout=300)
+    cpu0 = _cpu_self_and_children()
     t0 = time.perf_counter()
-    it = iter(loader)
     for _ in range(batches):
         x = next(it)[0]
         x[:, :, 0, 0].float().mean()  # touch the batch
         del x
     elapsed = time.perf_counter() - t0
+    cpu = _cpu_self_and_children() - cpu0  # the timed window only, not start-up
     del it
     if kind != "torch":
         loader.close()
-    out.put((elapsed, _cpu_self_and_children()))
+    out.put((elapsed, cpu))
 
 
 def _run(kind: str, address: str, batches: int, num_workers: int, server_pid: int | None) -> dict[str, float]:
     ctx = mp.get_context("spawn")
-    start, out = ctx.Event(), ctx.Queue()
+    start, out = ctx.Barrier(TRAINERS + 1), ctx.Queue()
     procs = [
         ctx.Process(target=_trainer, args=(kind, address, batches, num_workers, start, out))
         for _ in range(TRAINERS)
     ]
     for p in procs:
         p.start()
+    start.wait(timeout=300)  # every trainer has connected (and joined the job)
     server_cpu0 = _tree_cpu(server_pid)
-    time.sleep(1.0)  # let every trainer import and connect before the clock starts
     t0 = time.perf_counter()
-    start.set()
     results = [out.get(timeout=600) for _ in procs]
     wall = time.perf_counter() - t0
     for p in procs:

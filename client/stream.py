@@ -255,7 +255,7 @@ class EpochStream:
         self._poll_held()
         item = self._get()
         if item is _END:
-            self.close()
+            self._finish()
             return None
         self._requests.put(_pb2.ClientMessage(credit=_pb2.Credit(batches=1)).SerializeToString())
         with self._held_lock:
@@ -263,6 +263,13 @@ class EpochStream:
             if item.index in self._held:
                 self._handed[item.index] = self._step
         return item  # type: ignore[no-any-return]
+
+    def _finish(self) -> None:
+        """Normal end: the server ends the call once it has our releases; don't cancel
+        it before then, or it would treat the slots as abandoned."""
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=self._timeout)
+        self.close()
 
     def close(self) -> None:
         if self._closed:

@@ -26,7 +26,7 @@ __all__ = ["RingExhausted", "Slot", "SlotRing"]
 _GROWTH = 1.25
 _ROUND = 1 << 20
 # How long a stream waits with no free slot before the ring adds one.
-_ADD_AFTER = 0.05
+_ADD_AFTER = 1.0
 
 
 class RingExhausted(Exception):
@@ -111,7 +111,7 @@ class SlotRing:
                     return None
                 if time.monotonic() - start >= _ADD_AFTER and self._add(min_bytes):
                     break
-                self._cond.wait(min(remaining, _ADD_AFTER))
+                self._cond.wait(min(remaining, 0.05))
             if self._closed:
                 return None
             # Prefer a slot that is already large enough.

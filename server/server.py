@@ -11,7 +11,7 @@ import logging
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -45,9 +45,9 @@ class ServerConfig:
     max_streams: int = 64
     # A job with no consumers for this long is forgotten (its settings no longer bind).
     job_idle_s: float = 300.0
+    # Scale-out across replicas (replica i serves batches b % R == i) is not built yet.
     replica_index: int = 0
     num_replicas: int = 1
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -66,6 +66,11 @@ class ServerConfig:
         if self.num_replicas < 1 or not 0 <= self.replica_index < self.num_replicas:
             raise ValueError(
                 f"replica_index must be in [0, num_replicas), got {self.replica_index} of {self.num_replicas}"
+            )
+        if self.num_replicas != 1:
+            raise ValueError(
+                f"num_replicas={self.num_replicas}: serving a part of each epoch per replica is not "
+                "supported by this version; run one server per dataset"
             )
 
     @property

@@ -176,3 +176,20 @@ def test_abandoned_iterators_release_server_slots(server: Server) -> None:
 
 def _never_ending() -> Iterator[bytes]:
     yield _open(credits=1)
+
+
+def test_server_config_errors_name_the_setting(tensor_ds) -> None:
+    from batchferry.server import ServerConfig
+
+    for kwargs, needle in [
+        ({"port": 70000}, "port"),
+        ({"num_workers": -1}, "num_workers"),
+        ({"chunk_bytes": 10}, "chunk_bytes"),
+        ({"max_streams": 0}, "max_streams"),
+        ({"replica_index": 2, "num_replicas": 2}, "replica_index"),
+        ({"num_replicas": 3}, "num_replicas=3"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            ServerConfig(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least one dataset"):
+        Server({})
