@@ -70,37 +70,38 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _datasets(args: argparse.Namespace) -> int:
+def _ask(target: str, method: str, timeout: float) -> bytes | None:
+    """One unary call to a server; prints the error and returns None on failure."""
     import grpc
 
     from batchferry.errors import from_rpc_error
-    from batchferry.v1 import loader_pb2 as _pb2
 
-    with grpc.insecure_channel(args.target, options=wire.CHANNEL_OPTIONS) as channel:
-        call = channel.unary_unary(wire.LIST_DATASETS, request_serializer=None, response_deserializer=None)
+    with grpc.insecure_channel(target, options=wire.CHANNEL_OPTIONS) as channel:
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
         try:
-            raw = call(b"", timeout=args.timeout, wait_for_ready=True)
+            return bytes(call(b"", timeout=timeout, wait_for_ready=True))
         except grpc.RpcError as exc:
             print(f"error: {from_rpc_error(exc)}", file=sys.stderr)
-            return 1
+            return None
+
+
+def _datasets(args: argparse.Namespace) -> int:
+    from batchferry.v1 import loader_pb2 as _pb2
+
+    raw = _ask(args.target, wire.LIST_DATASETS, args.timeout)
+    if raw is None:
+        return 1
     for info in _pb2.ListDatasetsResponse.FromString(raw).datasets:
         print(f"{info.name}\t{info.length}\t{info.sample_structure}")
     return 0
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    import grpc
-
-    from batchferry.errors import from_rpc_error
     from batchferry.v1 import loader_pb2 as _pb2
 
-    with grpc.insecure_channel(args.target, options=wire.CHANNEL_OPTIONS) as channel:
-        call = channel.unary_unary(wire.LIST_JOBS, request_serializer=None, response_deserializer=None)
-        try:
-            raw = call(b"", timeout=args.timeout, wait_for_ready=True)
-        except grpc.RpcError as exc:
-            print(f"error: {from_rpc_error(exc)}", file=sys.stderr)
-            return 1
+    raw = _ask(args.target, wire.LIST_JOBS, args.timeout)
+    if raw is None:
+        return 1
     jobs = _pb2.ListJobsResponse.FromString(raw).jobs
     if not jobs:
         print("no jobs")

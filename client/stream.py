@@ -148,6 +148,10 @@ class EpochStream:
             offset = end
         if offset != size:
             raise ValueError(f"batch {header.index}: got {offset} of {size} payload bytes")
+        return self._from_buffer(header, buffer)
+
+    def _from_buffer(self, header: _pb2.BatchHeader, buffer: torch.Tensor) -> Batch:
+        """A batch assembled in a pooled buffer; with CUDA, its copies are issued now."""
         data = _layout.decode(header.layout, buffer)
         if self._copier is None:
             return Batch(header.index, data)
@@ -181,12 +185,7 @@ class EpochStream:
         buffer = self._pool.acquire(size)
         buffer.copy_(view)  # the one copy: out of the slot, which goes straight back
         self._release(header.index)
-        data = _layout.decode(header.layout, buffer)
-        if self._copier is None:
-            return Batch(header.index, data)
-        data, event = self._copier.copy(data)
-        self._pool.release_after(buffer, event)
-        return Batch(header.index, data, event)
+        return self._from_buffer(header, buffer)
 
     def _release(self, index: int) -> None:
         self._requests.put(_pb2.ClientMessage(release=_pb2.Release(index=index)).SerializeToString())

@@ -66,6 +66,15 @@ def _fail(code: grpc.StatusCode, details: str) -> NoReturn:
     raise _Abort(code, details)
 
 
+def _dataset_error(plan: _Plan, index: int, result: Result) -> _Abort:
+    """The dataset or collate raised while building batch ``index``."""
+    return _Abort(
+        grpc.StatusCode.INTERNAL,
+        f"dataset {plan.dataset!r}, batch {index}: {result.error}",
+        dataset_error=True,
+    )
+
+
 @dataclass(frozen=True)
 class _Plan:
     dataset: str
@@ -355,11 +364,7 @@ class LoaderService:
                 continue
             if result.status == "error":
                 self._ring.release(slot)
-                raise _Abort(
-                    grpc.StatusCode.INTERNAL,
-                    f"dataset {plan.dataset!r}, batch {index}: {result.error}",
-                    dataset_error=True,
-                )
+                raise _dataset_error(plan, index, result)
             return slot, result
 
     # -- dynamic: first come first served, exactly once --------------------------------
@@ -481,11 +486,7 @@ class LoaderService:
                     work.rebuild(entry)
                     continue
                 if result.status == "error":
-                    raise _Abort(
-                        grpc.StatusCode.INTERNAL,
-                        f"dataset {plan.dataset!r}, batch {index}: {result.error}",
-                        dataset_error=True,
-                    )
+                    raise _dataset_error(plan, index, result)
                 if not credits.wait_for(index - first, active):
                     return
                 frames = self._send_one(plan, credits, index, result.layout, entry.slot)
@@ -657,11 +658,7 @@ class LoaderService:
                 pending.popleft()
                 if result.status == "error":
                     self._ring.release(slot)
-                    raise _Abort(
-                        grpc.StatusCode.INTERNAL,
-                        f"dataset {plan.dataset!r}, batch {index}: {result.error}",
-                        dataset_error=True,
-                    )
+                    raise _dataset_error(plan, index, result)
                 if plan.shm:
                     credits.hold(index, slot)
                     frames = [self._shm_frame(index, result.layout, slot)]
