@@ -43,6 +43,7 @@ __all__ = ["Batch", "EpochStream"]
 
 _END = object()
 _HELD_POLL = 0.05  # seconds between checks for dropped zero-copy batches while waiting
+_CLOSE_GRACE = 2.0  # seconds the server gets to end a stream we close early
 
 
 @dataclass
@@ -271,9 +272,16 @@ class EpochStream:
         self.close()
 
     def close(self) -> None:
+        """End the stream early. Half-close first, so the server reads every message we
+        sent (acknowledgements, releases) before it ends the call; cancel only if it
+        does not end it promptly."""
         if self._closed:
             return
         self._closed = True
+        if not self._saw_end and threading.current_thread() is not self._thread:
+            self._poll_held()
+            self._requests.put(None)
+            self._thread.join(timeout=_CLOSE_GRACE)
         if self._releaser is not None:
             # Device copies may still read slots; let them finish before the
             # server may reuse those slots.

@@ -107,7 +107,9 @@ class _ClientMessages:
         release: Callable[[int, Slot], None],
         detach: Callable[[int, Slot], None],
         abandon: Callable[[int, Slot], None] | None = None,
+        on_credit: Callable[[int], None] | None = None,
     ) -> None:
+        self._on_credit = on_credit
         self._requests = requests
         self._release_slot = release
         self._detach_slot = detach
@@ -128,7 +130,10 @@ class _ClientMessages:
                 if kind == "credit" and msg.credit.batches >= 1:
                     with self._cond:
                         self.granted += msg.credit.batches
+                        granted = self.granted
                         self._cond.notify_all()
+                    if self._on_credit is not None:
+                        self._on_credit(granted)
                 elif kind == "release":
                     self._release(msg.release.index, self._release_slot)
                 elif kind == "detach":
@@ -178,10 +183,11 @@ class _ClientMessages:
         return self.granted
 
     def wait_for(self, sent: int, active: Callable[[], bool]) -> bool:
-        """Block until a send is allowed (granted > sent); False when the call is over."""
+        """Block until a send is allowed (granted > sent); False when the call is over
+        or the client half-closed (it wants no more batches)."""
         with self._cond:
             while self.granted <= sent:
-                if self.error is not None or not active():
+                if self.error is not None or self.ended or not active():
                     return False
                 self._cond.wait(_WAIT)
             return True
@@ -387,11 +393,9 @@ class LoaderService:
         min_bytes = self._size_hint(plan)
         yield self._start_frame(plan, 0)
         try:
-            while active() and credits.error is None:
+            while active() and credits.error is None and not credits.ended:
                 # Each credit beyond the first grant means the client took one more batch.
-                while acked < credits.acked - plan.credits and sent:
-                    work.ack(consumer.id, sent.popleft())
-                    acked += 1
+                acked += self._ack(work, consumer, sent, credits.acked - plan.credits - acked)
                 if sent_count >= credits.granted:
                     work.wait(_POLL)  # no credit: the client has not taken enough batches yet
                     continue
@@ -419,10 +423,21 @@ class LoaderService:
             if credits.error is not None:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, credits.error)
         finally:
+            # Acknowledgements that arrived with the client's goodbye still count.
+            acked += self._ack(work, consumer, sent, credits.acked - plan.credits - acked)
             credits.release_all()
             lost = work.leave(consumer.id)
             if lost:
                 log.info("job %r: %d batch(es) of a departed consumer go to others", job.name, len(lost))
+
+    @staticmethod
+    def _ack(work: DynamicEpoch, consumer: Consumer, sent: collections.deque[int], due: int) -> int:
+        """Mark the oldest ``due`` sent batches as taken into the client's loop."""
+        done = 0
+        while done < due and sent:
+            work.ack(consumer.id, sent.popleft())
+            done += 1
+        return done
 
     # -- shared: every consumer gets every batch, each built once ----------------------
     def _send_shared(
@@ -438,16 +453,18 @@ class LoaderService:
             job, plan, lambda: SharedEpoch(plan.num_batches, window, job.cond, self._release_shared)
         )
         assert isinstance(work, SharedEpoch)
+        first = index = work.join(consumer.id, plan.start_batch)
+        consumer.sent = index
         credits = _ClientMessages(
             requests,
             plan.credits,
-            lambda index, _slot: work.done(consumer.id, index),
-            lambda index, _slot: work.done(consumer.id, index, detach=True),
+            lambda i, _slot: work.done(consumer.id, i),
+            lambda i, _slot: work.done(consumer.id, i, detach=True),
+            # Consumption counts the moment the credit arrives (late joiners start there).
+            on_credit=lambda granted: work.consume(consumer.id, first + granted - plan.credits),
         )
         active = context.is_active
         min_bytes = self._size_hint(plan)
-        first = index = work.join(consumer.id, plan.start_batch)
-        consumer.sent = index
 
         def ensure_built(j: int, wait: bool) -> SharedBatch:
             entry, mine = work.get(j)
@@ -464,8 +481,7 @@ class LoaderService:
 
         yield self._start_frame(plan, index)
         try:
-            while index < plan.num_batches and active() and credits.error is None:
-                work.consume(consumer.id, first + credits.granted - plan.credits)
+            while index < plan.num_batches and active() and credits.error is None and not credits.ended:
                 if not work.may_build(index):
                     work.wait(_POLL)  # the slowest consumer holds the window
                     continue

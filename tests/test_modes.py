@@ -259,3 +259,16 @@ def test_jobs_are_listed_with_their_consumers(server: Server, capsys: pytest.Cap
     assert "sharded" in line and "tensor" in line
     assert "rank 1" in out and "/7 batches" in out
     loader.close()
+
+
+def test_dynamic_resume_rejoins_the_epoch_exactly_once(server: Server, tensor_ds) -> None:
+    first = _dynamic(server.address, "resume-dyn")
+    it = iter(first)
+    head = [next(it) for _ in range(4)]
+    state = first.state_dict()
+    first.close()  # a graceful close: its acknowledgements arrive; what it never took goes back
+    with _dynamic(server.address, "resume-dyn") as second:
+        second.load_state_dict(state)
+        rest = list(second)
+    ids = _ids(head + rest)
+    assert sorted(ids) == sorted(int(x) for x in tensor_ds.tensors[0][:, 0].tolist())

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -72,7 +75,7 @@ def test_client_in_another_ipc_namespace_uses_the_byte_stream(server: Server) ->
     assert out.stdout.split() == ["grpc", "103"]
 
 
-def _raw_shm_stream(address: str, messages: list[bytes]) -> tuple[grpc.Channel, object]:
+def _raw_shm_stream(address: str, messages: Iterable[bytes]) -> tuple[grpc.Channel, Any]:
     channel = grpc.insecure_channel(address)
     call = channel.stream_stream(wire.STREAM_BATCHES, request_serializer=None, response_deserializer=None)
     return channel, call(iter(messages), timeout=30)
@@ -98,7 +101,13 @@ def test_slots_are_held_until_released_and_freed_when_a_client_vanishes(server: 
     assert ring is not None
     total = ring.num_slots
     assert _wait_for(lambda: ring.free_slots == total)
-    channel, responses = _raw_shm_stream(server.address, [_open_shm(credits=3)])
+    alive = threading.Event()
+
+    def requests() -> Iterator[bytes]:
+        yield _open_shm(credits=3)
+        alive.wait(30)  # a live client keeps its request stream open
+
+    channel, responses = _raw_shm_stream(server.address, requests())
     frames = [pb.ServerFrame.FromString(next(responses)) for _ in range(4)]  # start + 3 batches
     assert [f.WhichOneof("kind") for f in frames] == ["start", "batch", "batch", "batch"]
     assert all(f.batch.slot for f in frames[1:])
@@ -106,6 +115,7 @@ def test_slots_are_held_until_released_and_freed_when_a_client_vanishes(server: 
     time.sleep(0.5)
     assert ring.free_slots <= total - 3
     responses.cancel()  # the client vanishes
+    alive.set()
     channel.close()
     assert _wait_for(lambda: ring.free_slots == total)
 
