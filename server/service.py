@@ -177,11 +177,6 @@ class _ClientMessages:
         for index, slot in held:
             self._abandon_slot(index, slot)
 
-    @property
-    def acked(self) -> int:
-        """Batches the client has taken into its loop (credits beyond the first grant)."""
-        return self.granted
-
     def wait_for(self, sent: int, active: Callable[[], bool]) -> bool:
         """Block until a send is allowed (granted > sent); False when the call is over
         or the client half-closed (it wants no more batches)."""
@@ -394,8 +389,8 @@ class LoaderService:
         yield self._start_frame(plan, 0)
         try:
             while active() and credits.error is None and not credits.ended:
-                # Each credit beyond the first grant means the client took one more batch.
-                acked += self._ack(work, consumer, sent, credits.acked - plan.credits - acked)
+                # Each credit beyond the first grant means the client took one more batch into its loop.
+                acked += self._ack(work, consumer, sent, credits.granted - plan.credits - acked)
                 if sent_count >= credits.granted:
                     work.wait(_POLL)  # no credit: the client has not taken enough batches yet
                     continue
@@ -424,7 +419,7 @@ class LoaderService:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, credits.error)
         finally:
             # Acknowledgements that arrived with the client's goodbye still count.
-            acked += self._ack(work, consumer, sent, credits.acked - plan.credits - acked)
+            acked += self._ack(work, consumer, sent, credits.granted - plan.credits - acked)
             credits.release_all()
             lost = work.leave(consumer.id)
             if lost:
