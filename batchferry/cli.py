@@ -1,4 +1,4 @@
-"""The ``batchferry`` command: serve, demo, datasets."""
+"""The ``batchferry`` command: serve, health, demo, datasets, jobs, bench."""
 
 from __future__ import annotations
 
@@ -18,56 +18,58 @@ __all__ = ["main"]
 
 def _size(text: str) -> int:
     """``4194304``, ``4MiB``, ``2GiB``, ``512KiB``."""
-    units = {
-        "kib": 1 << 10,
-        "mib": 1 << 20,
-        "gib": 1 << 30,
-        "k": 1 << 10,
-        "m": 1 << 20,
-        "g": 1 << 30,
-    }
-    lower = text.strip().lower()
-    for suffix, factor in units.items():
-        if lower.endswith(suffix):
-            try:
-                return int(float(lower[: -len(suffix)]) * factor)
-            except ValueError:
-                break
+    from batchferry.server.config import parse_size
+
     try:
-        return int(lower)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use bytes or KiB/MiB/GiB)") from None
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from batchferry.server import Server, ServerConfig
-    from batchferry.server.datasets import parse_dataset_arg
+    from batchferry.server import Server
+    from batchferry.server.config import KEYS, load_settings
 
-    for module in args.import_module:
+    flags = {key: getattr(args, key, None) for key in KEYS}
+    flags["datasets"] = args.dataset
+    flags["import"] = args.import_module
+    flags["config"] = args.config
+    settings = load_settings(flags)
+    logging.getLogger().setLevel(settings.log_level)
+    for module in settings.imports:
         importlib.import_module(module)  # registers collates or datasets as a side effect
-    datasets = dict(parse_dataset_arg(arg) for arg in args.dataset)
-    config = ServerConfig(
-        host=args.host,
-        port=args.port,
-        num_workers=args.num_workers,
-        slots=args.slots,
-        shm_bytes=args.shm_bytes,
-        chunk_bytes=args.chunk_bytes,
-        max_streams=args.max_streams,
-    )
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         logging.getLogger("batchferry.server").info("received %s, shutting down", signal.Signals(signum).name)
         stop.set()
 
-    with Server(datasets, config=config) as server:
+    with Server(settings.datasets, config=settings.server) as server:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        print(f"batchferry serving {', '.join(datasets)} on {server.address}", flush=True)
+        cfg = settings.server
+        replica = f" as replica {cfg.replica_index} of {cfg.num_replicas}" if cfg.num_replicas > 1 else ""
+        print(f"batchferry serving {', '.join(settings.datasets)} on {server.address}{replica}", flush=True)
         while not stop.wait(0.5):
             pass
     return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 when the server reports SERVING (container HEALTHCHECK, scripts)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"{args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.target}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _ask(target: str, method: str, timeout: float) -> bytes | None:
@@ -161,34 +163,55 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchferry", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run a loader server")
+    serve = sub.add_parser(
+        "serve",
+        help="run a loader server",
+        description="Run a loader server. Every flag can also come from the environment "
+        "(BATCHFERRY_NUM_WORKERS=8, BATCHFERRY_DATASETS='train=npy:/d/x.npy;val=...') or from a TOML "
+        "file (--config) whose keys are the flags' names with underscores; flags win over the "
+        "environment, which wins over the file.",
+    )
+    serve.add_argument("--config", metavar="PATH", help="TOML settings file (or BATCHFERRY_CONFIG)")
     serve.add_argument(
         "--dataset",
         action="append",
-        default=[],
-        required=True,
         metavar="NAME=SPEC",
         help="npy:PATH[,labels=PATH] | synthetic:n=N,shape=AxB,... | python:MODULE:CALLABLE (repeatable)",
     )
-    serve.add_argument("--host", default="0.0.0.0")
-    serve.add_argument("--port", type=int, default=50051)
-    serve.add_argument("--num-workers", type=int, default=2)
-    serve.add_argument("--slots", type=int, default=0, help="shared-memory ring slots (0: automatic)")
-    serve.add_argument("--shm-bytes", type=_size, default=4 << 30, help="shared-memory budget, e.g. 4GiB")
-    serve.add_argument("--chunk-bytes", type=_size, default=wire.DEFAULT_CHUNK_BYTES)
-    serve.add_argument("--max-streams", type=int, default=64)
+    serve.add_argument("--host", help="interface to listen on (default 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="default 50051")
+    serve.add_argument("--num-workers", type=int, help="worker processes building batches (default 2)")
+    serve.add_argument("--slots", type=int, help="shared-memory ring slots (default 0: automatic)")
+    serve.add_argument("--shm-bytes", type=_size, help="shared-memory budget, e.g. 4GiB (the default)")
+    serve.add_argument("--chunk-bytes", type=_size, help="byte-stream chunk size (default 1MiB)")
+    serve.add_argument("--max-streams", type=int, help="concurrent batch streams (default 64)")
+    serve.add_argument("--job-idle-s", type=float, help="forget a job idle this long (default 300)")
+    serve.add_argument(
+        "--replica-index",
+        type=int,
+        help="this replica's index (default: the StatefulSet ordinal of the host name when "
+        "--num-replicas > 1)",
+    )
+    serve.add_argument(
+        "--num-replicas", type=int, help="replicas sharing each epoch: replica i serves batches b %% R == i"
+    )
     serve.add_argument(
         "--import",
         dest="import_module",
         action="append",
-        default=[],
         metavar="MODULE",
         help="import MODULE first (e.g. one that calls register_collate)",
     )
     serve.set_defaults(func=_serve)
+
+    health = sub.add_parser("health", help="ask a server's grpc.health.v1 service; exit 0 when SERVING")
+    health.add_argument("target", help="host:port")
+    health.add_argument("--service", default="", help="service name ('' is the whole server)")
+    health.add_argument("--timeout", type=float, default=5.0)
+    health.set_defaults(func=_health)
 
     demo = sub.add_parser("demo", help="embedded server + a short training loop")
     demo.add_argument("--num-workers", type=int, default=2)
@@ -226,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level or "INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args))
     except ValueError as exc:

@@ -16,21 +16,21 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import torch
 
 from batchferry import sampling, wire
-from batchferry.errors import BatchTimeout, InvalidArgument, NotFound, ServerUnavailable, from_rpc_error
+from batchferry.errors import BatchTimeout, InvalidArgument, ProtocolError, ServerUnavailable
 from batchferry.v1 import loader_pb2 as _pb2
 
 from .buffers import BufferPool
 from .device import CudaCopier
+from .replicas import Replica, ReplicaSet
 from .segments import SegmentCache, probe
-from .stream import EpochStream
+from .stream import PENDING, Batch, EpochStream
 
 __all__ = ["DataLoader", "LoaderConfig"]
 
@@ -45,12 +45,15 @@ _MODES = {
     "shared": _pb2.MODE_SHARED,
     "dynamic": _pb2.MODE_DYNAMIC,
 }
+# Dynamic mode over several replicas: how long to wait on one before looking at the next.
+_DYNAMIC_SLICE = 0.005
 
 
 @dataclass(frozen=True, kw_only=True)
 class LoaderConfig:
     """A loader's settings, validated once and passed down as one object."""
 
+    # The server(s), as given: "host:port", "a:1, b:2" (replicas), or "dns:///NAME:PORT".
     address: str
     dataset: str
     batch_size: int = 1
@@ -132,7 +135,10 @@ class DataLoader:
     """Iterate batches of a server-side dataset; mirrors ``torch.utils.data.DataLoader``.
 
     Args:
-        address: ``"host:port"`` of a batchferry server.
+        address: ``"host:port"`` of a batchferry server; with replicas, a list of every
+            replica's ``"host:port"`` or a ``"dns:///NAME:PORT"`` that resolves to all of
+            them (a Kubernetes headless Service). The batches are the same as from one
+            server: replica i of R builds the batches b with b % R == i.
         dataset: name of a dataset on that server (``batchferry datasets ADDRESS``).
         batch_size, shuffle, drop_last: as in torch.
         generator: a CPU ``torch.Generator`` driving the shuffle, advanced exactly as
@@ -156,7 +162,7 @@ class DataLoader:
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         dataset: str,
         batch_size: int = 1,
         shuffle: bool = False,
@@ -194,8 +200,9 @@ class DataLoader:
         if seed is not None and mode == "independent":
             generator = torch.Generator().manual_seed(seed)
         dev = _device(device)
+        replicas = ReplicaSet(address)  # checks the address's form; connects lazily
         self.config = LoaderConfig(
-            address=address,
+            address=replicas.description,
             dataset=dataset,
             batch_size=batch_size,
             shuffle=bool(shuffle),
@@ -217,11 +224,11 @@ class DataLoader:
         self._epoch = 0
         self._resume: tuple[int, int, bytes] | None = None  # (epoch, batch, sampler_state)
         self._active: _Iterator | None = None
-        self._info: _pb2.ListDatasetsResponse | None = None
         self._length: int | None = None
-        self._use_shm: bool | None = None
-        self._channel = grpc.insecure_channel(address, options=wire.CHANNEL_OPTIONS)
+        self._use_shm: list[bool] | None = None  # per replica
+        self._replicas = replicas
         pin = (self.config.pin_memory or dev is not None) and torch.cuda.is_available()
+        # Grown to cover every replica's stream once the replicas are known.
         self._pool = BufferPool(prefetch_factor + 2, pin=pin)
         self._copier = CudaCopier(dev) if dev is not None else None
         self._segments = SegmentCache(register_with_cuda=dev is not None)
@@ -229,43 +236,45 @@ class DataLoader:
     # -- dataset facts ----------------------------------------------------------------
     def _dataset_length(self) -> int:
         if self._length is None:
-            stub = self._channel.unary_unary(
-                wire.LIST_DATASETS, request_serializer=None, response_deserializer=None
-            )
-            try:
-                raw = stub(b"", timeout=self.config.timeout, wait_for_ready=True)
-            except grpc.RpcError as exc:
-                err = from_rpc_error(exc)
-                if err.code == "DEADLINE_EXCEEDED":
-                    err = ServerUnavailable(
-                        f"server {self.config.address} not reachable within {self.config.timeout}s"
-                    )
-                raise err from exc
-            self._info = wire.parse(_pb2.ListDatasetsResponse, raw)
-            infos = {d.name: d for d in self._info.datasets}
-            if self.config.dataset not in infos:
-                raise NotFound(
-                    f"dataset {self.config.dataset!r} not found on {self.config.address}; "
-                    f"it has: {', '.join(sorted(infos))}"
-                )
-            self._length = int(infos[self.config.dataset].length)
+            replicas = self._replicas.discover(self.config.dataset, self.config.timeout)
+            info = {d.name: d for d in replicas[0].info.datasets}[self.config.dataset]
+            self._length = int(info.length)
+            per_stream = self._credits_per_stream()
+            self._pool.max_buffers = max(self._pool.max_buffers, len(replicas) * per_stream + 2)
         return self._length
+
+    def _credits_per_stream(self) -> int:
+        """Batches in flight per replica: prefetch_factor in all, at least 2 per stream."""
+        if self._replicas.size <= 1:
+            return self.config.prefetch_factor
+        return max(2, -(-self.config.prefetch_factor // self._replicas.size))
+
+    def _shm_visible(self, replica: Replica) -> bool:
+        visible = probe(replica.info.shm_probe, replica.info.shm_token)
+        if self.config.transport == "shm" and not visible:
+            raise InvalidArgument(
+                f"transport='shm' needs the server's shared memory, but the segment "
+                f"{replica.info.shm_probe or '(none)'} of {replica.address} is not visible here (another "
+                "host, or a container without the server's IPC namespace and /dev/shm); use 'auto' or 'grpc'"
+            )
+        return visible and self.config.transport != "grpc"
 
     @property
     def transport(self) -> str:
-        """The transport in use: ``"shm"`` (same host) or ``"grpc"`` (byte stream)."""
+        """The transport in use: ``"shm"`` (same host), ``"grpc"`` (byte stream), or with
+        replicas on several hosts ``"shm+grpc"`` (each replica uses what it can)."""
         if self._use_shm is None:
             self._dataset_length()
-            assert self._info is not None
-            visible = probe(self._info.shm_probe, self._info.shm_token)
-            if self.config.transport == "shm" and not visible:
-                raise InvalidArgument(
-                    f"transport='shm' needs the server's shared memory, but its segment "
-                    f"{self._info.shm_probe or '(none)'} is not visible here (another host, or a "
-                    f"container without the server's IPC namespace and /dev/shm); use 'auto' or 'grpc'"
-                )
-            self._use_shm = visible and self.config.transport != "grpc"
-        return "shm" if self._use_shm else "grpc"
+            self._use_shm = [self._shm_visible(r) for r in self._replicas.replicas]
+        if all(self._use_shm):
+            return "shm"
+        return "shm+grpc" if any(self._use_shm) else "grpc"
+
+    @property
+    def num_replicas(self) -> int:
+        """Servers sharing each epoch (1 for a single server)."""
+        self._dataset_length()
+        return self._replicas.size
 
     def __len__(self) -> int:
         """Batches per epoch (dynamic mode: of the whole job, an upper bound for one consumer)."""
@@ -378,8 +387,8 @@ class DataLoader:
             if self.config.mode == "independent":
                 sampler_state = sampling.begin_iteration(self.generator, self.config.shuffle)
         self._epoch = epoch + 1
-        shm = self.transport == "shm"  # fails fast (NotFound, ServerUnavailable) before a stream opens
-        it = _Iterator(self, epoch, start, sampler_state, shm)
+        self.transport  # noqa: B018 - fails fast (NotFound, ServerUnavailable) before a stream opens
+        it = _Iterator(self, epoch, start, sampler_state)
         self._active = it
         return it
 
@@ -388,7 +397,7 @@ class DataLoader:
         if self._active is not None:
             self._active.close()
             self._active = None
-        self._channel.close()
+        self._replicas.close()
         self._segments.close()
         self._pool.close()
 
@@ -404,26 +413,46 @@ class DataLoader:
 
 
 class _Iterator:
-    """One epoch of a DataLoader; reopens its stream if the server goes away and comes back."""
+    """One epoch of a DataLoader, merged from one stream per replica.
 
-    def __init__(self, loader: DataLoader, epoch: int, start: int, sampler_state: bytes, shm: bool) -> None:
+    Ordered modes take batch b from replica b % R, so the merged epoch is what one
+    server sends; dynamic mode takes whichever replica has a batch ready. A stream
+    whose server goes away is reopened at the next batch not yet yielded.
+    """
+
+    def __init__(self, loader: DataLoader, epoch: int, start: int, sampler_state: bytes) -> None:
         self._loader = loader
         self.epoch = epoch
         self.sampler_state = sampler_state
-        self.yielded = start
         self.finished = False
-        self._shm = shm
         self._copier = loader._copier
-        self._stream = self._open(start, loader.config.timeout)
+        self._dynamic = loader.config.mode == "dynamic"
+        # Ordered modes: the epoch index of the next batch to yield. Dynamic: batches yielded.
+        self.yielded = 0 if self._dynamic else start
+        count = loader._replicas.size
+        self._streams: list[EpochStream] = []
+        self._first: list[int] = []  # per replica: the first batch its stream sends
+        self._ended = [False] * count
+        self._turn = 0
+        try:
+            for r in range(count):
+                self._streams.append(self._open(r, self.yielded, loader.config.timeout))
+                self._first.append(int(self._streams[r].start.first_batch))
+        except BaseException:
+            self.close()
+            raise
+        start_frame = self._streams[0].start
+        self._num_batches = int(start_frame.num_batches)
         # torch's RandomSampler draws the permutation from the generator on the
         # first batch; leave the generator where that draw would.
-        if loader.generator is not None and self._stream.start.state_after_order:
-            loader.generator.set_state(_state(self._stream.start.state_after_order))
+        if loader.generator is not None and start_frame.state_after_order:
+            loader.generator.set_state(_state(start_frame.state_after_order))
 
-    def _open(self, start: int, timeout: float) -> EpochStream:
+    def _open(self, r: int, start: int, timeout: float) -> EpochStream:
         cfg, loader = self._loader.config, self._loader
-        stream = EpochStream(
-            loader._channel,
+        shm = loader._use_shm is not None and loader._use_shm[r]
+        return EpochStream(
+            loader._replicas.replicas[r].channel,
             _pb2.OpenStream(
                 dataset=cfg.dataset,
                 batch_size=cfg.batch_size,
@@ -432,45 +461,60 @@ class _Iterator:
                 drop_last=cfg.drop_last,
                 collate=cfg.collate_fn,
                 epoch=self.epoch,
-                start_batch=start,
-                credits=cfg.prefetch_factor,
+                start_batch=0 if self._dynamic else start,
+                credits=loader._credits_per_stream(),
                 chunk_bytes=cfg.chunk_bytes,
-                transport=_pb2.TRANSPORT_SHM if self._shm else _pb2.TRANSPORT_BYTES,
+                transport=_pb2.TRANSPORT_SHM if shm else _pb2.TRANSPORT_BYTES,
                 mode=_MODES[cfg.mode],
                 job=cfg.job,
                 rank=cfg.rank,
                 world_size=cfg.world_size,
                 seed=loader.seed,
+                replica_index=r,
+                num_replicas=loader._replicas.size,
             ),
             pool=loader._pool,
             copier=self._copier,
-            segments=loader._segments if self._shm else None,
+            segments=loader._segments if shm else None,
             timeout=timeout,
         )
-        # In shared mode a consumer joining late starts where the job still is.
-        self.yielded = max(start, int(stream.start.first_batch))
-        return stream
 
-    def _reconnect(self, cause: ServerUnavailable) -> None:
-        """Reopen at the next batch not yet yielded, retrying with backoff within ``timeout``."""
+    def _where(self, r: int) -> str:
+        replicas = self._loader._replicas
+        address = replicas.replicas[r].address
+        return f"replica {r} of {replicas.size} ({address})" if replicas.size > 1 else f"server {address}"
+
+    def _reconnect(self, r: int, cause: ServerUnavailable) -> None:
+        """Reopen replica ``r`` at the next batch not yet yielded, with backoff within ``timeout``."""
         timeout = self._loader.config.timeout
         deadline = time.monotonic() + timeout
         delay = 0.05
-        self._stream.close()
+        self._streams[r].close()
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ServerUnavailable(
-                    f"server {self._loader.config.address} did not come back within timeout={timeout}s "
+                    f"{self._where(r)} did not come back within timeout={timeout}s "
                     f"(epoch {self.epoch}, after batch {self.yielded})"
                 ) from cause
             try:
-                self._stream = self._open(self.yielded, remaining)
-                log.info("reconnected to %s at batch %d", self._loader.config.address, self.yielded)
-                return
+                if self._loader._replicas.refresh(r, remaining) is not None:
+                    self._streams[r] = self._open(r, self.yielded, remaining)
+                    self._first[r] = int(self._streams[r].start.first_batch)
+                    log.info("reconnected to %s at batch %d", self._where(r), self.yielded)
+                    return
             except (ServerUnavailable, BatchTimeout):
-                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                delay = min(2 * delay, 2.0)
+                pass
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(2 * delay, 2.0)
+
+    def _next_from(self, r: int, wait: float | None = None) -> Batch | object | None:
+        """Replica ``r``'s next batch (None at its end, PENDING after ``wait``), reconnecting."""
+        while True:
+            try:
+                return self._streams[r].next(wait)
+            except ServerUnavailable as exc:
+                self._reconnect(r, exc)
 
     def __iter__(self) -> _Iterator:
         return self
@@ -478,28 +522,70 @@ class _Iterator:
     def __next__(self) -> Any:
         if self.finished:
             raise StopIteration
-        while True:
-            try:
-                batch = self._stream.next()
-                break
-            except ServerUnavailable as exc:
-                self._reconnect(exc)
+        batch = self._next_dynamic() if self._dynamic else self._next_ordered()
         if batch is None:
             self.finished = True
             gen = self._loader.generator
-            if gen is not None and self._stream.start.state_after_epoch:
-                gen.set_state(_state(self._stream.start.state_after_epoch))
+            if gen is not None and self._streams[0].start.state_after_epoch:
+                gen.set_state(_state(self._streams[0].start.state_after_epoch))
             raise StopIteration
         self.yielded += 1
         if self._copier is not None and batch.event is not None:
             return self._copier.hand_over(batch.data, batch.event)
         return batch.data
 
+    def _next_ordered(self) -> Batch | None:
+        replicas = len(self._streams)
+        while self.yielded < self._num_batches:
+            index = self.yielded
+            r = index % replicas
+            if index < self._first[r]:
+                self.yielded += 1  # shared mode, joined late: that replica's job is past it
+                continue
+            batch = self._next_from(r)
+            if not isinstance(batch, Batch) or batch.index != index:
+                got = f"batch {batch.index}" if isinstance(batch, Batch) else "the end of its stream"
+                raise ProtocolError(f"{self._where(r)} sent {got} where batch {index} was due")
+            return batch
+        for r in range(replicas):  # every stream's end frame: each flushes its releases
+            if not self._ended[r]:
+                if self._next_from(r) is not None:
+                    raise ProtocolError(f"{self._where(r)} sent more batches than its part of the epoch")
+                self._ended[r] = True
+        return None
+
+    def _next_dynamic(self) -> Batch | None:
+        """Whichever replica has a batch first; the epoch ends when every stream has ended."""
+        deadline = time.monotonic() + self._loader.config.timeout
+        while True:
+            live = [r for r in range(len(self._streams)) if not self._ended[r]]
+            if not live:
+                return None
+            wait = None if len(live) == 1 else _DYNAMIC_SLICE
+            for k in range(len(live)):
+                r = live[(self._turn + k) % len(live)]
+                item = self._next_from(r, wait)
+                if item is PENDING:
+                    continue
+                self._turn += 1
+                if item is None:
+                    self._ended[r] = True
+                    break
+                assert isinstance(item, Batch)
+                return item
+            else:
+                if time.monotonic() >= deadline:
+                    raise BatchTimeout(
+                        f"no batch from any of {len(live)} replicas within "
+                        f"timeout={self._loader.config.timeout}s"
+                    )
+
     def __len__(self) -> int:
         return len(self._loader)
 
     def close(self) -> None:
-        self._stream.close()
+        for stream in self._streams:
+            stream.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):

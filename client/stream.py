@@ -39,9 +39,11 @@ from .buffers import BufferPool, storage_use_count
 from .device import CudaCopier
 from .segments import SegmentCache
 
-__all__ = ["Batch", "EpochStream"]
+__all__ = ["PENDING", "Batch", "EpochStream"]
 
 _END = object()
+# next(wait=...) found no batch within ``wait`` seconds (the stream is fine).
+PENDING = object()
 _HELD_POLL = 0.05  # seconds between checks for dropped zero-copy batches while waiting
 _CLOSE_GRACE = 2.0  # seconds the server gets to end a stream we close early
 
@@ -232,8 +234,8 @@ class EpochStream:
         self._requests.put(None)
 
     # -- consumer side ------------------------------------------------------------------
-    def _get(self) -> Any:
-        deadline = time.monotonic() + self._timeout
+    def _get(self, wait: float | None = None) -> Any:
+        deadline = time.monotonic() + (self._timeout if wait is None else wait)
         while True:
             try:
                 # Wake now and then to give back slots the caller has dropped meanwhile:
@@ -242,6 +244,8 @@ class EpochStream:
                 break
             except queue.Empty:
                 if time.monotonic() >= deadline:
+                    if wait is not None:
+                        return PENDING
                     self.close()
                     raise BatchTimeout(f"no batch from the server within timeout={self._timeout}s") from None
                 self._poll_held(final=True)
@@ -250,10 +254,13 @@ class EpochStream:
             raise item
         return item
 
-    def next(self) -> Batch | None:
-        """The next batch, or None at the end of the epoch."""
+    def next(self, wait: float | None = None) -> Batch | object | None:
+        """The next batch, or None at the end of the epoch. With ``wait``, PENDING when
+        none arrives within that many seconds (instead of BatchTimeout after ``timeout``)."""
         self._poll_held()
-        item = self._get()
+        item = self._get(wait)
+        if item is PENDING:
+            return PENDING  # type: ignore[no-any-return]
         if item is _END:
             self._finish()
             return None

@@ -2,7 +2,12 @@
 
 Start order matters: workers are spawned before any gRPC object exists (gRPC's
 threads do not survive process creation), then the ring, then the gRPC server.
-close() undoes it in reverse: stop RPCs, stop workers, unlink every segment.
+close() undoes it in reverse: report NOT_SERVING, stop RPCs, stop workers, unlink
+every segment.
+
+Besides the Loader service the server answers the standard ``grpc.health.v1``
+service (container HEALTHCHECK, Kubernetes gRPC probes, ``batchferry health``):
+SERVING for "" and the Loader service while it runs.
 """
 
 from __future__ import annotations
@@ -11,14 +16,16 @@ import logging
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from batchferry import shm, wire
 
 from .collate import CollateFn, SlotCollate, collate_names, get_collate
+from .config import ServerConfig
 from .datasets import DatasetSource, MapDataset, parse_spec
 from .jobs import JobRegistry
 from .ring import SlotRing
@@ -29,53 +36,8 @@ __all__ = ["Server", "ServerConfig"]
 
 log = logging.getLogger("batchferry.server")
 
-
-@dataclass(frozen=True, kw_only=True)
-class ServerConfig:
-    """Everything a server is configured with (CLI flags map 1:1 onto these)."""
-
-    host: str = "127.0.0.1"
-    port: int = 50051
-    num_workers: int = 2
-    # Ring slots; 0 picks 4 per worker plus 4 (at least 8).
-    slots: int = 0
-    # Upper bound on the ring's shared memory, all slots together.
-    shm_bytes: int = 4 << 30
-    chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES
-    max_streams: int = 64
-    # A job with no consumers for this long is forgotten (its settings no longer bind).
-    job_idle_s: float = 300.0
-    # Scale-out across replicas (replica i serves batches b % R == i) is not built yet.
-    replica_index: int = 0
-    num_replicas: int = 1
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if self.slots < 0:
-            raise ValueError(f"slots must be >= 0, got {self.slots}")
-        if self.max_streams < 1:
-            raise ValueError(f"max_streams must be >= 1, got {self.max_streams}")
-        if not wire.MIN_CHUNK_BYTES <= self.chunk_bytes <= wire.MAX_CHUNK_BYTES:
-            raise ValueError(
-                f"chunk_bytes must be in [{wire.MIN_CHUNK_BYTES}, {wire.MAX_CHUNK_BYTES}], "
-                f"got {self.chunk_bytes}"
-            )
-        if self.num_replicas < 1 or not 0 <= self.replica_index < self.num_replicas:
-            raise ValueError(
-                f"replica_index must be in [0, num_replicas), got {self.replica_index} of {self.num_replicas}"
-            )
-        if self.num_replicas != 1:
-            raise ValueError(
-                f"num_replicas={self.num_replicas}: serving a part of each epoch per replica is not "
-                "supported by this version; run one server per dataset"
-            )
-
-    @property
-    def num_slots(self) -> int:
-        return self.slots or max(8, 4 * self.num_workers + 4)
+# RPC threads beyond max_streams: health checks, listings, refused streams.
+_SPARE_RPCS = 8
 
 
 class Server:
@@ -106,6 +68,7 @@ class Server:
         self._pool: WorkerPool | None = None
         self._ring: SlotRing | None = None
         self._grpc: grpc.Server | None = None
+        self._health: health.HealthServicer | None = None
         sources: dict[str, DatasetSource] = {}
         built: dict[str, MapDataset] = {}
         for name, ds in datasets.items():
@@ -131,26 +94,48 @@ class Server:
             self._ring = SlotRing(self.config.num_slots, self.config.shm_bytes)
             self.jobs = JobRegistry(self.config.job_idle_s)
             self.service = LoaderService(
-                built, registry, self._pool, self._ring, self.config.chunk_bytes, self.jobs
+                built,
+                registry,
+                self._pool,
+                self._ring,
+                self.config.chunk_bytes,
+                self.jobs,
+                max_streams=self.config.max_streams,
+                replica_index=self.config.replica_index,
+                num_replicas=self.config.num_replicas,
             )
+            # Streams are limited by the service itself; the spare threads keep health
+            # checks and listings answered while every stream slot is taken.
             self._grpc = grpc.server(
-                ThreadPoolExecutor(self.config.max_streams + 4, thread_name_prefix="batchferry-rpc"),
+                ThreadPoolExecutor(
+                    self.config.max_streams + _SPARE_RPCS, thread_name_prefix="batchferry-rpc"
+                ),
                 handlers=[self.service.handlers()],
                 options=wire.CHANNEL_OPTIONS,
-                maximum_concurrent_rpcs=self.config.max_streams,
+                maximum_concurrent_rpcs=self.config.max_streams + _SPARE_RPCS,
             )
+            self._health = health.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
             self.port = self._grpc.add_insecure_port(f"{self.config.host}:{self.config.port}")
             if self.port == 0:
                 raise OSError(f"could not bind {self.config.host}:{self.config.port}")
             self._grpc.start()
+            for service in ("", wire.SERVICE):
+                self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         except BaseException:
             self.close()
             raise
+        replica = (
+            f" as replica {self.config.replica_index} of {self.config.num_replicas}"
+            if self.config.num_replicas > 1
+            else ""
+        )
         log.info(
-            "serving %s on %s with %d worker(s)",
+            "serving %s on %s with %d worker(s)%s",
             ", ".join(built),
             self.address,
             self.config.num_workers,
+            replica,
         )
 
     @property
@@ -167,6 +152,9 @@ class Server:
 
     def close(self, grace: float = 1.0) -> None:
         """Stop serving, stop the workers and unlink all shared memory. Idempotent."""
+        if self._health is not None:
+            self._health.enter_graceful_shutdown()  # probes see NOT_SERVING during the grace
+            self._health = None
         if self._grpc is not None:
             self._grpc.stop(grace).wait()
             self._grpc = None

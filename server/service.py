@@ -91,6 +91,28 @@ class _Plan:
     rank: int = 0
     epoch: int = 0
     settings: JobSettings | None = None
+    # Scale-out: this stream carries only the batches b with b % replicas == replica.
+    # Loops count positions p among those (p-th of this replica's batches); frames,
+    # releases and the client speak in whole-epoch batch indices.
+    replica: int = 0
+    replicas: int = 1
+
+    @property
+    def local_total(self) -> int:
+        """This replica's batches in the epoch."""
+        return self.local(self.num_batches)
+
+    @property
+    def local_start(self) -> int:
+        return self.local(self.start_batch)
+
+    def local(self, index: int) -> int:
+        """This replica's batches before epoch batch ``index`` (its position when it is one of them)."""
+        return (index - self.replica + self.replicas - 1) // self.replicas
+
+    def batch_index(self, position: int) -> int:
+        """Epoch batch index of this replica's ``position``-th batch (num_batches past the end)."""
+        return min(position * self.replicas + self.replica, self.num_batches)
 
 
 class _ClientMessages:
@@ -197,8 +219,17 @@ class LoaderService:
         ring: SlotRing,
         chunk_bytes: int,
         jobs: JobRegistry,
+        *,
+        max_streams: int = 64,
+        replica_index: int = 0,
+        num_replicas: int = 1,
     ) -> None:
         self._jobs = jobs
+        self._replica, self._replicas = replica_index, num_replicas
+        # Counted here rather than by gRPC's maximum_concurrent_rpcs, so that health
+        # checks and listings are still answered while every stream slot is taken.
+        self._stream_slots = threading.BoundedSemaphore(max_streams)
+        self._max_streams = max_streams
         self._datasets = datasets
         self._collates = collates
         self._pool = pool
@@ -236,7 +267,11 @@ class LoaderService:
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return _pb2.ListDatasetsResponse(
-            datasets=self._infos, shm_probe=self._ring.probe_name, shm_token=self._ring.probe_token
+            datasets=self._infos,
+            shm_probe=self._ring.probe_name,
+            shm_token=self._ring.probe_token,
+            replica_index=self._replica,
+            num_replicas=self._replicas,
         ).SerializeToString()
 
     # -- ListJobs ---------------------------------------------------------------------
@@ -270,12 +305,20 @@ class LoaderService:
 
     # -- StreamBatches ----------------------------------------------------------------
     def stream_batches(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        if not self._stream_slots.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this server already serves max_streams={self._max_streams} streams; "
+                "raise --max-streams or add replicas",
+            )
         try:
             yield from self._stream(requests, context)
         except _Abort as exc:
             if exc.dataset_error:
                 context.set_trailing_metadata(((DATASET_ERROR_KEY, "1"),))
             context.abort(exc.code, exc.details)
+        finally:
+            self._stream_slots.release()
 
     def _stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         try:
@@ -298,8 +341,8 @@ class LoaderService:
                 )
             except JobConflict as exc:
                 _fail(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-            consumer.total = plan.num_batches
-            consumer.sent = plan.start_batch
+            consumer.total = plan.local_total
+            consumer.sent = plan.local_start
         try:
             if plan.mode == _pb2.MODE_SHARED:
                 assert job is not None and consumer is not None
@@ -377,12 +420,12 @@ class LoaderService:
         job: Job,
         consumer: Consumer,
     ) -> Iterator[bytes]:
-        work = self._epoch_state(job, plan, lambda: DynamicEpoch(plan.num_batches, job.cond))
+        work = self._epoch_state(job, plan, lambda: DynamicEpoch(plan.local_total, job.cond))
         assert isinstance(work, DynamicEpoch)
         credits = _ClientMessages(
             requests, plan.credits, self._release_to_ring, self._detach_from_ring, self._abandon_to_ring
         )
-        sent: collections.deque[int] = collections.deque()  # sent, not yet taken into the client's loop
+        sent: collections.deque[int] = collections.deque()  # positions sent, not yet in the client's loop
         acked = sent_count = 0
         active = context.is_active
         min_bytes = self._size_hint(plan)
@@ -394,25 +437,26 @@ class LoaderService:
                 if sent_count >= credits.granted:
                     work.wait(_POLL)  # no credit: the client has not taken enough batches yet
                     continue
-                index = work.take(consumer.id)
-                if index is None:
+                position = work.take(consumer.id)
+                if position is None:
                     if work.finished:
                         yield _END_FRAME
                         credits.wait_released(_RELEASE_TIMEOUT, active)
                         return
                     work.wait(_POLL)  # others hold batches that may come back
                     continue
+                index = plan.batch_index(position)
                 try:
                     slot, result = self._build_now(plan, index, min_bytes, active, job)
                 except BaseException:
-                    work.give_back(consumer.id, index)
+                    work.give_back(consumer.id, position)
                     raise
                 min_bytes = max(min_bytes, slot.capacity)
                 frames = self._send_one(plan, credits, index, result.layout, slot)
                 if not plan.shm:
                     self._ring.release(slot)
                 yield from frames
-                sent.append(index)
+                sent.append(position)
                 sent_count += 1
                 consumer.sent += 1
             if credits.error is not None:
@@ -445,16 +489,18 @@ class LoaderService:
     ) -> Iterator[bytes]:
         window = max(1, min(2 * plan.credits, self._ring.num_slots // 2))
         work = self._epoch_state(
-            job, plan, lambda: SharedEpoch(plan.num_batches, window, job.cond, self._release_shared)
+            job, plan, lambda: SharedEpoch(plan.local_total, window, job.cond, self._release_shared)
         )
         assert isinstance(work, SharedEpoch)
-        first = index = work.join(consumer.id, plan.start_batch)
+        # SharedEpoch counts positions among this replica's batches; messages carry epoch indices.
+        first = index = work.join(consumer.id, plan.local_start)
+        total = plan.local_total
         consumer.sent = index
         credits = _ClientMessages(
             requests,
             plan.credits,
-            lambda i, _slot: work.done(consumer.id, i),
-            lambda i, _slot: work.done(consumer.id, i, detach=True),
+            lambda i, _slot: work.done(consumer.id, plan.local(i)),
+            lambda i, _slot: work.done(consumer.id, plan.local(i), detach=True),
             # Consumption counts the moment the credit arrives (late joiners start there).
             on_credit=lambda granted: work.consume(consumer.id, first + granted - plan.credits),
         )
@@ -469,19 +515,19 @@ class LoaderService:
                 try:
                     slot = self._acquire(min_bytes, active, wait=wait)
                     if slot is not None:
-                        future = self._submit(plan, j, slot, job)
+                        future = self._submit(plan, plan.batch_index(j), slot, job)
                 finally:
                     work.built(entry, slot, future)
             return entry
 
-        yield self._start_frame(plan, index)
+        yield self._start_frame(plan, plan.batch_index(index))
         try:
-            while index < plan.num_batches and active() and credits.error is None and not credits.ended:
+            while index < total and active() and credits.error is None and not credits.ended:
                 if not work.may_build(index):
                     work.wait(_POLL)  # the slowest consumer holds the window
                     continue
                 entry = ensure_built(index, wait=True)
-                for ahead in range(index + 1, min(index + 1 + plan.credits, plan.num_batches)):
+                for ahead in range(index + 1, min(index + 1 + plan.credits, total)):
                     if work.may_build(ahead):
                         ensure_built(ahead, wait=False)
                 while not entry.ready.wait(_POLL):
@@ -497,10 +543,10 @@ class LoaderService:
                     work.rebuild(entry)
                     continue
                 if result.status == "error":
-                    raise _dataset_error(plan, index, result)
+                    raise _dataset_error(plan, plan.batch_index(index), result)
                 if not credits.wait_for(index - first, active):
                     return
-                frames = self._send_one(plan, credits, index, result.layout, entry.slot)
+                frames = self._send_one(plan, credits, plan.batch_index(index), result.layout, entry.slot)
                 if not plan.shm:
                     work.done(consumer.id, index)
                 yield from frames
@@ -508,7 +554,7 @@ class LoaderService:
                 consumer.sent = index
             if credits.error is not None:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, credits.error)
-            if index >= plan.num_batches:
+            if index >= total:
                 yield _END_FRAME
                 credits.wait_released(_RELEASE_TIMEOUT, active)
         finally:
@@ -607,6 +653,14 @@ class LoaderService:
             _fail(invalid, f"start_batch must be in [0, {total}], got {req.start_batch}")
         if req.transport not in (_pb2.TRANSPORT_BYTES, _pb2.TRANSPORT_SHM):
             _fail(invalid, f"transport: unknown value {req.transport}")
+        wanted = (req.replica_index, req.num_replicas or 1)
+        if wanted != (self._replica, self._replicas):
+            _fail(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this server is replica {self._replica} of {self._replicas}, but the stream asks for "
+                f"replica {wanted[0]} of {wanted[1]}; give the loader every replica's address "
+                "(or a dns:/// name that resolves to all of them)",
+            )
         return _Plan(
             req.dataset,
             collate,
@@ -622,6 +676,8 @@ class LoaderService:
             rank=req.rank,
             epoch=req.epoch,
             settings=settings,
+            replica=self._replica,
+            replicas=self._replicas,
         )
 
     def _send_batches(
@@ -632,25 +688,28 @@ class LoaderService:
         job: Job | None = None,
         consumer: Consumer | None = None,
     ) -> Iterator[bytes]:
+        # Positions among this replica's batches (all of them with one replica).
         pending: collections.deque[tuple[int, Slot, Future[Result]]] = collections.deque()
-        next_build = next_send = plan.start_batch
+        start, total = plan.local_start, plan.local_total
+        next_build = next_send = start
         # Size slots for a typical batch up front; a batch that outgrows it reports its size.
         min_bytes = self._size_hint(plan)
         active = context.is_active
         try:
-            while next_send < plan.num_batches:
+            while next_send < total:
                 # Build up to one credit window beyond what the client has granted, so
                 # builds overlap the credit round trip; sends never exceed the grant.
                 # Block for a slot only while holding none: a stream never waits on itself.
-                sendable = credits.granted - (next_send - plan.start_batch)
-                while next_build < plan.num_batches and next_build - next_send < sendable + plan.credits:
+                sendable = credits.granted - (next_send - start)
+                while next_build < total and next_build - next_send < sendable + plan.credits:
                     slot = self._acquire(min_bytes, active, wait=not pending)
                     if slot is None:
                         break
-                    pending.append((next_build, slot, self._submit(plan, next_build, slot, job)))
+                    index = plan.batch_index(next_build)
+                    pending.append((index, slot, self._submit(plan, index, slot, job)))
                     next_build += 1
                 if not pending:
-                    if not credits.wait_for(next_send - plan.start_batch, active):
+                    if not credits.wait_for(next_send - start, active):
                         break
                     continue
                 index, slot, future = pending[0]
@@ -664,7 +723,7 @@ class LoaderService:
                     self._ring.release(slot)
                     pending.popleft()
                     self._drop(pending)
-                    next_build = index
+                    next_build = next_send
                     continue
                 pending.popleft()
                 if result.status == "error":
@@ -676,7 +735,7 @@ class LoaderService:
                 else:
                     frames = self._frames(index, result.layout, slot, plan.chunk_bytes)
                     self._ring.release(slot)
-                if not credits.wait_for(next_send - plan.start_batch, active):
+                if not credits.wait_for(next_send - start, active):
                     break
                 yield from frames
                 next_send += 1
@@ -684,7 +743,7 @@ class LoaderService:
                     consumer.sent = next_send
             if credits.error is not None:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, credits.error)
-            if next_send == plan.num_batches:
+            if next_send == total:
                 yield _END_FRAME
                 credits.wait_released(_RELEASE_TIMEOUT, active)
                 if credits.error is not None:

@@ -35,3 +35,40 @@ def test_demo_trains(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "epoch 1: loss" in out and "samples/s" in out
     assert figures["samples_per_s"] > 0 and 0 <= figures["data_wait_share"] <= 1
+
+
+def test_health_reports_serving_and_not_serving(tensor_ds, capsys: pytest.CaptureFixture[str]) -> None:
+    srv = Server({"tensor": tensor_ds}, port=0, num_workers=0)
+    address = srv.address
+    assert cli.main(["health", address]) == 0
+    assert cli.main(["health", address, "--service", "batchferry.v1.Loader"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{address}: SERVING"] * 2
+    assert cli.main(["health", address, "--service", "nope"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    srv.close()
+    assert cli.main(["health", address, "--timeout", "0.5"]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err or "DEADLINE_EXCEEDED" in capsys.readouterr().err
+
+
+def test_health_and_listings_answer_while_every_stream_slot_is_taken(tensor_ds) -> None:
+    """Probes must not fail under load: max_streams limits batch streams only."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from batchferry import errors
+    from batchferry.client import DataLoader
+
+    with (
+        Server({"tensor": tensor_ds}, port=0, num_workers=1, max_streams=1) as srv,
+        DataLoader(srv.address, "tensor", 4, prefetch_factor=1) as busy,
+        DataLoader(srv.address, "tensor", 4, timeout=5) as refused,
+    ):
+        it = iter(busy)
+        next(it)  # holds the only stream
+        with grpc.insecure_channel(srv.address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert len(refused) == 26  # the dataset listing is answered
+        with pytest.raises(errors.ResourceExhausted, match="max_streams=1"):
+            next(iter(refused))
+        assert len(list(it)) == 25

@@ -187,7 +187,9 @@ def test_server_config_errors_name_the_setting(tensor_ds) -> None:
         ({"chunk_bytes": 10}, "chunk_bytes"),
         ({"max_streams": 0}, "max_streams"),
         ({"replica_index": 2, "num_replicas": 2}, "replica_index"),
-        ({"num_replicas": 3}, "num_replicas=3"),
+        ({"num_replicas": 0}, "num_replicas"),
+        ({"shm_bytes": 1000}, "shm_bytes"),
+        ({"job_idle_s": 0}, "job_idle_s"),
     ]:
         with pytest.raises(ValueError, match=needle):
             ServerConfig(**kwargs)  # type: ignore[arg-type]

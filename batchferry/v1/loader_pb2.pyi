@@ -117,14 +117,18 @@ class DatasetInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., length: _Optional[int] = ..., sample_structure: _Optional[str] = ...) -> None: ...
 
 class ListDatasetsResponse(_message.Message):
-    __slots__ = ("datasets", "shm_probe", "shm_token")
+    __slots__ = ("datasets", "shm_probe", "shm_token", "replica_index", "num_replicas")
     DATASETS_FIELD_NUMBER: _ClassVar[int]
     SHM_PROBE_FIELD_NUMBER: _ClassVar[int]
     SHM_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NUM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     datasets: _containers.RepeatedCompositeFieldContainer[DatasetInfo]
     shm_probe: str
     shm_token: bytes
-    def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ..., shm_probe: _Optional[str] = ..., shm_token: _Optional[bytes] = ...) -> None: ...
+    replica_index: int
+    num_replicas: int
+    def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ..., shm_probe: _Optional[str] = ..., shm_token: _Optional[bytes] = ..., replica_index: _Optional[int] = ..., num_replicas: _Optional[int] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("dtype", "shape", "offset")
@@ -185,7 +189,7 @@ class Layout(_message.Message):
     def __init__(self, root: _Optional[_Union[Node, _Mapping]] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class OpenStream(_message.Message):
-    __slots__ = ("dataset", "batch_size", "shuffle", "sampler_state", "drop_last", "collate", "epoch", "start_batch", "credits", "chunk_bytes", "transport", "mode", "job", "rank", "world_size", "seed")
+    __slots__ = ("dataset", "batch_size", "shuffle", "sampler_state", "drop_last", "collate", "epoch", "start_batch", "credits", "chunk_bytes", "transport", "mode", "job", "rank", "world_size", "seed", "replica_index", "num_replicas")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHUFFLE_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +206,8 @@ class OpenStream(_message.Message):
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NUM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     batch_size: int
     shuffle: bool
@@ -218,7 +224,9 @@ class OpenStream(_message.Message):
     rank: int
     world_size: int
     seed: int
-    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., sampler_state: _Optional[bytes] = ..., drop_last: _Optional[bool] = ..., collate: _Optional[str] = ..., epoch: _Optional[int] = ..., start_batch: _Optional[int] = ..., credits: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    replica_index: int
+    num_replicas: int
+    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., sampler_state: _Optional[bytes] = ..., drop_last: _Optional[bool] = ..., collate: _Optional[str] = ..., epoch: _Optional[int] = ..., start_batch: _Optional[int] = ..., credits: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., seed: _Optional[int] = ..., replica_index: _Optional[int] = ..., num_replicas: _Optional[int] = ...) -> None: ...
 
 class Credit(_message.Message):
     __slots__ = ("batches",)

@@ -1,0 +1,224 @@
+"""The servers behind a loader's address: one server, a list of replicas, or a DNS name.
+
+Scale-out runs R replicas of one server; replica i serves the batches b with
+b % R == i of every epoch. A loader is given all of them, as a list of
+``host:port`` addresses or as ``dns:///NAME:PORT`` (a Kubernetes headless
+Service's name resolves to every pod). Each server says which replica it is, so
+the order of the addresses does not matter, and a set that misses a replica,
+names one twice, or disagrees on R or on the dataset is refused before any batch.
+
+Owner of one gRPC channel per replica. A DNS set is resolved again when a
+replica is lost (a restarted pod comes back with a new address).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ipaddress
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from batchferry import wire
+from batchferry.errors import BatchferryError, InvalidArgument, NotFound, ServerUnavailable, from_rpc_error
+from batchferry.v1 import loader_pb2 as _pb2
+
+__all__ = ["Replica", "ReplicaSet", "parse_address", "resolve"]
+
+_DNS = "dns:"
+_RESOLVE_EVERY = 0.5  # seconds between DNS lookups while a replica is missing
+
+
+_Answer = _pb2.ListDatasetsResponse | BatchferryError
+
+
+@dataclass
+class Replica:
+    index: int
+    address: str
+    channel: grpc.Channel
+    info: _pb2.ListDatasetsResponse
+
+
+def parse_address(address: str | Sequence[str]) -> tuple[tuple[str, ...], tuple[str, int] | None]:
+    """Static ``host:port`` targets, or the (name, port) of a ``dns:`` target."""
+    if isinstance(address, str):
+        if not address:
+            raise InvalidArgument("address must be 'host:port', a list of them, or 'dns:///NAME:PORT'")
+        if address.startswith(_DNS):
+            return (), _dns_target(address)
+        return (address,), None
+    if not isinstance(address, Sequence) or not address:
+        raise InvalidArgument(
+            f"address must be 'host:port', a list of them, or 'dns:///NAME:PORT', got {address!r}"
+        )
+    targets = tuple(address)
+    for target in targets:
+        if not isinstance(target, str) or not target or target.startswith(_DNS):
+            raise InvalidArgument(
+                f"each address of a replica list must be 'host:port', got {target!r} "
+                "(give a dns:/// name on its own)"
+            )
+    if len(set(targets)) != len(targets):
+        raise InvalidArgument(f"address list names a server twice: {list(targets)}")
+    return targets, None
+
+
+def _dns_target(address: str) -> tuple[str, int]:
+    rest = address[len(_DNS) :]
+    if rest.startswith("//"):
+        authority, _, rest = rest[2:].partition("/")
+        if authority:
+            raise InvalidArgument(
+                f"address {address!r}: a DNS server in the target (dns://SERVER/...) is not supported; "
+                "use dns:///NAME:PORT, resolved by this host's resolver"
+            )
+    host, sep, port = rest.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"address {address!r}: expected dns:///NAME:PORT")
+    return host, int(port)
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ipaddress.ip_address(host).version == 6 else f"{host}:{port}"
+
+
+def resolve(name: str, port: int) -> list[str]:
+    """Every address ``name`` resolves to, as sorted ``ip:port`` targets."""
+    try:
+        infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return []
+    return sorted({_join(str(info[4][0]), port) for info in infos})
+
+
+class ReplicaSet:
+    """Finds, checks and keeps the channels of all replicas behind one loader address."""
+
+    def __init__(self, address: str | Sequence[str]) -> None:
+        self._static, self._dns = parse_address(address)
+        self.description = f"dns:///{self._dns[0]}:{self._dns[1]}" if self._dns else ", ".join(self._static)
+        self._channels: dict[str, grpc.Channel] = {}
+        self.replicas: list[Replica] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.replicas)
+
+    def _channel(self, target: str) -> grpc.Channel:
+        channel = self._channels.get(target)
+        if channel is None:
+            channel = self._channels[target] = grpc.insecure_channel(target, options=wire.CHANNEL_OPTIONS)
+        return channel
+
+    def _targets(self) -> list[str]:
+        return resolve(*self._dns) if self._dns else list(self._static)
+
+    def _ask(self, targets: list[str], timeout: float) -> dict[str, _Answer]:
+        """ListDatasets on every target at once; each answer or the error it gave."""
+        calls = {}
+        for target in targets:
+            stub = self._channel(target).unary_unary(
+                wire.LIST_DATASETS, request_serializer=None, response_deserializer=None
+            )
+            calls[target] = stub.future(b"", timeout=max(timeout, 0.01), wait_for_ready=True)
+        answers: dict[str, _Answer] = {}
+        for target, call in calls.items():
+            try:
+                answers[target] = wire.parse(_pb2.ListDatasetsResponse, call.result())
+            except grpc.RpcError as exc:
+                err = from_rpc_error(exc)
+                if err.code == "DEADLINE_EXCEEDED":
+                    err = ServerUnavailable(f"server {target} not reachable within {timeout:.3g}s")
+                answers[target] = err
+            except (ValueError, concurrent.futures.CancelledError) as exc:
+                answers[target] = InvalidArgument(f"server {target} sent a malformed dataset list: {exc}")
+        return answers
+
+    def discover(self, dataset: str, timeout: float) -> list[Replica]:
+        """Every replica, by index, checked to form one complete set serving ``dataset``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            targets = self._targets()
+            # A DNS name may not list every pod yet (one is restarting): look again shortly.
+            wait = min(remaining, _RESOLVE_EVERY) if self._dns else remaining
+            try:
+                self.replicas = self._check(self._ask(targets, wait), dataset)
+                return self.replicas
+            except ServerUnavailable:
+                if not self._dns or time.monotonic() + _RESOLVE_EVERY >= deadline:
+                    raise
+            time.sleep(_RESOLVE_EVERY / 5)
+
+    def _check(self, answers: dict[str, _Answer], dataset: str) -> list[Replica]:
+        if not answers:
+            raise ServerUnavailable(f"{self.description} resolves to no address")
+        if len(answers) == 1 and not self._dns:
+            # One server: its own error as it is (NotFound, a timeout, ...).
+            answer = next(iter(answers.values()))
+            if isinstance(answer, BatchferryError):
+                raise answer
+        by_index: dict[int, Replica] = {}
+        counts: dict[str, int] = {}
+        errors = {t: a for t, a in answers.items() if isinstance(a, BatchferryError)}
+        for target, answer in answers.items():
+            if isinstance(answer, BatchferryError):
+                continue
+            index, count = int(answer.replica_index), int(answer.num_replicas) or 1
+            counts[target] = count
+            if index in by_index:
+                raise InvalidArgument(
+                    f"{by_index[index].address} and {target} are both replica {index} of {count}; "
+                    "every replica needs its own --replica-index"
+                )
+            by_index[index] = Replica(index, target, self._channel(target), answer)
+        if len(set(counts.values())) > 1:
+            raise InvalidArgument(f"servers disagree on num_replicas: {counts}")
+        count = next(iter(counts.values()), 0)
+        missing = [i for i in range(count) if i not in by_index]
+        if errors and (missing or not count):
+            raise next(iter(errors.values()))
+        if missing:
+            found = ", ".join(f"{r.address} is replica {i}" for i, r in sorted(by_index.items()))
+            raise ServerUnavailable(
+                f"{self.description}: replica(s) {missing} of {count} missing ({found}); give the loader "
+                "every replica's address, or a dns:/// name that resolves to all of them"
+            )
+        replicas = [by_index[i] for i in range(count)]
+        lengths = {}
+        for r in replicas:
+            infos = {d.name: d for d in r.info.datasets}
+            if dataset not in infos:
+                raise NotFound(
+                    f"dataset {dataset!r} not found on {r.address}; it has: {', '.join(sorted(infos))}"
+                )
+            lengths[r.address] = int(infos[dataset].length)
+        if len(set(lengths.values())) > 1:
+            raise InvalidArgument(f"replicas disagree on the length of dataset {dataset!r}: {lengths}")
+        return replicas
+
+    def refresh(self, index: int, timeout: float) -> Replica | None:
+        """After replica ``index`` was lost: with a DNS name, find where it is now (None
+        if nowhere yet). A static address keeps its channel, which reconnects by itself."""
+        if not self._dns:
+            return self.replicas[index]
+        known = {r.address for r in self.replicas if r.index != index}
+        fresh = [t for t in self._targets() if t not in known]
+        for target, answer in self._ask(fresh, min(timeout, _RESOLVE_EVERY)).items():
+            if isinstance(answer, _pb2.ListDatasetsResponse) and int(answer.replica_index) == index:
+                old = self.replicas[index].address
+                self.replicas[index] = Replica(index, target, self._channel(target), answer)
+                if old != target and old in self._channels:
+                    self._channels.pop(old).close()  # the pod that had it is gone
+                return self.replicas[index]
+        return None
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()

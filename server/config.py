@@ -1,0 +1,344 @@
+"""Server settings: the ``ServerConfig`` object, and ``batchferry serve``'s sources for it.
+
+``batchferry serve`` takes every setting from, highest first: its command-line
+flag, a ``BATCHFERRY_*`` environment variable, a TOML file (``--config`` or
+``BATCHFERRY_CONFIG``), the default. The file's keys are the flags' names with
+underscores (``--num-workers`` is ``num_workers``)::
+
+    host = "0.0.0.0"
+    port = 50051
+    num_workers = 8
+    shm_bytes = "8GiB"          # bytes, or a size with KiB/MiB/GiB
+    num_replicas = 3            # replica_index defaults to the StatefulSet ordinal
+    import = ["mytraining.collates"]
+
+    [datasets]
+    train = "npy:/data/train.npy,labels=/data/train_labels.npy"
+
+Every mistake is reported naming where it came from: the file and key, the
+environment variable, or the flag.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batchferry import wire
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "ENV_PREFIX",
+    "ConfigError",
+    "ServeSettings",
+    "ServerConfig",
+    "load_settings",
+    "parse_size",
+    "statefulset_ordinal",
+]
+
+ENV_PREFIX = "BATCHFERRY_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown, or has a value of the wrong kind or range."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """Everything a server is configured with (CLI flags map 1:1 onto these)."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    num_workers: int = 2
+    # Ring slots; 0 picks 4 per worker plus 4 (at least 8).
+    slots: int = 0
+    # Upper bound on the ring's shared memory, all slots together.
+    shm_bytes: int = 4 << 30
+    chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES
+    max_streams: int = 64
+    # A job with no consumers for this long is forgotten (its settings no longer bind).
+    job_idle_s: float = 300.0
+    # Scale-out: replica i of R serves the batches b with b % R == i of every epoch.
+    replica_index: int = 0
+    num_replicas: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.slots < 0:
+            raise ValueError(f"slots must be >= 0, got {self.slots}")
+        if self.shm_bytes < 1 << 20:
+            raise ValueError(f"shm_bytes must be at least 1 MiB, got {self.shm_bytes}")
+        if self.max_streams < 1:
+            raise ValueError(f"max_streams must be >= 1, got {self.max_streams}")
+        if not self.job_idle_s > 0:
+            raise ValueError(f"job_idle_s must be > 0 seconds, got {self.job_idle_s}")
+        if not wire.MIN_CHUNK_BYTES <= self.chunk_bytes <= wire.MAX_CHUNK_BYTES:
+            raise ValueError(
+                f"chunk_bytes must be in [{wire.MIN_CHUNK_BYTES}, {wire.MAX_CHUNK_BYTES}], "
+                f"got {self.chunk_bytes}"
+            )
+        if self.num_replicas < 1:
+            raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
+        if not 0 <= self.replica_index < self.num_replicas:
+            raise ValueError(
+                f"replica_index must be in [0, num_replicas={self.num_replicas}), got {self.replica_index}"
+            )
+
+    @property
+    def num_slots(self) -> int:
+        return self.slots or max(8, 4 * self.num_workers + 4)
+
+
+_UNITS = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(value: str | int) -> int:
+    """``4194304``, ``"4MiB"``, ``"2GiB"``, ``"512KiB"`` -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"must be a size (bytes, or e.g. '4GiB'), got {value!r}")
+    lower = value.strip().lower()
+    for suffix, factor in _UNITS.items():
+        if lower.endswith(suffix):
+            try:
+                return int(float(lower[: -len(suffix)]) * factor)
+            except ValueError:
+                break
+    try:
+        return int(lower)
+    except ValueError:
+        raise ValueError(f"must be a size (bytes, or e.g. '4GiB'), got {value!r}") from None
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise ValueError(f"must be an integer, got {value!r}")
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise ValueError(f"must be a number, got {value!r}")
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _log_level(value: Any) -> str:
+    level = _text(value).upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return level
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    """A list of module names (file), or a comma-separated string (environment, flags)."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
+        return tuple(value)
+    raise ValueError(f"must be a list of module names, got {value!r}")
+
+
+def _datasets(value: Any) -> dict[str, str]:
+    """A table of name = spec (file), ``NAME=SPEC`` entries (flags), or such entries
+    separated by ``;`` in one string (environment)."""
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(";") if part.strip()]
+    if isinstance(value, (list, tuple)):
+        entries: dict[str, str] = {}
+        for part in value:
+            name, sep, spec = str(part).partition("=")
+            if not sep or not name.strip() or not spec.strip():
+                raise ValueError(f"expects NAME=SPEC, got {part!r}")
+            entries[name.strip()] = spec.strip()
+        return entries
+    if isinstance(value, Mapping) and all(isinstance(k, str) and k for k in value):
+        bad = {k: v for k, v in value.items() if not isinstance(v, str) or not v}
+        if bad:
+            name = next(iter(bad))
+            raise ValueError(f"dataset {name!r} must be a spec string, got {bad[name]!r}")
+        return dict(value)
+    raise ValueError(f'must be a table of name = "spec", got {value!r}')
+
+
+# Key -> parser. Keys are ServerConfig's fields plus what `serve` itself needs.
+_SERVER_KEYS: dict[str, Callable[[Any], Any]] = {
+    "host": _text,
+    "port": _integer,
+    "num_workers": _integer,
+    "slots": _integer,
+    "shm_bytes": parse_size,
+    "chunk_bytes": parse_size,
+    "max_streams": _integer,
+    "job_idle_s": _number,
+    "replica_index": _integer,
+    "num_replicas": _integer,
+}
+KEYS: dict[str, Callable[[Any], Any]] = {
+    "datasets": _datasets,
+    "import": _names,
+    "log_level": _log_level,
+    **_SERVER_KEYS,
+}
+# `batchferry serve` listens on every interface; the Python Server defaults to loopback.
+_SERVE_DEFAULTS: dict[str, Any] = {"host": "0.0.0.0", "log_level": "INFO"}
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+def flag_name(key: str) -> str:
+    return "--dataset" if key == "datasets" else "--" + key.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What ``batchferry serve`` runs with, every source merged and checked."""
+
+    datasets: dict[str, str]
+    server: ServerConfig
+    imports: tuple[str, ...] = ()
+    log_level: str = "INFO"
+    # Where each setting came from ("flag --port", "config serve.toml key 'port'", ...).
+    origins: dict[str, str] = field(default_factory=dict)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read it ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+    for key in data:
+        if key not in KEYS:
+            close = difflib.get_close_matches(key, KEYS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(KEYS))}"
+            raise ConfigError(f"config file {path}: unknown key {key!r}{hint}")
+    return data
+
+
+def statefulset_ordinal(hostname: str) -> int | None:
+    """The ordinal of a StatefulSet pod from its host name (``loader-2`` -> 2), or None."""
+    match = re.fullmatch(r".+-(\d+)", hostname)
+    return int(match.group(1)) if match else None
+
+
+def load_settings(
+    flags: Mapping[str, Any],
+    *,
+    environ: Mapping[str, str] | None = None,
+    hostname: str | None = None,
+) -> ServeSettings:
+    """Merge flags (None where not given), environment, config file and defaults.
+
+    ``flags`` holds the settings keys; ``config`` names the file. Raises
+    ConfigError naming the offending flag, variable or file key.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    datasets: dict[str, str] = {}
+    dataset_origins: dict[str, str] = {}
+
+    def take(key: str, raw: Any, origin: str) -> None:
+        try:
+            value = KEYS[key](raw)
+        except ValueError as exc:
+            raise ConfigError(f"{origin}: {exc}") from None
+        if key == "datasets":  # merged by name: a later source overrides one dataset
+            datasets.update(value)
+            dataset_origins.update(dict.fromkeys(value, origin))
+        else:
+            values[key], origins[key] = value, origin
+
+    config_path = flags.get("config") or env.get(env_name("config"))
+    if config_path:
+        path = Path(config_path)
+        for key, raw in _read_file(path).items():
+            take(key, raw, f"config file {path} key {key!r}")
+    for key in KEYS:
+        if env_name(key) in env:
+            take(key, env[env_name(key)], f"environment {env_name(key)}")
+    for key in KEYS:
+        if flags.get(key) is not None:
+            take(key, flags[key], f"flag {flag_name(key)}")
+
+    for key, default in _SERVE_DEFAULTS.items():
+        values.setdefault(key, default)
+    if "replica_index" not in values:
+        values["replica_index"], origins["replica_index"] = _default_replica(
+            values.get("num_replicas", 1), hostname or env.get("HOSTNAME")
+        )
+    if not datasets:
+        raise ConfigError(
+            "datasets: none given; use --dataset NAME=SPEC, BATCHFERRY_DATASETS or a [datasets] table "
+            "in the config file"
+        )
+    server_values = {k: v for k, v in values.items() if k in _SERVER_KEYS}
+    try:
+        server = ServerConfig(**server_values)
+    except ValueError as exc:
+        key = next((k for k in server_values if str(exc).startswith(k)), "")
+        where = origins.get(key, "")
+        raise ConfigError(f"{where}: {exc}" if where else str(exc)) from None
+    origins.update({f"datasets.{name}": origin for name, origin in dataset_origins.items()})
+    return ServeSettings(
+        datasets=datasets,
+        server=server,
+        imports=values.get("import", ()),
+        log_level=values["log_level"],
+        origins=origins,
+    )
+
+
+def _default_replica(num_replicas: int, hostname: str | None) -> tuple[int, str]:
+    """One replica is replica 0; of several, a StatefulSet pod is its ordinal."""
+    if num_replicas <= 1:
+        return 0, "default"
+    host = hostname or socket.gethostname()
+    ordinal = statefulset_ordinal(host)
+    if ordinal is None:
+        raise ConfigError(
+            f"replica_index: not given, and the host name {host!r} does not end in a StatefulSet "
+            f"ordinal (-N); set --replica-index or {env_name('replica_index')}"
+        )
+    return ordinal, f"host name {host!r}"
