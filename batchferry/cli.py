@@ -60,15 +60,18 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    from batchferry.server.config import local_target
+
+    target = args.target or local_target()
+    with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
         except grpc.RpcError as exc:
-            print(f"{args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(f"{target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(f"{args.target}: {status}")
+    print(f"{target}: {status}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
@@ -125,6 +128,8 @@ def _demo(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         samples=args.samples,
         device=args.device,
+        connect=args.connect,
+        dataset=args.dataset,
     )
     return 0
 
@@ -208,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     health = sub.add_parser("health", help="ask a server's grpc.health.v1 service; exit 0 when SERVING")
-    health.add_argument("target", help="host:port")
+    health.add_argument(
+        "target", nargs="?", help="host:port (default: this host's server, port from BATCHFERRY_PORT)"
+    )
     health.add_argument("--service", default="", help="service name ('' is the whole server)")
     health.add_argument("--timeout", type=float, default=5.0)
     health.set_defaults(func=_health)
@@ -219,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=256)
     demo.add_argument("--samples", type=int, default=32768)
     demo.add_argument("--device", default=None, help="e.g. cuda (default: cuda when available)")
+    demo.add_argument(
+        "--connect",
+        metavar="ADDRESS",
+        help="train from running servers instead of an embedded one: host:port, a,b (replicas) "
+        "or dns:///NAME:PORT",
+    )
+    demo.add_argument("--dataset", default="demo", help="dataset name on those servers (default demo)")
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser("bench", help="batchferry vs torch DataLoader on the standard workloads")

@@ -1,8 +1,16 @@
-"""``batchferry demo``: an embedded server on a synthetic dataset and a short training loop."""
+"""``batchferry demo``: an embedded server on a synthetic dataset and a short training loop.
+
+With ``connect`` the loop trains from running servers instead (the example trainer
+of the container and Kubernetes set-ups): ``host:port``, several replicas as
+``a:port,b:port``, or ``dns:///NAME:PORT``. They must serve ``DEMO_SPEC`` (or any
+dataset of 64 float features and labels in [0, 10)) under ``dataset``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -13,6 +21,24 @@ from batchferry.server import Server
 __all__ = ["run_demo"]
 
 FEATURES, CLASSES = 64, 10
+DEMO_SPEC = f"synthetic:n=32768,shape={FEATURES},classes={CLASSES},seed=0"
+
+
+@contextlib.contextmanager
+def _source(connect: str | None, spec: str, num_workers: int) -> Iterator[str | list[str]]:
+    """The address to train from: ``connect``, or an embedded server's."""
+    if connect:
+        targets = [t.strip() for t in connect.split(",") if t.strip()]
+        print(f"training from {connect}")
+        yield targets if len(targets) > 1 else targets[0]
+        return
+    started = time.perf_counter()
+    with Server({"demo": spec}, host="127.0.0.1", port=0, num_workers=num_workers) as server:
+        print(
+            f"server on {server.address} with {num_workers} worker(s), started in "
+            f"{time.perf_counter() - started:.2f}s"
+        )
+        yield server.address
 
 
 def run_demo(
@@ -22,22 +48,20 @@ def run_demo(
     batch_size: int = 256,
     samples: int = 32768,
     device: str | None = None,
+    connect: str | None = None,
+    dataset: str = "demo",
 ) -> dict[str, float]:
     """Train a small classifier for ``epochs`` epochs; print and return throughput figures."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     spec = f"synthetic:n={samples},shape={FEATURES},classes={CLASSES},seed=0"
-    started = time.perf_counter()
-    with Server({"demo": spec}, host="127.0.0.1", port=0, num_workers=num_workers) as server:
-        print(
-            f"server on {server.address} with {num_workers} worker(s), started in "
-            f"{time.perf_counter() - started:.2f}s; training on {dev}"
-        )
+    with _source(connect, spec, num_workers) as address:
+        print(f"training on {dev}")
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(FEATURES, 256), nn.ReLU(), nn.Linear(256, CLASSES)).to(dev)
         optim = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         with DataLoader(
-            server.address,
-            "demo",
+            address,
+            dataset,
             batch_size=batch_size,
             shuffle=True,
             seed=0,

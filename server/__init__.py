@@ -1,9 +1,19 @@
-"""The batchferry loader server (``batchferry.server``)."""
+"""The batchferry loader server (``batchferry.server``).
 
-from .collate import SlotCollate, pad_collate, register_collate
-from .config import ServerConfig
-from .datasets import NpyDataset, SyntheticDataset, parse_spec
-from .server import Server
+Names load on first use, so that ``batchferry.server.config`` (read by
+``batchferry health`` in a container probe) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .collate import SlotCollate, pad_collate, register_collate
+    from .config import ServerConfig
+    from .datasets import NpyDataset, SyntheticDataset, parse_spec
+    from .server import Server
 
 __all__ = [
     "NpyDataset",
@@ -15,3 +25,23 @@ __all__ = [
     "parse_spec",
     "register_collate",
 ]
+
+_WHERE = {
+    "NpyDataset": "datasets",
+    "Server": "server",
+    "ServerConfig": "config",
+    "SlotCollate": "collate",
+    "SyntheticDataset": "datasets",
+    "pad_collate": "collate",
+    "parse_spec": "datasets",
+    "register_collate": "collate",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

@@ -44,6 +44,7 @@ __all__ = [
     "ServeSettings",
     "ServerConfig",
     "load_settings",
+    "local_target",
     "parse_size",
     "statefulset_ordinal",
 ]
@@ -254,6 +255,20 @@ def _read_file(path: Path) -> dict[str, Any]:
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(KEYS))}"
             raise ConfigError(f"config file {path}: unknown key {key!r}{hint}")
     return data
+
+
+def local_target(environ: Mapping[str, str] | None = None) -> str:
+    """Where this host's server listens, for ``batchferry health`` without a target
+    (container HEALTHCHECK): the port from BATCHFERRY_PORT, else from the config file
+    BATCHFERRY_CONFIG names, else the default."""
+    env = os.environ if environ is None else environ
+    port: Any = env.get(env_name("port"))
+    if port is None and env.get(env_name("config")):
+        port = _read_file(Path(env[env_name("config")])).get("port")
+    try:
+        return f"127.0.0.1:{_integer(port) if port is not None else ServerConfig.port}"
+    except ValueError as exc:
+        raise ConfigError(f"port for the health check: {exc}") from None
 
 
 def statefulset_ordinal(hostname: str) -> int | None:

