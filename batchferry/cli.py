@@ -147,6 +147,16 @@ def _bench(args: argparse.Namespace) -> int:
 
         ids.remove("W5")
         multi_main(reps=args.reps, num_workers=args.num_workers, out=Path(args.out or RESULTS))
+    if "SCALE" in ids:
+        from batchferry.benchmarks.replicas import main as scale_main
+
+        ids.remove("SCALE")
+        scale_main(
+            reps=args.reps,
+            num_workers=args.num_workers,
+            replicas=args.replicas,
+            out=Path(args.out or RESULTS),
+        )
     if "MEM" in ids:
         from batchferry.benchmarks.memory import main as memory_main
 
@@ -240,10 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
         "workloads",
         nargs="+",
         metavar="W",
-        help="W1 W2 W3 W4, W5 (shared mode), MEM (memory bounds), G1 (needs CUDA), or all (W1-W4)",
+        help="W1 W2 W3 W4, W5 (shared mode), SCALE (replicas), MEM (memory bounds), G1 (needs CUDA), "
+        "or all (W1-W4)",
     )
     bench.add_argument("--reps", type=int, default=3)
     bench.add_argument("--num-workers", type=int, default=2)
+    bench.add_argument("--replicas", type=int, default=2, help="SCALE: server replicas (default 2)")
     bench.add_argument("--scale", type=float, default=1.0, help="shrink datasets (smoke runs)")
     bench.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     bench.add_argument("--no-ceiling", action="store_true", help="skip the raw gRPC ceiling")

@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,12 +65,12 @@ def measure(make_iter: Callable[[], Iterator[Any]], batches: int) -> Sample:
 
 
 @contextmanager
-def served(workload: Workload, num_workers: int) -> Iterator[str]:
-    """A ``batchferry serve`` process for the workload; yields its address."""
+def served(workload: Workload, num_workers: int, extra: Sequence[str] = ()) -> Iterator[str]:
+    """A ``batchferry serve`` process for the workload (``extra``: more flags); yields its address."""
     cmd = [
         sys.executable, "-m", "batchferry.cli", "--log-level", "WARNING", "serve",
         "--dataset", f"{workload.id}={workload.spec}",
-        "--host", "127.0.0.1", "--port", "0", "--num-workers", str(num_workers),
+        "--host", "127.0.0.1", "--port", "0", "--num-workers", str(num_workers), *extra,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
@@ -78,7 +78,7 @@ def served(workload: Workload, num_workers: int) -> Iterator[str]:
         line = proc.stdout.readline()
         if "serving" not in line:
             raise RuntimeError(f"server did not start: {line!r}")
-        yield line.rsplit(" ", 1)[-1].strip()
+        yield line.split(" on ", 1)[1].split()[0]  # "batchferry serving W1 on HOST:PORT[ as replica i of R]"
     finally:
         proc.terminate()
         proc.wait(timeout=60)
