@@ -156,6 +156,7 @@ def _bench(args: argparse.Namespace) -> int:
             num_workers=args.num_workers,
             replicas=args.replicas,
             out=Path(args.out or RESULTS),
+            scale=args.scale,
         )
     if "MEM" in ids:
         from batchferry.benchmarks.memory import main as memory_main

@@ -12,7 +12,6 @@ Reports samples/s to the GPU and the stall share, for torch's DataLoader
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 from batchferry.client import DataLoader
 
-from .harness import RESULTS, machine, served
+from .harness import RESULTS, machine, save_report, served
 from .workloads import WORKLOADS
 
 BATCH = 256
@@ -119,8 +118,5 @@ def main(*, compute_ms: float = 6.0, steps: int = 28, worker_counts: tuple[int, 
     report["ratio"] = best_ours / best_torch
     print(f"G1: batchferry {best_ours:,.0f} samples/s vs torch {best_torch:,.0f} ({report['ratio']:.2f}x); "
           f"compute-only step {report['compute_only_step_ms']:.2f} ms")  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{report['date']}-G1-{torch.cuda.get_device_name().replace(' ', '_')}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    save_report(report, out, f"G1-{torch.cuda.get_device_name().replace(' ', '_')}")
     return report

@@ -138,6 +138,15 @@ def run_workload(workload: Workload, reps: int, num_workers: int, bar: tqdm[Any]
     return results
 
 
+def save_report(report: dict[str, Any], out: Path, name: str) -> Path:
+    """Write ``report`` as ``out/<date>-<name>.json`` and say where."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{report['date']}-{name}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
 def machine() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),

@@ -9,7 +9,6 @@ bytes as they go. The stated bounds: client growth <= prefetch x batch bytes +
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import psutil
 from batchferry import shm
 from batchferry.client import DataLoader
 
-from .harness import RESULTS, machine, served
+from .harness import RESULTS, machine, save_report, served
 from .workloads import WORKLOADS
 
 
@@ -82,8 +81,5 @@ def main(out: Path = RESULTS) -> dict[str, Any]:
             f"{r['client_rss_bound'] / 1e6:.0f} MB); server shm {r['server_shm_min'] / 1e6:.1f}-"
             f"{r['server_shm_max'] / 1e6:.1f} MB; {'OK' if r['within_bound'] else 'OVER'}"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{report['date']}-MEM.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    save_report(report, out, "MEM")
     return report

@@ -8,7 +8,6 @@ counting every process involved (trainers, their loader workers, server and work
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import multiprocessing as mp
 import os
 import resource
@@ -22,7 +21,7 @@ import torch
 
 from batchferry.client import DataLoader
 
-from .harness import RESULTS, machine, served
+from .harness import RESULTS, machine, save_report, served
 from .workloads import DATA_ENV, WORKLOADS, data_dir
 
 TRAINERS = 4
@@ -130,8 +129,5 @@ def main(*, reps: int = 3, num_workers: int = 2, out: Path = RESULTS) -> dict[st
         print(f"W5 {name:<18} {m['samples_per_s']:>9,.0f} samples/s aggregate, "
               f"{m['cpu_s_per_1k_samples']:.3f} CPU s per 1k samples")  # fmt: skip
     print(f"W5: aggregate {ratio:.2f}x four separate torch DataLoaders, CPU per sample {cpu_ratio:.2f}x")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{report['date']}-W5.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    save_report(report, out, "W5")
     return report

@@ -9,7 +9,6 @@ not the capacity R machines add. ``batchferry bench SCALE --replicas 2``
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import statistics
 from contextlib import ExitStack
@@ -21,8 +20,8 @@ import torch
 
 from batchferry.client import DataLoader
 
-from .harness import RESULTS, TRANSPORTS, Sample, machine, measure, served
-from .workloads import DATA_ENV, WORKLOADS, data_dir
+from .harness import RESULTS, TRANSPORTS, Sample, machine, measure, save_report, served
+from .workloads import DATA_ENV, SCALE_ENV, WORKLOADS, data_dir
 
 
 def _median(samples: list[Sample]) -> dict[str, float]:
@@ -51,10 +50,12 @@ def main(
     replicas: int = 2,
     out: Path = RESULTS,
     ids: tuple[str, ...] = ("W1", "W2"),
+    scale: float = 1.0,
 ) -> dict[str, Any]:
     if replicas < 2:
         raise ValueError(f"replicas must be >= 2, got {replicas}")
     os.environ[DATA_ENV] = str(data_dir())
+    os.environ[SCALE_ENV] = str(scale)  # server processes build the workloads at this scale too
     per_replica = max(1, num_workers // replicas)
     report: dict[str, Any] = {
         "date": _dt.date.today().isoformat(),
@@ -112,8 +113,5 @@ def main(
                 f"(replicas/one {vs_one[t]:.2f}x, "
                 f"replicas/torch {many[t][key] / torch_run[key]:.2f}x)"
             )
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{report['date']}-SCALE-{os.cpu_count()}cpu.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    save_report(report, out, f"SCALE-{os.cpu_count()}cpu")
     return report

@@ -128,28 +128,24 @@ def parse_size(value: str | int) -> int:
         raise ValueError(f"must be a size (bytes, or e.g. '4GiB'), got {value!r}") from None
 
 
-def _integer(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"must be an integer, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise ValueError(f"must be an integer, got {value!r}")
+def _scalar(kind: type[int] | type[float], what: str) -> Callable[[Any], Any]:
+    """A parser for ``kind`` from a TOML value or an environment/flag string."""
+
+    def parse(value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return kind(value.strip())
+            except ValueError:
+                pass
+        elif not isinstance(value, bool) and isinstance(value, (int, kind)):
+            return kind(value)
+        raise ValueError(f"must be {what}, got {value!r}")
+
+    return parse
 
 
-def _number(value: Any) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            pass
-    raise ValueError(f"must be a number, got {value!r}")
+_integer = _scalar(int, "an integer")
+_number = _scalar(float, "a number")
 
 
 def _text(value: Any) -> str:

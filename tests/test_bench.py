@@ -28,3 +28,17 @@ def test_bench_writes_results_and_chart(tmp_path: Path, monkeypatch: pytest.Monk
 def test_bench_rejects_unknown_workloads(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "W9", "--no-ceiling"]) == 2
     assert "unknown workload" in capsys.readouterr().err
+
+
+def test_scale_bench_compares_replicas_with_one_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchferry.benchmarks.replicas import main as scale_main
+
+    monkeypatch.setenv("BATCHFERRY_BENCH_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("BATCHFERRY_BENCH_SCALE", "1")
+    report = scale_main(reps=1, num_workers=2, replicas=2, out=tmp_path, ids=("W1",), scale=0.001)
+    w1 = report["workloads"]["W1"]
+    assert set(w1["replicas_vs_one_server"]) == {"grpc", "shm"}
+    assert all(r["batches_per_s"] > 0 for r in w1["2_replicas"].values())
+    assert json.loads(next(tmp_path.glob("*-SCALE-*.json")).read_text())["replicas"] == 2

@@ -34,6 +34,8 @@ from batchferry import errors, shm
 from batchferry.client import DataLoader
 from batchferry.server.config import load_settings, parse_size
 
+from support import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -128,12 +130,6 @@ def test_dockerignore_sends_the_sources_the_build_copies_and_nothing_else() -> N
 
 
 # -- the container's command lines, run as processes -----------------------------------
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def _argv(args: list[str]) -> list[str]:
     """The image's console script is this environment's ``batchferry``."""
     assert args[0] == "batchferry"
@@ -180,7 +176,7 @@ def _loopback(port: int) -> dict[str, str]:
 
 
 def test_image_command_line_serves_and_its_healthcheck_passes() -> None:
-    port = _free_port()
+    port = free_port()
     env = {**IMAGE_ENV, **_loopback(port), "PATH": os.environ["PATH"]}
     with _running(ENTRYPOINT + CMD, env) as proc:
         health = _health(env)  # the HEALTHCHECK's own command line, port from the environment
@@ -234,7 +230,7 @@ def test_compose_shares_ipc_and_shm_between_server_and_trainer() -> None:
 def test_compose_server_and_trainer_command_lines_run_together(tmp_path: Path) -> None:
     services = _compose()["services"]
     server, trainer = services["server"], services["trainer"]
-    port = _free_port()
+    port = free_port()
     args = list(server["command"])
     args[args.index("--config") + 1] = str(_mounts(server)[args[args.index("--config") + 1]])
     env = {**IMAGE_ENV, **server["environment"], **_loopback(port), "PATH": os.environ["PATH"]}
@@ -366,7 +362,7 @@ def test_statefulset_command_lines_serve_as_replicas_and_the_job_trains(tmp_path
     args[args.index("--config") + 1] = str(path)
     count = settings.server.num_replicas
     hosts = [f"127.0.0.{i + 1}" for i in range(count)]
-    port = _free_port()
+    port = free_port()
     manifest_env = {e["name"]: e["value"] for e in container.get("env", [])}
     with _pods(args, manifest_env, hosts, port) as addresses:
         for address in addresses:
@@ -433,7 +429,7 @@ def test_image_builds_runs_healthy_and_serves(docker_client: Any) -> None:
         path=str(ROOT), dockerfile="deploy/Dockerfile", tag="batchferry:test", rm=True
     )
     assert image.attrs["Config"]["User"].split(":")[0] == "10001"
-    port = _free_port()
+    port = free_port()
     container = docker_client.containers.run(
         image.id, detach=True, ports={"50051/tcp": ("127.0.0.1", port)}, shm_size="512m",
         command=["--dataset", "demo=synthetic:n=4096,shape=64,classes=10,seed=0", "--num-workers", "1"],

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,52 +15,14 @@ from batchferry import errors, shm
 from batchferry.client import DataLoader
 from batchferry.server import parse_spec
 
-from support import assert_same
+from support import ServeProcess, assert_same
 
 SPEC = "synthetic:n=300,shape=6,seed=4"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class CliServer:
-    """``batchferry serve`` on a fixed port, killable and restartable."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.proc: subprocess.Popen[str] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "batchferry.cli", "--log-level", "WARNING", "serve", "--dataset",
-             f"syn={SPEC}", "--host", "127.0.0.1", "--port", str(self.port), "--num-workers", "1"],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert self.proc.stdout is not None
-        assert "serving" in self.proc.stdout.readline()
-
-    def kill(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-        self.proc.stdout.close()
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-            assert self.proc.stdout is not None
-            self.proc.stdout.close()
-            self.proc = None
-
-
 @pytest.fixture
-def cli() -> Iterator[CliServer]:
-    server = CliServer(_free_port())
+def cli() -> Iterator[ServeProcess]:
+    server = ServeProcess(f"syn={SPEC}")
     server.start()
     try:
         yield server
@@ -73,7 +32,7 @@ def cli() -> Iterator[CliServer]:
 
 
 @pytest.mark.parametrize("transport", ["shm", "grpc"])
-def test_kill_9_and_restart_mid_epoch_loses_and_repeats_nothing(cli: CliServer, transport: str) -> None:
+def test_kill_9_and_restart_mid_epoch_loses_and_repeats_nothing(cli: ServeProcess, transport: str) -> None:
     ds = parse_spec(SPEC)
     expected = list(TorchLoader(ds, 16, shuffle=True, generator=torch.Generator().manual_seed(9)))
     with DataLoader(
@@ -89,7 +48,7 @@ def test_kill_9_and_restart_mid_epoch_loses_and_repeats_nothing(cli: CliServer, 
     assert_same(got, expected)
 
 
-def test_sharded_rank_continues_after_restart(cli: CliServer) -> None:
+def test_sharded_rank_continues_after_restart(cli: ServeProcess) -> None:
     ds = parse_spec(SPEC)
     sampler = DistributedSampler(ds, 2, 1, shuffle=True, seed=1)  # type: ignore[arg-type]
     expected = list(TorchLoader(ds, 8, sampler=sampler))  # type: ignore[arg-type]
@@ -103,7 +62,7 @@ def test_sharded_rank_continues_after_restart(cli: CliServer) -> None:
     assert_same(got, expected)
 
 
-def test_server_that_stays_away_raises_after_timeout(cli: CliServer) -> None:
+def test_server_that_stays_away_raises_after_timeout(cli: ServeProcess) -> None:
     with DataLoader(f"127.0.0.1:{cli.port}", "syn", 16, timeout=1.5) as loader:
         it = iter(loader)
         next(it)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import signal
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 
@@ -21,59 +18,24 @@ from batchferry.client import replicas as replicas_mod
 from batchferry.server import Server, parse_spec
 from batchferry.v1 import loader_pb2 as pb
 
-from support import assert_same
+from support import ServeProcess, assert_same, free_port
 
 SPEC = "synthetic:n=300,shape=6,seed=4"  # 19 batches of 16: not a multiple of 3
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-class Replica:
+def replica(index: int, count: int, host: str = "127.0.0.1", port: int | None = None) -> ServeProcess:
     """``batchferry serve`` as replica ``index`` of ``count``: a real server process."""
-
-    def __init__(self, index: int, count: int, host: str = "127.0.0.1", port: int | None = None) -> None:
-        self.index, self.count, self.host = index, count, host
-        self.port = port or _free_port(host)
-        self.proc: subprocess.Popen[str] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "batchferry.cli", "--log-level", "WARNING", "serve",
-             "--dataset", f"syn={SPEC}", "--host", self.host, "--port", str(self.port),
-             "--num-workers", "1", "--replica-index", str(self.index), "--num-replicas", str(self.count)],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert f"replica {self.index} of {self.count}" in line, line
-
-    def kill(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        self.proc.stdout.close()
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-            assert self.proc.stdout is not None
-            self.proc.stdout.close()
-            self.proc = None
+    return ServeProcess(
+        f"syn={SPEC}",
+        host=host,
+        port=port,
+        extra=["--replica-index", str(index), "--num-replicas", str(count)],
+    )
 
 
 @pytest.fixture(scope="module")
-def three() -> Iterator[list[Replica]]:
-    reps = [Replica(i, 3) for i in range(3)]
+def three() -> Iterator[list[ServeProcess]]:
+    reps = [replica(i, 3) for i in range(3)]
     try:
         for r in reps:
             r.start()
@@ -97,7 +59,7 @@ def _torch_epochs(seed: int, epochs: int, batch_size: int = 16) -> list[list[obj
 
 @pytest.mark.parametrize("transport", ["shm", "grpc"])
 def test_three_replica_processes_equal_one_server_and_torch(
-    three: list[Replica], single: Server, transport: str
+    three: list[ServeProcess], single: Server, transport: str
 ) -> None:
     expected = _torch_epochs(seed=7, epochs=2)
     # The order of the addresses does not matter: each server says which replica it is.
@@ -115,7 +77,7 @@ def test_three_replica_processes_equal_one_server_and_torch(
         assert torch.equal(merged.generator.get_state(), one.generator.get_state())  # type: ignore[union-attr]
 
 
-def test_replicas_resume_mid_epoch(three: list[Replica]) -> None:
+def test_replicas_resume_mid_epoch(three: list[ServeProcess]) -> None:
     expected = _torch_epochs(seed=3, epochs=2)
     addresses = [r.address for r in three]
     with DataLoader(addresses, "syn", 16, True, seed=3) as loader:
@@ -130,7 +92,7 @@ def test_replicas_resume_mid_epoch(three: list[Replica]) -> None:
     assert_same(head + tail, expected[1])
 
 
-def test_replicas_sharded_ranks_equal_distributed_sampler(three: list[Replica]) -> None:
+def test_replicas_sharded_ranks_equal_distributed_sampler(three: list[ServeProcess]) -> None:
     ds = parse_spec(SPEC)
     world = 2
     for rank in range(world):
@@ -148,7 +110,7 @@ def _reference_seeded(seed: int, epoch: int, batch_size: int) -> list[object]:
     return list(TorchLoader(torch.utils.data.Subset(ds, order), batch_size))  # type: ignore[arg-type]
 
 
-def test_replicas_shared_consumers_get_every_batch(three: list[Replica]) -> None:
+def test_replicas_shared_consumers_get_every_batch(three: list[ServeProcess]) -> None:
     addresses = [r.address for r in three]
     kw = {"seed": 5, "mode": "shared", "job": "shared-replicas"}
     loaders = [DataLoader(addresses, "syn", 16, True, **kw) for _ in range(2)]  # type: ignore[arg-type]
@@ -170,7 +132,7 @@ def _rows(batches: list[object]) -> list[tuple[float, ...]]:
 
 
 @pytest.mark.parametrize("transport", ["shm", "grpc"])
-def test_replicas_dynamic_splits_the_epoch_exactly_once(three: list[Replica], transport: str) -> None:
+def test_replicas_dynamic_splits_the_epoch_exactly_once(three: list[ServeProcess], transport: str) -> None:
     addresses = [r.address for r in three]
     kw = {"seed": 2, "mode": "dynamic", "job": f"dyn-replicas-{transport}", "transport": transport}
     loaders = [DataLoader(addresses, "syn", 16, True, **kw) for _ in range(2)]  # type: ignore[arg-type]
@@ -186,7 +148,7 @@ def test_replicas_dynamic_splits_the_epoch_exactly_once(three: list[Replica], tr
         loader.close()
 
 
-def test_a_missing_or_doubled_replica_is_refused_before_any_batch(three: list[Replica]) -> None:
+def test_a_missing_or_doubled_replica_is_refused_before_any_batch(three: list[ServeProcess]) -> None:
     with (
         DataLoader([three[0].address, three[1].address], "syn", 16, timeout=5) as loader,
         pytest.raises(errors.ServerUnavailable, match=r"replica\(s\) \[2\] of 3 missing"),
@@ -217,7 +179,7 @@ def test_a_missing_or_doubled_replica_is_refused_before_any_batch(three: list[Re
         len(loader)
 
 
-def test_a_stream_for_another_replica_is_refused(three: list[Replica]) -> None:
+def test_a_stream_for_another_replica_is_refused(three: list[ServeProcess]) -> None:
     """A client that means replica 0 of 3 but reaches replica 1 (a stale address) gets
     FAILED_PRECONDITION, never replica 1's part of the epoch in place of replica 0's."""
     with grpc.insecure_channel(three[1].address) as channel:
@@ -236,7 +198,7 @@ def test_a_stream_for_another_replica_is_refused(three: list[Replica]) -> None:
 
 def test_a_killed_replica_is_retried_within_timeout() -> None:
     expected = _torch_epochs(seed=9, epochs=1)[0]
-    reps = [Replica(i, 3) for i in range(3)]
+    reps = [replica(i, 3) for i in range(3)]
     try:
         for r in reps:
             r.start()
@@ -278,7 +240,7 @@ def test_dns_name_finds_every_replica_and_follows_a_moved_one(monkeypatch: pytes
     """A headless Service's name resolves to every pod; a restarted pod comes back at a
     new address and the loader finds it by asking each address which replica it is."""
     hosts = _loopback_aliases()
-    port = _free_port()
+    port = free_port()
     resolved = {"addresses": [f"127.0.0.1:{port}", f"{hosts[0]}:{port}"]}
     looked_up: list[tuple[str, int]] = []
 
@@ -288,7 +250,7 @@ def test_dns_name_finds_every_replica_and_follows_a_moved_one(monkeypatch: pytes
 
     monkeypatch.setattr(replicas_mod, "resolve", fake_resolve)
     expected = _torch_epochs(seed=4, epochs=1)[0]
-    reps = [Replica(0, 2, "127.0.0.1", port), Replica(1, 2, hosts[0], port)]
+    reps = [replica(0, 2, "127.0.0.1", port), replica(1, 2, hosts[0], port)]
     try:
         for r in reps:
             r.start()
@@ -298,7 +260,7 @@ def test_dns_name_finds_every_replica_and_follows_a_moved_one(monkeypatch: pytes
             got = [next(it) for _ in range(5)]
             reps[1].kill()
             # The pod is rescheduled: same replica index, a new address.
-            reps[1] = Replica(1, 2, hosts[1], port)
+            reps[1] = replica(1, 2, hosts[1], port)
             resolved["addresses"] = [f"127.0.0.1:{port}", f"{hosts[1]}:{port}"]
             reps[1].start()
             got += list(it)
