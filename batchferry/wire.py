@@ -18,6 +18,7 @@ __all__ = [
     "LIST_DATASETS",
     "LIST_JOBS",
     "MAX_CHUNK_BYTES",
+    "MAX_REPLICAS",
     "MIN_CHUNK_BYTES",
     "SERVICE",
     "STREAM_BATCHES",
@@ -34,6 +35,8 @@ LIST_JOBS = f"/{SERVICE}/{_SERVICE_DESC.methods_by_name['ListJobs'].name}"
 DEFAULT_CHUNK_BYTES = 4 << 20
 MIN_CHUNK_BYTES = 64 << 10
 MAX_CHUNK_BYTES = 16 << 20
+# Replicas one loader reads from (a server reporting more is refused).
+MAX_REPLICAS = 1024
 # Largest gRPC message either side accepts: a chunk plus headroom for headers.
 MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + (1 << 20)
 CHANNEL_OPTIONS = [

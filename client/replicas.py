@@ -23,7 +23,14 @@ from dataclasses import dataclass
 import grpc
 
 from batchferry import wire
-from batchferry.errors import BatchferryError, InvalidArgument, NotFound, ServerUnavailable, from_rpc_error
+from batchferry.errors import (
+    BatchferryError,
+    InvalidArgument,
+    NotFound,
+    ProtocolError,
+    ServerUnavailable,
+    from_rpc_error,
+)
 from batchferry.v1 import loader_pb2 as _pb2
 
 __all__ = ["Replica", "ReplicaSet", "parse_address", "resolve"]
@@ -170,6 +177,11 @@ class ReplicaSet:
             if isinstance(answer, BatchferryError):
                 continue
             index, count = int(answer.replica_index), int(answer.num_replicas) or 1
+            if not (1 <= count <= wire.MAX_REPLICAS and 0 <= index < count):
+                raise ProtocolError(
+                    f"server {target} reports itself as replica {index} of {count} "
+                    f"(at most {wire.MAX_REPLICAS} replicas, index in [0, count))"
+                )
             counts[target] = count
             if index in by_index:
                 raise InvalidArgument(

@@ -94,8 +94,8 @@ class ServerConfig:
                 f"chunk_bytes must be in [{wire.MIN_CHUNK_BYTES}, {wire.MAX_CHUNK_BYTES}], "
                 f"got {self.chunk_bytes}"
             )
-        if self.num_replicas < 1:
-            raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
+        if not 1 <= self.num_replicas <= wire.MAX_REPLICAS:
+            raise ValueError(f"num_replicas must be in [1, {wire.MAX_REPLICAS}], got {self.num_replicas}")
         if not 0 <= self.replica_index < self.num_replicas:
             raise ValueError(
                 f"replica_index must be in [0, num_replicas={self.num_replicas}), got {self.replica_index}"

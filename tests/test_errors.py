@@ -188,6 +188,7 @@ def test_server_config_errors_name_the_setting(tensor_ds) -> None:
         ({"max_streams": 0}, "max_streams"),
         ({"replica_index": 2, "num_replicas": 2}, "replica_index"),
         ({"num_replicas": 0}, "num_replicas"),
+        ({"num_replicas": 5000}, "num_replicas must be in \\[1, 1024\\]"),
         ({"shm_bytes": 1000}, "shm_bytes"),
         ({"job_idle_s": 0}, "job_idle_s"),
     ]:

@@ -289,3 +289,27 @@ def test_resolve_uses_the_host_resolver() -> None:
 def test_malformed_addresses_are_named(address: object, needle: str) -> None:
     with pytest.raises(errors.InvalidArgument, match=needle):
         DataLoader(address, "syn", 16)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("index", "count"), [(0, 10**12), (3, 3), (-1, 2)])
+def test_a_server_reporting_an_impossible_replica_is_refused(index: int, count: int) -> None:
+    """A peer's claims are checked before they size anything."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reply = pb.ListDatasetsResponse(
+        datasets=[pb.DatasetInfo(name="syn", length=10)], replica_index=index, num_replicas=count
+    ).SerializeToString()
+    handler = grpc.method_handlers_generic_handler(
+        wire.SERVICE, {"ListDatasets": grpc.unary_unary_rpc_method_handler(lambda _req, _ctx: reply)}
+    )
+    fake = grpc.server(ThreadPoolExecutor(2), handlers=[handler])
+    port = fake.add_insecure_port("127.0.0.1:0")
+    fake.start()
+    try:
+        with (
+            DataLoader(f"127.0.0.1:{port}", "syn", 4, timeout=5) as loader,
+            pytest.raises(errors.ProtocolError, match=f"replica {index} of {count}"),
+        ):
+            len(loader)
+    finally:
+        fake.stop(0).wait()
