@@ -68,6 +68,8 @@ def run_demo(
             pin_memory=True,
             device=dev if dev.type == "cuda" else None,
         ) as loader:
+            servers = f"{loader.num_replicas} replicas" if loader.num_replicas > 1 else "one server"
+            print(f"batches by {loader.transport} from {servers}")
             seen, waited, total = 0, 0.0, 0.0
             for epoch in range(epochs):
                 t0 = time.perf_counter()

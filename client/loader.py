@@ -498,7 +498,12 @@ class _Iterator:
                     f"(epoch {self.epoch}, after batch {self.yielded})"
                 ) from cause
             try:
-                if self._loader._replicas.refresh(r, remaining) is not None:
+                before = self._loader._replicas.replicas[r]
+                found = self._loader._replicas.refresh(r, remaining)
+                if found is not None:
+                    if found is not before and self._loader._use_shm is not None:
+                        # Found elsewhere (a rescheduled pod): same host or not, decide again.
+                        self._loader._use_shm[r] = self._loader._shm_visible(found)
                     self._streams[r] = self._open(r, self.yielded, remaining)
                     self._first[r] = int(self._streams[r].start.first_batch)
                     log.info("reconnected to %s at batch %d", self._where(r), self.yielded)

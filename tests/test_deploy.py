@@ -424,10 +424,26 @@ def docker_client() -> Iterator[Any]:
         client.close()
 
 
-def test_image_builds_runs_healthy_and_serves(docker_client: Any) -> None:
-    image, _ = docker_client.images.build(
+@pytest.fixture(scope="module")
+def image(docker_client: Any) -> Any:
+    built, _ = docker_client.images.build(
         path=str(ROOT), dockerfile="deploy/Dockerfile", tag="batchferry:test", rm=True
     )
+    return built
+
+
+def _wait_healthy(container: Any, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        container.reload()
+        if container.attrs["State"].get("Health", {}).get("Status") == "healthy":
+            return
+        assert container.status != "exited", container.logs().decode()
+        time.sleep(1)
+    pytest.fail(f"container not healthy within {timeout}s: {container.logs().decode()}")
+
+
+def test_image_runs_healthy_as_non_root_and_serves(docker_client: Any, image: Any) -> None:
     assert image.attrs["Config"]["User"].split(":")[0] == "10001"
     port = free_port()
     container = docker_client.containers.run(
@@ -435,18 +451,39 @@ def test_image_builds_runs_healthy_and_serves(docker_client: Any) -> None:
         command=["--dataset", "demo=synthetic:n=4096,shape=64,classes=10,seed=0", "--num-workers", "1"],
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            container.reload()
-            status = container.attrs["State"].get("Health", {}).get("Status")
-            if status == "healthy":
-                break
-            assert container.status != "exited", container.logs().decode()
-            time.sleep(1)
-        assert status == "healthy", container.logs().decode()
+        _wait_healthy(container)
         with DataLoader(f"127.0.0.1:{port}", "demo", 256, True, seed=0, transport="grpc") as loader:
             assert sum(len(y) for _, y in loader) == 4096
         container.stop(timeout=30)
         assert container.wait(timeout=60)["StatusCode"] == 0
     finally:
         container.remove(force=True)
+
+
+def test_trainer_sharing_the_servers_ipc_gets_batches_by_shared_memory(
+    docker_client: Any, image: Any
+) -> None:
+    """What compose.yaml sets up: ipc shareable on the server, service:server on the trainer."""
+    services = _compose()["services"]
+    network = docker_client.networks.create(f"batchferry-test-{os.getpid()}")
+    server = trainer = None
+    try:
+        server = docker_client.containers.run(
+            image.id, detach=True, name=f"server-{os.getpid()}", network=network.name,
+            ipc_mode=services["server"]["ipc"], shm_size="512m",
+            command=["--dataset", "demo=synthetic:n=4096,shape=64,classes=10,seed=0", "--num-workers", "1"],
+        )  # fmt: skip
+        _wait_healthy(server)
+        trainer = docker_client.containers.run(
+            image.id, detach=True, network=network.name, ipc_mode=f"container:{server.id}",
+            entrypoint=services["trainer"]["entrypoint"],
+            command=["--connect", f"{server.name}:50051", "--epochs", "1"],
+        )  # fmt: skip
+        assert trainer.wait(timeout=300)["StatusCode"] == 0, trainer.logs().decode()
+        logs = trainer.logs().decode()
+        assert "batches by shm from one server" in logs and "epoch 0: loss" in logs
+    finally:
+        for c in (trainer, server):
+            if c is not None:
+                c.remove(force=True)
+        network.remove()
