@@ -428,7 +428,7 @@ class _Iterator:
         self._copier = loader._copier
         self._dynamic = loader.config.mode == "dynamic"
         # Ordered modes: the epoch index of the next batch to yield. Dynamic: batches yielded.
-        self.yielded = 0 if self._dynamic else start
+        self.yielded = start
         count = loader._replicas.size
         self._streams: list[EpochStream] = []
         self._first: list[int] = []  # per replica: the first batch its stream sends
@@ -461,7 +461,7 @@ class _Iterator:
                 drop_last=cfg.drop_last,
                 collate=cfg.collate_fn,
                 epoch=self.epoch,
-                start_batch=0 if self._dynamic else start,
+                start_batch=start,
                 credits=loader._credits_per_stream(),
                 chunk_bytes=cfg.chunk_bytes,
                 transport=_pb2.TRANSPORT_SHM if shm else _pb2.TRANSPORT_BYTES,

@@ -288,7 +288,6 @@ def load_settings(
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
     datasets: dict[str, str] = {}
-    dataset_origins: dict[str, str] = {}
 
     def take(key: str, raw: Any, origin: str) -> None:
         try:
@@ -297,7 +296,6 @@ def load_settings(
             raise ConfigError(f"{origin}: {exc}") from None
         if key == "datasets":  # merged by name: a later source overrides one dataset
             datasets.update(value)
-            dataset_origins.update(dict.fromkeys(value, origin))
         else:
             values[key], origins[key] = value, origin
 
@@ -331,7 +329,6 @@ def load_settings(
         key = next((k for k in server_values if str(exc).startswith(k)), "")
         where = origins.get(key, "")
         raise ConfigError(f"{where}: {exc}" if where else str(exc)) from None
-    origins.update({f"datasets.{name}": origin for name, origin in dataset_origins.items()})
     return ServeSettings(
         datasets=datasets,
         server=server,
