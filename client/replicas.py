@@ -165,11 +165,6 @@ class ReplicaSet:
     def _check(self, answers: dict[str, _Answer], dataset: str) -> list[Replica]:
         if not answers:
             raise ServerUnavailable(f"{self.description} resolves to no address")
-        if len(answers) == 1 and not self._dns:
-            # One server: its own error as it is (NotFound, a timeout, ...).
-            answer = next(iter(answers.values()))
-            if isinstance(answer, BatchferryError):
-                raise answer
         by_index: dict[int, Replica] = {}
         counts: dict[str, int] = {}
         errors = {t: a for t, a in answers.items() if isinstance(a, BatchferryError)}
@@ -194,7 +189,7 @@ class ReplicaSet:
         count = next(iter(counts.values()), 0)
         missing = [i for i in range(count) if i not in by_index]
         if errors and (missing or not count):
-            raise next(iter(errors.values()))
+            raise next(iter(errors.values()))  # e.g. one server, unreachable: its own error
         if missing:
             found = ", ".join(f"{r.address} is replica {i}" for i, r in sorted(by_index.items()))
             raise ServerUnavailable(
