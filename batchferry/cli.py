@@ -5,25 +5,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Sequence
-from types import FrameType
 
 from batchferry import wire
+from batchferry.server.config import KEYS, describe_setting, flag_name
 
 __all__ = ["main"]
-
-
-def _size(text: str) -> int:
-    """``4194304``, ``4MiB``, ``2GiB``, ``512KiB``."""
-    from batchferry.server.config import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -31,27 +19,17 @@ def _serve(args: argparse.Namespace) -> int:
     from batchferry.server.config import KEYS, load_settings
 
     flags = {key: getattr(args, key, None) for key in KEYS}
-    flags["datasets"] = args.dataset
-    flags["import"] = args.import_module
+    flags["log_level"] = args.log_level
     flags["config"] = args.config
     settings = load_settings(flags)
     logging.getLogger().setLevel(settings.log_level)
     for module in settings.imports:
         importlib.import_module(module)  # registers collates or datasets as a side effect
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        logging.getLogger("batchferry.server").info("received %s, shutting down", signal.Signals(signum).name)
-        stop.set()
-
     with Server(settings.datasets, config=settings.server) as server:
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
         cfg = settings.server
         replica = f" as replica {cfg.replica_index} of {cfg.num_replicas}" if cfg.num_replicas > 1 else ""
         print(f"batchferry serving {', '.join(settings.datasets)} on {server.address}{replica}", flush=True)
-        while not stop.wait(0.5):
-            pass
+        server.wait()  # until SIGTERM or SIGINT, which close it
     return 0
 
 
@@ -191,36 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
         "environment, which wins over the file.",
     )
     serve.add_argument("--config", metavar="PATH", help="TOML settings file (or BATCHFERRY_CONFIG)")
-    serve.add_argument(
-        "--dataset",
-        action="append",
-        metavar="NAME=SPEC",
-        help="npy:PATH[,labels=PATH] | synthetic:n=N,shape=AxB,... | python:MODULE:CALLABLE (repeatable)",
-    )
-    serve.add_argument("--host", help="interface to listen on (default 0.0.0.0)")
-    serve.add_argument("--port", type=int, help="default 50051")
-    serve.add_argument("--num-workers", type=int, help="worker processes building batches (default 2)")
-    serve.add_argument("--slots", type=int, help="shared-memory ring slots (default 0: automatic)")
-    serve.add_argument("--shm-bytes", type=_size, help="shared-memory budget, e.g. 4GiB (the default)")
-    serve.add_argument("--chunk-bytes", type=_size, help="byte-stream chunk size (default 1MiB)")
-    serve.add_argument("--max-streams", type=int, help="concurrent batch streams (default 64)")
-    serve.add_argument("--job-idle-s", type=float, help="forget a job idle this long (default 300)")
-    serve.add_argument(
-        "--replica-index",
-        type=int,
-        help="this replica's index (default: the StatefulSet ordinal of the host name when "
-        "--num-replicas > 1)",
-    )
-    serve.add_argument(
-        "--num-replicas", type=int, help="replicas sharing each epoch: replica i serves batches b %% R == i"
-    )
-    serve.add_argument(
-        "--import",
-        dest="import_module",
-        action="append",
-        metavar="MODULE",
-        help="import MODULE first (e.g. one that calls register_collate)",
-    )
+    for key in KEYS:
+        if key == "log_level":
+            continue  # the global --log-level
+        # Values are parsed by the settings loader, so that a flag, a variable and a file
+        # key give the same errors.
+        repeat = key in ("datasets", "import")
+        serve.add_argument(
+            flag_name(key),
+            dest=key,
+            action="append" if repeat else "store",
+            metavar="NAME=SPEC" if key == "datasets" else ("MODULE" if key == "import" else None),
+            help=describe_setting(key).replace("%", "%%"),
+        )
     serve.set_defaults(func=_serve)
 
     health = sub.add_parser("health", help="ask a server's grpc.health.v1 service; exit 0 when SERVING")

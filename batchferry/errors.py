@@ -96,6 +96,9 @@ _BY_CODE: dict[grpc.StatusCode, type[BatchferryError]] = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: ServerUnavailable,
+    # A call this client did not cancel was cancelled by the server: it is going away
+    # (a restart, a rolling update), so the loader reconnects as for UNAVAILABLE.
+    grpc.StatusCode.CANCELLED: ServerUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: BatchTimeout,
 }
 

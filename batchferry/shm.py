@@ -1,105 +1,179 @@
-"""POSIX shared-memory segments under ``/dev/shm``, named so a crash can be cleaned up.
+"""POSIX shared memory under ``/dev/shm``: segments, their owner, and clean-up whatever kills it.
 
-Python's ``multiprocessing.shared_memory`` registers every attach with a resource
-tracker that may unlink segments it does not own; a segment here has exactly one
-owner (the process that created it, which alone unlinks it) and any number of
-attached readers or writers.
+Names: ``batchferry_<token>_<n>`` for segments and ``batchferry_<token>.owner`` for
+the lock file of their owner. A token belongs to one :class:`Arena` (one server's
+ring), which holds an exclusive ``flock`` on its owner file for as long as it
+lives. Any process sharing ``/dev/shm``, in any PID namespace, can therefore tell
+a live owner from a dead one by trying that lock (:func:`remove_stale`); process
+ids never decide it. A small reaper process, started with the arena, unlinks the
+arena's segments when its owner dies without closing it (kill -9, OOM killer).
 
-Names: ``batchferry_<owner pid>_<token>_<n>``. :func:`remove_stale` unlinks the
-segments of owners that no longer run, which is how a server that was killed
-leaves nothing behind after its next start.
+A segment has exactly one owner, the process that created it, which alone unlinks
+it; any number of processes attach to it. Readers that map a segment to read
+batches (clients) hold a shared ``flock`` on it for as long as their mapping
+lives: the kernel drops it when the last mapping or descriptor goes, so the owner
+can ask :meth:`Segment.mapped_elsewhere` to learn when memory it gave away has
+really been freed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
 import mmap
 import os
 import re
 import secrets
+import subprocess
+import sys
+import time
+from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 
-__all__ = ["PREFIX", "Segment", "new_name", "remove_stale"]
+__all__ = [
+    "PREFIX",
+    "SHM_DIR",
+    "Arena",
+    "Mappings",
+    "Segment",
+    "owned_by",
+    "privatize",
+    "remove_stale",
+    "stale",
+]
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "batchferry_"
-_NAME = re.compile(rf"^{PREFIX}(\d+)_[0-9a-f]+_\d+$")
+_TOKEN_HEX = 16
+_SEGMENT = re.compile(rf"^{PREFIX}([0-9a-f]{{{_TOKEN_HEX}}})_(\d+)$")
+_OWNER = re.compile(rf"^{PREFIX}([0-9a-f]{{{_TOKEN_HEX}}})\.owner$")
+_LOCK_WAIT = 1.0  # seconds a reader retries its shared lock while an owner tests it
+
+# Run as `python -I -S -c _REAPER DIR TOKEN` with the owner holding the write end of
+# its stdin: EOF means the owner is gone, however it ended. Signals meant for the
+# owner's process group must not stop the reaper before the owner is gone.
+_REAPER = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+while sys.stdin.buffer.read(4096):
+    pass
+folder, prefix = sys.argv[1], "batchferry_" + sys.argv[2]
+for name in os.listdir(folder):
+    if name.startswith(prefix + "_") or name == prefix + ".owner":
+        try:
+            os.unlink(os.path.join(folder, name))
+        except OSError:
+            pass
+"""
 
 
-def new_name(token: str, n: int) -> str:
-    return f"{PREFIX}{os.getpid()}_{token}_{n}"
-
-
-def new_token() -> str:
-    return secrets.token_hex(4)
+def _owner_path(token: str) -> Path:
+    return SHM_DIR / f"{PREFIX}{token}.owner"
 
 
 class Segment:
-    """One mapped segment. ``tensor`` is a uint8 view of all of it."""
+    """One segment and this process's mapping of it.
 
-    def __init__(self, name: str, size: int, *, create: bool) -> None:
-        if "/" in name or not name:
-            raise ValueError(f"invalid segment name {name!r}")
+    The mapping stays valid while arrays made by :meth:`array` (and tensors made
+    from them) live, even after :meth:`close`: the kernel unmaps it with the last
+    of them.
+    """
+
+    def __init__(self, name: str, fd: int, size: int, *, owner: bool) -> None:
         self.name = name
-        self._owner = create
-        path = SHM_DIR / name
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        fd = os.open(path, flags, 0o600)
-        try:
-            if create:
-                # Reserve the pages now: a full /dev/shm then fails here with ENOSPC
-                # instead of killing a writer with SIGBUS later.
-                try:
-                    os.posix_fallocate(fd, 0, size)
-                except OSError:
-                    os.unlink(path)
-                    raise
-            else:
-                size = os.fstat(fd).st_size
-            self.size = size
-            self._mmap = mmap.mmap(fd, size) if size else None
-        finally:
-            os.close(fd)
-        self.tensor = (
-            torch.frombuffer(self._mmap, dtype=torch.uint8)
-            if self._mmap is not None
-            else torch.empty(0, dtype=torch.uint8)
-        )
-
-    def memory(self) -> memoryview:
-        """A memoryview of the whole mapping; release it (``with``) before close()."""
-        if self._mmap is None:
-            return memoryview(b"")
-        return memoryview(self._mmap)
+        self.size = size
+        self._fd = fd
+        self._owner = owner
+        self._linked = owner
+        self._mmap: mmap.mmap | None = mmap.mmap(fd, size) if size else None
 
     @classmethod
     def create(cls, name: str, size: int) -> Segment:
-        return cls(name, size, create=True)
+        """Create, reserve and map ``size`` bytes; ``OSError`` (ENOSPC) when /dev/shm is full."""
+        _check_name(name)
+        path = SHM_DIR / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            # Reserve the pages now: a full /dev/shm fails here with ENOSPC instead
+            # of killing a writer with SIGBUS later.
+            os.posix_fallocate(fd, 0, size)
+            return cls(name, fd, size, owner=True)
+        except BaseException:
+            os.unlink(path)
+            os.close(fd)
+            raise
 
     @classmethod
-    def attach(cls, name: str) -> Segment:
-        return cls(name, 0, create=False)
+    def attach(cls, name: str, *, shared_lock: bool = False) -> Segment:
+        """Map an existing segment; with ``shared_lock`` hold a shared flock while mapped."""
+        _check_name(name)
+        fd = os.open(SHM_DIR / name, os.O_RDWR)
+        try:
+            if shared_lock:
+                _lock_shared(fd)
+            return cls(name, fd, os.fstat(fd).st_size, owner=False)
+        except BaseException:
+            os.close(fd)
+            raise
 
-    def close(self, unmap: bool = True) -> None:
-        """Unlink (the owner) and unmap.
+    @property
+    def mapping(self) -> mmap.mmap:
+        if self._mmap is None:
+            raise ValueError(f"segment {self.name} is closed or empty")
+        return self._mmap
 
-        ``torch.frombuffer`` keeps a reference to the mapping but no buffer export,
-        so unmapping under a live view would leave it pointing at nothing. Where
-        tensors may still view the segment, pass ``unmap=False``: the mapping then
-        goes when the last of them is collected.
-        """
-        self.tensor = torch.empty(0, dtype=torch.uint8)
-        if self._mmap is not None:
-            if unmap:
-                with contextlib.suppress(BufferError):
-                    self._mmap.close()
-            self._mmap = None
-        if self._owner:
-            self._owner = False
+    def array(self, nbytes: int | None = None) -> np.ndarray:
+        """A uint8 array over the first ``nbytes`` of the mapping (all of it by default)."""
+        if self._mmap is None:
+            return np.empty(0, dtype=np.uint8)
+        return np.frombuffer(self._mmap, dtype=np.uint8, count=self.size if nbytes is None else nbytes)
+
+    def tensor(self, nbytes: int | None = None) -> torch.Tensor:
+        """A uint8 tensor over the first ``nbytes`` of the mapping."""
+        return torch.from_numpy(self.array(nbytes))
+
+    def address(self) -> int:
+        """Where the mapping starts in this process."""
+        return int(self.array(0).ctypes.data) if self._mmap is not None else 0
+
+    def unlinked(self) -> bool:
+        """True once the owner removed the name (the memory lives while mapped)."""
+        return os.fstat(self._fd).st_nlink == 0 if self._fd >= 0 else True
+
+    def mapped_elsewhere(self) -> bool:
+        """Owner: whether another process still holds the segment mapped for reading."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return False
+
+    def unlink(self) -> None:
+        """Owner: remove the name; mappings (here and elsewhere) stay valid."""
+        if self._owner and self._linked:
+            self._linked = False
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(SHM_DIR / self.name)
+
+    def unmap(self) -> None:
+        """Drop this object's reference to the mapping (arrays over it keep it mapped)."""
+        self._mmap = None
+
+    def close(self) -> None:
+        """Unlink (owner), drop the mapping reference and the descriptor. Idempotent."""
+        self.unlink()
+        self.unmap()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self) -> Segment:
         return self
@@ -108,25 +182,265 @@ class Segment:
         self.close()
 
 
-def _alive(pid: int) -> bool:
+def _check_name(name: str) -> None:
+    if not name or "/" in name or not name.startswith(PREFIX):
+        raise ValueError(f"invalid segment name {name!r}")
+
+
+def _lock_shared(fd: int) -> None:
+    # An owner testing the lock holds it exclusively for a moment only.
+    deadline = time.monotonic() + _LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise OSError(errno.EWOULDBLOCK, "segment stayed locked by its owner") from None
+            time.sleep(0.001)
+
+
+class Arena:
+    """Owner of one token's segments: the owner lock, the reaper, and unlinking at close."""
+
+    def __init__(self) -> None:
+        self.token = secrets.token_hex(_TOKEN_HEX // 2)
+        self._next = 0
+        self._lock_fd = _claim(_owner_path(self.token))
+        self._reaper: subprocess.Popen[bytes] | None = None
+        try:
+            self._reaper = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _REAPER, str(SHM_DIR), self.token],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # a terminal's Ctrl-C reaches the owner only
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def name(self, n: int) -> str:
+        return f"{PREFIX}{self.token}_{n}"
+
+    def create(self, size: int) -> Segment:
+        """A new segment of ``size`` bytes under this arena's token."""
+        self._next += 1
+        return Segment.create(self.name(self._next), size)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Unlink every segment of the token and the owner file; stop the reaper."""
+        if self._lock_fd < 0:
+            return
+        _unlink_token(self.token, include_owner=True)
+        os.close(self._lock_fd)
+        self._lock_fd = -1
+        if self._reaper is not None:
+            assert self._reaper.stdin is not None
+            self._reaper.stdin.close()  # EOF: it finds nothing left and exits
+            try:
+                self._reaper.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._reaper.kill()
+                self._reaper.wait(timeout)
+            self._reaper = None
+
+
+def _claim(path: Path) -> int:
+    """Create ``path`` already locked: made under a temporary name, locked, then renamed,
+    so that nobody can see it unlocked and take its owner for dead. It holds the
+    owner's process id, for people and tools (liveness is the lock, never the id)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        os.close(fd)
+        raise
+    return fd
 
 
-def remove_stale() -> list[str]:
-    """Unlink segments whose owning process is gone; return their names."""
-    removed: list[str] = []
-    if not SHM_DIR.is_dir():
-        return removed
+def _unlink_token(token: str, *, include_owner: bool) -> list[str]:
+    removed = []
     for path in SHM_DIR.iterdir():
-        match = _NAME.match(path.name)
-        if match and not _alive(int(match.group(1))):
+        match = _SEGMENT.match(path.name)
+        if match and match.group(1) == token:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path.name)
+    if include_owner:
+        with contextlib.suppress(FileNotFoundError):
+            _owner_path(token).unlink()
     return removed
+
+
+def _owner_alive(token: str) -> bool:
+    """Whether the owner of ``token`` still holds its lock (no owner file: gone)."""
+    try:
+        fd = os.open(_owner_path(token), os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        return True  # another user's: leave it to them
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases our lock, if we took it
+    return False
+
+
+def _tokens() -> dict[str, list[str]]:
+    """Every token with files in /dev/shm, and those files' names."""
+    tokens: dict[str, list[str]] = {}
+    if SHM_DIR.is_dir():
+        for path in SHM_DIR.iterdir():
+            match = _SEGMENT.match(path.name) or _OWNER.match(path.name)
+            if match:
+                tokens.setdefault(match.group(1), []).append(path.name)
+    return tokens
+
+
+def owned_by(pid: int) -> list[str]:
+    """Names of the segments (and owner files) whose owner file says process ``pid``."""
+    out = []
+    for token, names in _tokens().items():
+        try:
+            owner = int(_owner_path(token).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        if owner == pid:
+            out += names
+    return sorted(out)
+
+
+def stale() -> list[str]:
+    """Names of segments and owner files whose owner no longer holds its lock."""
+    return sorted(name for token, names in _tokens().items() if not _owner_alive(token) for name in names)
+
+
+def remove_stale() -> list[str]:
+    """Unlink the segments (and owner files) of owners that no longer hold their lock."""
+    removed: list[str] = []
+    for token in sorted(_tokens()):
+        if not _owner_alive(token):
+            removed += _unlink_token(token, include_owner=True)
+    return removed
+
+
+class Mappings:
+    """A bounded cache of attached segments, by name (workers and clients map each slot once).
+
+    Segments the owner has unlinked are dropped by :meth:`prune`, so replaced slots do
+    not keep memory alive here. Not thread-safe: one owner.
+    """
+
+    def __init__(self, max_segments: int, *, shared_lock: bool = False) -> None:
+        self.max_segments = max_segments
+        self._shared_lock = shared_lock
+        self._segments: OrderedDict[str, Segment] = OrderedDict()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._segments
+
+    def get(self, name: str) -> tuple[Segment, bool]:
+        """The attached segment, and whether it was attached just now (``OSError`` if it cannot be)."""
+        seg = self._segments.get(name)
+        if seg is not None:
+            self._segments.move_to_end(name)
+            return seg, False
+        self.prune()  # a new name usually means an old one was replaced
+        seg = self._segments[name] = Segment.attach(name, shared_lock=self._shared_lock)
+        while len(self._segments) > self.max_segments:
+            self._drop(self._segments.popitem(last=False)[1])
+        return seg, True
+
+    def forget(self, name: str) -> Segment | None:
+        seg = self._segments.pop(name, None)
+        if seg is not None:
+            self._drop(seg)
+        return seg
+
+    def prune(self) -> list[Segment]:
+        """Drop segments whose name the owner removed."""
+        gone = [seg for seg in self._segments.values() if seg.unlinked()]
+        for seg in gone:
+            del self._segments[seg.name]
+            self._drop(seg)
+        return gone
+
+    def _drop(self, seg: Segment) -> None:
+        self.on_drop(seg)
+        seg.close()
+
+    def on_drop(self, seg: Segment) -> None:
+        """Hook: called before a segment leaves the cache."""
+
+    def close(self) -> None:
+        while self._segments:
+            self._drop(self._segments.popitem()[1])
+
+
+# -- copying a batch out of a segment without moving it -------------------------------------
+
+_MREMAP_MAYMOVE = 1
+_MREMAP_FIXED = 2
+_libc: ctypes.CDLL | None = None
+
+
+def _c() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        lib.mmap.restype = ctypes.c_void_p
+        lib.mmap.argtypes = [
+            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+        ]  # fmt: skip
+        lib.mremap.restype = ctypes.c_void_p
+        lib.mremap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_void_p,
+        ]
+        lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _libc = lib
+    return _libc
+
+
+def privatize(mapping: np.ndarray, nbytes: int) -> bool:
+    """Turn this process's mapping of a segment into private memory, in place.
+
+    ``mapping`` is a uint8 array over a whole mapping (:meth:`Segment.array`; it keeps
+    the mapping alive while this runs). Its first ``nbytes`` are copied into
+    anonymous pages that then replace the mapping at the same addresses
+    (``mremap``), so tensors viewing it keep their values while the segment itself
+    may be reused by its owner. The caller must not use this mapping for the
+    segment again. False where this is not possible (not Linux, or the kernel
+    refused); the mapping is then unchanged.
+    """
+    if not sys.platform.startswith("linux") or mapping.nbytes == 0:
+        return False
+    try:
+        libc = _c()
+    except OSError:
+        return False
+    length = -(-mapping.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    target = int(mapping.ctypes.data)
+    fresh = libc.mmap(
+        None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0
+    )
+    if fresh in (None, ctypes.c_void_p(-1).value):
+        return False
+    ctypes.memmove(fresh, target, min(nbytes, mapping.nbytes))
+    moved = libc.mremap(fresh, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, target)
+    if moved != target:
+        libc.munmap(fresh, length)
+        return False
+    return True

@@ -42,6 +42,11 @@ MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + (1 << 20)
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # A restarted server (a rolling update) is found again within a fraction of a
+    # second, not after gRPC's default backoff of up to two minutes.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
 M = TypeVar("M", bound=Message)

@@ -8,6 +8,7 @@ bytes as they go. The stated bounds: client growth <= prefetch x batch bytes +
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,11 @@ from .workloads import WORKLOADS
 
 
 def _server_shm_bytes(pid: int) -> int:
-    prefix = f"{shm.PREFIX}{pid}_"
-    return sum(p.stat().st_size for p in shm.SHM_DIR.iterdir() if p.name.startswith(prefix))
+    total = 0
+    for name in shm.owned_by(pid):
+        with contextlib.suppress(FileNotFoundError):
+            total += (shm.SHM_DIR / name).stat().st_size
+    return total
 
 
 def track(wid: str, batches: int, transport: str, prefetch: int = 4, every: int = 50) -> dict[str, Any]:

@@ -1,43 +1,61 @@
 """A pool of host buffers (pinned when CUDA is present) reused for a loader's life.
 
 Pinning memory costs far more than filling it, so buffers are allocated once and
-reused. A buffer is free again only when nothing outside the pool references its
-storage (every batch tensor viewing it has been dropped) *and* the CUDA copy
-reading it, if any, has completed. A training loop that drops each batch reuses
-the same few buffers forever; a caller that keeps batches keeps their buffers,
-and the pool allocates others rather than overwrite data still in use.
+reused. A buffer is free again only when nothing outside the pool references it
+(every batch tensor viewing it has been dropped) *and* the CUDA copy reading it,
+if any, has completed. A training loop that drops each batch reuses the same few
+buffers forever; a caller that keeps batches keeps their buffers, and the pool
+allocates others rather than overwrite data still in use.
+
+Lifetimes are tracked with public mechanisms only: each handed-out buffer is a
+tensor made from a fresh numpy view of a pooled buffer, and ``weakref.finalize``
+on that view marks the buffer unreferenced when the last tensor over it is gone.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["BufferPool", "storage_use_count"]
+__all__ = ["BufferPool", "tracked"]
 
 _ROUND = 1 << 20
 
 
-def storage_use_count(t: torch.Tensor) -> int:
-    """References to ``t``'s storage (tensors and views of it), as torch counts them."""
-    return int(torch._C._storage_Use_Count(t.untyped_storage()._cdata))
+def tracked(array: np.ndarray, on_dropped: Any, *args: Any) -> torch.Tensor:
+    """A tensor over ``array``; ``on_dropped(*args)`` runs once nothing views it any more.
+
+    ``on_dropped`` runs as a finalizer (any thread, maybe during shutdown): it must
+    only record or signal, never wait.
+    """
+    view = array.view()  # a fresh object whose life is exactly the tensors' over it
+    weakref.finalize(view, on_dropped, *args)
+    return torch.from_numpy(view)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Entry:
     base: torch.Tensor
-    baseline: int
+    array: np.ndarray
+    referenced: bool = False  # a handed-out view is alive
     event: Any = None  # torch.cuda.Event of the copy reading this buffer
 
     def free(self) -> bool:
+        if self.referenced:
+            return False
         if self.event is not None:
             if not self.event.query():
                 return False
             self.event = None
-        return storage_use_count(self.base) <= self.baseline
+        return True
+
+    def dropped(self) -> None:
+        self.referenced = False
 
 
 class BufferPool:
@@ -54,7 +72,7 @@ class BufferPool:
         size = max(_ROUND, -(-nbytes // _ROUND) * _ROUND)
         base = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
         self.allocations += 1
-        return _Entry(base, storage_use_count(base))
+        return _Entry(base, base.numpy())
 
     def acquire(self, nbytes: int) -> torch.Tensor:
         """A 1-D uint8 buffer of exactly ``nbytes`` (a view of a pooled buffer)."""
@@ -72,14 +90,16 @@ class BufferPool:
                 elif free:  # replace a free buffer that is too small
                     self._entries[self._entries.index(free[0])] = fit
                 # else: every pooled buffer is held by the caller; this one is not pooled.
-            return fit.base[:nbytes]
+            fit.referenced = True
+            return tracked(fit.array[:nbytes], fit.dropped)
 
     def release_after(self, buffer: torch.Tensor, event: Any) -> None:
         """Mark ``buffer`` busy until ``event`` (a CUDA event) completes."""
-        ptr = buffer.untyped_storage().data_ptr()
+        ptr = buffer.data_ptr()
         with self._lock:
             for e in self._entries:
-                if e.base.untyped_storage().data_ptr() == ptr:
+                start = e.base.data_ptr()
+                if start <= ptr < start + e.base.numel():
                     e.event = event
 
     def close(self) -> None:

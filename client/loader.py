@@ -12,7 +12,6 @@ iteration with the same generator (see :mod:`batchferry.sampling`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from batchferry import sampling, wire
+from batchferry import cleanup, sampling, wire
 from batchferry.errors import BatchTimeout, InvalidArgument, ProtocolError, ServerUnavailable
 from batchferry.v1 import loader_pb2 as _pb2
 
@@ -232,6 +231,8 @@ class DataLoader:
         self._pool = BufferPool(prefetch_factor + 2, pin=pin)
         self._copier = CudaCopier(dev) if dev is not None else None
         self._segments = SegmentCache(register_with_cuda=dev is not None)
+        cleanup.start()
+        cleanup.close_at_exit(self)
 
     # -- dataset facts ----------------------------------------------------------------
     def _dataset_length(self) -> int:
@@ -378,22 +379,39 @@ class DataLoader:
     def __iter__(self) -> Iterator[Any]:
         if self._active is not None:
             self._active.close()
-        if self._resume is not None:
-            epoch, start, sampler_state = self._resume
-            self._resume = None
-        else:
-            epoch, start = self._epoch, 0
-            sampler_state = b""
-            if self.config.mode == "independent":
-                sampler_state = sampling.begin_iteration(self.generator, self.config.shuffle)
+            self._active = None
+        # Nothing moves until the streams are open: an iter() that fails (server away,
+        # bad argument) leaves the epoch, the resume point and the generator as they
+        # were, so a retry yields the same epoch torch would.
+        before = (
+            self._epoch,
+            self._resume,
+            self.generator.get_state() if self.generator is not None else None,
+        )
+        try:
+            if self._resume is not None:
+                epoch, start, sampler_state = self._resume
+            else:
+                epoch, start = self._epoch, 0
+                sampler_state = b""
+                if self.config.mode == "independent":
+                    sampler_state = sampling.begin_iteration(self.generator, self.config.shuffle)
+            self.transport  # noqa: B018 - fails fast (NotFound, ServerUnavailable) before a stream opens
+            it = _Iterator(self, epoch, start, sampler_state)
+        except BaseException:
+            self._epoch, self._resume, gen_state = before
+            if self.generator is not None and gen_state is not None:
+                self.generator.set_state(gen_state)
+            raise
+        self._resume = None
         self._epoch = epoch + 1
-        self.transport  # noqa: B018 - fails fast (NotFound, ServerUnavailable) before a stream opens
-        it = _Iterator(self, epoch, start, sampler_state)
         self._active = it
         return it
 
     def close(self) -> None:
-        """End any iteration and release the connection and buffers."""
+        """End any iteration and release the connection and buffers. Idempotent; it
+        waits a few seconds at most (the server gets the slots back first)."""
+        cleanup.forget_at_exit(self)
         if self._active is not None:
             self._active.close()
             self._active = None
@@ -408,8 +426,9 @@ class DataLoader:
         self.close()
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
+        # Dropped without close(): a finalizer must not wait, so hand the clean-up over.
+        if getattr(self, "_replicas", None) is not None:
+            cleanup.later(self.close)
 
 
 class _Iterator:
@@ -593,8 +612,9 @@ class _Iterator:
             stream.close()
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
+        # A finalizer must not wait: the streams close on the clean-up thread.
+        for stream in getattr(self, "_streams", ()):
+            stream.close_soon()
 
 
 def _state(raw: bytes) -> torch.Tensor:

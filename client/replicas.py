@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import ipaddress
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ __all__ = ["Replica", "ReplicaSet", "parse_address", "resolve"]
 
 _DNS = "dns:"
 _RESOLVE_EVERY = 0.5  # seconds between DNS lookups while a replica is missing
+_RESOLVE_TIMEOUT = 5.0
 
 
 _Answer = _pb2.ListDatasetsResponse | BatchferryError
@@ -94,13 +96,22 @@ def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ipaddress.ip_address(host).version == 6 else f"{host}:{port}"
 
 
-def resolve(name: str, port: int) -> list[str]:
-    """Every address ``name`` resolves to, as sorted ``ip:port`` targets."""
-    try:
-        infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return []
-    return sorted({_join(str(info[4][0]), port) for info in infos})
+def resolve(name: str, port: int, timeout: float = _RESOLVE_TIMEOUT) -> list[str]:
+    """Every address ``name`` resolves to, as sorted ``ip:port`` targets ([] if none
+    within ``timeout``: the host's resolver has no timeout of its own)."""
+    answer: list[list[str]] = []
+
+    def lookup() -> None:
+        try:
+            infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):
+            infos = []
+        answer.append(sorted({_join(str(info[4][0]), port) for info in infos}))
+
+    thread = threading.Thread(target=lookup, name="batchferry-resolve", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return answer[0] if answer else []
 
 
 class ReplicaSet:
@@ -168,9 +179,14 @@ class ReplicaSet:
         by_index: dict[int, Replica] = {}
         counts: dict[str, int] = {}
         errors = {t: a for t, a in answers.items() if isinstance(a, BatchferryError)}
+        seen: set[str] = set()
         for target, answer in answers.items():
             if isinstance(answer, BatchferryError):
                 continue
+            if answer.server_id:
+                if answer.server_id in seen:
+                    continue  # the same server through another address (IPv4 and IPv6, say)
+                seen.add(answer.server_id)
             index, count = int(answer.replica_index), int(answer.num_replicas) or 1
             if not (1 <= count <= wire.MAX_REPLICAS and 0 <= index < count):
                 raise ProtocolError(

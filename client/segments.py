@@ -1,10 +1,11 @@
 """The server's shared-memory slots as this client maps them (same-host transport).
 
 Owner: one DataLoader. Segments are attached on first use and kept (the server
-reuses a fixed set of slots); with CUDA each mapping is page-locked in place once
+reuses a fixed set of slots), each under a shared ``flock`` that tells the server
+the memory is mapped here. With CUDA each mapping is page-locked in place once
 (``cudaHostRegister``) so device copies read it directly, as from a pinned buffer.
-Mappings are never unmapped here while batches may view them: dropping a segment
-drops this cache's reference, and the mapping goes with the last tensor using it.
+Segments the server replaced are dropped (:meth:`SegmentCache.prune`); batches
+still viewing one keep its mapping until they are gone.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections import OrderedDict
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from batchferry import shm
@@ -23,7 +25,8 @@ __all__ = ["SegmentCache", "probe"]
 
 log = logging.getLogger("batchferry.client")
 
-_MAX_SEGMENTS = 128  # far above any ring; old slots drop out as the server regrows them
+_MAX_SEGMENTS = 256  # far above any ring; old slots drop out as the server regrows them
+_PRUNE_EVERY = 0.2  # seconds between looks for slots the server replaced
 
 
 def probe(name: str, token: bytes) -> bool:
@@ -37,56 +40,61 @@ def probe(name: str, token: bytes) -> bool:
         return False
 
 
+class _Mapped(shm.Mappings):
+    def __init__(self, register_with_cuda: bool) -> None:
+        super().__init__(_MAX_SEGMENTS, shared_lock=True)
+        self.register = register_with_cuda
+        self.registered: set[str] = set()
+
+    def on_drop(self, seg: shm.Segment) -> None:
+        if seg.name in self.registered:
+            # Device copies from it have completed (slots are released only after
+            # their events), so the registration can go.
+            self.registered.discard(seg.name)
+            with contextlib.suppress(Exception):
+                torch.cuda.cudart().cudaHostUnregister(seg.address())
+
+
 class SegmentCache:
     def __init__(self, register_with_cuda: bool) -> None:
-        self._register = register_with_cuda and torch.cuda.is_available()
-        self._segments: OrderedDict[str, shm.Segment] = OrderedDict()
-        self._registered: set[str] = set()
+        self._mapped = _Mapped(register_with_cuda and torch.cuda.is_available())
         self._lock = threading.Lock()
+        self._pruned = time.monotonic()
 
     def is_registered(self, name: str) -> bool:
         """Whether the segment is page-locked for CUDA (else copies go through pinned buffers)."""
-        return name in self._registered
+        return name in self._mapped.registered
 
-    def get(self, name: str) -> shm.Segment:
-        """The mapped segment; ``OSError`` when it cannot be opened."""
-        if not name.startswith(shm.PREFIX) or "/" in name:
-            raise ValueError(f"server named an invalid slot {name!r}")
+    def map(self, name: str) -> np.ndarray:
+        """A uint8 array over the whole mapped segment (it keeps the mapping alive, even
+        once the segment leaves this cache); ``OSError`` when it cannot be opened."""
         with self._lock:
-            seg = self._segments.get(name)
-            if seg is not None:
-                self._segments.move_to_end(name)
-                return seg
-            seg = shm.Segment.attach(name)
-            if self._register and seg.size:
-                err = torch.cuda.cudart().cudaHostRegister(seg.tensor.data_ptr(), seg.size, 0)
-                if int(err) == 0:
-                    self._registered.add(name)
-                else:
-                    torch.cuda.cudart().cudaGetLastError()  # clear it; copies go through pinned buffers
-                    log.warning("cudaHostRegister of %s failed (CUDA error %d)", name, int(err))
-            self._segments[name] = seg
-            while len(self._segments) > _MAX_SEGMENTS:
-                self._drop(self._segments.popitem(last=False)[1])
-            return seg
+            return self._get(name).array()
+
+    def _get(self, name: str) -> shm.Segment:
+        seg, new = self._mapped.get(name)
+        if new and self._mapped.register and seg.size:
+            err = torch.cuda.cudart().cudaHostRegister(seg.address(), seg.size, 0)
+            if int(err) == 0:
+                self._mapped.registered.add(name)
+            else:
+                torch.cuda.cudart().cudaGetLastError()  # clear it; copies go through pinned buffers
+                log.warning("cudaHostRegister of %s failed (CUDA error %d)", name, int(err))
+        return seg
 
     def forget(self, name: str) -> None:
-        """Stop caching a segment the server detached; batches viewing it keep it mapped."""
+        """Stop caching a segment; batches viewing it keep it mapped."""
         with self._lock:
-            seg = self._segments.pop(name, None)
-            if seg is not None:
-                self._drop(seg)
+            self._mapped.forget(name)
 
-    def _drop(self, seg: shm.Segment) -> None:
-        if seg.name in self._registered:
-            # Device copies from it have completed (slots are released only after
-            # their events), so the registration can go.
-            self._registered.discard(seg.name)
-            with contextlib.suppress(Exception):
-                torch.cuda.cudart().cudaHostUnregister(seg.tensor.data_ptr())
-        seg.close(unmap=False)
+    def prune(self) -> None:
+        """Drop segments the server replaced (at most every few hundred ms)."""
+        if time.monotonic() - self._pruned < _PRUNE_EVERY:
+            return
+        with self._lock:
+            self._pruned = time.monotonic()
+            self._mapped.prune()
 
     def close(self) -> None:
         with self._lock:
-            while self._segments:
-                self._drop(self._segments.popitem()[1])
+            self._mapped.close()

@@ -6,15 +6,23 @@ mapped in place (same host). It decodes the layout into tensors viewing that
 memory and, with a CUDA device, issues the copies to the GPU at once. Up to
 ``credits`` batches are in flight: the consumer grants one more credit per batch.
 
-Same host, on the CPU, batches are views of the slot itself (no copy). Such a
-slot is HELD until nothing references its memory any more, then RELEASED to the
-server; a slot still referenced long after (the caller keeps batches) or at the
-end of the stream is DETACHED: the server replaces it in its ring and the memory
-stays with this process until the caller drops the batch. With CUDA a slot is
+Who owns a slot (same host)::
+
+    sent ──▶ HELD here ──(nothing views the batch any more)──▶ released to the server
+                 └──(still viewed two steps after it was handed out, or when the
+                     stream ends)──▶ copied into private memory in place, then released
+
+On the CPU, batches are views of the slot itself (no copy). Their lifetime is
+tracked with ``weakref.finalize`` on the numpy view under them. A batch the caller
+keeps is copied out once, at the same addresses (:func:`batchferry.shm.privatize`),
+so the server gets its slot back and the caller's tensors keep their values.
+Where that is impossible the slot is detached instead: the server replaces it in
+its ring and the memory stays here until the batch is dropped. With CUDA a slot is
 released once its device copies have completed; with pinned host batches it is
 copied into the pinned pool and released at once.
 
 States: OPEN -> STARTED (StreamStart received) -> RECEIVING -> ENDED | FAILED | CLOSED.
+:meth:`EpochStream.close` may wait (bounded); finalizers use :meth:`close_soon`.
 """
 
 from __future__ import annotations
@@ -30,12 +38,12 @@ import grpc
 import numpy as np
 import torch
 
+from batchferry import cleanup, shm, wire
 from batchferry import layout as _layout
-from batchferry import wire
 from batchferry.errors import BatchTimeout, ProtocolError, from_rpc_error
 from batchferry.v1 import loader_pb2 as _pb2
 
-from .buffers import BufferPool, storage_use_count
+from .buffers import BufferPool, tracked
 from .device import CudaCopier
 from .segments import SegmentCache
 
@@ -44,8 +52,9 @@ __all__ = ["PENDING", "Batch", "EpochStream"]
 _END = object()
 # next(wait=...) found no batch within ``wait`` seconds (the stream is fine).
 PENDING = object()
-_HELD_POLL = 0.05  # seconds between checks for dropped zero-copy batches while waiting
+_POLL = 0.05  # seconds between looks for dropped batches while waiting
 _CLOSE_GRACE = 2.0  # seconds the server gets to end a stream we close early
+_JOIN = 5.0
 
 
 @dataclass
@@ -53,6 +62,16 @@ class Batch:
     index: int
     data: Any
     event: Any = None  # CUDA event the consumer's stream must wait on
+
+
+@dataclass
+class _Viewed:
+    """A zero-copy batch's slot, held until nothing views it."""
+
+    name: str
+    mapping: np.ndarray  # the whole mapping: kept alive here until the slot goes back
+    nbytes: int
+    handed: int = -1  # the step at which the caller got it (-1: not yet)
 
 
 class EpochStream:
@@ -84,12 +103,14 @@ class EpochStream:
         self._requests.put(_pb2.ClientMessage(open=open_msg).SerializeToString())
         self._ready: queue.Queue[Any] = queue.Queue()
         self._closed = False
+        self._half_closed = False
         self._saw_end = False
-        # Zero-copy slots: index -> (slot name, a view of the slot, its use count unreferenced).
-        self._held: dict[int, tuple[str, torch.Tensor, int]] = {}
-        self._handed: dict[int, int] = {}  # index -> step at which the caller got it
+        # Zero-copy slots by batch index; indices whose views were all dropped arrive
+        # on ``_dropped`` from finalizers (which must not take locks).
+        self._viewed: dict[int, _Viewed] = {}
+        self._dropped: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._step = 0
-        self._held_lock = threading.Lock()
+        self._viewed_lock = threading.Lock()
         call = channel.stream_stream(wire.STREAM_BATCHES, request_serializer=None, response_deserializer=None)
         self._call = call(iter(self._requests.get, None), wait_for_ready=True)
         self._thread = threading.Thread(target=self._receive, name="batchferry-receiver", daemon=True)
@@ -116,10 +137,9 @@ class EpochStream:
                 kind = frame.WhichOneof("kind")
                 if kind == "end":
                     self._saw_end = True
-                    self._finish_releases()
                     self._ready.put(_END)
                     continue
-                if kind != "batch":
+                if kind != "batch" or self._saw_end:
                     raise ValueError("expected a batch header frame")
                 if frame.batch.slot:
                     self._ready.put(self._from_slot(frame.batch))
@@ -153,7 +173,7 @@ class EpochStream:
             raise ValueError(f"batch {header.index}: got {offset} of {size} payload bytes")
         return self._from_buffer(header, buffer)
 
-    def _from_buffer(self, header: _pb2.BatchHeader, buffer: torch.Tensor) -> Batch:
+    def _from_buffer(self, header: _pb2.BatchHeader, buffer: Any) -> Batch:
         """A batch assembled in a pooled buffer; with CUDA, its copies are issued now."""
         data = _layout.decode(header.layout, buffer)
         if self._copier is None:
@@ -167,54 +187,33 @@ class EpochStream:
             raise ValueError("server sent a shared-memory slot on a byte stream")
         size = header.layout.payload_bytes
         try:
-            segment = self._segments.get(header.slot)
+            mapping = self._segments.map(header.slot)
         except OSError as exc:
             raise ValueError(f"cannot map slot {header.slot}: {exc}") from exc
-        if size > segment.size:
-            raise ValueError(f"batch {header.index} spans {size} bytes of a {segment.size}-byte slot")
-        view = segment.tensor[:size]
+        if size > mapping.nbytes:
+            raise ValueError(f"batch {header.index} spans {size} bytes of a {mapping.nbytes}-byte slot")
         if self._copier is None and not self._pool.pin:
             # Zero copy: the batch views the slot; it goes back once unreferenced.
-            with self._held_lock:
-                self._held[header.index] = (header.slot, view, storage_use_count(view))
-            data = _layout.decode(header.layout, view)
-            self._poll_held()
-            return Batch(header.index, data)
+            with self._viewed_lock:
+                self._viewed[header.index] = _Viewed(header.slot, mapping, size)
+            view = tracked(mapping[:size], self._dropped.put, header.index)
+            return Batch(header.index, _layout.decode(header.layout, view))
         if self._copier is not None and self._segments.is_registered(header.slot):
             # Page-locked in place: copy to the device straight from the slot.
-            data, event = self._copier.copy(_layout.decode(header.layout, view))
+            data, event = self._copier.copy(_layout.decode(header.layout, torch.from_numpy(mapping[:size])))
             self._releases.put((event, header.index))
             return Batch(header.index, data, event)
         buffer = self._pool.acquire(size)
-        buffer.copy_(view)  # the one copy: out of the slot, which goes straight back
+        buffer.numpy()[:] = mapping[:size]  # the one copy: out of the slot, which goes straight back
         self._release(header.index)
         return self._from_buffer(header, buffer)
 
+    def _send(self, msg: _pb2.ClientMessage) -> None:
+        if not self._half_closed:
+            self._requests.put(msg.SerializeToString())
+
     def _release(self, index: int) -> None:
-        self._requests.put(_pb2.ClientMessage(release=_pb2.Release(index=index)).SerializeToString())
-
-    def _detach(self, index: int, name: str) -> None:
-        self._requests.put(_pb2.ClientMessage(detach=_pb2.Release(index=index)).SerializeToString())
-        if self._segments is not None:
-            self._segments.forget(name)
-
-    def _poll_held(self, final: bool = False) -> None:
-        """Release slots nothing references. A batch still referenced two steps after the
-        caller got it is being kept (a loop only holds its current and previous batch):
-        detach it, as every handed-out batch still referenced when the stream ends or
-        while the caller waits for a batch (``final``): the server may need the slot."""
-        with self._held_lock:
-            for index, (name, view, baseline) in list(self._held.items()):
-                if storage_use_count(view) <= baseline:
-                    del self._held[index]
-                    self._handed.pop(index, None)
-                    self._release(index)
-                elif (final and index in self._handed) or self._handed.get(
-                    index, self._step
-                ) < self._step - 1:
-                    del self._held[index]
-                    self._handed.pop(index, None)
-                    self._detach(index, name)
+        self._send(_pb2.ClientMessage(release=_pb2.Release(index=index)))
 
     def _release_loop(self) -> None:
         while (item := self._releases.get()) is not None:
@@ -222,16 +221,58 @@ class EpochStream:
             event.synchronize()
             self._release(index)
 
-    def _finish_releases(self) -> None:
-        """Release or detach every slot still held, then half-close so the server can end the call."""
+    # -- zero-copy slots ----------------------------------------------------------------
+    def _settle(self, *, kept_after: int | None) -> None:
+        """Release the slots of dropped batches. Batches still viewed that were handed out
+        ``kept_after`` or more steps ago (None: none) are copied out, and their slots released."""
+        with self._viewed_lock:
+            while True:
+                try:
+                    index = self._dropped.get_nowait()
+                except queue.Empty:
+                    break
+                if self._viewed.pop(index, None) is not None:
+                    self._release(index)
+            if kept_after is None:
+                return
+            for index, viewed in list(self._viewed.items()):
+                if 0 <= viewed.handed <= self._step - kept_after:
+                    del self._viewed[index]
+                    self._let_go(index, viewed)
+
+    def _let_go(self, index: int, viewed: _Viewed) -> None:
+        """A batch the caller keeps: copy it out in place, or hand the slot over (detach)."""
+        assert self._segments is not None
+        # Either way this mapping no longer shows the slot: map it afresh next time.
+        self._segments.forget(viewed.name)
+        if shm.privatize(viewed.mapping, viewed.nbytes):
+            self._release(index)
+        else:
+            self._send(_pb2.ClientMessage(detach=_pb2.Release(index=index)))
+
+    def _half_close(self) -> None:
+        """Give back every slot (copying out what is still viewed), then half-close: the
+        server ends the call once it has read everything before."""
         if self._releaser is not None:
             self._releases.put(None)
-            self._releaser.join()
+            self._releaser.join(timeout=_JOIN)  # device copies may still read slots
             self._releaser = None
-        with self._held_lock:
-            self._handed.update(dict.fromkeys(self._held, self._step))  # nothing more to hand out
-        self._poll_held(final=True)
+        with self._viewed_lock:
+            for viewed in self._viewed.values():
+                if viewed.handed < 0:
+                    viewed.handed = self._step  # queued, never handed out: dropped just below
+        self._drain_ready()
+        self._settle(kept_after=0)
+        self._half_closed = True
         self._requests.put(None)
+
+    def _drain_ready(self) -> None:
+        """Drop batches received but never handed out (their views go with them)."""
+        while True:
+            try:
+                self._ready.get_nowait()
+            except queue.Empty:
+                return
 
     # -- consumer side ------------------------------------------------------------------
     def _get(self, wait: float | None = None) -> Any:
@@ -240,15 +281,18 @@ class EpochStream:
             try:
                 # Wake now and then to give back slots the caller has dropped meanwhile:
                 # the server may be waiting for one to build the next batch.
-                item = self._ready.get(timeout=min(_HELD_POLL, max(0.0, deadline - time.monotonic())))
+                item = self._ready.get(timeout=min(_POLL, max(0.0, deadline - time.monotonic())))
                 break
             except queue.Empty:
-                if time.monotonic() >= deadline:
+                now = time.monotonic()
+                if now >= deadline:
                     if wait is not None:
                         return PENDING
                     self.close()
                     raise BatchTimeout(f"no batch from the server within timeout={self._timeout}s") from None
-                self._poll_held(final=True)
+                self._settle(kept_after=2)
+                if self._segments is not None:
+                    self._segments.prune()
         if isinstance(item, BaseException):
             self.close()
             raise item
@@ -257,50 +301,55 @@ class EpochStream:
     def next(self, wait: float | None = None) -> Batch | object | None:
         """The next batch, or None at the end of the epoch. With ``wait``, PENDING when
         none arrives within that many seconds (instead of BatchTimeout after ``timeout``)."""
-        self._poll_held()
+        self._settle(kept_after=2)
         item = self._get(wait)
         if item is PENDING:
             return PENDING  # type: ignore[no-any-return]
         if item is _END:
             self._finish()
             return None
-        self._requests.put(_pb2.ClientMessage(credit=_pb2.Credit(batches=1)).SerializeToString())
-        with self._held_lock:
+        self._send(_pb2.ClientMessage(credit=_pb2.Credit(batches=1)))
+        with self._viewed_lock:
             self._step += 1
-            if item.index in self._held:
-                self._handed[item.index] = self._step
+            viewed = self._viewed.get(item.index)
+            if viewed is not None:
+                viewed.handed = self._step
         return item  # type: ignore[no-any-return]
 
     def _finish(self) -> None:
-        """Normal end: the server ends the call once it has our releases; don't cancel
-        it before then, or it would treat the slots as abandoned."""
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=self._timeout)
+        """Normal end: give back every slot, then let the server end the call."""
+        self._half_close()
+        self._thread.join(timeout=self._timeout)
         self.close()
 
     def close(self) -> None:
-        """End the stream early. Half-close first, so the server reads every message we
-        sent (acknowledgements, releases) before it ends the call; cancel only if it
-        does not end it promptly."""
+        """End the stream: ask the server to stop, give back every slot (batches in flight
+        included), half-close, and cancel only if the server does not end the call
+        promptly. Bounded: a few seconds at most."""
         if self._closed:
             return
-        self._closed = True
-        if not self._saw_end and threading.current_thread() is not self._thread:
-            self._poll_held()
-            self._requests.put(None)
+        if threading.current_thread() is not self._thread and not self._half_closed:
+            if not self._saw_end and self._thread.is_alive():
+                self._send(_pb2.ClientMessage(stop=_pb2.Stop()))
+                self._drain_until_end(time.monotonic() + _CLOSE_GRACE)
+            self._half_close()
             self._thread.join(timeout=_CLOSE_GRACE)
-        if self._releaser is not None:
-            # Device copies may still read slots; let them finish before the
-            # server may reuse those slots.
-            self._releases.put(None)
-            self._releaser.join(timeout=10)
+        self._closed = True
         self._call.cancel()
         self._requests.put(None)
         if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=10)
-        # The server detaches what this stream still held; stop caching those mappings.
-        with self._held_lock:
-            held, self._held = list(self._held.values()), {}
-        if self._segments is not None:
-            for name, _, _ in held:
-                self._segments.forget(name)
+            self._thread.join(timeout=_JOIN)
+
+    def _drain_until_end(self, deadline: float) -> None:
+        """After a stop: drop what is still in flight (never handed out) until the end frame."""
+        while not self._saw_end and self._thread.is_alive() and time.monotonic() < deadline:
+            try:
+                item = self._ready.get(timeout=_POLL)
+            except queue.Empty:
+                continue
+            del item  # its views die here: the slot is released below
+            self._settle(kept_after=None)
+
+    def close_soon(self) -> None:
+        """For finalizers: close on the clean-up thread (a finalizer must not wait)."""
+        cleanup.later(self.close)

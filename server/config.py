@@ -22,12 +22,13 @@ environment variable, or the flag.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import socket
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,13 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = [
     "ENV_PREFIX",
+    "KEYS",
+    "SERVE_DEFAULTS",
     "ConfigError",
     "ServeSettings",
     "ServerConfig",
+    "describe_setting",
+    "format_size",
     "load_settings",
     "local_target",
     "parse_size",
@@ -55,55 +60,6 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 class ConfigError(ValueError):
     """A setting is missing, unknown, or has a value of the wrong kind or range."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class ServerConfig:
-    """Everything a server is configured with (CLI flags map 1:1 onto these)."""
-
-    host: str = "127.0.0.1"
-    port: int = 50051
-    num_workers: int = 2
-    # Ring slots; 0 picks 4 per worker plus 4 (at least 8).
-    slots: int = 0
-    # Upper bound on the ring's shared memory, all slots together.
-    shm_bytes: int = 4 << 30
-    chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES
-    max_streams: int = 64
-    # A job with no consumers for this long is forgotten (its settings no longer bind).
-    job_idle_s: float = 300.0
-    # Scale-out: replica i of R serves the batches b with b % R == i of every epoch.
-    replica_index: int = 0
-    num_replicas: int = 1
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if self.slots < 0:
-            raise ValueError(f"slots must be >= 0, got {self.slots}")
-        if self.shm_bytes < 1 << 20:
-            raise ValueError(f"shm_bytes must be at least 1 MiB, got {self.shm_bytes}")
-        if self.max_streams < 1:
-            raise ValueError(f"max_streams must be >= 1, got {self.max_streams}")
-        if not self.job_idle_s > 0:
-            raise ValueError(f"job_idle_s must be > 0 seconds, got {self.job_idle_s}")
-        if not wire.MIN_CHUNK_BYTES <= self.chunk_bytes <= wire.MAX_CHUNK_BYTES:
-            raise ValueError(
-                f"chunk_bytes must be in [{wire.MIN_CHUNK_BYTES}, {wire.MAX_CHUNK_BYTES}], "
-                f"got {self.chunk_bytes}"
-            )
-        if not 1 <= self.num_replicas <= wire.MAX_REPLICAS:
-            raise ValueError(f"num_replicas must be in [1, {wire.MAX_REPLICAS}], got {self.num_replicas}")
-        if not 0 <= self.replica_index < self.num_replicas:
-            raise ValueError(
-                f"replica_index must be in [0, num_replicas={self.num_replicas}), got {self.replica_index}"
-            )
-
-    @property
-    def num_slots(self) -> int:
-        return self.slots or max(8, 4 * self.num_workers + 4)
 
 
 _UNITS = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -119,13 +75,87 @@ def parse_size(value: str | int) -> int:
     for suffix, factor in _UNITS.items():
         if lower.endswith(suffix):
             try:
-                return int(float(lower[: -len(suffix)]) * factor)
+                number = float(lower[: -len(suffix)])
             except ValueError:
                 break
+            if not math.isfinite(number) or number < 0:
+                break
+            return int(number * factor)
     try:
         return int(lower)
     except ValueError:
         raise ValueError(f"must be a size (bytes, or e.g. '4GiB'), got {value!r}") from None
+
+
+def _setting(default: Any, help: str, *, parse: Callable[[Any], Any] | None = None) -> Any:
+    """A ServerConfig field: its default, its help text and (if not by type) its parser.
+
+    The CLI flags, environment variables and file keys are generated from these.
+    """
+    return field(default=default, metadata={"help": help, "parse": parse})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """Everything a server is configured with (``batchferry serve`` flags map 1:1 onto these)."""
+
+    host: str = _setting("127.0.0.1", "interface to listen on")
+    port: int = _setting(50051, "port to listen on (0: any free port)")
+    num_workers: int = _setting(2, "worker processes building batches (0: build in the server process)")
+    slots: int = _setting(0, "shared-memory ring slots (0: 4 per worker plus 4, at least 8)")
+    shm_bytes: int = _setting(
+        4 << 30, "shared-memory budget of every segment together, e.g. 4GiB", parse=parse_size
+    )
+    chunk_bytes: int = _setting(
+        wire.DEFAULT_CHUNK_BYTES, "byte-stream chunk size, e.g. 4MiB", parse=parse_size
+    )
+    max_streams: int = _setting(64, "concurrent batch streams")
+    job_idle_s: float = _setting(300.0, "forget a job (its settings no longer bind) after this long unused")
+    slot_timeout_s: float = _setting(
+        60.0, "how long a stream waits for a free shared-memory slot before RESOURCE_EXHAUSTED"
+    )
+    linger_s: float = _setting(
+        30.0, "how long a slot sent to a client whose stream ended abnormally keeps its name"
+    )
+    replica_index: int = _setting(
+        0, "this replica's index (default: the StatefulSet ordinal of the host name when num_replicas > 1)"
+    )
+    num_replicas: int = _setting(1, "replicas sharing each epoch: replica i serves the batches b % R == i")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.slots < 0:
+            raise ValueError(f"slots must be >= 0, got {self.slots}")
+        if self.shm_bytes < 1 << 20:
+            raise ValueError(f"shm_bytes must be at least 1 MiB, got {self.shm_bytes}")
+        if self.shm_bytes < self.num_slots << 20:
+            raise ValueError(
+                f"shm_bytes must hold the ring's {self.num_slots} slots of 1 MiB, got {self.shm_bytes}"
+            )
+        if self.max_streams < 1:
+            raise ValueError(f"max_streams must be >= 1, got {self.max_streams}")
+        for name in ("job_idle_s", "slot_timeout_s", "linger_s"):
+            value = getattr(self, name)
+            if not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be > 0 seconds, got {value}")
+        if not wire.MIN_CHUNK_BYTES <= self.chunk_bytes <= wire.MAX_CHUNK_BYTES:
+            raise ValueError(
+                f"chunk_bytes must be in [{wire.MIN_CHUNK_BYTES}, {wire.MAX_CHUNK_BYTES}], "
+                f"got {self.chunk_bytes}"
+            )
+        if not 1 <= self.num_replicas <= wire.MAX_REPLICAS:
+            raise ValueError(f"num_replicas must be in [1, {wire.MAX_REPLICAS}], got {self.num_replicas}")
+        if not 0 <= self.replica_index < self.num_replicas:
+            raise ValueError(
+                f"replica_index must be in [0, num_replicas={self.num_replicas}), got {self.replica_index}"
+            )
+
+    @property
+    def num_slots(self) -> int:
+        return self.slots or max(8, 4 * self.num_workers + 4)
 
 
 def _scalar(kind: type[int] | type[float], what: str) -> Callable[[Any], Any]:
@@ -192,19 +222,15 @@ def _datasets(value: Any) -> dict[str, str]:
     raise ValueError(f'must be a table of name = "spec", got {value!r}')
 
 
-# Key -> parser. Keys are ServerConfig's fields plus what `serve` itself needs.
-_SERVER_KEYS: dict[str, Callable[[Any], Any]] = {
-    "host": _text,
-    "port": _integer,
-    "num_workers": _integer,
-    "slots": _integer,
-    "shm_bytes": parse_size,
-    "chunk_bytes": parse_size,
-    "max_streams": _integer,
-    "job_idle_s": _number,
-    "replica_index": _integer,
-    "num_replicas": _integer,
-}
+def _parser(f: Any) -> Callable[[Any], Any]:
+    parse = f.metadata.get("parse")
+    if parse is not None:
+        return parse  # type: ignore[no-any-return]
+    return {"int": _integer, "float": _number, "str": _text}[str(f.type)]
+
+
+# Key -> parser: ServerConfig's fields, plus what `serve` itself needs.
+_SERVER_KEYS: dict[str, Callable[[Any], Any]] = {f.name: _parser(f) for f in fields(ServerConfig)}
 KEYS: dict[str, Callable[[Any], Any]] = {
     "datasets": _datasets,
     "import": _names,
@@ -212,7 +238,33 @@ KEYS: dict[str, Callable[[Any], Any]] = {
     **_SERVER_KEYS,
 }
 # `batchferry serve` listens on every interface; the Python Server defaults to loopback.
-_SERVE_DEFAULTS: dict[str, Any] = {"host": "0.0.0.0", "log_level": "INFO"}
+SERVE_DEFAULTS: dict[str, Any] = {"host": "0.0.0.0", "log_level": "INFO"}
+# Help for the settings that are not ServerConfig fields.
+_HELP = {
+    "datasets": "NAME=SPEC: npy:PATH[,labels=PATH] | synthetic:n=N,shape=AxB,... | "
+    "python:MODULE:CALLABLE (repeatable)",
+    "import": "import MODULE first, e.g. one that calls register_collate (repeatable)",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+}
+
+
+def describe_setting(key: str) -> str:
+    """Help text for a setting, with its default as `serve` applies it."""
+    field_ = next((f for f in fields(ServerConfig) if f.name == key), None)
+    if field_ is None:
+        return _HELP[key]
+    default = SERVE_DEFAULTS.get(key, field_.default)
+    if key in ("shm_bytes", "chunk_bytes"):
+        default = format_size(default)
+    return f"{field_.metadata['help']} (default {default})"
+
+
+def format_size(n: int) -> str:
+    """4194304 -> '4MiB' (exact units only)."""
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return str(n)
 
 
 def env_name(key: str) -> str:
@@ -311,7 +363,7 @@ def load_settings(
         if flags.get(key) is not None:
             take(key, flags[key], f"flag {flag_name(key)}")
 
-    for key, default in _SERVE_DEFAULTS.items():
+    for key, default in SERVE_DEFAULTS.items():
         values.setdefault(key, default)
     if "replica_index" not in values:
         values["replica_index"], origins["replica_index"] = _default_replica(

@@ -2,8 +2,15 @@
 
 A job is created by its first consumer, which fixes its settings; later
 consumers must agree (else FAILED_PRECONDITION naming the field). It ends when
-it has had no consumer for ``idle_s`` seconds. Lock order: ``JobRegistry._lock``
-before ``Job.cond``.
+it has had no consumer for ``idle_s`` seconds.
+
+Shared and dynamic jobs coordinate each epoch through an :class:`EpochState`
+(``server/modes/``), kept while a consumer is in it and pruned after: a state
+nobody is in goes once it is finished or two epochs old, and a job never keeps
+more than ``MAX_EPOCH_STATES``.
+
+Lock order: ``JobRegistry._lock`` before ``Job.cond`` (a reentrant condition that
+every epoch state of the job shares).
 """
 
 from __future__ import annotations
@@ -11,18 +18,21 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 from batchferry.v1 import loader_pb2 as _pb2
 
-__all__ = ["Consumer", "Job", "JobConflict", "JobRegistry", "JobSettings"]
+__all__ = ["MAX_EPOCH_STATES", "Consumer", "EpochState", "Job", "JobConflict", "JobRegistry", "JobSettings"]
+
+MAX_EPOCH_STATES = 8
 
 
 class JobConflict(Exception):
     """A consumer's settings disagree with its job's."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class JobSettings:
     mode: _pb2.Mode
     dataset: str
@@ -44,6 +54,31 @@ class Consumer:
     total: int = 0
 
 
+class EpochState:
+    """One epoch of a shared or dynamic job, as its consumers see it (``server/modes/``)."""
+
+    def __init__(self, cond: threading.Condition) -> None:
+        self._cond = cond
+        self.members: set[int] = set()
+
+    @property
+    def finished(self) -> bool:
+        return False
+
+    def join(self, consumer: int) -> None:
+        with self._cond:
+            self.members.add(consumer)
+
+    def leave(self, consumer: int) -> None:
+        with self._cond:
+            self.members.discard(consumer)
+            self._cond.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait(timeout)
+
+
 @dataclass
 class Job:
     name: str
@@ -51,9 +86,26 @@ class Job:
     consumers: dict[int, Consumer] = field(default_factory=dict)
     batches_built: int = 0
     idle_since: float | None = None
-    cond: threading.Condition = field(default_factory=threading.Condition)
-    # Mode-specific per-epoch state (see server/modes.py), keyed by epoch.
-    epochs: dict[int, object] = field(default_factory=dict)
+    cond: threading.Condition = field(default_factory=lambda: threading.Condition(threading.RLock()))
+    epochs: dict[int, EpochState] = field(default_factory=dict)
+
+    def epoch_state(self, epoch: int, make: Callable[[], EpochState]) -> EpochState:
+        """Epoch ``epoch``'s state, made by its first consumer."""
+        with self.cond:
+            state = self.epochs.get(epoch)
+            if state is None:
+                state = self.epochs[epoch] = make()
+            return state
+
+    def prune_epochs(self) -> None:
+        """Forget epoch states nobody is in that are finished, two epochs old, or too many."""
+        with self.cond:
+            newest = max(self.epochs, default=0)
+            idle = sorted(e for e, s in self.epochs.items() if not s.members)
+            for epoch in idle:
+                state = self.epochs[epoch]
+                if state.finished or epoch < newest - 1 or len(self.epochs) > MAX_EPOCH_STATES:
+                    del self.epochs[epoch]
 
 
 class JobRegistry:

@@ -1,188 +1,332 @@
-"""The ring of reusable shared-memory slots that workers build batches into.
+"""The ring of shared-memory slots that workers build batches into, and the leases on them.
 
-Owner: the server process. A slot is FREE, or HELD from the moment a stream
-acquires it until the batch in it has been copied out (byte stream) or released
-by the client that maps it (same host). Slots start small and grow to the largest
-batch seen (plus a margin), so a steady workload reuses the same segments. When
-every slot is held for a while (many streams, clients holding prefetched batches)
-the ring adds slots; the total never exceeds ``max_bytes``. Lock order: ``_cond``
-is the only lock.
+Owner: the server (one ring, one :class:`~batchferry.shm.Arena`). Every slot is in
+exactly one state, and only the ring changes it, under its lock::
+
+    FREE ──acquire──▶ LEASED ──release──▶ FREE
+                        ├──detach───▶ RETIRED
+                        └──abandon──▶ LINGERING ──(linger seconds)──▶ RETIRED
+    FREE ──(outgrown by a larger batch)──▶ RETIRED
+
+* LEASED: held through one :class:`Lease` by one stream, from before its batch is
+  built until the client is done with it. Only that lease moves the slot on; every
+  transition is idempotent, and a lease that has ended can never touch the slot
+  again (the next acquisition makes a new lease).
+* LINGERING: sent to a client whose stream then ended abnormally; the client may
+  not have mapped it yet, so the name stays valid and the slot is never reused.
+* RETIRED: unlinked and out of the ring. Its memory lives while some client maps
+  it (a batch the client keeps) and counts until the last such mapping is gone.
+
+Budget: the bytes of every live segment, in every state, never exceed ``max_bytes``.
+A batch that can never fit, or a full ``/dev/shm``, gets :class:`RingExhausted`
+naming the budget and the bytes asked for; the ring is left as it was. Slots start
+small and grow to the largest batch seen plus a margin, so a steady workload reuses
+the same segments.
+
+Lock order: ``SlotRing._cond`` is a leaf: nothing that takes another lock is called
+while it is held.
 """
 
 from __future__ import annotations
 
+import enum
 import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from batchferry import shm
 
-__all__ = ["RingExhausted", "Slot", "SlotRing"]
+__all__ = ["Lease", "RingExhausted", "SlotRing", "SlotState"]
 
 _GROWTH = 1.25
 _ROUND = 1 << 20
-# How long a stream waits with no free slot before the ring adds one.
-_ADD_AFTER = 1.0
+# How long a stream waits with every slot leased before the ring adds one.
+_ADD_AFTER = 0.5
+_WAIT = 0.05  # seconds between looks at lingering and retired slots while waiting
+_PROBE_BYTES = 16
 
 
 class RingExhausted(Exception):
-    """A batch is larger than the whole shared-memory budget allows."""
+    """No slot can hold the batch: larger than the budget, budget taken, or /dev/shm full."""
 
 
-@dataclass
-class Slot:
-    index: int
+class SlotState(enum.Enum):
+    FREE = "free"
+    LEASED = "leased"
+    LINGERING = "lingering"
+    RETIRED = "retired"
+
+
+@dataclass(eq=False)
+class _Slot:
     segment: shm.Segment
-
-    @property
-    def name(self) -> str:
-        return self.segment.name
+    state: SlotState = SlotState.FREE
+    lease: Lease | None = None
+    until: float = 0.0  # LINGERING: when it retires
 
     @property
     def capacity(self) -> int:
         return self.segment.size
 
 
+class Lease:
+    """One acquisition of one slot: the only handle that can give it back."""
+
+    __slots__ = ("_ring", "_slot")
+
+    def __init__(self, ring: SlotRing, slot: _Slot) -> None:
+        self._ring = ring
+        self._slot = slot
+
+    @property
+    def name(self) -> str:
+        return self._slot.segment.name
+
+    @property
+    def capacity(self) -> int:
+        return self._slot.capacity
+
+    @property
+    def segment(self) -> shm.Segment:
+        return self._slot.segment
+
+    @property
+    def active(self) -> bool:
+        return self._slot.lease is self
+
+    def release(self) -> None:
+        """LEASED -> FREE: nobody reads the slot any more."""
+        self._ring._end(self, SlotState.FREE)
+
+    def detach(self) -> None:
+        """LEASED -> RETIRED: a client keeps the batch; the slot leaves the ring."""
+        self._ring._end(self, SlotState.RETIRED)
+
+    def abandon(self) -> None:
+        """LEASED -> LINGERING: a client may still map it; never reuse it."""
+        self._ring._end(self, SlotState.LINGERING)
+
+    def __repr__(self) -> str:
+        return f"Lease({self.name}, {self.capacity} bytes, {'active' if self.active else 'ended'})"
+
+
+@dataclass
+class RingStats:
+    """Counts and bytes of the ring's segments by state, for tests and metrics."""
+
+    slots: dict[SlotState, int] = field(default_factory=dict)
+    bytes: dict[SlotState, int] = field(default_factory=dict)
+    max_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+
 class SlotRing:
-    def __init__(self, num_slots: int, max_bytes: int, initial_bytes: int = _ROUND) -> None:
+    def __init__(
+        self,
+        num_slots: int,
+        max_bytes: int,
+        *,
+        max_slots: int | None = None,
+        initial_bytes: int = _ROUND,
+        linger: float = 30.0,
+    ) -> None:
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         if max_bytes < num_slots * initial_bytes:
             raise ValueError(f"max_bytes {max_bytes} cannot hold {num_slots} slots of {initial_bytes} bytes")
         self.max_bytes = max_bytes
-        self._token = shm.new_token()
-        self._generation = 0
+        self.target_slots = num_slots
+        self.max_slots = max(num_slots, max_slots or 4 * num_slots)
+        self.linger = linger
         self._cond = threading.Condition()
         self._closed = False
-        self._lingering: list[tuple[float, shm.Segment]] = []
-        # A small segment holding a random token: a client that can read it shares
-        # /dev/shm with this server and may map slots directly.
-        self.probe_token = secrets.token_bytes(16)
-        self._probe = shm.Segment.create(shm.new_name(self._token, 0), len(self.probe_token))
-        self._probe.tensor[:] = torch.frombuffer(bytearray(self.probe_token), dtype=torch.uint8)
-        self._slots: list[Slot] = []
+        self._slots: list[_Slot] = []  # every live segment, in any state
+        self._arena = shm.Arena()
+        self._probe: shm.Segment | None = None
         try:
-            for i in range(num_slots):
-                self._slots.append(Slot(i, self._new_segment(initial_bytes)))
+            # A small segment holding a random token: a client that can read it shares
+            # /dev/shm with this server and may map slots directly.
+            self.probe_token = secrets.token_bytes(_PROBE_BYTES)
+            self._probe = self._arena.create(len(self.probe_token))
+            self._probe.array()[:] = np.frombuffer(self.probe_token, dtype=np.uint8)
+            for _ in range(num_slots):
+                self._slots.append(_Slot(self._arena.create(initial_bytes)))
         except BaseException:
             self.close()
             raise
-        self._free = list(range(num_slots))
 
-    def _new_segment(self, size: int) -> shm.Segment:
-        self._generation += 1
-        return shm.Segment.create(shm.new_name(self._token, self._generation), size)
-
+    # -- facts ------------------------------------------------------------------------
     @property
     def probe_name(self) -> str:
+        assert self._probe is not None
         return self._probe.name
 
     @property
+    def token(self) -> str:
+        return self._arena.token
+
+    @property
     def num_slots(self) -> int:
-        return len(self._slots)
+        """Slots in the ring (FREE or LEASED)."""
+        with self._cond:
+            return len(self._ring())
 
     @property
     def free_slots(self) -> int:
         with self._cond:
-            return len(self._free)
+            return sum(s.state is SlotState.FREE for s in self._slots)
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(s.capacity for s in self._slots)
+    def stats(self) -> RingStats:
+        with self._cond:
+            self._sweep()
+            out = RingStats(max_bytes=self.max_bytes)
+            for state in SlotState:
+                of = [s for s in self._slots if s.state is state]
+                out.slots[state] = len(of)
+                out.bytes[state] = sum(s.capacity for s in of)
+            return out
 
     def segment_names(self) -> list[str]:
         with self._cond:
-            return [self._probe.name, *(s.name for s in self._slots)]
+            names = [s.segment.name for s in self._slots if s.state is not SlotState.RETIRED]
+            return [self.probe_name, *names]
 
+    def _ring(self) -> list[_Slot]:
+        return [s for s in self._slots if s.state in (SlotState.FREE, SlotState.LEASED)]
+
+    def _used(self) -> int:
+        return _PROBE_BYTES + sum(s.capacity for s in self._slots)
+
+    # -- leases -----------------------------------------------------------------------
     def acquire(
         self, min_bytes: int, *, timeout: float, cancelled: Callable[[], bool] = lambda: False
-    ) -> Slot | None:
-        """A free slot of at least ``min_bytes``; None on timeout, cancel or close."""
+    ) -> Lease | None:
+        """A lease on a slot of at least ``min_bytes``.
+
+        None when ``timeout`` passes (0: do not wait), ``cancelled()`` turns true or the
+        ring closes. ``RingExhausted`` when the batch can never fit the budget or
+        ``/dev/shm`` is full.
+        """
+        if min_bytes + _PROBE_BYTES > self.max_bytes:
+            raise RingExhausted(
+                f"a batch of {min_bytes} bytes does not fit the server's shared-memory budget of "
+                f"{self.max_bytes} bytes (--shm-bytes)"
+            )
         start = time.monotonic()
         deadline = start + timeout
         with self._cond:
-            while not self._free:
-                remaining = deadline - time.monotonic()
-                if self._closed or cancelled() or remaining <= 0:
+            while True:
+                if self._closed or cancelled():
                     return None
-                if time.monotonic() - start >= _ADD_AFTER and self._add(min_bytes):
+                self._sweep()
+                slot = self._take(min_bytes, waited=time.monotonic() - start)
+                if slot is not None:
+                    slot.state, slot.lease = SlotState.LEASED, Lease(self, slot)
+                    return slot.lease
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cond.wait(min(remaining, _WAIT))
+
+    def _take(self, min_bytes: int, waited: float) -> _Slot | None:
+        """A FREE slot fit for ``min_bytes``, grown or added if need be (caller holds ``_cond``)."""
+        free = [s for s in self._slots if s.state is SlotState.FREE]
+        fit = min((s for s in free if s.capacity >= min_bytes), key=lambda s: s.capacity, default=None)
+        if fit is not None:
+            return fit
+        size = max(_ROUND, -(-int(min_bytes * _GROWTH) // _ROUND) * _ROUND)
+        room = self.max_bytes - self._used()
+        if free:
+            # Outgrown: retire free slots, largest first, until the new size fits. A
+            # retired slot still mapped by a client counts until the client lets go,
+            # so its room may come only later (the caller waits and looks again).
+            coming = 0
+            for victim in sorted(free, key=lambda s: -s.capacity):
+                if room + coming >= size:
                     break
-                self._cond.wait(min(remaining, 0.05))
-            if self._closed:
+                coming += victim.capacity
+                self._retire(victim)
+                room = self.max_bytes - self._used()
+            if room < min_bytes:
                 return None
-            # Prefer a slot that is already large enough.
-            pick = next((i for i in self._free if self._slots[i].capacity >= min_bytes), self._free[0])
-            slot = self._slots[pick]
-            if slot.capacity < min_bytes:
-                size = -(-int(min_bytes * _GROWTH) // _ROUND) * _ROUND
-                if self.total_bytes - slot.capacity + size > self.max_bytes:
-                    size = self.max_bytes - (self.total_bytes - slot.capacity)
-                    if size < min_bytes:
-                        raise RingExhausted(
-                            f"a batch of {min_bytes} bytes does not fit the server's shared-memory "
-                            f"budget of {self.max_bytes} bytes over {self.num_slots} slots"
-                        )
-                slot.segment.close()
-                slot = self._slots[pick] = Slot(pick, self._new_segment(size))
-            self._free.remove(pick)
-            return slot
+            return self._new(max(min_bytes, min(size, room)), min_bytes, replaces=free[0])
+        ring = len(self._ring())
+        may_add = ring < self.target_slots or (waited >= _ADD_AFTER and ring < self.max_slots)
+        if may_add and room >= min_bytes:
+            return self._new(max(min_bytes, min(size, room)), min_bytes)
+        return None
 
-    def _add(self, min_bytes: int) -> bool:
-        """Add a slot if the budget allows (caller holds ``_cond``)."""
-        size = max(_ROUND, -(-min_bytes // _ROUND) * _ROUND)
-        if self.total_bytes + size > self.max_bytes:
-            return False
-        self._slots.append(Slot(len(self._slots), self._new_segment(size)))
-        self._free.append(len(self._slots) - 1)
-        return True
+    def _new(self, size: int, min_bytes: int, replaces: _Slot | None = None) -> _Slot:
+        try:
+            segment = self._arena.create(size)
+        except OSError as exc:
+            raise RingExhausted(
+                f"/dev/shm is full ({exc.strerror}): cannot allocate {size} bytes for a batch of "
+                f"{min_bytes} bytes (budget {self.max_bytes} bytes, {self._used()} in use by this server)"
+            ) from exc
+        if replaces is not None and replaces.state is SlotState.FREE:
+            self._retire(replaces)
+        slot = _Slot(segment)
+        self._slots.append(slot)
+        return slot
 
-    def detach(self, slot: Slot, linger: float = 0.0) -> None:
-        """Give a held slot's memory away: a fresh segment takes its place in the ring.
-
-        Unlinking leaves the pages to whoever still maps them (a client keeping the
-        batch); they are freed when the last mapping goes. ``linger`` delays the
-        unlink, for a client that was sent the slot's name but may not have opened
-        it yet (a stream that ended abnormally).
-        """
+    def _end(self, lease: Lease, to: SlotState) -> None:
         with self._cond:
-            self._sweep()
-            if self._closed or self._slots[slot.index] is not slot or slot.index in self._free:
+            slot = lease._slot
+            if slot.lease is not lease:
+                return  # already ended: idempotent
+            slot.lease = None
+            if self._closed:
                 return
-            if linger > 0:
-                self._lingering.append((time.monotonic() + linger, slot.segment))
+            if to is SlotState.FREE:
+                slot.state = SlotState.FREE
+            elif to is SlotState.LINGERING:
+                slot.state, slot.until = SlotState.LINGERING, time.monotonic() + self.linger
             else:
-                slot.segment.close()
-            self._slots[slot.index] = Slot(slot.index, self._new_segment(slot.capacity))
-            self._free.append(slot.index)
-            self._cond.notify()
+                self._retire(slot)
+            self._cond.notify_all()
+
+    def _retire(self, slot: _Slot) -> None:
+        slot.state = SlotState.RETIRED
+        slot.segment.unlink()
+        slot.segment.unmap()
+        self._forget_if_unmapped(slot)
+        self._cond.notify_all()
+
+    def _forget_if_unmapped(self, slot: _Slot) -> None:
+        if not slot.segment.mapped_elsewhere():
+            slot.segment.close()
+            self._slots.remove(slot)
 
     def _sweep(self) -> None:
-        """Unlink lingering segments whose time is up (caller holds ``_cond``)."""
-        now = time.monotonic()
-        due = [seg for deadline, seg in self._lingering if deadline <= now]
-        self._lingering = [(d, seg) for d, seg in self._lingering if d > now]
-        for seg in due:
-            seg.close()
+        """Retire lingering slots whose time is up; forget retired ones nobody maps.
 
-    def release(self, slot: Slot) -> None:
-        with self._cond:
-            self._sweep()
-            if self._slots[slot.index] is slot and slot.index not in self._free:
-                self._free.append(slot.index)
-                self._cond.notify()
+        The caller holds ``_cond``.
+        """
+        now = time.monotonic()
+        for slot in [s for s in self._slots if s.state is SlotState.LINGERING and s.until <= now]:
+            self._retire(slot)
+        for slot in [s for s in self._slots if s.state is SlotState.RETIRED]:
+            self._forget_if_unmapped(slot)
 
     def close(self) -> None:
-        """Unlink every segment; streams waiting in acquire() get None."""
+        """Unlink every segment; waiting acquires return None; leases end. Idempotent."""
         with self._cond:
+            if self._closed:
+                return
             self._closed = True
             self._cond.notify_all()
             for slot in self._slots:
+                slot.lease = None
                 slot.segment.close()
-            for _, seg in self._lingering:
-                seg.close()
-            self._lingering = []
+            self._slots = []
+        if self._probe is not None:
             self._probe.close()
+        self._arena.close()

@@ -2,34 +2,44 @@
 
 Start order matters: workers are spawned before any gRPC object exists (gRPC's
 threads do not survive process creation), then the ring, then the gRPC server.
-close() undoes it in reverse: report NOT_SERVING, stop RPCs, stop workers, unlink
-every segment.
+close() undoes it in reverse: report NOT_SERVING, end every stream with
+UNAVAILABLE (clients reconnect), stop RPCs, stop workers, unlink every segment.
 
 Besides the Loader service the server answers the standard ``grpc.health.v1``
 service (container HEALTHCHECK, Kubernetes gRPC probes, ``batchferry health``):
 SERVING for "" and the Loader service while it runs.
+
+Nothing outlives the server: ``close()`` (also at interpreter exit, and on
+SIGTERM/SIGINT while :meth:`Server.wait` runs in the main thread) unlinks the
+ring, and if the process is killed outright the ring's reaper process does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
+import resource
+import signal
 import threading
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, Future
 from dataclasses import replace
+from types import FrameType
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from batchferry import shm, wire
+from batchferry import cleanup, shm, wire
 
 from .collate import CollateFn, SlotCollate, collate_names, get_collate
 from .config import ServerConfig
 from .datasets import DatasetSource, MapDataset, parse_spec
 from .jobs import JobRegistry
 from .ring import SlotRing
-from .service import LoaderService
+from .servicer import LoaderService
 from .workers import WorkerPool
 
 __all__ = ["Server", "ServerConfig"]
@@ -38,6 +48,7 @@ log = logging.getLogger("batchferry.server")
 
 # RPC threads beyond max_streams: health checks, listings, refused streams.
 _SPARE_RPCS = 8
+_STOP_TIMEOUT = 10.0
 
 
 class Server:
@@ -64,11 +75,14 @@ class Server:
         self.config = replace(config or ServerConfig(), **options)
         if not datasets:
             raise ValueError("datasets: give the server at least one dataset")
+        self.id = uuid.uuid4().hex
         self._closed = threading.Event()
+        self._close_lock = threading.Lock()
         self._pool: WorkerPool | None = None
         self._ring: SlotRing | None = None
         self._grpc: grpc.Server | None = None
         self._health: health.HealthServicer | None = None
+        self.service: LoaderService | None = None
         sources: dict[str, DatasetSource] = {}
         built: dict[str, MapDataset] = {}
         for name, ds in datasets.items():
@@ -88,83 +102,123 @@ class Server:
         removed = shm.remove_stale()
         if removed:
             log.warning("removed %d shared-memory segment(s) left by a stopped server", len(removed))
+        _raise_fd_limit()
+        cleanup.start()
+        cleanup.close_at_exit(self)
         try:
+            cfg = self.config
+            max_slots = 4 * cfg.num_slots
             # Workers keep a mapping per slot; the ring may add slots under load.
-            self._pool = WorkerPool(sources, registry, self.config.num_workers, 4 * self.config.num_slots)
-            self._ring = SlotRing(self.config.num_slots, self.config.shm_bytes)
-            self.jobs = JobRegistry(self.config.job_idle_s)
+            self._pool = WorkerPool(sources, registry, cfg.num_workers, max_slots)
+            self._ring = SlotRing(cfg.num_slots, cfg.shm_bytes, max_slots=max_slots, linger=cfg.linger_s)
+            self.jobs = JobRegistry(cfg.job_idle_s)
             self.service = LoaderService(
                 built,
-                registry,
+                frozenset(registry),
                 self._pool,
                 self._ring,
-                self.config.chunk_bytes,
                 self.jobs,
-                max_streams=self.config.max_streams,
-                replica_index=self.config.replica_index,
-                num_replicas=self.config.num_replicas,
+                chunk_bytes=cfg.chunk_bytes,
+                max_streams=cfg.max_streams,
+                replica_index=cfg.replica_index,
+                num_replicas=cfg.num_replicas,
+                slot_timeout=cfg.slot_timeout_s,
+                server_id=self.id,
             )
             # Streams are limited by the service itself; the spare threads keep health
             # checks and listings answered while every stream slot is taken.
             self._grpc = grpc.server(
-                ThreadPoolExecutor(
-                    self.config.max_streams + _SPARE_RPCS, thread_name_prefix="batchferry-rpc"
-                ),
+                _DaemonThreads(cfg.max_streams + _SPARE_RPCS),
                 handlers=[self.service.handlers()],
                 options=wire.CHANNEL_OPTIONS,
-                maximum_concurrent_rpcs=self.config.max_streams + _SPARE_RPCS,
+                maximum_concurrent_rpcs=cfg.max_streams + _SPARE_RPCS,
             )
             self._health = health.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-            self.port = self._grpc.add_insecure_port(f"{self.config.host}:{self.config.port}")
+            self.port = self._grpc.add_insecure_port(_join(cfg.host, cfg.port))
             if self.port == 0:
-                raise OSError(f"could not bind {self.config.host}:{self.config.port}")
+                raise OSError(f"could not bind {cfg.host}:{cfg.port}")
             self._grpc.start()
             for service in ("", wire.SERVICE):
                 self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         except BaseException:
             self.close()
             raise
-        replica = (
-            f" as replica {self.config.replica_index} of {self.config.num_replicas}"
-            if self.config.num_replicas > 1
-            else ""
-        )
+        replica = f" as replica {cfg.replica_index} of {cfg.num_replicas}" if cfg.num_replicas > 1 else ""
         log.info(
-            "serving %s on %s with %d worker(s)%s",
-            ", ".join(built),
-            self.address,
-            self.config.num_workers,
-            replica,
+            "serving %s on %s with %d worker(s)%s", ", ".join(built), self.address, cfg.num_workers, replica
         )
 
     @property
     def address(self) -> str:
-        host = self.config.host
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        return _join(self.config.host, self.port)
+
+    @property
+    def ring(self) -> SlotRing:
+        if self._ring is None:
+            raise RuntimeError("server is closed")
+        return self._ring
+
+    @property
+    def pool(self) -> WorkerPool:
+        if self._pool is None:
+            raise RuntimeError("server is closed")
+        return self._pool
 
     def segment_names(self) -> list[str]:
         return self._ring.segment_names() if self._ring is not None else []
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the server is closed (True) or ``timeout`` passes (False)."""
-        return self._closed.wait(timeout)
+        """Block until the server is closed (True) or ``timeout`` passes (False).
+
+        In the main thread, SIGTERM and SIGINT close the server meanwhile (as
+        ``batchferry serve`` does), so a container stop or Ctrl-C leaves nothing behind.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return self._closed.wait(timeout)
+        stop = threading.Event()
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            stop.set()
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            # Short waits: a signal handler runs only between them.
+            remaining = timeout
+            while not self._closed.is_set() and not stop.is_set():
+                if remaining is not None and remaining <= 0:
+                    return False
+                step = 0.2 if remaining is None else min(0.2, remaining)
+                self._closed.wait(step)
+                if remaining is not None:
+                    remaining -= step
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if stop.is_set():
+            self.close()
+        return True
 
     def close(self, grace: float = 1.0) -> None:
         """Stop serving, stop the workers and unlink all shared memory. Idempotent."""
-        if self._health is not None:
-            self._health.enter_graceful_shutdown()  # probes see NOT_SERVING during the grace
-            self._health = None
-        if self._grpc is not None:
-            self._grpc.stop(grace).wait()
-            self._grpc = None
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
-        self._closed.set()
+        with self._close_lock:
+            if self._health is not None:
+                self._health.enter_graceful_shutdown()  # probes see NOT_SERVING from now on
+                self._health = None
+            if self.service is not None:
+                self.service.shutdown()  # every stream ends with UNAVAILABLE: clients reconnect
+            if self._grpc is not None:
+                self._grpc.stop(grace).wait(_STOP_TIMEOUT)
+                self._grpc = None
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+            if self._ring is not None:
+                self._ring.close()
+                self._ring = None
+            self._closed.set()
+            cleanup.forget_at_exit(self)
 
     def __enter__(self) -> Server:
         return self
@@ -173,5 +227,70 @@ class Server:
         self.close()
 
     def __del__(self) -> None:
+        # A finalizer must not wait: hand the clean-up over.
         if getattr(self, "_ring", None) is not None:
-            self.close(grace=0)
+            cleanup.later(self.close)
+
+
+class _DaemonThreads(Executor):
+    """gRPC's handler threads, as daemon threads.
+
+    concurrent.futures' pool joins its threads at interpreter exit, so a stream left
+    open by a script that ends without close() would hang it; these threads do not
+    hold up exit (the server is closed at exit instead).
+    """
+
+    def __init__(self, max_workers: int) -> None:
+        self._max = max_workers
+        self._work: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new RPCs after shutdown")
+            self._work.put((future, fn, args, kwargs))
+            if not self._idle.acquire(blocking=False) and len(self._threads) < self._max:
+                thread = threading.Thread(
+                    target=self._run, name=f"batchferry-rpc_{len(self._threads)}", daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
+        return future
+
+    def _run(self) -> None:
+        while (item := self._work.get()) is not None:
+            future, fn, args, kwargs = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:
+                    future.set_exception(exc)
+            del item, future, fn, args, kwargs
+            self._idle.release()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            for _ in self._threads:
+                self._work.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join(timeout=_STOP_TIMEOUT)
+
+
+def _join(host: str, port: int) -> str:
+    """``host:port``, with IPv6 hosts in brackets."""
+    return f"[{host.strip('[]')}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _raise_fd_limit() -> None:
+    """Each slot costs a few descriptors (the ring, workers, clients): take the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

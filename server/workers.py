@@ -8,21 +8,29 @@ are given and send back the small Layout message, never payload bytes.
 With ``num_workers=0`` the same task code runs on one thread of the server
 process (handy for debugging and small tests).
 
-A worker that dies fails its in-flight tasks and is replaced. Workers exit by
-themselves when the server process goes away.
+A worker that dies is replaced at once. Its tasks are built again on a live
+worker when a signal killed it (the OOM killer, an operator): that is not the
+dataset's fault. After ``MAX_ATTEMPTS`` such deaths, or when the worker exited
+by itself (the dataset called ``os._exit``), the task fails naming the cause.
+Workers exit by themselves when the server process goes away.
+
+Lock order: ``WorkerPool._lock`` is a leaf (queue puts do not block).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import queue
+import signal
 import threading
+import time
 import traceback
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from multiprocessing.connection import wait as wait_for_objects
 from typing import Any, Literal
 
 import numpy as np
@@ -36,10 +44,15 @@ from .collate import CollateFn, SlotCollate
 from .datasets import DatasetSource, MapDataset
 from .fetch import Gather, build_batch, gatherer
 
-__all__ = ["Result", "Task", "WorkerPool"]
+__all__ = ["MAX_ATTEMPTS", "Result", "Task", "WorkerPool"]
 
+log = logging.getLogger("batchferry.server")
+
+MAX_ATTEMPTS = 3  # builds of one task on workers killed by a signal, before it fails
 _READY_TIMEOUT = 120.0
-_POLL = 0.5
+_POLL = 0.1  # seconds between looks for dead workers and a gone server
+_PRUNE_EVERY = 1.0  # seconds between drops of mappings of slots the ring replaced
+_JOIN = 5.0
 
 
 @dataclass(frozen=True)
@@ -63,7 +76,7 @@ class Result:
 
 
 class _TaskRunner:
-    """Builds batches for one process: its datasets, collates and attached slots."""
+    """Builds batches for one process: its datasets, collates and mapped slots."""
 
     def __init__(
         self,
@@ -72,22 +85,10 @@ class _TaskRunner:
         max_segments: int,
     ) -> None:
         self._sources = sources
-        self._max_segments = max_segments
         self._datasets: dict[str, tuple[MapDataset, Gather | None]] = {}
         self._collates = collates
-        self._segments: OrderedDict[str, shm.Segment] = OrderedDict()
-
-    def _segment(self, name: str) -> shm.Segment:
-        seg = self._segments.get(name)
-        if seg is None:
-            seg = self._segments[name] = shm.Segment.attach(name)
-            # Slots are replaced when they grow or are detached: keep only as many
-            # mappings as the ring has slots, so replaced memory is not pinned here.
-            while len(self._segments) > self._max_segments:
-                self._segments.popitem(last=False)[1].close()
-        else:
-            self._segments.move_to_end(name)
-        return seg
+        self._mappings = shm.Mappings(max_segments)
+        self._pruned = time.monotonic()
 
     def dataset(self, name: str) -> tuple[MapDataset, Gather | None]:
         entry = self._datasets.get(name)
@@ -96,10 +97,17 @@ class _TaskRunner:
             entry = self._datasets[name] = (ds, gatherer(ds))
         return entry
 
+    def prune(self) -> None:
+        """Drop mappings of slots the ring replaced, so their memory can go."""
+        if time.monotonic() - self._pruned >= _PRUNE_EVERY:
+            self._pruned = time.monotonic()
+            self._mappings.prune()
+
     def run(self, task: Task) -> Result:
         try:
             ds, gather = self.dataset(task.dataset)
-            writer = SlotWriter(self._segment(task.slot_name).tensor[: task.slot_bytes])
+            segment, _ = self._mappings.get(task.slot_name)
+            writer = SlotWriter(segment.tensor(task.slot_bytes))
             batch, gathered = build_batch(ds, gather, task.indices, self._collates[task.collate], writer)
             layout = encode(batch, writer).SerializeToString()
             return Result(task.task_id, "ok", layout=layout, gathered=gathered)
@@ -112,11 +120,11 @@ class _TaskRunner:
                 "error",
                 error=f"{type(exc).__name__}: {exc} (at {os.path.basename(where.filename)}:{where.lineno})",
             )
+        finally:
+            self.prune()
 
     def close(self) -> None:
-        for seg in self._segments.values():
-            seg.close()
-        self._segments.clear()
+        self._mappings.close()
 
 
 def _worker_main(
@@ -130,6 +138,8 @@ def _worker_main(
 ) -> None:
     # One intra-op thread per worker: parallelism comes from the processes.
     torch.set_num_threads(1)
+    # Ctrl-C in a terminal reaches the whole process group: the server decides.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     runner = _TaskRunner(sources, collates, max_segments)
     try:
         for name in sources:
@@ -141,16 +151,25 @@ def _worker_main(
     try:
         while True:
             try:
-                task = tasks.get(timeout=_POLL)
+                task = tasks.get(timeout=_POLL * 5)
             except queue.Empty:
                 if os.getppid() != parent_pid:
                     return  # the server is gone
+                runner.prune()
                 continue
             if task is None:
                 return
             results.put(runner.run(task))
     finally:
         runner.close()
+
+
+@dataclass
+class _Pending:
+    task: Task
+    future: Future[Result]
+    worker: int = -1
+    attempts: int = 0
 
 
 class WorkerPool:
@@ -166,13 +185,13 @@ class WorkerPool:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.num_workers = num_workers
+        self.restarts = 0  # workers replaced after dying
         self._sources = sources
         self._collates = collates
         self._max_segments = max_segments
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._futures: dict[int, Future[Result]] = {}
-        self._assigned: list[set[int]] = [set() for _ in range(num_workers)]
+        self._pending: dict[int, _Pending] = {}
         self._closed = False
         self._inline: ThreadPoolExecutor | None = None
         self._inline_runner: _TaskRunner | None = None
@@ -218,9 +237,10 @@ class WorkerPool:
         return proc
 
     def _wait_ready(self, pending: set[int]) -> None:
+        deadline = time.monotonic() + _READY_TIMEOUT
         while pending:
             try:
-                kind, index, message = self._results.get(timeout=_READY_TIMEOUT)
+                kind, index, message = self._results.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 raise RuntimeError(
                     f"worker(s) {sorted(pending)} did not start in {_READY_TIMEOUT:.0f}s"
@@ -229,35 +249,47 @@ class WorkerPool:
                 raise RuntimeError(f"worker {index} could not load the datasets: {message}")
             pending.discard(index)
 
+    def worker_pids(self) -> list[int]:
+        with self._lock:
+            return [p.pid for p in self._procs]
+
     def submit(self, task: Task) -> Future[Result]:
         future: Future[Result] = Future()
-        task_id = next(self._ids)
-        task = Task(task.dataset, task.indices, task.collate, task.slot_name, task.slot_bytes, task_id)
+        entry = _Pending(replace(task, task_id=next(self._ids)), future)
         with self._lock:
             if self._closed:
                 raise RuntimeError("worker pool is closed")
-            self._futures[task_id] = future
+            self._pending[entry.task.task_id] = entry
             if self._inline is not None:
                 runner = self._inline_runner
                 assert runner is not None
-                self._inline.submit(lambda: self._complete(runner.run(task)))
+                self._inline.submit(lambda: self._complete(runner.run(entry.task)))
                 return future
-            # Least-loaded worker keeps every process busy without a shared queue lock.
-            target = min(range(self.num_workers), key=lambda i: len(self._assigned[i]))
-            self._assigned[target].add(task_id)
-        self._queues[target].put(task)
+            self._assign(entry)
         return future
+
+    def _assign(self, entry: _Pending) -> None:
+        """Queue ``entry`` on the least-loaded worker (caller holds ``_lock``).
+
+        Reaping swaps a dead worker's queue under the same lock, so a task is never
+        put on the queue of a worker already found dead.
+        """
+        load = [0] * self.num_workers
+        for other in self._pending.values():
+            if other.worker >= 0:
+                load[other.worker] += 1
+        entry.worker = min(range(self.num_workers), key=load.__getitem__)
+        entry.attempts += 1
+        self._queues[entry.worker].put(entry.task)
 
     def _complete(self, result: Result) -> None:
         with self._lock:
-            future = self._futures.pop(result.task_id, None)
-            for assigned in self._assigned:
-                assigned.discard(result.task_id)
-        if future is not None:
-            future.set_result(result)
+            entry = self._pending.pop(result.task_id, None)
+        if entry is not None and not entry.future.done():
+            entry.future.set_result(result)
 
     def _dispatch(self) -> None:
-        while True:
+        while not self._closed:
             try:
                 item = self._results.get(timeout=_POLL)
             except queue.Empty:
@@ -266,32 +298,52 @@ class WorkerPool:
                 return
             if isinstance(item, Result):
                 self._complete(item)
-            if self._closed:
-                return
+            elif isinstance(item, tuple) and item[0] == "failed":
+                log.error("replacement worker %d could not load the datasets: %s", item[1], item[2])
             self._reap_dead()
 
     def _reap_dead(self) -> None:
-        for i, proc in enumerate(self._procs):
-            if proc.is_alive():
-                continue
-            with self._lock:
-                if self._closed:
-                    return
-                lost = list(self._assigned[i])
-                self._assigned[i].clear()
-            message = f"worker process {proc.pid} died (exit code {proc.exitcode}) while building a batch"
-            for task_id in lost:
-                self._complete(Result(task_id, "error", error=message))
+        sentinels = {p.sentinel: i for i, p in enumerate(self._procs)}
+        for sentinel in wait_for_objects(list(sentinels), timeout=0):
+            index = sentinels[sentinel]
+            self._replace(index)
+
+    def _replace(self, index: int) -> None:
+        old = self._procs[index]
+        old.join(timeout=_JOIN)
+        code = old.exitcode
+        with self._lock:
+            if self._closed:
+                return
+            lost = [e for e in self._pending.values() if e.worker == index]
             # A fresh queue: the dead worker may have died holding the old one's lock.
-            self._queues[i] = self._ctx.Queue()
-            self._procs[i] = self._spawn(i)
+            stale, self._queues[index] = self._queues[index], self._ctx.Queue()
+            self._procs[index] = self._spawn(index)
+            self.restarts += 1
+            failed = []
+            for entry in lost:
+                entry.worker = -1
+                if code is not None and code < 0 and entry.attempts < MAX_ATTEMPTS:
+                    self._assign(entry)  # not the dataset's fault: build it again
+                else:
+                    failed.append(entry)
+                    del self._pending[entry.task.task_id]
+        stale.cancel_join_thread()
+        stale.close()
+        cause = _death(old.pid, code)
+        log.warning("%s; replaced it, %d task(s) rebuilt", cause, len(lost) - len(failed))
+        for entry in failed:
+            attempts = f" on {entry.attempts} workers" if entry.attempts > 1 else ""
+            entry.future.set_result(
+                Result(entry.task.task_id, "error", error=f"{cause} while building it{attempts}")
+            )
 
     def close(self) -> None:
         """Stop the workers; fail tasks still in flight."""
         with self._lock:
             self._closed = True
-            orphans = list(self._futures.values())
-            self._futures.clear()
+            orphans = [e.future for e in self._pending.values()]
+            self._pending.clear()
         for future in orphans:
             if not future.done():
                 future.set_result(Result(0, "error", error="server is shutting down"))
@@ -303,13 +355,23 @@ class WorkerPool:
             with contextlib.suppress(Exception):
                 q.put(None)
         for proc in self._procs:
-            proc.join(timeout=5)
+            proc.join(timeout=_JOIN)
             if proc.is_alive():
                 proc.kill()
-                proc.join(timeout=5)
+                proc.join(timeout=_JOIN)
         if self._dispatcher is not None:
-            self._dispatcher.join(timeout=5)
+            self._dispatcher.join(timeout=_JOIN)
         for q in [*self._queues, self._results]:
             if q is not None:
+                q.cancel_join_thread()
                 q.close()
-                q.join_thread()
+
+
+def _death(pid: int, code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"worker process {pid} was killed by {name}"
+    return f"worker process {pid} died (exit code {code})"

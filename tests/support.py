@@ -7,7 +7,8 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -96,6 +97,32 @@ class Crashing(Dataset[torch.Tensor]):
         return torch.tensor([i])
 
 
+class Slow(Dataset[torch.Tensor]):
+    """``tensor([i])`` after a short sleep per sample: builds take long enough to be interrupted."""
+
+    def __init__(self, n: int = 64, delay: float = 0.01) -> None:
+        self.n, self.delay = n, delay
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        time.sleep(self.delay)
+        return torch.tensor([i])
+
+
+class Killed(Dataset[torch.Tensor]):
+    """Its worker is killed by SIGKILL whenever it reads index 5 (as the OOM killer would)."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.tensor([i])
+
+
 class Big(Dataset[torch.Tensor]):
     """3 MiB samples: batches outgrow the ring's initial slots."""
 
@@ -123,7 +150,13 @@ def sum_collate(samples: list[Any]) -> dict[str, torch.Tensor]:
 
 
 def leaked_segments() -> list[str]:
-    return sorted(p.name for p in shm.SHM_DIR.iterdir() if p.name.startswith(shm.PREFIX))
+    """Segments whose owner is gone (other test sessions may own live ones meanwhile)."""
+    return shm.stale()
+
+
+def own_segments(pid: int | None = None) -> list[str]:
+    """Segments of servers running in process ``pid`` (this one by default)."""
+    return shm.owned_by(os.getpid() if pid is None else pid)
 
 
 def assert_same(a: Any, b: Any, path: str = "batch") -> None:
@@ -148,9 +181,10 @@ def assert_same(a: Any, b: Any, path: str = "batch") -> None:
 
 @contextmanager
 def no_new_segments() -> Iterator[None]:
-    before = set(leaked_segments())
+    before = set(own_segments())
     yield
-    assert set(leaked_segments()) <= before, f"leaked: {sorted(set(leaked_segments()) - before)}"
+    after = set(own_segments()) | set(leaked_segments())
+    assert after <= before, f"leaked: {sorted(after - before)}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -200,3 +234,14 @@ class ServeProcess:
             assert self.proc.stdout is not None
             self.proc.stdout.close()
             self.proc = None
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, every: float = 0.02) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` passes (tests never sleep to synchronise)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(every)

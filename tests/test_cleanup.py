@@ -1,4 +1,4 @@
-"""No shared memory or process outlives a server: close, SIGTERM, and after kill -9."""
+"""No shared memory or process outlives a server: close, signals, kill -9, and other PID namespaces."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from batchferry import shm
 from batchferry.client import DataLoader
 from batchferry.server import Server
 
-from support import leaked_segments, no_new_segments
+from support import no_new_segments, own_segments, wait_until
 
 
 def test_close_unlinks_segments_and_stops_workers(tensor_ds) -> None:
@@ -37,18 +38,60 @@ def test_close_unlinks_segments_and_stops_workers(tensor_ds) -> None:
         assert not alive
 
 
-def test_stale_segments_of_dead_owners_are_removed(tensor_ds) -> None:
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = shm.SHM_DIR / f"{shm.PREFIX}{dead.pid}_deadbeef_1"
-    stale.write_bytes(b"x" * 100)
-    mine = shm.Segment.create(shm.new_name("cafe0001", 1), 4096)  # owner alive: kept
+def _fake_owner(token: str, *, alive: bool) -> tuple[list[Path], int | None]:
+    """Segments of a token whose owner file is locked (a live owner) or not (a dead one)."""
+    owner = shm.SHM_DIR / f"{shm.PREFIX}{token}.owner"
+    owner.write_text("1\n")
+    fd = None
+    if alive:
+        import fcntl
+
+        fd = os.open(owner, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    paths = [owner]
+    for n in range(3):
+        path = shm.SHM_DIR / f"{shm.PREFIX}{token}_{n}"
+        path.write_bytes(b"x" * 100)
+        paths.append(path)
+    return paths, fd
+
+
+def test_stale_segments_are_those_whose_owner_lock_is_free(tensor_ds) -> None:
+    dead, _ = _fake_owner("dead" * 4, alive=False)
+    live, fd = _fake_owner("a11fe" + "0" * 11, alive=True)
     try:
         with Server({"t": tensor_ds}, port=0, num_workers=0):
-            assert not stale.exists()
-            assert (shm.SHM_DIR / mine.name).exists()
+            assert not any(p.exists() for p in dead)
+            assert all(p.exists() for p in live)  # its owner holds the lock, whatever its pid
     finally:
-        mine.close()
+        assert fd is not None
+        os.close(fd)
+        for p in live:
+            p.unlink()
+
+
+def test_a_server_in_another_pid_namespace_keeps_our_segments(tensor_ds) -> None:
+    """Containers sharing /dev/shm (ipc: service:server) see other process ids: liveness is a lock."""
+    script = textwrap.dedent(
+        """
+        from batchferry.server import Server
+        with Server({"s": "synthetic:n=8,shape=2"}, port=0, num_workers=0) as srv:
+            print("started", flush=True)
+        """
+    )
+    with Server({"t": tensor_ds}, port=0, num_workers=0) as srv:
+        names = srv.segment_names()
+        cmd = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", script]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except FileNotFoundError:
+            pytest.skip("unshare is not installed")
+        if out.returncode != 0 and "unshare failed" in out.stderr:
+            pytest.skip(f"cannot create a PID namespace here: {out.stderr.strip()}")
+        assert out.returncode == 0 and "started" in out.stdout, out.stderr
+        assert all((shm.SHM_DIR / n).exists() for n in names)
+        with DataLoader(srv.address, "t", 10, transport="shm") as loader:
+            assert len(list(loader)) == 11
 
 
 def _workers(proc: psutil.Process) -> list[psutil.Process]:
@@ -56,30 +99,19 @@ def _workers(proc: psutil.Process) -> list[psutil.Process]:
     return [p for p in proc.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
 
 
+def _reaper(proc: psutil.Process) -> psutil.Process:
+    return next(p for p in proc.children() if "-c" in p.cmdline() and "batchferry_" in " ".join(p.cmdline()))
+
+
 @pytest.fixture
 def cli_server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """``batchferry serve`` as a real process, as the container runs it."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "batchferry.cli",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--dataset",
-            "syn=synthetic:n=512,shape=16",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--num-workers",
-            "2",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
+        [sys.executable, "-m", "batchferry.cli", "--log-level", "WARNING", "serve",
+         "--dataset", "syn=synthetic:n=512,shape=16", "--host", "127.0.0.1", "--port", "0",
+         "--num-workers", "2"],
+        stdout=subprocess.PIPE, text=True, cwd=tmp_path,
+    )  # fmt: skip
     assert proc.stdout is not None
     try:
         line = proc.stdout.readline()
@@ -90,10 +122,7 @@ def cli_server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
             proc.kill()
         proc.wait(timeout=10)
         proc.stdout.close()
-
-
-def _segments_of(pid: int) -> list[str]:
-    return [n for n in leaked_segments() if n.startswith(f"{shm.PREFIX}{pid}_")]
+        shm.remove_stale()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -104,26 +133,71 @@ def test_signal_stops_cli_server_cleanly(
     with DataLoader(address, "syn", 64) as loader:
         assert len(list(loader)) == 8
     workers = _workers(psutil.Process(proc.pid))
-    assert _segments_of(proc.pid)
+    assert own_segments(proc.pid)
     proc.send_signal(sig)
     assert proc.wait(timeout=30) == 0
-    assert not _segments_of(proc.pid)
+    assert not own_segments(proc.pid)
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive
 
 
-def test_kill_9_leaves_nothing_after_next_start(
+def test_kill_9_of_a_server_leaves_no_segment(cli_server: tuple[subprocess.Popen[str], str]) -> None:
+    proc, address = cli_server
+    workers = _workers(psutil.Process(proc.pid))
+    with DataLoader(address, "syn", 64, transport="shm") as loader:
+        next(iter(loader))
+        assert own_segments(proc.pid)
+        proc.kill()
+        proc.wait(timeout=10)
+        assert wait_until(lambda: not own_segments(proc.pid), 10)  # its reaper unlinked them
+    _, alive = psutil.wait_procs(workers, timeout=15)  # and its workers noticed and exited
+    assert not alive
+
+
+def test_kill_9_of_server_and_reaper_is_cleaned_at_the_next_start(
     cli_server: tuple[subprocess.Popen[str], str], tensor_ds
 ) -> None:
     proc, _ = cli_server
-    workers = _workers(psutil.Process(proc.pid))
+    reaper = _reaper(psutil.Process(proc.pid))
+    reaper.kill()  # e.g. the whole process group killed at once
     proc.kill()
     proc.wait(timeout=10)
-    assert _segments_of(proc.pid)  # a crash cannot clean up after itself ...
-    _, alive = psutil.wait_procs(workers, timeout=15)  # ... but its workers notice and exit
-    assert not alive
+    assert own_segments(proc.pid)  # nobody was left to clean up ...
     with Server({"t": tensor_ds}, port=0, num_workers=0):
-        assert not _segments_of(proc.pid)  # ... and the next start removes what it left
+        assert not own_segments(proc.pid)  # ... until the next server starts
+
+
+def test_wait_turns_sigterm_into_close_for_python_servers(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        from batchferry.server import Server
+        if __name__ == "__main__":
+            with Server({"s": "synthetic:n=64,shape=4"}, port=0, num_workers=1) as srv:
+                print(srv.address, flush=True)
+                srv.wait()
+            print("closed", flush=True)
+        """
+    )
+    path = tmp_path / "serve.py"
+    path.write_text(script)
+    proc = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    address = proc.stdout.readline().strip()
+    try:
+        with DataLoader(address, "s", 8, transport="shm") as loader:
+            assert len(list(loader)) == 8
+        assert own_segments(proc.pid)
+        workers = _workers(psutil.Process(proc.pid))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert proc.stdout.read().strip() == "closed"
+        assert not own_segments(proc.pid)
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
 
 
 def test_worker_processes_exit_when_server_process_dies(
@@ -137,4 +211,3 @@ def test_worker_processes_exit_when_server_process_dies(
     start = time.monotonic()
     _, alive = psutil.wait_procs(workers, timeout=15)
     assert not alive, f"still running after {time.monotonic() - start:.1f}s"
-    shm.remove_stale()

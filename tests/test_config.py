@@ -6,9 +6,20 @@ import argparse
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from batchferry import cli
-from batchferry.server.config import KEYS, ConfigError, flag_name, load_settings, statefulset_ordinal
+from batchferry.server.config import (
+    KEYS,
+    ConfigError,
+    ServerConfig,
+    flag_name,
+    format_size,
+    load_settings,
+    parse_size,
+    statefulset_ordinal,
+)
 
 DATASET = "synthetic:n=64,shape=4"
 
@@ -136,3 +147,25 @@ def test_serve_reports_setting_errors_and_exits_2(tmp_path: Path, capsys: pytest
     path = _write(tmp_path, f'num_worker = 2\n[datasets]\na = "{DATASET}"\n')
     assert cli.main(["serve", "--config", path]) == 2
     assert "unknown key 'num_worker'" in capsys.readouterr().err
+
+
+@settings(max_examples=200, deadline=None)
+@given(number=st.integers(0, 2**40), unit=st.sampled_from(["", "KiB", "MiB", "GiB", "k", "m", "g"]))
+def test_parse_size_reads_every_unit(number: int, unit: str) -> None:
+    factor = {"": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    assert parse_size(f"{number}{unit}") == number * factor[unit]
+    assert parse_size(format_size(number)) == number
+
+
+@pytest.mark.parametrize("text", ["infGiB", "nanMiB", "-1GiB", "lots", "", "1.5.2KiB", "GiB"])
+def test_parse_size_refuses_what_is_not_a_size(text: str) -> None:
+    with pytest.raises(ValueError, match="must be a size"):
+        parse_size(text)
+
+
+def test_serve_help_states_the_defaults_the_server_uses(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default {format_size(ServerConfig().chunk_bytes)})" in text
+    assert "(default 4GiB)" in text and "(default 0.0.0.0)" in text

@@ -272,3 +272,38 @@ def test_dynamic_resume_rejoins_the_epoch_exactly_once(server: Server, tensor_ds
         rest = list(second)
     ids = _ids(head + rest)
     assert sorted(ids) == sorted(int(x) for x in tensor_ds.tensors[0][:, 0].tolist())
+
+
+@pytest.mark.parametrize("transport", ["shm", "grpc"])
+def test_shared_batches_that_outgrow_their_slot_are_rebuilt_for_everyone(transport: str) -> None:
+    from support import Growing
+
+    ds = Growing()  # sample i holds (i + 1) x 256 KiB: every batch outgrows slots sized from sample 0
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1)).tolist()
+    expected = list(TorchLoader(torch.utils.data.Subset(ds, order), 1))
+    with Server({"g": ds}, port=0, num_workers=1, slots=4) as srv:
+        loaders = [
+            DataLoader(srv.address, "g", 1, True, seed=1, mode="shared", job="grow", transport=transport,
+                       timeout=30)
+            for _ in range(2)
+        ]  # fmt: skip
+        iters = [iter(loader) for loader in loaders]
+        got: list[list[object]] = [[], []]
+        for _ in range(len(expected)):
+            for k, it in enumerate(iters):
+                got[k].append(next(it))
+        for seq in got:
+            assert_same(seq, expected)
+        (job,) = srv.jobs.jobs()
+        assert job.batches_built == len(expected)  # each built once (its overflow rebuilt once)
+        for loader in loaders:
+            loader.close()
+
+
+@pytest.mark.parametrize("mode", ["shared", "dynamic"])
+def test_a_long_running_job_keeps_a_bounded_number_of_epoch_states(server: Server, mode: str) -> None:
+    with DataLoader(server.address, "tensor", 16, True, seed=1, mode=mode, job=f"long-{mode}") as loader:
+        for _ in range(12):
+            assert len(list(loader)) == 7
+        job = next(j for j in server.jobs.jobs() if j.name == f"long-{mode}")
+        assert len(job.epochs) <= 2

@@ -32,7 +32,10 @@ def cli() -> Iterator[ServeProcess]:
 
 
 @pytest.mark.parametrize("transport", ["shm", "grpc"])
-def test_kill_9_and_restart_mid_epoch_loses_and_repeats_nothing(cli: ServeProcess, transport: str) -> None:
+@pytest.mark.parametrize("stop", ["kill", "stop"])  # kill -9, or SIGTERM as a rolling restart sends
+def test_server_restart_mid_epoch_loses_and_repeats_nothing(
+    cli: ServeProcess, transport: str, stop: str
+) -> None:
     ds = parse_spec(SPEC)
     expected = list(TorchLoader(ds, 16, shuffle=True, generator=torch.Generator().manual_seed(9)))
     with DataLoader(
@@ -40,8 +43,8 @@ def test_kill_9_and_restart_mid_epoch_loses_and_repeats_nothing(cli: ServeProces
     ) as loader:
         it = iter(loader)
         got = [next(it) for _ in range(5)]
-        cli.kill()
-        restart = threading.Timer(1.0, cli.start)
+        getattr(cli, stop)()  # the stream is live: a SIGTERM'd server ends it with UNAVAILABLE
+        restart = threading.Timer(1.0, cli.start)  # the server is away for a while
         restart.start()
         got += list(it)  # blocks while the server is away, then continues
         restart.join()

@@ -272,6 +272,18 @@ def test_dns_name_finds_every_replica_and_follows_a_moved_one(monkeypatch: pytes
         shm.remove_stale()
 
 
+def test_one_server_reached_by_ipv4_and_ipv6_counts_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name resolving to both loopback addresses of one dual-stack server is one server."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    with Server({"syn": SPEC}, host="::", port=0, num_workers=0) as srv:
+        both = [f"127.0.0.1:{srv.port}", f"[::1]:{srv.port}"]
+        monkeypatch.setattr(replicas_mod, "resolve", lambda name, port: list(both))
+        with DataLoader(f"dns:///loader.example:{srv.port}", "syn", 16, True, seed=4) as loader:
+            assert loader.num_replicas == 1
+            assert_same(list(loader), _torch_epochs(seed=4, epochs=1)[0])
+
+
 def test_resolve_uses_the_host_resolver() -> None:
     assert "127.0.0.1:5" in replicas_mod.resolve("localhost", 5)
     assert replicas_mod.resolve("name.invalid", 5) == []

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import pickle
+import time
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 from batchferry.client import DataLoader
 from batchferry.errors import InvalidArgument
-from batchferry.server import Server
+from batchferry.server import Server, parse_spec
 
 from support import assert_same
 
@@ -77,3 +79,58 @@ def test_load_state_dict_checks_fields(server: Server) -> None:
         with pytest.raises(InvalidArgument, match=needle):
             loader.load_state_dict({**state, key: value})
     loader.close()
+
+
+def test_a_failed_iter_keeps_the_epoch_the_resume_point_and_the_generator(tensor_ds) -> None:
+    """iter() while the server is away raises, and moves nothing: the retry is torch's epoch."""
+    from torch.utils.data import DataLoader as TorchLoader
+
+    from batchferry.errors import ServerUnavailable
+
+    from support import ServeProcess, free_port
+
+    spec = "synthetic:n=90,shape=3,seed=2"
+    ds = parse_spec(spec)
+    gen = torch.Generator().manual_seed(5)
+    ref = TorchLoader(ds, 8, shuffle=True, generator=torch.Generator().manual_seed(5))
+    expected = [list(ref) for _ in range(2)]
+    port = free_port()
+    loader = DataLoader(f"127.0.0.1:{port}", "syn", 8, True, generator=gen, timeout=0.5)
+    state_before = gen.get_state()
+    with pytest.raises(ServerUnavailable):
+        iter(loader)
+    assert torch.equal(gen.get_state(), state_before) and loader.epoch == 0
+    server = ServeProcess(f"syn={spec}", port=port)
+    server.start()
+    try:
+        it = _iter_retrying(loader)  # as a training script retries after ServerUnavailable
+        head = [next(it) for _ in range(4)]
+        state = loader.state_dict()
+        loader.close()
+        resumed = DataLoader(f"127.0.0.1:{port}", "syn", 8, True, timeout=0.5)
+        resumed.load_state_dict(state)
+        server.stop()
+        with pytest.raises(ServerUnavailable):
+            iter(resumed)  # fails: the resume point must survive it
+        server.start()
+        got = [head + list(_iter_retrying(resumed)), list(resumed)]
+        resumed.close()
+    finally:
+        server.stop()
+    for epoch in range(2):
+        assert_same(got[epoch], expected[epoch])
+
+
+def _iter_retrying(loader: DataLoader, timeout: float = 30.0) -> Iterator[object]:
+    """iter() until the server answers; every failed attempt must leave the loader as it was."""
+    from batchferry.errors import ServerUnavailable
+
+    deadline = time.monotonic() + timeout
+    before = loader.state_dict()
+    while True:
+        try:
+            return iter(loader)
+        except ServerUnavailable:
+            assert loader.state_dict() == before
+            if time.monotonic() > deadline:
+                raise

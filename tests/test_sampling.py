@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler, SequentialSampler
 
 from batchferry import sampling
 
@@ -43,3 +43,44 @@ def test_replay_epoch_equals_consuming_one() -> None:
     torch.empty((), dtype=torch.int64).random_(generator=b)
     list(RandomSampler(range(50), generator=b))
     assert torch.equal(a.get_state(), b.get_state())
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(1, 200),
+    world=st.integers(1, 9),
+    drop_last=st.booleans(),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 2**31),
+    epoch=st.integers(0, 5),
+)
+def test_sharded_order_equals_distributed_sampler(
+    n: int, world: int, drop_last: bool, shuffle: bool, seed: int, epoch: int
+) -> None:
+    for rank in range(world):
+        sampler = DistributedSampler(range(n), world, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)  # type: ignore[arg-type]
+        sampler.set_epoch(epoch)
+        order = sampling.sharded_order(n, shuffle, seed, epoch, rank, world, drop_last)
+        assert order.indices.tolist() == list(sampler)
+        assert sampling.shard_length(n, world, drop_last) == len(sampler)
+
+
+@settings(max_examples=200, deadline=None)
+@given(batches=st.integers(0, 500), replicas=st.integers(1, 12), data=st.data())
+def test_replicas_split_every_epoch_exactly_once(batches: int, replicas: int, data: st.DataObject) -> None:
+    """Replica r of R owns the batches b % R == r; positions map to batches and back."""
+    from batchferry.server.plan import Plan
+
+    start = data.draw(st.integers(0, batches))
+    owned: list[int] = []
+    for r in range(replicas):
+        order = sampling.EpochOrder(torch.arange(0), b"", b"")
+        plan = Plan(
+            "d", "default", 1, batches, start, 1, 1 << 20, order, shm=False, replica=r, replicas=replicas
+        )
+        mine = [plan.batch_index(p) for p in range(plan.local_start, plan.local_total)]
+        assert all(b % replicas == r for b in mine)
+        assert all(plan.local(b) == p for p, b in enumerate(mine, plan.local_start))
+        assert plan.batch_index(plan.local_total) == batches  # one past the end
+        owned += mine
+    assert sorted(owned) == list(range(start, batches))

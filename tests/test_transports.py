@@ -13,10 +13,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader as TorchLoader
 
-from batchferry import errors, wire
+from batchferry import errors, shm, wire
 from batchferry.client import DataLoader
 from batchferry.client import loader as loader_module
 from batchferry.server import Server
+from batchferry.server.ring import SlotState
 from batchferry.v1 import loader_pb2 as pb
 
 from support import Nested, VarLen, assert_same
@@ -96,11 +97,10 @@ def _wait_for(predicate, timeout: float = 10.0) -> bool:
     return False
 
 
-def test_slots_are_held_until_released_and_freed_when_a_client_vanishes(server: Server) -> None:
-    ring = server._ring
-    assert ring is not None
-    total = ring.num_slots
-    assert _wait_for(lambda: ring.free_slots == total)
+def test_slots_are_held_until_released_and_never_reused_after_a_client_vanishes(server: Server) -> None:
+    ring = server.ring
+    assert _wait_for(lambda: ring.stats().slots[SlotState.LEASED] == 0)
+    lingering = ring.stats().slots[SlotState.LINGERING]
     alive = threading.Event()
 
     def requests() -> Iterator[bytes]:
@@ -110,14 +110,18 @@ def test_slots_are_held_until_released_and_freed_when_a_client_vanishes(server: 
     channel, responses = _raw_shm_stream(server.address, requests())
     frames = [pb.ServerFrame.FromString(next(responses)) for _ in range(4)]  # start + 3 batches
     assert [f.WhichOneof("kind") for f in frames] == ["start", "batch", "batch", "batch"]
-    assert all(f.batch.slot for f in frames[1:])
-    # Three sent and never released (plus builds made ahead): held while the client lives.
-    time.sleep(0.5)
-    assert ring.free_slots <= total - 3
-    responses.cancel()  # the client vanishes
+    sent = {f.batch.slot for f in frames[1:]}
+    assert len(sent) == 3
+    # Three sent and never released (plus builds made ahead): leased while the client lives.
+    assert _wait_for(lambda: ring.stats().slots[SlotState.LEASED] >= 3)
+    responses.cancel()  # the client vanishes: it may still map what it was sent
     alive.set()
     channel.close()
-    assert _wait_for(lambda: ring.free_slots == total)
+    assert _wait_for(lambda: ring.stats().slots[SlotState.LEASED] == 0)
+    assert ring.stats().slots[SlotState.LINGERING] == lingering + 3
+    with DataLoader(server.address, "tensor", 4, transport="shm") as loader:
+        assert len(list(loader)) == 26  # the ring goes on with fresh slots
+    assert all((shm.SHM_DIR / name).exists() for name in sent)  # never reused, names still valid
 
 
 def test_releasing_a_batch_that_holds_no_slot_is_refused(server: Server) -> None:
@@ -171,12 +175,16 @@ def test_batches_kept_after_an_early_break_stay_intact(server: Server, tensor_ds
     assert_same(kept, expected[:2])
 
 
-def test_detached_memory_is_unmapped_when_dropped(server: Server) -> None:
-    import gc
-
+def test_kept_batches_are_copied_out_in_place_and_their_slots_reused(server: Server) -> None:
     with DataLoader(server.address, "varlen", 1, collate_fn="pad", transport="shm") as loader:
-        kept = list(loader)  # more batches than slots: most are detached
-    assert any("(deleted)" in line for _, _, line in _shm_mappings())
-    del kept
-    gc.collect()
-    assert not any("(deleted)" in line for _, _, line in _shm_mappings())
+        kept = list(loader)  # more batches than slots, all kept
+        addresses = [seq.data_ptr() for seq, _ in kept]
+    stats = server.ring.stats()
+    # Every slot went back to the ring (none detached or lingering for this client)...
+    assert stats.slots[SlotState.LEASED] == stats.slots[SlotState.RETIRED] == 0
+    # ... because each kept batch now lives in private memory at the same address.
+    shm_ranges = [(lo, hi) for lo, hi, _ in _shm_mappings()]
+    assert not any(lo <= ptr < hi for ptr in addresses for lo, hi in shm_ranges)
+    ds = VarLen()
+    for i, (seq, n) in enumerate(kept):
+        assert torch.equal(seq[0], ds[i][0]) and int(n) == ds[i][1]

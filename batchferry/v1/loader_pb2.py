@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62\x61tchferry/v1/loader.proto\x12\rbatchferry.v1\"\x11\n\x0fListJobsRequest\"d\n\x0c\x43onsumerInfo\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x03\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x14\n\x0c\x62\x61tches_sent\x18\x04 \x01(\x03\x12\x13\n\x0bnum_batches\x18\x05 \x01(\x03\"\xba\x01\n\x07JobInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x04mode\x18\x02 \x01(\x0e\x32\x13.batchferry.v1.Mode\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\x12\x12\n\nbatch_size\x18\x04 \x01(\x03\x12\x12\n\nworld_size\x18\x05 \x01(\x03\x12.\n\tconsumers\x18\x06 \x03(\x0b\x32\x1b.batchferry.v1.ConsumerInfo\x12\x15\n\rbatches_built\x18\x07 \x01(\x03\"8\n\x10ListJobsResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.batchferry.v1.JobInfo\"\x15\n\x13ListDatasetsRequest\"E\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x03\x12\x18\n\x10sample_structure\x18\x03 \x01(\t\"\x97\x01\n\x14ListDatasetsResponse\x12,\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x1a.batchferry.v1.DatasetInfo\x12\x11\n\tshm_probe\x18\x02 \x01(\t\x12\x11\n\tshm_token\x18\x03 \x01(\x0c\x12\x15\n\rreplica_index\x18\x04 \x01(\x03\x12\x14\n\x0cnum_replicas\x18\x05 \x01(\x03\"P\n\nTensorSpec\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.batchferry.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x04\".\n\x08NodeList\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.batchferry.v1.Node\"Q\n\x07NodeMap\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.batchferry.v1.Node\x12#\n\x06values\x18\x02 \x03(\x0b\x32\x13.batchferry.v1.Node\"\x0b\n\tNoneValue\"\x9f\x02\n\x04Node\x12+\n\x06tensor\x18\x01 \x01(\x0b\x32\x19.batchferry.v1.TensorSpecH\x00\x12\'\n\x04list\x18\x02 \x01(\x0b\x32\x17.batchferry.v1.NodeListH\x00\x12(\n\x05tuple\x18\x03 \x01(\x0b\x32\x17.batchferry.v1.NodeListH\x00\x12&\n\x04\x64ict\x18\x04 \x01(\x0b\x32\x16.batchferry.v1.NodeMapH\x00\x12\r\n\x03str\x18\x05 \x01(\tH\x00\x12\r\n\x03int\x18\x06 \x01(\x12H\x00\x12\x0f\n\x05\x66loat\x18\x07 \x01(\x01H\x00\x12\x0e\n\x04\x62ool\x18\x08 \x01(\x08H\x00\x12(\n\x04none\x18\t \x01(\x0b\x32\x18.batchferry.v1.NoneValueH\x00\x42\x06\n\x04kind\"B\n\x06Layout\x12!\n\x04root\x18\x01 \x01(\x0b\x32\x13.batchferry.v1.Node\x12\x15\n\rpayload_bytes\x18\x02 \x01(\x04\"\x81\x03\n\nOpenStream\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x03\x12\x0f\n\x07shuffle\x18\x03 \x01(\x08\x12\x15\n\rsampler_state\x18\x04 \x01(\x0c\x12\x11\n\tdrop_last\x18\x05 \x01(\x08\x12\x0f\n\x07\x63ollate\x18\x06 \x01(\t\x12\r\n\x05\x65poch\x18\x07 \x01(\x03\x12\x13\n\x0bstart_batch\x18\x08 \x01(\x03\x12\x0f\n\x07\x63redits\x18\t \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\n \x01(\x03\x12+\n\ttransport\x18\x0b \x01(\x0e\x32\x18.batchferry.v1.Transport\x12!\n\x04mode\x18\x0c \x01(\x0e\x32\x13.batchferry.v1.Mode\x12\x0b\n\x03job\x18\r \x01(\t\x12\x0c\n\x04rank\x18\x0e \x01(\x03\x12\x12\n\nworld_size\x18\x0f \x01(\x03\x12\x0c\n\x04seed\x18\x10 \x01(\x03\x12\x15\n\rreplica_index\x18\x11 \x01(\x03\x12\x14\n\x0cnum_replicas\x18\x12 \x01(\x03\"\x19\n\x06\x43redit\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x03\"\x18\n\x07Release\x12\r\n\x05index\x18\x01 \x01(\x03\"\xc0\x01\n\rClientMessage\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.batchferry.v1.OpenStreamH\x00\x12\'\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x15.batchferry.v1.CreditH\x00\x12)\n\x07release\x18\x03 \x01(\x0b\x32\x16.batchferry.v1.ReleaseH\x00\x12(\n\x06\x64\x65tach\x18\x04 \x01(\x0b\x32\x16.batchferry.v1.ReleaseH\x00\x42\x06\n\x04kind\"m\n\x0bStreamStart\x12\x13\n\x0bnum_batches\x18\x01 \x01(\x03\x12\x19\n\x11state_after_order\x18\x02 \x01(\x0c\x12\x19\n\x11state_after_epoch\x18\x03 \x01(\x0c\x12\x13\n\x0b\x66irst_batch\x18\x04 \x01(\x03\"e\n\x0b\x42\x61tchHeader\x12\r\n\x05index\x18\x01 \x01(\x03\x12%\n\x06layout\x18\x02 \x01(\x0b\x32\x15.batchferry.v1.Layout\x12\x12\n\nnum_chunks\x18\x03 \x01(\x03\x12\x0c\n\x04slot\x18\x04 \x01(\t\"\x0b\n\tStreamEnd\"\x98\x01\n\x0bServerFrame\x12+\n\x05start\x18\x01 \x01(\x0b\x32\x1a.batchferry.v1.StreamStartH\x00\x12+\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1a.batchferry.v1.BatchHeaderH\x00\x12\'\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x18.batchferry.v1.StreamEndH\x00\x42\x06\n\x04kind*Q\n\x04Mode\x12\x14\n\x10MODE_INDEPENDENT\x10\x00\x12\x10\n\x0cMODE_SHARDED\x10\x01\x12\x0f\n\x0bMODE_SHARED\x10\x02\x12\x10\n\x0cMODE_DYNAMIC\x10\x03*3\n\tTransport\x12\x13\n\x0fTRANSPORT_BYTES\x10\x00\x12\x11\n\rTRANSPORT_SHM\x10\x01*\xd6\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0c\n\x08\x42\x46LOAT16\x10\x04\x12\t\n\x05UINT8\x10\x05\x12\x08\n\x04INT8\x10\x06\x12\t\n\x05INT16\x10\x07\x12\t\n\x05INT32\x10\x08\x12\t\n\x05INT64\x10\t\x12\x08\n\x04\x42OOL\x10\n\x12\r\n\tCOMPLEX64\x10\x0b\x12\x0e\n\nCOMPLEX128\x10\x0c\x12\n\n\x06UINT16\x10\r\x12\n\n\x06UINT32\x10\x0e\x12\n\n\x06UINT64\x10\x0f\x32\xfd\x01\n\x06Loader\x12W\n\x0cListDatasets\x12\".batchferry.v1.ListDatasetsRequest\x1a#.batchferry.v1.ListDatasetsResponse\x12M\n\rStreamBatches\x12\x1c.batchferry.v1.ClientMessage\x1a\x1a.batchferry.v1.ServerFrame(\x01\x30\x01\x12K\n\x08ListJobs\x12\x1e.batchferry.v1.ListJobsRequest\x1a\x1f.batchferry.v1.ListJobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62\x61tchferry/v1/loader.proto\x12\rbatchferry.v1\"\x11\n\x0fListJobsRequest\"d\n\x0c\x43onsumerInfo\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x03\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x14\n\x0c\x62\x61tches_sent\x18\x04 \x01(\x03\x12\x13\n\x0bnum_batches\x18\x05 \x01(\x03\"\xba\x01\n\x07JobInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x04mode\x18\x02 \x01(\x0e\x32\x13.batchferry.v1.Mode\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\x12\x12\n\nbatch_size\x18\x04 \x01(\x03\x12\x12\n\nworld_size\x18\x05 \x01(\x03\x12.\n\tconsumers\x18\x06 \x03(\x0b\x32\x1b.batchferry.v1.ConsumerInfo\x12\x15\n\rbatches_built\x18\x07 \x01(\x03\"8\n\x10ListJobsResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.batchferry.v1.JobInfo\"\x15\n\x13ListDatasetsRequest\"E\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x03\x12\x18\n\x10sample_structure\x18\x03 \x01(\t\"\xaa\x01\n\x14ListDatasetsResponse\x12,\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x1a.batchferry.v1.DatasetInfo\x12\x11\n\tshm_probe\x18\x02 \x01(\t\x12\x11\n\tshm_token\x18\x03 \x01(\x0c\x12\x15\n\rreplica_index\x18\x04 \x01(\x03\x12\x14\n\x0cnum_replicas\x18\x05 \x01(\x03\x12\x11\n\tserver_id\x18\x06 \x01(\t\"P\n\nTensorSpec\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.batchferry.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x04\".\n\x08NodeList\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.batchferry.v1.Node\"Q\n\x07NodeMap\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.batchferry.v1.Node\x12#\n\x06values\x18\x02 \x03(\x0b\x32\x13.batchferry.v1.Node\"\x0b\n\tNoneValue\"\x9f\x02\n\x04Node\x12+\n\x06tensor\x18\x01 \x01(\x0b\x32\x19.batchferry.v1.TensorSpecH\x00\x12\'\n\x04list\x18\x02 \x01(\x0b\x32\x17.batchferry.v1.NodeListH\x00\x12(\n\x05tuple\x18\x03 \x01(\x0b\x32\x17.batchferry.v1.NodeListH\x00\x12&\n\x04\x64ict\x18\x04 \x01(\x0b\x32\x16.batchferry.v1.NodeMapH\x00\x12\r\n\x03str\x18\x05 \x01(\tH\x00\x12\r\n\x03int\x18\x06 \x01(\x12H\x00\x12\x0f\n\x05\x66loat\x18\x07 \x01(\x01H\x00\x12\x0e\n\x04\x62ool\x18\x08 \x01(\x08H\x00\x12(\n\x04none\x18\t \x01(\x0b\x32\x18.batchferry.v1.NoneValueH\x00\x42\x06\n\x04kind\"B\n\x06Layout\x12!\n\x04root\x18\x01 \x01(\x0b\x32\x13.batchferry.v1.Node\x12\x15\n\rpayload_bytes\x18\x02 \x01(\x04\"\x81\x03\n\nOpenStream\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x03\x12\x0f\n\x07shuffle\x18\x03 \x01(\x08\x12\x15\n\rsampler_state\x18\x04 \x01(\x0c\x12\x11\n\tdrop_last\x18\x05 \x01(\x08\x12\x0f\n\x07\x63ollate\x18\x06 \x01(\t\x12\r\n\x05\x65poch\x18\x07 \x01(\x03\x12\x13\n\x0bstart_batch\x18\x08 \x01(\x03\x12\x0f\n\x07\x63redits\x18\t \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\n \x01(\x03\x12+\n\ttransport\x18\x0b \x01(\x0e\x32\x18.batchferry.v1.Transport\x12!\n\x04mode\x18\x0c \x01(\x0e\x32\x13.batchferry.v1.Mode\x12\x0b\n\x03job\x18\r \x01(\t\x12\x0c\n\x04rank\x18\x0e \x01(\x03\x12\x12\n\nworld_size\x18\x0f \x01(\x03\x12\x0c\n\x04seed\x18\x10 \x01(\x03\x12\x15\n\rreplica_index\x18\x11 \x01(\x03\x12\x14\n\x0cnum_replicas\x18\x12 \x01(\x03\"\x19\n\x06\x43redit\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x03\"\x18\n\x07Release\x12\r\n\x05index\x18\x01 \x01(\x03\"\xe5\x01\n\rClientMessage\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.batchferry.v1.OpenStreamH\x00\x12\'\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x15.batchferry.v1.CreditH\x00\x12)\n\x07release\x18\x03 \x01(\x0b\x32\x16.batchferry.v1.ReleaseH\x00\x12(\n\x06\x64\x65tach\x18\x04 \x01(\x0b\x32\x16.batchferry.v1.ReleaseH\x00\x12#\n\x04stop\x18\x05 \x01(\x0b\x32\x13.batchferry.v1.StopH\x00\x42\x06\n\x04kind\"\x06\n\x04Stop\"m\n\x0bStreamStart\x12\x13\n\x0bnum_batches\x18\x01 \x01(\x03\x12\x19\n\x11state_after_order\x18\x02 \x01(\x0c\x12\x19\n\x11state_after_epoch\x18\x03 \x01(\x0c\x12\x13\n\x0b\x66irst_batch\x18\x04 \x01(\x03\"e\n\x0b\x42\x61tchHeader\x12\r\n\x05index\x18\x01 \x01(\x03\x12%\n\x06layout\x18\x02 \x01(\x0b\x32\x15.batchferry.v1.Layout\x12\x12\n\nnum_chunks\x18\x03 \x01(\x03\x12\x0c\n\x04slot\x18\x04 \x01(\t\"\x0b\n\tStreamEnd\"\x98\x01\n\x0bServerFrame\x12+\n\x05start\x18\x01 \x01(\x0b\x32\x1a.batchferry.v1.StreamStartH\x00\x12+\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1a.batchferry.v1.BatchHeaderH\x00\x12\'\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x18.batchferry.v1.StreamEndH\x00\x42\x06\n\x04kind*Q\n\x04Mode\x12\x14\n\x10MODE_INDEPENDENT\x10\x00\x12\x10\n\x0cMODE_SHARDED\x10\x01\x12\x0f\n\x0bMODE_SHARED\x10\x02\x12\x10\n\x0cMODE_DYNAMIC\x10\x03*3\n\tTransport\x12\x13\n\x0fTRANSPORT_BYTES\x10\x00\x12\x11\n\rTRANSPORT_SHM\x10\x01*\xd6\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0c\n\x08\x42\x46LOAT16\x10\x04\x12\t\n\x05UINT8\x10\x05\x12\x08\n\x04INT8\x10\x06\x12\t\n\x05INT16\x10\x07\x12\t\n\x05INT32\x10\x08\x12\t\n\x05INT64\x10\t\x12\x08\n\x04\x42OOL\x10\n\x12\r\n\tCOMPLEX64\x10\x0b\x12\x0e\n\nCOMPLEX128\x10\x0c\x12\n\n\x06UINT16\x10\r\x12\n\n\x06UINT32\x10\x0e\x12\n\n\x06UINT64\x10\x0f\x32\xfd\x01\n\x06Loader\x12W\n\x0cListDatasets\x12\".batchferry.v1.ListDatasetsRequest\x1a#.batchferry.v1.ListDatasetsResponse\x12M\n\rStreamBatches\x12\x1c.batchferry.v1.ClientMessage\x1a\x1a.batchferry.v1.ServerFrame(\x01\x30\x01\x12K\n\x08ListJobs\x12\x1e.batchferry.v1.ListJobsRequest\x1a\x1f.batchferry.v1.ListJobsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'batchferry.v1.loader_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODE']._serialized_start=2263
-  _globals['_MODE']._serialized_end=2344
-  _globals['_TRANSPORT']._serialized_start=2346
-  _globals['_TRANSPORT']._serialized_end=2397
-  _globals['_DTYPE']._serialized_start=2400
-  _globals['_DTYPE']._serialized_end=2614
+  _globals['_MODE']._serialized_start=2327
+  _globals['_MODE']._serialized_end=2408
+  _globals['_TRANSPORT']._serialized_start=2410
+  _globals['_TRANSPORT']._serialized_end=2461
+  _globals['_DTYPE']._serialized_start=2464
+  _globals['_DTYPE']._serialized_end=2678
   _globals['_LISTJOBSREQUEST']._serialized_start=45
   _globals['_LISTJOBSREQUEST']._serialized_end=62
   _globals['_CONSUMERINFO']._serialized_start=64
@@ -50,35 +50,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATASETINFO']._serialized_start=436
   _globals['_DATASETINFO']._serialized_end=505
   _globals['_LISTDATASETSRESPONSE']._serialized_start=508
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=659
-  _globals['_TENSORSPEC']._serialized_start=661
-  _globals['_TENSORSPEC']._serialized_end=741
-  _globals['_NODELIST']._serialized_start=743
-  _globals['_NODELIST']._serialized_end=789
-  _globals['_NODEMAP']._serialized_start=791
-  _globals['_NODEMAP']._serialized_end=872
-  _globals['_NONEVALUE']._serialized_start=874
-  _globals['_NONEVALUE']._serialized_end=885
-  _globals['_NODE']._serialized_start=888
-  _globals['_NODE']._serialized_end=1175
-  _globals['_LAYOUT']._serialized_start=1177
-  _globals['_LAYOUT']._serialized_end=1243
-  _globals['_OPENSTREAM']._serialized_start=1246
-  _globals['_OPENSTREAM']._serialized_end=1631
-  _globals['_CREDIT']._serialized_start=1633
-  _globals['_CREDIT']._serialized_end=1658
-  _globals['_RELEASE']._serialized_start=1660
-  _globals['_RELEASE']._serialized_end=1684
-  _globals['_CLIENTMESSAGE']._serialized_start=1687
-  _globals['_CLIENTMESSAGE']._serialized_end=1879
-  _globals['_STREAMSTART']._serialized_start=1881
-  _globals['_STREAMSTART']._serialized_end=1990
-  _globals['_BATCHHEADER']._serialized_start=1992
-  _globals['_BATCHHEADER']._serialized_end=2093
-  _globals['_STREAMEND']._serialized_start=2095
-  _globals['_STREAMEND']._serialized_end=2106
-  _globals['_SERVERFRAME']._serialized_start=2109
-  _globals['_SERVERFRAME']._serialized_end=2261
-  _globals['_LOADER']._serialized_start=2617
-  _globals['_LOADER']._serialized_end=2870
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=678
+  _globals['_TENSORSPEC']._serialized_start=680
+  _globals['_TENSORSPEC']._serialized_end=760
+  _globals['_NODELIST']._serialized_start=762
+  _globals['_NODELIST']._serialized_end=808
+  _globals['_NODEMAP']._serialized_start=810
+  _globals['_NODEMAP']._serialized_end=891
+  _globals['_NONEVALUE']._serialized_start=893
+  _globals['_NONEVALUE']._serialized_end=904
+  _globals['_NODE']._serialized_start=907
+  _globals['_NODE']._serialized_end=1194
+  _globals['_LAYOUT']._serialized_start=1196
+  _globals['_LAYOUT']._serialized_end=1262
+  _globals['_OPENSTREAM']._serialized_start=1265
+  _globals['_OPENSTREAM']._serialized_end=1650
+  _globals['_CREDIT']._serialized_start=1652
+  _globals['_CREDIT']._serialized_end=1677
+  _globals['_RELEASE']._serialized_start=1679
+  _globals['_RELEASE']._serialized_end=1703
+  _globals['_CLIENTMESSAGE']._serialized_start=1706
+  _globals['_CLIENTMESSAGE']._serialized_end=1935
+  _globals['_STOP']._serialized_start=1937
+  _globals['_STOP']._serialized_end=1943
+  _globals['_STREAMSTART']._serialized_start=1945
+  _globals['_STREAMSTART']._serialized_end=2054
+  _globals['_BATCHHEADER']._serialized_start=2056
+  _globals['_BATCHHEADER']._serialized_end=2157
+  _globals['_STREAMEND']._serialized_start=2159
+  _globals['_STREAMEND']._serialized_end=2170
+  _globals['_SERVERFRAME']._serialized_start=2173
+  _globals['_SERVERFRAME']._serialized_end=2325
+  _globals['_LOADER']._serialized_start=2681
+  _globals['_LOADER']._serialized_end=2934
 # @@protoc_insertion_point(module_scope)

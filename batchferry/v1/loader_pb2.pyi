@@ -117,18 +117,20 @@ class DatasetInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., length: _Optional[int] = ..., sample_structure: _Optional[str] = ...) -> None: ...
 
 class ListDatasetsResponse(_message.Message):
-    __slots__ = ("datasets", "shm_probe", "shm_token", "replica_index", "num_replicas")
+    __slots__ = ("datasets", "shm_probe", "shm_token", "replica_index", "num_replicas", "server_id")
     DATASETS_FIELD_NUMBER: _ClassVar[int]
     SHM_PROBE_FIELD_NUMBER: _ClassVar[int]
     SHM_TOKEN_FIELD_NUMBER: _ClassVar[int]
     REPLICA_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     datasets: _containers.RepeatedCompositeFieldContainer[DatasetInfo]
     shm_probe: str
     shm_token: bytes
     replica_index: int
     num_replicas: int
-    def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ..., shm_probe: _Optional[str] = ..., shm_token: _Optional[bytes] = ..., replica_index: _Optional[int] = ..., num_replicas: _Optional[int] = ...) -> None: ...
+    server_id: str
+    def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ..., shm_probe: _Optional[str] = ..., shm_token: _Optional[bytes] = ..., replica_index: _Optional[int] = ..., num_replicas: _Optional[int] = ..., server_id: _Optional[str] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("dtype", "shape", "offset")
@@ -241,16 +243,22 @@ class Release(_message.Message):
     def __init__(self, index: _Optional[int] = ...) -> None: ...
 
 class ClientMessage(_message.Message):
-    __slots__ = ("open", "credit", "release", "detach")
+    __slots__ = ("open", "credit", "release", "detach", "stop")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     CREDIT_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     DETACH_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
     open: OpenStream
     credit: Credit
     release: Release
     detach: Release
-    def __init__(self, open: _Optional[_Union[OpenStream, _Mapping]] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., detach: _Optional[_Union[Release, _Mapping]] = ...) -> None: ...
+    stop: Stop
+    def __init__(self, open: _Optional[_Union[OpenStream, _Mapping]] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., detach: _Optional[_Union[Release, _Mapping]] = ..., stop: _Optional[_Union[Stop, _Mapping]] = ...) -> None: ...
+
+class Stop(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class StreamStart(_message.Message):
     __slots__ = ("num_batches", "state_after_order", "state_after_epoch", "first_batch")

@@ -1,0 +1,154 @@
+"""Building one stream's batches into ring slots: acquire, submit, wait, grow on overflow, release.
+
+:meth:`Builder.start` leases a slot and hands the batch to the worker pool;
+:meth:`Builder.finish` waits for it and, when the batch outgrew its slot, builds it
+again in a larger one (the one place that retry lives). A build nobody wants any
+more is given to :meth:`Builder.drop`: its slot goes back once the worker is done
+writing into it, never before.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from .plan import Plan
+from .ring import Lease, RingExhausted, SlotRing
+from .status import Abort, StreamGone, dataset_failed
+from .workers import Result, Task, WorkerPool
+
+__all__ = ["Build", "Builder", "Built", "Counters"]
+
+_WAIT = 0.2  # seconds between looks at the stream's liveness while waiting for a worker
+
+
+@dataclass
+class Counters:
+    """Batches built across all streams (for tests, listings and metrics)."""
+
+    built: int = 0
+    gathered: int = 0  # of which built by the vectorised gather
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, result: Result, also: Callable[[], None] | None = None) -> None:
+        if result.status == "ok":
+            with self._lock:
+                self.built += 1
+                self.gathered += result.gathered
+                if also is not None:
+                    also()
+
+
+@dataclass
+class Build:
+    """A batch handed to a worker, writing into ``lease``'s slot."""
+
+    index: int
+    lease: Lease
+    future: Future[Result]
+
+
+@dataclass(frozen=True)
+class Built:
+    """A finished batch: its layout, and the lease on the slot holding its bytes."""
+
+    index: int
+    lease: Lease
+    layout: bytes
+
+
+class Builder:
+    def __init__(
+        self,
+        plan: Plan,
+        ring: SlotRing,
+        pool: WorkerPool,
+        counters: Counters,
+        active: Callable[[], bool],
+        *,
+        min_bytes: int,
+        acquire_timeout: float,
+        on_built: Callable[[], None] | None = None,
+    ) -> None:
+        self._plan = plan
+        self._ring = ring
+        self._pool = pool
+        self._counters = counters
+        self._active = active
+        self._acquire_timeout = acquire_timeout
+        self._on_built = on_built
+        # Slots are sized for a typical batch up front; one that outgrows its slot
+        # reports its size, and later builds ask for at least that.
+        self.min_bytes = min_bytes
+
+    def start(self, index: int, *, wait: bool) -> Build | None:
+        """Lease a slot and submit batch ``index``; None when ``wait`` is false and no slot is free."""
+        try:
+            lease = self._ring.acquire(
+                self.min_bytes, timeout=self._acquire_timeout if wait else 0.0, cancelled=self._gone
+            )
+        except RingExhausted as exc:
+            raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+        if lease is None:
+            if self._gone():
+                raise StreamGone
+            if not wait:
+                return None
+            raise Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"no shared-memory slot of {self.min_bytes} bytes became free within "
+                f"{self._acquire_timeout:g}s (budget {self._ring.max_bytes} bytes, --shm-bytes): "
+                "other streams hold them",
+            )
+        plan = self._plan
+        indices = plan.order.batch(index, plan.batch_size).numpy().astype(np.int64, copy=False)
+        task = Task(plan.dataset, indices, plan.collate, lease.name, lease.capacity)
+        try:
+            future = self._pool.submit(task)
+        except RuntimeError as exc:  # the pool is closing
+            lease.release()
+            raise Abort(grpc.StatusCode.UNAVAILABLE, f"server is shutting down ({exc})") from exc
+        future.add_done_callback(lambda f: self._counters.count(f.result(), self._on_built))
+        return Build(index, lease, future)
+
+    def finish(self, build: Build) -> Built:
+        """The built batch, rebuilt in larger slots while it overflows.
+
+        Raises the dataset's error as an Abort, StreamGone when the stream ended
+        meanwhile; either way the slot is taken care of.
+        """
+        while True:
+            result = self._wait(build)
+            if result.status == "ok":
+                return Built(build.index, build.lease, result.layout)
+            build.lease.release()  # the worker is done with it
+            if result.status == "error":
+                raise dataset_failed(self._plan.dataset, build.index, result.error)
+            self.min_bytes = max(self.min_bytes, result.needed)
+            build = self._restart(build.index)
+
+    def _restart(self, index: int) -> Build:
+        build = self.start(index, wait=True)
+        assert build is not None  # waiting starts return a build or raise
+        return build
+
+    def _wait(self, build: Build) -> Result:
+        while True:
+            try:
+                return build.future.result(timeout=_WAIT)
+            except TimeoutError:
+                if self._gone():
+                    self.drop(build)
+                    raise StreamGone from None
+
+    def drop(self, build: Build) -> None:
+        """Forget a build; its slot is released once its worker is done writing."""
+        build.future.add_done_callback(lambda _f: build.lease.release())
+
+    def _gone(self) -> bool:
+        return not self._active()

@@ -1,0 +1,40 @@
+"""The frames a stream sends: start, one batch (by slot name, or as raw byte chunks), end."""
+
+from __future__ import annotations
+
+from batchferry import sampling
+from batchferry.v1 import loader_pb2 as _pb2
+
+from .ring import Lease
+
+__all__ = ["END", "byte_frames", "shm_frame", "start_frame"]
+
+END = _pb2.ServerFrame(end=_pb2.StreamEnd()).SerializeToString()
+
+
+def start_frame(num_batches: int, order: sampling.EpochOrder, first: int) -> bytes:
+    return _pb2.ServerFrame(
+        start=_pb2.StreamStart(
+            num_batches=num_batches,
+            state_after_order=order.state_after_order,
+            state_after_epoch=order.state_after_epoch,
+            first_batch=first,
+        )
+    ).SerializeToString()
+
+
+def shm_frame(index: int, layout: bytes, lease: Lease) -> bytes:
+    """Same host: the header names the slot; the client maps it."""
+    header = _pb2.BatchHeader(index=index, layout=_pb2.Layout.FromString(layout), slot=lease.name)
+    return _pb2.ServerFrame(batch=header).SerializeToString()
+
+
+def byte_frames(index: int, layout: bytes, lease: Lease, chunk: int) -> list[bytes]:
+    """Byte stream: the header, then the payload in raw chunks (the slot may be reused after)."""
+    parsed = _pb2.Layout.FromString(layout)
+    size = parsed.payload_bytes
+    # The only copy on the server: slot -> message bytes (gRPC needs bytes objects).
+    with memoryview(lease.segment.mapping) as view:
+        chunks = [bytes(view[o : min(o + chunk, size)]) for o in range(0, size, chunk)]
+    header = _pb2.ServerFrame(batch=_pb2.BatchHeader(index=index, layout=parsed, num_chunks=len(chunks)))
+    return [header.SerializeToString(), *chunks]

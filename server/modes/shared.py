@@ -1,0 +1,279 @@
+"""shared mode: every consumer of the job receives the same batches, each built once into one slot.
+
+Per-epoch state, shared by the job's consumers (:class:`SharedEpoch`). Each batch
+is an entry::
+
+    PENDING ──(a consumer leased its slot and submitted it)──▶ STARTED ──(finished)──▶ BUILT
+       └──────────(no slot free now, or that consumer left)──▶ FAILED: the next consumer starts it again
+
+Whoever needs a STARTED batch first finishes it (waits for the worker, rebuilds it
+in a larger slot if it overflowed); the others wait for that. ``consumed[c]``
+counts the batches consumer ``c`` has taken into its training loop, ``released[c]``
+those whose slot it no longer reads. An entry's slot is let go once every consumer
+is past it on both: released to the ring, or abandoned (LINGERING) if a consumer's
+stream ended while holding it, or detached if a consumer keeps the batch. Nobody
+builds beyond ``min(consumed) + window``, so the slowest consumer applies
+backpressure within a bounded window; one that leaves stops counting. A consumer
+joining an epoch in progress starts at the slowest consumer's position (the oldest
+batch still held), or at its own resume point if that is later.
+
+Every method takes the job's condition (``Job.cond``) itself; an entry's ``lock``
+is taken without it, and ring leases (a leaf lock) are let go under it.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Generator
+from dataclasses import dataclass, field
+
+from batchferry.server.builder import Build, Builder, Built
+from batchferry.server.jobs import EpochState
+from batchferry.server.status import Abort, StreamGone
+from batchferry.server.stream import Stream
+
+__all__ = ["SharedBatch", "SharedEpoch", "send"]
+
+_POLL = 0.02  # seconds between looks while the slowest consumer holds the window
+
+
+class _State(enum.Enum):
+    PENDING = "pending"
+    STARTED = "started"
+    BUILT = "built"
+    FAILED = "failed"
+
+
+class _Fate(enum.IntEnum):
+    """What happens to a collected entry's slot: the strongest any consumer asked for."""
+
+    RELEASE = 0
+    ABANDON = 1
+    DETACH = 2
+
+
+@dataclass(eq=False)
+class SharedBatch:
+    position: int
+    state: _State = _State.PENDING
+    build: Build | None = None
+    built: Built | None = None
+    error: Abort | None = None  # the dataset failed: every consumer gets it
+    fate: _Fate = _Fate.RELEASE
+    collected: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)  # held by whoever finishes it
+
+
+class SharedEpoch(EpochState):
+    def __init__(self, num_batches: int, window: int, cond: threading.Condition) -> None:
+        super().__init__(cond)
+        self.num_batches = num_batches
+        self.window = window
+        self.consumed: dict[int, int] = {}
+        self.released: dict[int, int] = {}
+        self._entries: dict[int, SharedBatch] = {}
+        self.completed = False  # some consumer received the whole epoch
+
+    @property
+    def finished(self) -> bool:
+        return self.completed
+
+    @property
+    def held(self) -> int:
+        """Entries not yet collected (for tests)."""
+        with self._cond:
+            return len(self._entries)
+
+    def enter(self, consumer: int, start: int) -> int:
+        """Join at ``start``, or at the slowest consumer's position if that is later."""
+        with self._cond:
+            self.join(consumer)
+            first = max(start, min(self.consumed.values())) if self.consumed else start
+            self.consumed[consumer] = self.released[consumer] = first
+            return first
+
+    def may_build(self, position: int) -> bool:
+        with self._cond:
+            return not self.consumed or position < min(self.consumed.values()) + self.window
+
+    def claim(self, position: int) -> tuple[SharedBatch, bool]:
+        """The batch's entry, and True when the caller must start it (then :meth:`publish`)."""
+        with self._cond:
+            entry = self._entries.get(position)
+            if entry is not None and entry.state is not _State.FAILED:
+                return entry, False
+            entry = self._entries[position] = SharedBatch(position)
+            return entry, True
+
+    def publish(self, entry: SharedBatch, build: Build | None) -> None:
+        """Record the build the claimer started (None: it could not start one now)."""
+        with self._cond:
+            if build is None:
+                self._fail(entry)
+            else:
+                entry.build, entry.state = build, _State.STARTED
+                if entry.collected:
+                    _let_go(entry)
+            self._cond.notify_all()
+
+    def _fail(self, entry: SharedBatch) -> None:
+        entry.state, entry.build = _State.FAILED, None
+        if self._entries.get(entry.position) is entry:
+            del self._entries[entry.position]
+        self._cond.notify_all()
+
+    def finish(self, entry: SharedBatch, builder: Builder, stream: Stream) -> Built | None:
+        """The built batch; None when it failed and must be claimed again."""
+        with self._cond:
+            while entry.state is _State.PENDING:
+                if not stream.active():
+                    raise StreamGone
+                self._cond.wait(_POLL)
+        while not entry.lock.acquire(timeout=_POLL):
+            if not stream.active():
+                raise StreamGone
+        try:
+            if entry.error is not None:
+                raise entry.error
+            if entry.state is _State.BUILT:
+                return entry.built
+            if entry.state is _State.FAILED or entry.build is None:
+                return None
+            try:
+                built = builder.finish(entry.build)
+            except Abort as exc:
+                with self._cond:
+                    if exc.dataset_error:
+                        entry.error = exc
+                    self._fail(entry)
+                raise
+            except StreamGone:
+                with self._cond:
+                    self._fail(entry)  # the builder dropped the build; the next consumer starts over
+                raise
+            with self._cond:
+                entry.built, entry.build, entry.state = built, None, _State.BUILT
+                if entry.collected:
+                    _let_go(entry)
+            return built
+        finally:
+            entry.lock.release()
+
+    def done(self, consumer: int, position: int, fate: _Fate = _Fate.RELEASE) -> None:
+        """``consumer`` no longer reads batch ``position``'s slot; ``fate`` says how it let go."""
+        with self._cond:
+            entry = self._entries.get(position)
+            if entry is not None:
+                entry.fate = max(entry.fate, fate)
+            if consumer in self.released:
+                self.released[consumer] = max(self.released[consumer], position + 1)
+            self._collect()
+
+    def consume(self, consumer: int, upto: int) -> None:
+        """``consumer`` has taken every batch before ``upto`` into its loop."""
+        with self._cond:
+            if consumer in self.consumed and upto > self.consumed[consumer]:
+                self.consumed[consumer] = upto
+                self._collect()
+
+    def leave(self, consumer: int) -> None:
+        with self._cond:
+            self.consumed.pop(consumer, None)
+            self.released.pop(consumer, None)
+            super().leave(consumer)
+            self._collect()
+
+    def _collect(self) -> None:
+        consumers = self.consumed
+        floor = min(min(consumers[c], self.released[c]) for c in consumers) if consumers else None
+        for position in [p for p in self._entries if floor is None or p < floor]:
+            entry = self._entries.pop(position)
+            entry.collected = True
+            _let_go(entry)
+        self._cond.notify_all()
+
+
+def _let_go(entry: SharedBatch) -> None:
+    """Give a collected entry's slot back, as its consumers asked (caller holds the job's condition)."""
+    if entry.built is not None:
+        lease = entry.built.lease
+        if entry.fate is _Fate.DETACH:
+            lease.detach()
+        elif entry.fate is _Fate.ABANDON:
+            lease.abandon()
+        else:
+            lease.release()
+        entry.built = None
+    elif entry.build is not None:
+        build = entry.build  # a worker may still write into it
+        build.future.add_done_callback(lambda _f: build.lease.release())
+        entry.build = None
+
+
+@dataclass(frozen=True)
+class _SharedHeld:
+    """A consumer's hold on a shared batch's slot (what the client releases or keeps)."""
+
+    epoch: SharedEpoch
+    consumer: int
+    position: int
+
+    def release(self) -> None:
+        self.epoch.done(self.consumer, self.position)
+
+    def detach(self) -> None:
+        self.epoch.done(self.consumer, self.position, _Fate.DETACH)
+
+    def abandon(self) -> None:
+        self.epoch.done(self.consumer, self.position, _Fate.ABANDON)
+
+
+def send(stream: Stream) -> Generator[bytes, None, bool]:
+    plan, messages, builder = stream.plan, stream.messages, stream.builder
+    job, consumer = stream.job, stream.consumer
+    assert job is not None and consumer is not None  # the servicer joins job modes
+    window = max(1, min(2 * plan.credits, stream.ring_slots // 2))
+    work = job.epoch_state(plan.epoch, lambda: SharedEpoch(plan.local_total, window, job.cond))
+    assert isinstance(work, SharedEpoch)
+    first = position = work.enter(consumer.id, plan.local_start)
+    total = plan.local_total
+    stream.progress(position)
+    # Consumption counts the moment the credit arrives (late joiners start there).
+    messages.on_credit = lambda granted: work.consume(consumer.id, first + granted - plan.credits)
+
+    def ensure(p: int, wait: bool) -> SharedBatch:
+        entry, mine = work.claim(p)
+        if mine:
+            build = None
+            try:
+                build = builder.start(plan.batch_index(p), wait=wait)
+            finally:
+                work.publish(entry, build)
+        return entry
+
+    yield stream.start_frame(position)
+    try:
+        while position < total:
+            if not stream.active() or not messages.open:
+                return False
+            if not work.may_build(position):
+                work.wait(_POLL)  # the slowest consumer holds the window
+                continue
+            entry = ensure(position, wait=True)
+            for ahead in range(position + 1, min(position + 1 + plan.credits, total)):
+                if work.may_build(ahead):
+                    ensure(ahead, wait=False)
+            built = work.finish(entry, builder, stream)
+            if built is None:
+                continue  # its builder gave up: build it again
+            if not messages.wait_for(position - first, stream.active):
+                return False
+            yield from stream.frames(built, held=_SharedHeld(work, consumer.id, position))
+            position += 1
+            stream.progress(position)
+        work.completed = True
+        return True
+    finally:
+        work.leave(consumer.id)
+        job.prune_epochs()

@@ -1,0 +1,178 @@
+"""An OpenStream request, checked: :func:`plan` is a pure function from the request and
+the server's :class:`Catalog` to a :class:`Plan` (or an :class:`~.status.Abort` naming
+the field). Nothing here touches the network, the ring or the workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from batchferry import sampling, wire
+from batchferry.v1 import loader_pb2 as _pb2
+
+from .jobs import JobSettings
+from .status import Abort, invalid
+
+__all__ = ["MAX_CREDITS", "MODE_NAMES", "Catalog", "Plan", "plan"]
+
+MAX_CREDITS = 64
+MODE_NAMES: dict[int, str] = {
+    _pb2.MODE_INDEPENDENT: "independent",
+    _pb2.MODE_SHARDED: "sharded",
+    _pb2.MODE_SHARED: "shared",
+    _pb2.MODE_DYNAMIC: "dynamic",
+}
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """What a request is checked against: the server's datasets, collates and place."""
+
+    lengths: dict[str, int]
+    collates: frozenset[str]
+    chunk_bytes: int
+    replica: int = 0
+    replicas: int = 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    dataset: str
+    collate: str
+    batch_size: int
+    num_batches: int  # in the whole epoch
+    start_batch: int
+    credits: int
+    chunk_bytes: int
+    order: sampling.EpochOrder
+    shm: bool
+    mode: int = _pb2.MODE_INDEPENDENT
+    job: str = ""
+    rank: int = 0
+    epoch: int = 0
+    settings: JobSettings | None = None  # job modes: what every consumer must agree on
+    # Scale-out: this stream carries only the batches b with b % replicas == replica.
+    # Senders count positions p among those; frames, releases and the client speak
+    # in whole-epoch batch indices.
+    replica: int = 0
+    replicas: int = 1
+
+    @property
+    def mode_name(self) -> str:
+        return MODE_NAMES[self.mode]
+
+    @property
+    def local_total(self) -> int:
+        """This replica's batches in the epoch."""
+        return self.local(self.num_batches)
+
+    @property
+    def local_start(self) -> int:
+        return self.local(self.start_batch)
+
+    def local(self, index: int) -> int:
+        """This replica's batches before epoch batch ``index`` (its position when it is one of them)."""
+        return (index - self.replica + self.replicas - 1) // self.replicas
+
+    def batch_index(self, position: int) -> int:
+        """Epoch batch index of this replica's ``position``-th batch (num_batches past the end)."""
+        return min(position * self.replicas + self.replica, self.num_batches)
+
+
+def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
+    """Check every field of ``req``; the first problem raises an Abort naming it."""
+    if not req.dataset:
+        raise invalid("dataset: required")
+    length = catalog.lengths.get(req.dataset)
+    if length is None:
+        raise Abort(
+            grpc.StatusCode.NOT_FOUND,
+            f"dataset {req.dataset!r} not found; this server has: {', '.join(sorted(catalog.lengths))}",
+        )
+    if req.batch_size < 1:
+        raise invalid(f"batch_size must be >= 1, got {req.batch_size}")
+    collate = req.collate or "default"
+    if collate not in catalog.collates:
+        raise Abort(
+            grpc.StatusCode.NOT_FOUND,
+            f"collate {collate!r} not found; registered: {', '.join(sorted(catalog.collates))}",
+        )
+    if req.epoch < 0:
+        raise invalid(f"epoch must be >= 0, got {req.epoch}")
+    if not 1 <= req.credits <= MAX_CREDITS:
+        raise invalid(f"credits must be in [1, {MAX_CREDITS}], got {req.credits}")
+    chunk = req.chunk_bytes or catalog.chunk_bytes
+    if not wire.MIN_CHUNK_BYTES <= chunk <= wire.MAX_CHUNK_BYTES:
+        raise invalid(
+            f"chunk_bytes must be 0 or in [{wire.MIN_CHUNK_BYTES}, {wire.MAX_CHUNK_BYTES}], "
+            f"got {req.chunk_bytes}"
+        )
+    if req.mode not in MODE_NAMES:
+        raise invalid(f"mode: unknown value {req.mode}")
+    if req.transport not in (_pb2.TRANSPORT_BYTES, _pb2.TRANSPORT_SHM):
+        raise invalid(f"transport: unknown value {req.transport}")
+    wanted = (req.replica_index, req.num_replicas or 1)
+    if wanted != (catalog.replica, catalog.replicas):
+        raise Abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"this server is replica {catalog.replica} of {catalog.replicas}, but the stream asks for "
+            f"replica {wanted[0]} of {wanted[1]}; give the loader every replica's address "
+            "(or a dns:/// name that resolves to all of them)",
+        )
+    settings = None
+    if req.mode == _pb2.MODE_INDEPENDENT:
+        if req.shuffle and not req.sampler_state:
+            raise invalid("sampler_state: required when shuffle is true")
+        try:
+            order = sampling.epoch_order(length, req.shuffle, req.sampler_state)
+        except ValueError as exc:
+            raise invalid(f"sampler_state: {exc}") from None
+    else:
+        mode = MODE_NAMES[req.mode]
+        if not req.job:
+            raise invalid(f"job: required in {mode} mode")
+        if req.world_size < 1:
+            raise invalid(f"world_size must be >= 1, got {req.world_size}")
+        if not 0 <= req.rank < req.world_size:
+            raise invalid(f"rank must be in [0, world_size={req.world_size}), got {req.rank}")
+        settings = JobSettings(
+            mode=req.mode,
+            dataset=req.dataset,
+            batch_size=req.batch_size,
+            shuffle=req.shuffle,
+            drop_last=req.drop_last,
+            collate=collate,
+            seed=req.seed,
+            world_size=req.world_size,
+        )
+        if req.mode == _pb2.MODE_SHARDED:
+            order = sampling.sharded_order(
+                length, req.shuffle, req.seed, req.epoch, req.rank, req.world_size, req.drop_last
+            )
+        else:  # shared and dynamic split the whole epoch among the job's consumers
+            order = sampling.EpochOrder(
+                sampling.seeded_order(length, req.shuffle, req.seed, req.epoch), b"", b""
+            )
+    total = sampling.num_batches(len(order.indices), req.batch_size, req.drop_last)
+    if not 0 <= req.start_batch <= total:
+        raise invalid(f"start_batch must be in [0, {total}], got {req.start_batch}")
+    return Plan(
+        dataset=req.dataset,
+        collate=collate,
+        batch_size=req.batch_size,
+        num_batches=total,
+        start_batch=req.start_batch,
+        credits=req.credits,
+        chunk_bytes=chunk,
+        order=order,
+        shm=req.transport == _pb2.TRANSPORT_SHM,
+        mode=req.mode,
+        job=req.job,
+        rank=req.rank,
+        epoch=req.epoch,
+        settings=settings,
+        replica=catalog.replica,
+        replicas=catalog.replicas,
+    )

@@ -1,0 +1,55 @@
+"""One StreamBatches call's working set, as the mode senders see it.
+
+A sender (``server/modes/``) is a generator of frames over a :class:`Stream`: it
+sends the start frame, then batches as credits allow, and returns True when it
+sent every batch of its part of the epoch (the servicer then sends the end frame
+and waits for the client's releases), or False when the client stopped early.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+
+from . import framing
+from .builder import Builder, Built
+from .credits import ClientMessages, Held
+from .jobs import Consumer, Job
+from .plan import Plan
+
+__all__ = ["Sender", "Stream"]
+
+
+@dataclass
+class Stream:
+    plan: Plan
+    messages: ClientMessages
+    builder: Builder
+    active: Callable[[], bool]
+    ring_slots: int = 8
+    job: Job | None = None
+    consumer: Consumer | None = None
+
+    def start_frame(self, position: int) -> bytes:
+        """The start frame, naming the first batch this stream sends (its ``position``-th)."""
+        return framing.start_frame(self.plan.num_batches, self.plan.order, self.plan.batch_index(position))
+
+    def frames(self, built: Built, held: Held | None = None) -> list[bytes]:
+        """Frames for a built batch. Same host: the client holds the slot through ``held``
+        (the lease itself by default) until it releases it. Byte stream: the bytes are
+        copied out and ``held`` is released at once."""
+        held = held or built.lease
+        if self.plan.shm:
+            self.messages.hold(built.index, held)
+            return [framing.shm_frame(built.index, built.layout, built.lease)]
+        frames = framing.byte_frames(built.index, built.layout, built.lease, self.plan.chunk_bytes)
+        held.release()
+        return frames
+
+    def progress(self, position: int) -> None:
+        """For listings: this consumer has been sent its batches before ``position``."""
+        if self.consumer is not None:
+            self.consumer.sent = position
+
+
+Sender = Callable[[Stream], Generator[bytes, None, bool]]
