@@ -57,7 +57,7 @@ class ImageDecode:
     def decode(self, source: Path | bytes) -> torch.Tensor:
         """Decode a file or encoded bytes to a uint8 (C, H, W) tensor; ``OSError`` if it cannot."""
         arr = self._hwc(source)
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        return torch.from_numpy(np.array(arr.transpose(2, 0, 1), order="C"))  # a writable copy
 
     def decode_into(self, source: Path | bytes, out: torch.Tensor) -> None:
         """Decode straight into ``out`` (C, H, W), which must have :meth:`shape`."""
