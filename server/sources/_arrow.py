@@ -17,7 +17,7 @@ one copy into the slot.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,10 @@ import torch
 from batchferry.layout import SlotWriter
 
 from ._common import require
-from ._gather import Gather, take_array, torch_dtype
+from ._gather import take_array, torch_dtype
 from ._images import ImageDecode
 
-__all__ = ["Column", "column_kinds", "gather_columns", "sample_fields"]
+__all__ = ["Column", "bind", "can_gather", "column_kinds", "gather_columns", "sample_fields"]
 
 _VECTOR = ("number", "fixed", "string")
 
@@ -146,32 +146,44 @@ def sample_fields(columns: list[Column], row: int, decoder: ImageDecode) -> dict
     return out
 
 
-def can_gather(columns: list[Column]) -> bool:
-    return all(col.kind in _VECTOR for col in columns)
+def can_gather(kinds: Iterable[str]) -> bool:
+    """Whether columns of these kinds allow the one-take-per-column gather."""
+    return all(kind in _VECTOR for kind in kinds)
 
 
-def gather_columns(columns: list[Column], idx: np.ndarray, writer: SlotWriter) -> dict[str, Any]:
-    """default_collate of the rows' fields, one take per column (see the module docstring)."""
+def _rows(pa: Any, col: Column, idx: np.ndarray) -> Any:
+    """The rows ``idx`` of one column: a numpy array, or a list for strings."""
+    if col.flat is not None:
+        return col.flat[idx]
+    taken = col.data.take(pa.array(idx))
+    if col.kind == "string":
+        return taken.to_pylist()
+    return _to_numpy(pa, taken.combine_chunks(), col)
+
+
+def gather_columns(
+    parts: list[tuple[list[Column], np.ndarray, np.ndarray]], size: int, writer: SlotWriter
+) -> dict[str, Any]:
+    """default_collate of ``size`` rows' fields, one take per column and part.
+
+    ``parts`` are (columns of one file, row indices into it, positions in the batch).
+    """
     pa = _pa()
     out: dict[str, Any] = {}
-    taken_idx = None
-    for col in columns:
-        if col.kind == "string":
-            taken_idx = taken_idx if taken_idx is not None else pa.array(idx)
-            out[col.name] = col.data.take(taken_idx).to_pylist()
-        elif col.flat is not None:
-            out[col.name] = take_array(col.flat, idx, writer)
-        else:
-            taken_idx = taken_idx if taken_idx is not None else pa.array(idx)
-            taken = col.data.take(taken_idx).combine_chunks()
-            rows = _to_numpy(pa, taken, col)
-            dest = writer.alloc(rows.shape, torch_dtype(rows.dtype))
-            dest.numpy()[...] = rows
-            out[col.name] = dest
+    for c, first in enumerate(parts[0][0]):
+        if len(parts) == 1 and first.flat is not None:
+            out[first.name] = take_array(first.flat, parts[0][1], writer)  # straight into the slot
+            continue
+        if first.kind == "string":
+            values: list[Any] = [None] * size
+            for columns, rows, positions in parts:
+                for p, v in zip(positions.tolist(), _rows(pa, columns[c], rows), strict=True):
+                    values[p] = v
+            out[first.name] = values
+            continue
+        assert first.dtype is not None
+        dest = writer.alloc((size, *first.shape), torch_dtype(first.dtype))
+        for columns, rows, positions in parts:
+            dest.numpy()[positions] = _rows(pa, columns[c], rows)
+        out[first.name] = dest
     return out
-
-
-def gatherer(columns: list[Column]) -> Gather | None:
-    if not can_gather(columns):
-        return None
-    return lambda idx, writer: gather_columns(columns, idx, writer)

@@ -121,12 +121,12 @@ class HFDataset:
         return [self[i] for i in indices]
 
     def batch_gatherer(self) -> Gather | None:
-        if self._indexed or not all(kind in ("number", "fixed", "string") for kind in self._kinds):
+        if self._indexed or not _arrow.can_gather(self._kinds):
             return None
 
         def gather(idx: np.ndarray, writer: SlotWriter) -> dict[str, Any]:
             columns = self._open(int(idx[0]) if len(idx) else 0)
-            return _arrow.gather_columns(columns, idx, writer)
+            return _arrow.gather_columns([(columns, idx, np.arange(len(idx)))], len(idx), writer)
 
         return gather
 

@@ -5,8 +5,9 @@ columns. A sample is a dict ``{column: value}`` in ``columns`` order (default: e
 column), each value as :mod:`._arrow` describes: numbers and fixed-size lists
 become tensors gathered with one take per column, strings stay strings.
 
-The file footers are read at start (a corrupt file fails then, by name); the
-rows are read once per process on first use and held in memory, decompressed.
+The file footers are read at start (a corrupt file fails then, by name); each
+file's rows are read once per process when a sample first needs them, and held in
+memory, decompressed.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class ParquetDataset:
                 raise ValueError(f"{relative(f, self.root)}: column types differ from {first}'s")
         self._kinds = [(c.name, c.kind) for c in _arrow.column_kinds(schema, self.columns)]
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._columns: list[_arrow.Column] | None = None
+        self._loaded: dict[int, list[_arrow.Column]] = {}  # file -> its columns, read on first use
         self._decoder = ImageDecode()
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -83,41 +84,42 @@ class ParquetDataset:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    def _open(self, index: int) -> list[_arrow.Column]:
-        if self._columns is None:
-            pa, pq = _arrow._pa(), _pq()
-            tables = []
-            for f in self.files:
-                try:
-                    tables.append(pq.read_table(f, columns=self.columns))
-                except Exception as exc:
-                    raise SampleError(index, relative(f, self.root), f"cannot read: {exc}") from exc
-            table = pa.concat_tables(tables).combine_chunks()
-            columns = _arrow.column_kinds(table.schema, self.columns)
-
-            def where(name: str) -> str:
-                return relative(self.files[0] if len(self.files) == 1 else self.path, self.root)
-
-            _arrow.bind(columns, table, where)
-            self._columns = columns
-        return self._columns
+    def _file(self, f: int, index: int) -> list[_arrow.Column]:
+        """File ``f``'s columns, read on first use (``index``: the sample that needs it)."""
+        columns = self._loaded.get(f)
+        if columns is None:
+            name = relative(self.files[f], self.root)
+            try:
+                table = _pq().read_table(self.files[f], columns=self.columns).combine_chunks()
+                columns = _arrow.column_kinds(table.schema, self.columns)
+                _arrow.bind(columns, table, lambda column: name)
+            except Exception as exc:
+                raise SampleError(index, name, f"cannot read: {exc}") from exc
+            self._loaded[f] = columns
+        return columns
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"sample {index} out of range for {len(self)} samples")
-        return _arrow.sample_fields(self._open(index), index, self._decoder)
+        f = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return _arrow.sample_fields(self._file(f, index), index - int(self._starts[f]), self._decoder)
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         return [self[i] for i in indices]
 
     def batch_gatherer(self) -> Gather | None:
-        if not all(kind in ("number", "fixed", "string") for _, kind in self._kinds):
+        if not _arrow.can_gather(kind for _, kind in self._kinds):
             return None
 
         def gather(idx: np.ndarray, writer: SlotWriter) -> dict[str, Any]:
-            columns = self._open(int(idx[0]) if len(idx) else 0)
-            return _arrow.gather_columns(columns, idx, writer)
+            files = np.searchsorted(self._starts, idx, side="right") - 1
+            parts = []
+            for f in np.unique(files).tolist():
+                positions = np.flatnonzero(files == f)
+                rows = idx[positions] - self._starts[f]
+                parts.append((self._file(f, int(idx[positions[0]])), rows, positions))
+            return _arrow.gather_columns(parts, len(idx), writer)
 
         return gather
 
