@@ -93,6 +93,10 @@ class ImageFolderDataset:
         self.samples = [(relative(path, self.root), label) for path, label in pairs]
         self.targets = np.array([label for _, label in pairs], dtype=np.int64)
 
+    # Pickle by path: each process lists the folders itself (the same sorted order).
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (self.root, self.decoder, self.transform, self.allow_empty))
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -127,6 +131,19 @@ class ImageFolderDataset:
             return [images, take_array(self.targets, idx, writer)]
 
         return gather
+
+
+def _rebuild(
+    root: Path, decoder: ImageDecode, transform: Callable[[torch.Tensor], Any] | None, allow_empty: bool
+) -> ImageFolderDataset:
+    return ImageFolderDataset(
+        root,
+        mode=decoder.mode,
+        resize=decoder.resize,
+        crop=decoder.crop,
+        transform=transform,
+        allow_empty=allow_empty,
+    )
 
 
 def from_spec(rest: str) -> ImageFolderDataset:
