@@ -1,7 +1,8 @@
 """The workloads of BENCHMARKS.md: datasets built once into a cache directory.
 
-Servers load them with ``python:batchferry.benchmarks.workloads:NAME`` specs, so
-the data directory travels in ``BATCHFERRY_BENCH_DATA``.
+Servers load them with ``python:batchferry.benchmarks.workloads:NAME`` specs, or
+with a built-in source's spec over the same files (W3: ``imagefolder:``, P1:
+``parquet:``), so the data directory travels in ``BATCHFERRY_BENCH_DATA``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
@@ -91,8 +94,21 @@ def w4() -> VarLenTokens:
     return VarLenTokens(root)
 
 
+def random_crop_flip(image: torch.Tensor, crop: int = 224) -> torch.Tensor:
+    """A random ``crop`` x ``crop`` window of a CHW image, flipped left-right half the time."""
+    top, left = (int(v) for v in torch.randint(0, image.shape[1] - crop + 1, (2,)))
+    out = image[:, top : top + crop, left : left + crop]
+    if torch.rand(()) < 0.5:
+        out = out.flip(2)
+    return out.contiguous()
+
+
 class JpegFolder:
-    """JPEG files in class folders; decode, random 224 crop and horizontal flip per sample."""
+    """JPEG files in class folders, decoded with Pillow per sample, then :func:`random_crop_flip`.
+
+    What a torch user writes; batchferry serves the same files as
+    ``imagefolder:ROOT,transform=...random_crop_flip`` (the same decode and transform).
+    """
 
     def __init__(self, root: Path, crop: int = 224) -> None:
         self.root = root
@@ -111,17 +127,18 @@ class JpegFolder:
         path = self.files[i]
         with Image.open(path) as img:
             arr = np.asarray(img.convert("RGB"))
-        top, left = (int(v) for v in torch.randint(0, arr.shape[0] - self.crop + 1, (2,)))
-        arr = arr[top : top + self.crop, left : left + self.crop]
-        if torch.rand(()) < 0.5:
-            arr = arr[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), self._label[path.parent.name]
+        image = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        return random_crop_flip(image, self.crop), self._label[path.parent.name]
+
+
+def _w3_root() -> Path:
+    return data_dir() / f"w3-{_scaled(2000)}"
 
 
 def w3() -> JpegFolder:
     """2,000 JPEG files of 256x256 in 10 class folders."""
     n = _scaled(2000)
-    root = data_dir() / f"w3-{n}"
+    root = _w3_root()
     if not (root / "done").exists():
         rng = np.random.default_rng(3)
         base = rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
@@ -133,6 +150,65 @@ def w3() -> JpegFolder:
             img.save(folder / f"{i:05d}.jpg", quality=90)
         (root / "done").touch()
     return JpegFolder(root)
+
+
+def w3_spec() -> str:
+    return f"imagefolder:{_w3_root()},transform=batchferry.benchmarks.workloads:random_crop_flip"
+
+
+class ParquetRows:
+    """Parquet rows read with pyarrow into numpy once, one dict of tensors per ``__getitem__``.
+
+    What a torch user writes for a Parquet table; batchferry serves the file as
+    ``parquet:PATH,columns=features,label``.
+    """
+
+    def __init__(self, path: Path, columns: Sequence[str] = ("features", "label")) -> None:
+        self.path, self.columns = path, tuple(columns)
+        table = pq.read_table(path, columns=list(self.columns))
+        self.arrays = {}
+        for name in self.columns:
+            column = table.column(name).combine_chunks()
+            width = getattr(column.type, "list_size", None)
+            values = column.flatten() if width else column
+            array = values.to_numpy(zero_copy_only=False)
+            self.arrays[name] = array.reshape(len(column), width) if width else array
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ParquetRows, (self.path, self.columns))
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {name: torch.from_numpy(np.array(a[i])) for name, a in self.arrays.items()}
+
+
+def _p1_path() -> Path:
+    return data_dir() / f"p1-{_scaled(200_000)}.parquet"
+
+
+def p1() -> ParquetRows:
+    """200,000 rows: float32[64] features, int64 label and a string id, in row groups of 64k."""
+    n = _scaled(200_000)
+    path = _p1_path()
+    if not path.exists():
+        rng = np.random.default_rng(5)
+        features = rng.standard_normal((n, 64), dtype=np.float32)
+        table = pa.table(
+            {
+                "features": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), 64),
+                "label": pa.array(rng.integers(0, 1000, n)),
+                "id": pa.array([f"row-{i:07d}" for i in range(n)]),
+            }
+        )
+        pq.write_table(table, path.with_suffix(".tmp"), row_group_size=65536)
+        path.with_suffix(".tmp").rename(path)
+    return ParquetRows(path)
+
+
+def p1_spec() -> str:
+    return f"parquet:{_p1_path()},columns=features,label"
 
 
 def torch_pad(batch: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -150,17 +226,22 @@ class Workload:
     torch_collate: Callable[..., Any] | None = None
     unit: str = "batches/s"
     notes: dict[str, str] = field(default_factory=dict)
+    # The server's spec, when it is a built-in source rather than ``factory`` itself.
+    server_spec: Callable[[], str] | None = None
 
     @property
     def spec(self) -> str:
+        if self.server_spec is not None:
+            return self.server_spec()
         return f"python:batchferry.benchmarks.workloads:{self.factory.__name__}"
 
 
 WORKLOADS = {
     "W1": Workload("W1", "tiny samples, per-batch overhead", w1, 256, 1500),
     "W2": Workload("W2", "224x224 images from a memory map", w2, 256, 24, unit="GB/s"),
-    "W3": Workload("W3", "JPEG decode + random crop + flip", w3, 64, 25),
+    "W3": Workload("W3", "JPEG decode + random crop + flip, imagefolder:", w3, 64, 25, server_spec=w3_spec),
     "W4": Workload(
         "W4", "variable-length tokens, pad collate", w4, 64, 600, collate="pad", torch_collate=torch_pad
     ),
+    "P1": Workload("P1", "Parquet rows: float32[64] + label, parquet:", p1, 256, 300, server_spec=p1_spec),
 }

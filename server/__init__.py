@@ -12,26 +12,53 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .collate import SlotCollate, pad_collate, register_collate
     from .config import ServerConfig
-    from .datasets import NpyDataset, SyntheticDataset, parse_spec
+    from .datasets import dataset_kinds, parse_spec
     from .server import Server
+    from .sources import (
+        HFDataset,
+        ImageFolderDataset,
+        MissingDependency,
+        MnistDataset,
+        NpyDataset,
+        ParquetDataset,
+        SampleError,
+        SyntheticDataset,
+        TarShardDataset,
+    )
 
 __all__ = [
+    "HFDataset",
+    "ImageFolderDataset",
+    "MissingDependency",
+    "MnistDataset",
     "NpyDataset",
+    "ParquetDataset",
+    "SampleError",
     "Server",
     "ServerConfig",
     "SlotCollate",
     "SyntheticDataset",
+    "TarShardDataset",
+    "dataset_kinds",
     "pad_collate",
     "parse_spec",
     "register_collate",
 ]
 
 _WHERE = {
-    "NpyDataset": "datasets",
+    "HFDataset": "sources",
+    "ImageFolderDataset": "sources",
+    "MissingDependency": "sources",
+    "MnistDataset": "sources",
+    "NpyDataset": "sources",
+    "ParquetDataset": "sources",
+    "SampleError": "sources",
     "Server": "server",
     "ServerConfig": "config",
     "SlotCollate": "collate",
-    "SyntheticDataset": "datasets",
+    "SyntheticDataset": "sources",
+    "TarShardDataset": "sources",
+    "dataset_kinds": "datasets",
     "pad_collate": "collate",
     "parse_spec": "datasets",
     "register_collate": "collate",

@@ -1,139 +1,67 @@
-"""Datasets the server can own, and the ``NAME=SPEC`` strings of the CLI.
+"""Datasets the server can own, and the ``NAME=SPEC`` strings that name them.
 
-Specs:
+A spec is ``KIND:REST``. Built-in kinds (each a module of :mod:`.sources`; the
+README's "Datasets" table lists their options):
 
-* ``npy:PATH[,labels=PATH]``: a memory-mapped ``.npy`` array, one sample per row,
-  with optional labels from a second ``.npy``; samples are ``(tensor, label)`` or
-  a tensor.
-* ``synthetic:n=N,shape=AxB,dtype=float32,classes=K,seed=S``: a deterministic,
-  learnable in-memory classification set (the demo and benchmarks use it).
-* ``python:MODULE:CALLABLE``: ``CALLABLE()`` from an importable module returns any
-  map-style dataset (``__len__``, ``__getitem__``, optionally ``__getitems__``).
+* ``npy:PATH[,labels=PATH]``, ``synthetic:n=N,...``, ``python:MODULE:CALLABLE``;
+* ``mnist:ROOT``, ``imagefolder:ROOT``, ``webdataset:SHARDS``, ``parquet:PATH``, ``hf:PATH``.
 
-Worker processes rebuild spec datasets from the spec (cheap: memory maps reopen,
-synthetic data regenerates) and receive Python objects by pickle.
+Any other kind is looked up in the ``batchferry.datasets`` entry-point group: a
+package that declares ::
+
+    [project.entry-points."batchferry.datasets"]
+    myformat = "mypkg.loader:from_spec"
+
+serves ``myformat:REST`` with ``from_spec(REST)``, which returns a map-style
+dataset (``ValueError`` for a bad spec).
+
+A dataset may offer ``batch_gatherer()``, returning ``gather(indices, writer)``
+that builds what ``default_collate`` would from those samples with one take per
+field, straight into the slot (see :mod:`.sources._gather`), or None.
+
+Worker processes rebuild spec datasets from the spec and receive Python objects by
+pickle: sources pickle by path and open their files lazily in each process.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
-import torch
+from .sources import MissingDependency, NpyDataset, SyntheticDataset
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "DatasetSource",
     "MapDataset",
     "NpyDataset",
     "SyntheticDataset",
+    "dataset_kinds",
     "parse_dataset_arg",
     "parse_spec",
 ]
+
+ENTRY_POINT_GROUP = "batchferry.datasets"
+
+# kind -> module of .sources with from_spec(rest)
+_BUILTIN = {
+    "hf": "hf",
+    "imagefolder": "imagefolder",
+    "mnist": "mnist",
+    "npy": "npy",
+    "parquet": "parquet",
+    "synthetic": "synthetic",
+    "webdataset": "webdataset",
+}
 
 
 @runtime_checkable
 class MapDataset(Protocol):
     def __len__(self) -> int: ...
     def __getitem__(self, index: int) -> Any: ...
-
-
-class NpyDataset:
-    """Rows of a memory-mapped ``.npy`` file, optionally with labels."""
-
-    def __init__(self, path: str | Path, labels: str | Path | None = None) -> None:
-        self.path = Path(path)
-        self.labels_path = Path(labels) if labels is not None else None
-        self._open()
-
-    def _open(self) -> None:
-        self.data = np.load(self.path, mmap_mode="r")
-        if self.data.ndim < 1:
-            raise ValueError(f"{self.path}: a dataset array needs at least one dimension")
-        self.labels = None
-        if self.labels_path is not None:
-            self.labels = np.load(self.labels_path, mmap_mode="r")
-            if len(self.labels) != len(self.data):
-                raise ValueError(
-                    f"{self.labels_path} has {len(self.labels)} labels for {len(self.data)} samples"
-                )
-
-    # Pickle by path: a memmap would otherwise be pickled with all its data.
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "labels_path": self.labels_path}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.path = state["path"]
-        self.labels_path = state["labels_path"]
-        self._open()
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> Any:
-        x = torch.from_numpy(np.array(self.data[index]))
-        if self.labels is None:
-            return x
-        return x, self.labels[index].item()
-
-    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
-        # One gather from the map instead of one page walk per sample.
-        rows = torch.from_numpy(self.data[np.asarray(indices, dtype=np.int64)])
-        if self.labels is None:
-            return list(rows)
-        labels = self.labels[np.asarray(indices, dtype=np.int64)].tolist()  # Python scalars, as .item()
-        return list(zip(rows, labels, strict=True))
-
-
-class SyntheticDataset:
-    """``n`` samples ``(x, label)``: x of ``shape``/``dtype``, label = a fixed linear teacher's argmax.
-
-    Deterministic for a seed, and learnable, so the demo's loss goes down.
-    """
-
-    def __init__(
-        self,
-        n: int = 8192,
-        shape: tuple[int, ...] = (32,),
-        dtype: torch.dtype = torch.float32,
-        classes: int = 10,
-        seed: int = 0,
-    ) -> None:
-        if n < 1 or classes < 1 or any(s < 1 for s in shape):
-            raise ValueError(
-                f"synthetic dataset needs n, classes and shape >= 1, got {n}, {classes}, {shape}"
-            )
-        self.n, self.shape, self.dtype, self.classes, self.seed = (
-            n,
-            tuple(shape),
-            dtype,
-            classes,
-            seed,
-        )
-        gen = torch.Generator().manual_seed(seed)
-        features = torch.randn((n, *self.shape), generator=gen)
-        teacher = torch.randn((int(np.prod(self.shape)), classes), generator=gen)
-        self.targets = (features.reshape(n, -1) @ teacher).argmax(dim=1)
-        if dtype.is_floating_point:
-            self.data = features.to(dtype)
-        else:
-            self.data = (features * 32 + 128).clamp(0, 255).to(dtype)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (SyntheticDataset, (self.n, self.shape, self.dtype, self.classes, self.seed))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.data[index], self.targets[index]
-
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        idx = torch.as_tensor(indices, dtype=torch.int64)
-        return list(zip(self.data[idx], self.targets[idx], strict=True))
 
 
 @dataclass(frozen=True)
@@ -147,61 +75,71 @@ class DatasetSource:
         return parse_spec(self.spec) if self.spec is not None else self.obj
 
 
-def _kv(text: str, spec: str) -> dict[str, str]:
-    out = {}
-    for part in filter(None, text.split(",")):
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise ValueError(f"{spec!r}: expected key=value, got {part!r}")
-        out[key.strip()] = value.strip()
-    return out
+def _python(rest: str) -> Any:
+    module_name, sep, attr = rest.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError("expected python:MODULE:CALLABLE")
+    factory = getattr(importlib.import_module(module_name), attr, None)
+    if not callable(factory):
+        raise ValueError(f"{module_name}.{attr} is not a callable")
+    dataset = factory()
+    if not isinstance(dataset, MapDataset):
+        raise ValueError(f"{attr}() returned {type(dataset).__name__}, not a map-style dataset")
+    return dataset
+
+
+def _entry_points() -> dict[str, list[EntryPoint]]:
+    found: dict[str, list[EntryPoint]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, []).append(ep)
+    return found
+
+
+def dataset_kinds() -> list[str]:
+    """Every spec kind this process can serve: built in, ``python``, and entry points."""
+    return sorted({*_BUILTIN, "python", *_entry_points()})
+
+
+def _factory(kind: str) -> Callable[[str], Any]:
+    if kind in _BUILTIN:
+        module = importlib.import_module(f".sources.{_BUILTIN[kind]}", __package__)
+        factory: Callable[[str], Any] = module.from_spec
+        return factory
+    if kind == "python":
+        return _python
+    candidates = _entry_points().get(kind, [])
+    if not candidates:
+        raise ValueError(f"unknown kind {kind!r}; known: {', '.join(dataset_kinds())}")
+    # The same entry point seen twice (e.g. an editable install on sys.path twice) is one.
+    if len({ep.value for ep in candidates}) > 1:
+        owners = ", ".join(f"{ep.value}" for ep in candidates)
+        raise ValueError(f"kind {kind!r} is declared by several {ENTRY_POINT_GROUP} entry points: {owners}")
+    try:
+        loaded = candidates[0].load()
+    except Exception as exc:
+        raise ValueError(f"kind {kind!r}: cannot load entry point {candidates[0].value}: {exc}") from exc
+    if not callable(loaded):
+        raise ValueError(f"kind {kind!r}: entry point {candidates[0].value} is not callable")
+    entry: Callable[[str], Any] = loaded
+    return entry
 
 
 def parse_spec(spec: str) -> MapDataset:
-    """Build the dataset a spec names; ``ValueError`` that names what is wrong."""
+    """Build the dataset a spec names; ``ValueError`` naming the spec and what is wrong."""
     kind, sep, rest = spec.partition(":")
-    if not sep:
-        raise ValueError(f"dataset spec {spec!r} has no kind; use npy:, synthetic: or python:")
-    if kind == "npy":
-        path, _, options = rest.partition(",")
-        opts = _kv(options, spec)
-        unknown = set(opts) - {"labels"}
-        if unknown:
-            raise ValueError(f"{spec!r}: unknown npy option(s) {sorted(unknown)}; known: labels")
-        if not Path(path).is_file():
-            raise ValueError(f"{spec!r}: no such file {path!r}")
-        return NpyDataset(path, opts.get("labels"))
-    if kind == "synthetic":
-        opts = _kv(rest, spec)
-        unknown = set(opts) - {"n", "shape", "dtype", "classes", "seed"}
-        if unknown:
-            raise ValueError(f"{spec!r}: unknown synthetic option(s) {sorted(unknown)}")
-        dtype = getattr(torch, opts.get("dtype", "float32"), None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"{spec!r}: unknown dtype {opts.get('dtype')!r}")
-        try:
-            return SyntheticDataset(
-                n=int(opts.get("n", 8192)),
-                shape=tuple(int(s) for s in opts.get("shape", "32").split("x")),
-                dtype=dtype,
-                classes=int(opts.get("classes", 10)),
-                seed=int(opts.get("seed", 0)),
-            )
-        except ValueError as exc:
-            raise ValueError(f"{spec!r}: {exc}") from exc
-    if kind == "python":
-        module_name, sep, attr = rest.partition(":")
-        if not sep or not module_name or not attr:
-            raise ValueError(f"{spec!r}: expected python:MODULE:CALLABLE")
-        module = importlib.import_module(module_name)
-        factory = getattr(module, attr, None)
-        if not callable(factory):
-            raise ValueError(f"{spec!r}: {module_name}.{attr} is not a callable")
-        dataset = factory()
-        if not isinstance(dataset, MapDataset):
-            raise ValueError(f"{spec!r}: {attr}() returned {type(dataset).__name__}, not a map-style dataset")
-        return dataset
-    raise ValueError(f"dataset spec {spec!r}: unknown kind {kind!r}; use npy:, synthetic: or python:")
+    if not sep or not kind:
+        raise ValueError(
+            f"dataset spec {spec!r} has no kind; expected KIND:..., kinds: {', '.join(dataset_kinds())}"
+        )
+    try:
+        dataset = _factory(kind)(rest)
+    except MissingDependency as exc:
+        raise MissingDependency(f"dataset spec {spec!r}: {exc}", name=exc.name) from exc
+    except ValueError as exc:
+        raise ValueError(f"dataset spec {spec!r}: {exc}") from exc
+    if not isinstance(dataset, MapDataset):
+        raise ValueError(f"dataset spec {spec!r}: got a {type(dataset).__name__}, not a map-style dataset")
+    return dataset
 
 
 def parse_dataset_arg(arg: str) -> tuple[str, str]:

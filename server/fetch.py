@@ -1,12 +1,13 @@
 """Fetch one batch's samples and collate them into a slot, vectorised where possible.
 
-With the ``default`` collate, datasets whose storage is whole arrays are gathered
-with one ``index_select``/``take`` per field straight into the slot, with exactly
-the result ``default_collate`` would give:
+With the ``default`` collate, datasets whose storage allows it are gathered with
+one take per field straight into the slot, with exactly the result
+``default_collate`` would give:
 
 * ``torch.utils.data.TensorDataset`` (samples are tuples, batches lists of tensors);
-* :class:`~batchferry.server.datasets.NpyDataset` (memory-mapped rows, optional labels);
-* :class:`~batchferry.server.datasets.SyntheticDataset`.
+* any dataset whose ``batch_gatherer()`` returns a builder (the ``.npy``, synthetic,
+  MNIST, Parquet and Hugging Face sources, and image folders with a fixed size);
+  not when a subclass redefines what a sample is (``__getitem__``/``__getitems__``).
 
 Everything else goes through ``__getitems__`` when the dataset has it, else one
 ``__getitem__`` per sample, then the collate.
@@ -18,61 +19,35 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import TensorDataset
 
 from batchferry.layout import SlotWriter
 
 from .collate import DEFAULT, CollateFn, SlotCollate, run_collate
-from .datasets import MapDataset, NpyDataset, SyntheticDataset
+from .datasets import MapDataset
+from .sources._gather import Gather, take_tensor
 
-__all__ = ["build_batch", "gatherer"]
-
-Gather = Callable[[np.ndarray, SlotWriter], Any]
-
-
-def _take_tensor(t: torch.Tensor, idx: np.ndarray, writer: SlotWriter) -> torch.Tensor:
-    out = writer.alloc((len(idx), *t.shape[1:]), t.dtype)
-    return torch.index_select(t, 0, torch.from_numpy(idx), out=out)
+__all__ = ["Gather", "build_batch", "gatherer"]
 
 
-def _take_array(a: np.ndarray, idx: np.ndarray, writer: SlotWriter, dtype: np.dtype[Any]) -> torch.Tensor:
-    out = writer.alloc((len(idx), *a.shape[1:]), torch.from_numpy(np.empty(0, dtype)).dtype)
-    if a.dtype == dtype:
-        # mode="clip": with the default "raise", numpy stages `out` in a temporary.
-        np.take(a, idx, axis=0, out=out.numpy(), mode="clip")
-    else:
-        out.numpy()[...] = a[idx]
-    return out
-
-
-def _label_dtype(labels: np.ndarray) -> np.dtype[Any]:
-    """The dtype default_collate gives the Python scalars NpyDataset returns."""
-    kind = labels.dtype.kind
-    if kind == "b":
-        return np.dtype(np.bool_)
-    if kind in "iu":
-        return np.dtype(np.int64)
-    return np.dtype(np.float64)
+def _own_gatherer(ds: MapDataset) -> Gather | None:
+    cls = type(ds)
+    owner = next((c for c in cls.__mro__ if "batch_gatherer" in vars(c)), None)
+    if owner is None:
+        return None
+    for name in ("__getitem__", "__getitems__"):
+        if getattr(cls, name, None) is not getattr(owner, name, None):
+            return None  # a subclass changed the samples the gather reproduces
+    make: Callable[[], Gather | None] | None = getattr(ds, "batch_gatherer", None)
+    return make() if make is not None else None
 
 
 def gatherer(ds: MapDataset) -> Gather | None:
     """A one-gather-per-field builder equal to default_collate for ``ds``, if there is one."""
     if type(ds) is TensorDataset and all(t.device.type == "cpu" for t in ds.tensors):
         tensors = ds.tensors
-        return lambda idx, w: [_take_tensor(t, idx, w) for t in tensors]
-    if type(ds) is SyntheticDataset:
-        return lambda idx, w: [_take_tensor(ds.data, idx, w), _take_tensor(ds.targets, idx, w)]
-    if type(ds) is NpyDataset and ds.data.dtype.kind in "biufc":
-        data, labels = ds.data, ds.labels
-        if labels is None:
-            return lambda idx, w: _take_array(data, idx, w, data.dtype)
-        label_dtype = _label_dtype(labels)
-        return lambda idx, w: [
-            _take_array(data, idx, w, data.dtype),
-            _take_array(labels, idx, w, label_dtype),
-        ]
-    return None
+        return lambda idx, w: [take_tensor(t, idx, w) for t in tensors]
+    return _own_gatherer(ds)
 
 
 def build_batch(
