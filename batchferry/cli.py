@@ -212,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
         "workloads",
         nargs="+",
         metavar="W",
-        help="W1 W2 W3 W4, W5 (shared mode), SCALE (replicas), MEM (memory bounds), G1 (needs CUDA), "
-        "or all (W1-W4)",
+        help="W1 W2 W3 W4 P1 (Parquet), W5 (shared mode), SCALE (replicas), MEM (memory bounds), "
+        "G1 (needs CUDA), or all (W1-W4)",
     )
     bench.add_argument("--reps", type=int, default=3)
     bench.add_argument("--num-workers", type=int, default=2)

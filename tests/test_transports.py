@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -64,7 +65,7 @@ def test_client_in_another_ipc_namespace_uses_the_byte_stream(server: Server) ->
         "--ipc",
         "sh",
         "-c",
-        f'mount -t tmpfs tmpfs /dev/shm && exec python3 -c "{script}"',
+        f'mount -t tmpfs tmpfs /dev/shm && exec {sys.executable} -c "{script}"',
     ]
     try:
         out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
