@@ -56,8 +56,10 @@ def _run() -> None:
 
 
 def later(job: Callable[[], None]) -> None:
-    """Run ``job`` on the clean-up thread. Safe in a finalizer: it never blocks."""
-    _work.put(job)
+    """Run ``job`` on the clean-up thread. Safe in a finalizer: it never blocks, and it
+    does nothing once the interpreter is shutting down (the atexit hook ran before)."""
+    if not _exiting:
+        _work.put(job)
 
 
 def close_at_exit(obj: _Closable) -> None:
@@ -73,8 +75,13 @@ def forget_at_exit(obj: _Closable) -> None:
         _live.pop(id(obj), None)
 
 
+_exiting = False
+
+
 @atexit.register
 def _close_all() -> None:
+    global _exiting
+    _exiting = True
     with _live_lock:
         refs = list(_live.values())[::-1]
         _live.clear()

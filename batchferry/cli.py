@@ -7,9 +7,11 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from batchferry import wire
-from batchferry.server.config import KEYS, describe_setting, flag_name
+from batchferry.server.config import KEYS, describe_setting, flag_name, has_flag
 
 __all__ = ["main"]
 
@@ -33,6 +35,26 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _security(args: argparse.Namespace) -> dict[str, Any]:
+    """The DataLoader's security arguments from the client flags."""
+    from batchferry.security import read_token
+
+    return {
+        "tls": True if args.tls else None,
+        "root_certificates": args.ca,
+        "client_cert": args.cert,
+        "client_key": args.key,
+        "token": read_token(args.token_file) if args.token_file else None,
+    }
+
+
+def _channel(args: argparse.Namespace, target: str) -> tuple[Any, tuple[tuple[str, str], ...]]:
+    from batchferry.security import ClientSecurity
+
+    security = ClientSecurity.create(**_security(args))
+    return security.channel(target), security.metadata
+
+
 def _health(args: argparse.Namespace) -> int:
     """Exit 0 when the server reports SERVING (container HEALTHCHECK, scripts)."""
     import grpc
@@ -41,10 +63,13 @@ def _health(args: argparse.Namespace) -> int:
     from batchferry.server.config import local_target
 
     target = args.target or local_target()
-    with grpc.insecure_channel(target) as channel:
+    channel, metadata = _channel(args, target)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+            reply = stub.Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout, metadata=metadata
+            )
         except grpc.RpcError as exc:
             print(f"{target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -53,16 +78,17 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-def _ask(target: str, method: str, timeout: float) -> bytes | None:
+def _ask(args: argparse.Namespace, method: str) -> bytes | None:
     """One unary call to a server; prints the error and returns None on failure."""
     import grpc
 
     from batchferry.errors import from_rpc_error
 
-    with grpc.insecure_channel(target, options=wire.CHANNEL_OPTIONS) as channel:
+    channel, metadata = _channel(args, args.target)
+    with channel:
         call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
         try:
-            return bytes(call(b"", timeout=timeout, wait_for_ready=True))
+            return bytes(call(b"", timeout=args.timeout, wait_for_ready=True, metadata=metadata))
         except grpc.RpcError as exc:
             print(f"error: {from_rpc_error(exc)}", file=sys.stderr)
             return None
@@ -71,7 +97,7 @@ def _ask(target: str, method: str, timeout: float) -> bytes | None:
 def _datasets(args: argparse.Namespace) -> int:
     from batchferry.v1 import loader_pb2 as _pb2
 
-    raw = _ask(args.target, wire.LIST_DATASETS, args.timeout)
+    raw = _ask(args, wire.LIST_DATASETS)
     if raw is None:
         return 1
     for info in _pb2.ListDatasetsResponse.FromString(raw).datasets:
@@ -82,7 +108,7 @@ def _datasets(args: argparse.Namespace) -> int:
 def _jobs(args: argparse.Namespace) -> int:
     from batchferry.v1 import loader_pb2 as _pb2
 
-    raw = _ask(args.target, wire.LIST_JOBS, args.timeout)
+    raw = _ask(args, wire.LIST_JOBS)
     if raw is None:
         return 1
     jobs = _pb2.ListJobsResponse.FromString(raw).jobs
@@ -108,12 +134,12 @@ def _demo(args: argparse.Namespace) -> int:
         device=args.device,
         connect=args.connect,
         dataset=args.dataset,
+        security=_security(args),
     )
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from batchferry.benchmarks.harness import RESULTS
     from batchferry.benchmarks.harness import main as bench_main
@@ -136,6 +162,11 @@ def _bench(args: argparse.Namespace) -> int:
             out=Path(args.out or RESULTS),
             scale=args.scale,
         )
+    if "HOSTILE" in ids:
+        from batchferry.benchmarks.hostile import main as hostile_main
+
+        ids.remove("HOSTILE")
+        hostile_main(out=Path(args.out or RESULTS), reps=args.reps)
     if "MEM" in ids:
         from batchferry.benchmarks.memory import main as memory_main
 
@@ -155,8 +186,23 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_flags() -> argparse.ArgumentParser:
+    """How client commands reach a secured server (TLS, mutual TLS, a token)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    group = flags.add_argument_group("connection security")
+    group.add_argument("--tls", action="store_true", help="use TLS (implied by --ca or --cert)")
+    group.add_argument("--ca", metavar="PEM", help="CA that signed the server's certificate (TLS)")
+    group.add_argument("--cert", metavar="PEM", help="this client's certificate (mutual TLS)")
+    group.add_argument("--key", metavar="PEM", help="this client's private key (mutual TLS)")
+    group.add_argument(
+        "--token-file", metavar="PATH", help="file holding a bearer token (default: BATCHFERRY_TOKEN)"
+    )
+    return flags
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchferry", description=__doc__)
+    client = _client_flags()
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -170,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", metavar="PATH", help="TOML settings file (or BATCHFERRY_CONFIG)")
     for key in KEYS:
-        if key == "log_level":
-            continue  # the global --log-level
+        if key == "log_level" or not has_flag(key):
+            continue  # the global --log-level; secrets stay off the command line
         # Values are parsed by the settings loader, so that a flag, a variable and a file
         # key give the same errors.
         repeat = key in ("datasets", "import")
@@ -184,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
     serve.set_defaults(func=_serve)
 
-    health = sub.add_parser("health", help="ask a server's grpc.health.v1 service; exit 0 when SERVING")
+    health = sub.add_parser(
+        "health", parents=[client], help="ask a server's grpc.health.v1 service; exit 0 when SERVING"
+    )
     health.add_argument(
         "target", nargs="?", help="host:port (default: this host's server, port from BATCHFERRY_PORT)"
     )
@@ -192,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=5.0)
     health.set_defaults(func=_health)
 
-    demo = sub.add_parser("demo", help="embedded server + a short training loop")
+    demo = sub.add_parser("demo", parents=[client], help="embedded server + a short training loop")
     demo.add_argument("--num-workers", type=int, default=2)
     demo.add_argument("--epochs", type=int, default=3)
     demo.add_argument("--batch-size", type=int, default=256)
@@ -213,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="W",
         help="W1 W2 W3 W4 P1 (Parquet), W5 (shared mode), SCALE (replicas), MEM (memory bounds), "
-        "G1 (needs CUDA), or all (W1-W4)",
+        "HOSTILE (budgets under hostile clients), G1 (needs CUDA), or all (W1-W4)",
     )
     bench.add_argument("--reps", type=int, default=3)
     bench.add_argument("--num-workers", type=int, default=2)
@@ -223,12 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-ceiling", action="store_true", help="skip the raw gRPC ceiling")
     bench.set_defaults(func=_bench)
 
-    jobs = sub.add_parser("jobs", help="list the jobs of a server, their consumers and progress")
+    jobs = sub.add_parser(
+        "jobs", parents=[client], help="list the jobs of a server, their consumers and progress"
+    )
     jobs.add_argument("target", help="host:port")
     jobs.add_argument("--timeout", type=float, default=10.0)
     jobs.set_defaults(func=_jobs)
 
-    datasets = sub.add_parser("datasets", help="list the datasets of a server")
+    datasets = sub.add_parser("datasets", parents=[client], help="list the datasets of a server")
     datasets.add_argument("target", help="host:port")
     datasets.add_argument("--timeout", type=float, default=10.0)
     datasets.set_defaults(func=_datasets)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,6 +51,7 @@ def run_demo(
     device: str | None = None,
     connect: str | None = None,
     dataset: str = "demo",
+    security: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Train a small classifier for ``epochs`` epochs; print and return throughput figures."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -67,6 +69,7 @@ def run_demo(
             seed=0,
             pin_memory=True,
             device=dev if dev.type == "cuda" else None,
+            **(security or {}),
         ) as loader:
             servers = f"{loader.num_replicas} replicas" if loader.num_replicas > 1 else "one server"
             print(f"batches by {loader.transport} from {servers}")

@@ -6,6 +6,7 @@
     ├── InvalidArgument        (also ValueError)  a request field is wrong
     ├── NotFound               (also LookupError) unknown dataset or collate
     ├── ResourceExhausted      the server is out of slots, memory or streams
+    ├── Unauthenticated        (also PermissionError) no token, or not one the server accepts
     ├── DatasetError           the dataset or collate raised on the server
     ├── ServerUnavailable      (also ConnectionError) cannot reach the server
     ├── BatchTimeout           (also TimeoutError) no batch within ``timeout``
@@ -28,6 +29,7 @@ __all__ = [
     "ProtocolError",
     "ResourceExhausted",
     "ServerUnavailable",
+    "Unauthenticated",
     "from_rpc_error",
 ]
 
@@ -65,6 +67,12 @@ class ResourceExhausted(BatchferryError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class Unauthenticated(BatchferryError, PermissionError):
+    """The server requires a token (or a client certificate) this client did not present."""
+
+    code = "UNAUTHENTICATED"
+
+
 class DatasetError(BatchferryError):
     """The dataset's ``__getitem__``/``__getitems__`` or the collate raised on the server."""
 
@@ -95,6 +103,8 @@ _BY_CODE: dict[grpc.StatusCode, type[BatchferryError]] = {
     grpc.StatusCode.OUT_OF_RANGE: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: Unauthenticated,
     grpc.StatusCode.UNAVAILABLE: ServerUnavailable,
     # A call this client did not cancel was cancelled by the server: it is going away
     # (a restart, a rolling update), so the loader reconnects as for UNAVAILABLE.

@@ -84,12 +84,16 @@ class SlotWriter:
     enough to size the next slot.
     """
 
-    def __init__(self, buffer: torch.Tensor) -> None:
+    def __init__(self, buffer: torch.Tensor, limit: int | None = None) -> None:
         if buffer.dtype != torch.uint8 or buffer.dim() != 1:
             raise TypeError("slot buffer must be a 1-D uint8 tensor")
         self._buffer = buffer
         self._base = buffer.data_ptr()
         self._capacity = buffer.numel()
+        # Past the slot, allocations go to scratch memory up to ``limit`` bytes in all;
+        # beyond it the batch is refused at once instead of built in memory it may not have.
+        self._limit = limit
+        self._scratch: dict[int, int] = {}  # data_ptr -> offset of allocations past the slot
         self.used = 0
 
     def alloc(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -100,8 +104,13 @@ class SlotWriter:
         start = align(self.used)
         self.used = start + nbytes
         if self.used > self._capacity:
-            # Keep going on scratch memory so the collate can finish and report its size.
-            return torch.empty(shape, dtype=dtype)
+            if self._limit is not None and self.used > self._limit:
+                raise SlotOverflow(self.used)
+            # Keep going on scratch memory so the collate can finish and report its size;
+            # the scratch tensor already counts, so encode() does not count it again.
+            scratch = torch.empty(shape, dtype=dtype)
+            self._scratch[scratch.data_ptr()] = start
+            return scratch
         return self._buffer[start : start + nbytes].view(dtype).view(shape)
 
     def check(self) -> None:
@@ -112,6 +121,8 @@ class SlotWriter:
         """Offset of ``tensor`` if it is a contiguous CPU tensor inside this slot."""
         if tensor.device.type != "cpu" or not tensor.is_contiguous():
             return None
+        if tensor.data_ptr() in self._scratch:
+            return self._scratch[tensor.data_ptr()]  # counted; the slot overflowed anyway
         offset = tensor.data_ptr() - self._base
         if offset >= 0 and offset + tensor.numel() * tensor.element_size() <= min(self.used, self._capacity):
             return offset
@@ -120,42 +131,45 @@ class SlotWriter:
 
 def encode(tree: Any, writer: SlotWriter) -> _pb2.Layout:
     """Layout of ``tree``; tensors not already in the writer's slot are copied in."""
-
-    def node(obj: Any) -> _pb2.Node:
-        if isinstance(obj, np.ndarray):
-            if obj.dtype.kind in "OUSV":
-                raise LayoutError(f"numpy arrays of dtype {obj.dtype} cannot be sent")
-            obj = torch.from_numpy(np.ascontiguousarray(obj))
-        if isinstance(obj, np.generic):
-            obj = obj.item()
-        if isinstance(obj, torch.Tensor):
-            return _pb2.Node(tensor=_tensor_spec(obj, writer))
-        if obj is None:
-            return _pb2.Node(none=_pb2.NoneValue())
-        if isinstance(obj, bool):
-            return _pb2.Node(bool=obj)
-        if isinstance(obj, int):
-            return _pb2.Node(int=obj)
-        if isinstance(obj, float):
-            return _pb2.Node(float=obj)
-        if isinstance(obj, str):
-            return _pb2.Node(str=obj)
-        if isinstance(obj, Mapping):
-            keys = []
-            for key in obj:
-                if isinstance(key, bool) or not isinstance(key, (str, int)):
-                    raise LayoutError(f"dict keys must be str or int, got {type(key).__name__}")
-                keys.append(node(key))
-            return _pb2.Node(dict=_pb2.NodeMap(keys=keys, values=[node(v) for v in obj.values()]))
-        if isinstance(obj, tuple):
-            return _pb2.Node(tuple=_pb2.NodeList(items=[node(v) for v in obj]))
-        if isinstance(obj, list):
-            return _pb2.Node(list=_pb2.NodeList(items=[node(v) for v in obj]))
-        raise LayoutError(f"cannot send a value of type {type(obj).__name__} in a batch")
-
-    root = node(tree)
+    root = _node(tree, writer)
     writer.check()
     return _pb2.Layout(root=root, payload_bytes=writer.used)
+
+
+# A module-level function, not a closure: a recursive closure is a reference cycle,
+# and one holding the writer would keep the slot's mapping alive until the next
+# garbage collection (an idle worker may never run one).
+def _node(obj: Any, writer: SlotWriter) -> _pb2.Node:
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind in "OUSV":
+            raise LayoutError(f"numpy arrays of dtype {obj.dtype} cannot be sent")
+        obj = torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, torch.Tensor):
+        return _pb2.Node(tensor=_tensor_spec(obj, writer))
+    if obj is None:
+        return _pb2.Node(none=_pb2.NoneValue())
+    if isinstance(obj, bool):
+        return _pb2.Node(bool=obj)
+    if isinstance(obj, int):
+        return _pb2.Node(int=obj)
+    if isinstance(obj, float):
+        return _pb2.Node(float=obj)
+    if isinstance(obj, str):
+        return _pb2.Node(str=obj)
+    if isinstance(obj, Mapping):
+        keys = []
+        for key in obj:
+            if isinstance(key, bool) or not isinstance(key, (str, int)):
+                raise LayoutError(f"dict keys must be str or int, got {type(key).__name__}")
+            keys.append(_node(key, writer))
+        return _pb2.Node(dict=_pb2.NodeMap(keys=keys, values=[_node(v, writer) for v in obj.values()]))
+    if isinstance(obj, tuple):
+        return _pb2.Node(tuple=_pb2.NodeList(items=[_node(v, writer) for v in obj]))
+    if isinstance(obj, list):
+        return _pb2.Node(list=_pb2.NodeList(items=[_node(v, writer) for v in obj]))
+    raise LayoutError(f"cannot send a value of type {type(obj).__name__} in a batch")
 
 
 def _tensor_spec(tensor: torch.Tensor, writer: SlotWriter) -> _pb2.TensorSpec:

@@ -71,24 +71,62 @@ def state_bytes(generator: torch.Generator) -> bytes:
 
 @dataclass(frozen=True)
 class EpochOrder:
-    """The sample order of one epoch, and the generator states torch would leave."""
+    """The sample order of one epoch, and the generator states torch would leave.
 
-    indices: torch.Tensor  # int64, len(dataset)
-    state_after_order: bytes
-    state_after_epoch: bytes
+    Position ``p`` of the epoch is sample ``base[(offset + stride * p) % n]`` (``base``
+    None: the identity). Plain orders have offset 0 and stride 1; rank r of a
+    DistributedSampler reads the padded permutation with offset r and stride
+    world_size. So an order costs one permutation at most, shared by every stream
+    (and every rank) that reads it, and nothing at all without shuffling.
+    """
+
+    n: int  # samples in the dataset
+    count: int  # positions in this epoch
+    base: torch.Tensor | None = None  # a permutation of range(n) (int32 where it fits), or None
+    offset: int = 0
+    stride: int = 1
+    state_after_order: bytes = b""
+    state_after_epoch: bytes = b""
 
     def batch(self, index: int, batch_size: int) -> torch.Tensor:
-        return self.indices[index * batch_size : (index + 1) * batch_size]
+        """Sample indices (int64) of batch ``index``."""
+        lo = index * batch_size
+        hi = min(lo + batch_size, self.count)
+        if hi <= lo:
+            return torch.empty(0, dtype=torch.int64)
+        first, last = self.offset + self.stride * lo, self.offset + self.stride * (hi - 1)
+        if self.stride == 1 and last < self.n:
+            positions = slice(first, last + 1)  # no wrap: a plain slice
+            return self.base[positions].long() if self.base is not None else torch.arange(first, last + 1)
+        pos = torch.arange(lo, hi, dtype=torch.int64).mul_(self.stride).add_(self.offset).remainder_(self.n)
+        return self.base[pos].long() if self.base is not None else pos
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """Every sample index of the epoch, in order (int64)."""
+        return self.batch(0, self.count) if self.count else torch.empty(0, dtype=torch.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return self.base.nbytes if self.base is not None else 0
+
+
+def permutation(length: int, generator: torch.Generator) -> torch.Tensor:
+    """``torch.randperm(length, generator=generator)``, kept as int32 where it fits."""
+    perm = torch.randperm(length, generator=generator)
+    return perm.int() if length <= torch.iinfo(torch.int32).max else perm
 
 
 def epoch_order(length: int, shuffle: bool, sampler_state: bytes) -> EpochOrder:
     if not shuffle:
-        return EpochOrder(torch.arange(length, dtype=torch.int64), b"", b"")
+        return EpochOrder(length, length)
     gen = generator_from_state(sampler_state)
-    order = torch.randperm(length, generator=gen)
+    order = permutation(length, gen)
     after_order = state_bytes(gen)
     torch.randperm(length, generator=gen)  # torch draws and discards this one
-    return EpochOrder(order, after_order, state_bytes(gen))
+    return EpochOrder(
+        length, length, order, state_after_order=after_order, state_after_epoch=state_bytes(gen)
+    )
 
 
 def replay_epoch(generator: torch.Generator, length: int, shuffle: bool) -> None:
@@ -100,13 +138,13 @@ def replay_epoch(generator: torch.Generator, length: int, shuffle: bool) -> None
         )
 
 
-def seeded_order(length: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
-    """The whole-dataset order of an epoch in job modes, as DistributedSampler draws it."""
+def seeded_order(length: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor | None:
+    """The whole-dataset order of an epoch in job modes, as DistributedSampler draws it (None: in order)."""
     if not shuffle:
-        return torch.arange(length, dtype=torch.int64)
+        return None
     gen = torch.Generator()
     gen.manual_seed(seed + epoch)
-    return torch.randperm(length, generator=gen)
+    return permutation(length, gen)
 
 
 def shard_length(length: int, world_size: int, drop_last: bool) -> int:
@@ -117,15 +155,23 @@ def shard_length(length: int, world_size: int, drop_last: bool) -> int:
 
 
 def sharded_order(
-    length: int, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int, drop_last: bool
+    length: int,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    drop_last: bool,
+    base: torch.Tensor | None = None,
 ) -> EpochOrder:
-    """Rank ``rank``'s indices of ``DistributedSampler(..., drop_last)`` after ``set_epoch(epoch)``."""
-    indices = seeded_order(length, shuffle, seed, epoch)
-    total = shard_length(length, world_size, drop_last) * world_size
-    if drop_last:
-        indices = indices[:total]
-    elif total > length:
-        # Pad by repeating from the start, as DistributedSampler does.
-        repeats = math.ceil((total - length) / length)
-        indices = torch.cat([indices, indices.repeat(repeats)[: total - length]])
-    return EpochOrder(indices[rank:total:world_size], b"", b"")
+    """Rank ``rank``'s indices of ``DistributedSampler(..., drop_last)`` after ``set_epoch(epoch)``.
+
+    DistributedSampler pads the permutation by repeating it from the start (or cuts
+    it, with drop_last) and gives rank r every world_size-th index from r: position p
+    of the shard is ``perm[(r + world_size * p) % n]``. ``base`` is that epoch's
+    ``seeded_order`` when the caller has it already.
+    """
+    if shuffle and base is None:
+        base = seeded_order(length, shuffle, seed, epoch)
+    count = shard_length(length, world_size, drop_last)
+    return EpochOrder(length, count, base if shuffle else None, offset=rank, stride=world_size)

@@ -23,6 +23,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import re
@@ -30,8 +31,10 @@ import secrets
 import subprocess
 import sys
 import time
+import weakref
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +45,7 @@ __all__ = [
     "Arena",
     "Mappings",
     "Segment",
+    "capacity",
     "owned_by",
     "privatize",
     "remove_stale",
@@ -74,16 +78,55 @@ for name in os.listdir(folder):
 """
 
 
+def capacity() -> int:
+    """Bytes /dev/shm holds in all (a container's is often far smaller than the host's)."""
+    stat = os.statvfs(SHM_DIR)
+    return stat.f_blocks * stat.f_frsize
+
+
 def _owner_path(token: str) -> Path:
     return SHM_DIR / f"{PREFIX}{token}.owner"
+
+
+class _Mapping:
+    """One ``mmap`` of a segment, unmapped when the last array over it is gone.
+
+    Made with libc's mmap rather than Python's: Python's keeps a duplicate of the
+    file descriptor for as long as the mapping lives, which a caller keeping a
+    thousand batches would pay for in descriptors, and which would keep a reader's
+    flock (held by the open file, which the mapping keeps too) past the mapping.
+    """
+
+    __slots__ = ("__weakref__", "address", "size")
+
+    def __init__(self, fd: int, size: int) -> None:
+        libc = _c()
+        address = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+        if address in (None, _MAP_FAILED):
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        self.address, self.size = int(address), size
+        # Not at exit: the process's mappings go with it, and a thread may still read one.
+        weakref.finalize(self, libc.munmap, address, size).atexit = False
+
+    def array(self) -> np.ndarray:
+        """A uint8 array over all of it; the mapping lives as long as the array (and its views)."""
+        buffer: Any = _buffer_type(self.size).from_address(self.address)
+        buffer.mapping = self  # keeps the mapping while numpy (and torch) hold the buffer
+        return np.frombuffer(buffer, dtype=np.uint8)
+
+
+@functools.cache
+def _buffer_type(size: int) -> type[ctypes.Array[ctypes.c_uint8]]:
+    # A subclass, so that instances can hold their mapping as an attribute.
+    return type("MappedBytes", (ctypes.c_uint8 * size,), {})
 
 
 class Segment:
     """One segment and this process's mapping of it.
 
     The mapping stays valid while arrays made by :meth:`array` (and tensors made
-    from them) live, even after :meth:`close`: the kernel unmaps it with the last
-    of them.
+    from them) live, even after :meth:`close`: it is unmapped with the last of them.
     """
 
     def __init__(self, name: str, fd: int, size: int, *, owner: bool) -> None:
@@ -92,7 +135,7 @@ class Segment:
         self._fd = fd
         self._owner = owner
         self._linked = owner
-        self._mmap: mmap.mmap | None = mmap.mmap(fd, size) if size else None
+        self._whole: np.ndarray | None = _Mapping(fd, size).array() if size else None
 
     @classmethod
     def create(cls, name: str, size: int) -> Segment:
@@ -123,17 +166,11 @@ class Segment:
             os.close(fd)
             raise
 
-    @property
-    def mapping(self) -> mmap.mmap:
-        if self._mmap is None:
-            raise ValueError(f"segment {self.name} is closed or empty")
-        return self._mmap
-
     def array(self, nbytes: int | None = None) -> np.ndarray:
         """A uint8 array over the first ``nbytes`` of the mapping (all of it by default)."""
-        if self._mmap is None:
+        if self._whole is None:
             return np.empty(0, dtype=np.uint8)
-        return np.frombuffer(self._mmap, dtype=np.uint8, count=self.size if nbytes is None else nbytes)
+        return self._whole if nbytes is None else self._whole[:nbytes]
 
     def tensor(self, nbytes: int | None = None) -> torch.Tensor:
         """A uint8 tensor over the first ``nbytes`` of the mapping."""
@@ -141,7 +178,7 @@ class Segment:
 
     def address(self) -> int:
         """Where the mapping starts in this process."""
-        return int(self.array(0).ctypes.data) if self._mmap is not None else 0
+        return int(self._whole.ctypes.data) if self._whole is not None else 0
 
     def unlinked(self) -> bool:
         """True once the owner removed the name (the memory lives while mapped)."""
@@ -165,7 +202,7 @@ class Segment:
 
     def unmap(self) -> None:
         """Drop this object's reference to the mapping (arrays over it keep it mapped)."""
-        self._mmap = None
+        self._whole = None
 
     def close(self) -> None:
         """Unlink (owner), drop the mapping reference and the descriptor. Idempotent."""
@@ -208,6 +245,9 @@ class Arena:
         self._next = 0
         self._lock_fd = _claim(_owner_path(self.token))
         self._reaper: subprocess.Popen[bytes] | None = None
+        # A process forked from the owner must not keep the owner lock or the reaper's
+        # pipe open: the owner's death would go unnoticed while the child lives.
+        os.register_at_fork(after_in_child=functools.partial(_disown, weakref.ref(self)))
         try:
             self._reaper = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _REAPER, str(SHM_DIR), self.token],
@@ -244,6 +284,19 @@ class Arena:
                 self._reaper.kill()
                 self._reaper.wait(timeout)
             self._reaper = None
+
+
+def _disown(ref: weakref.ref[Arena]) -> None:
+    arena = ref()
+    if arena is None or arena._lock_fd < 0:
+        return
+    with contextlib.suppress(OSError):
+        os.close(arena._lock_fd)
+    arena._lock_fd = -1  # close() in the child unlinks nothing
+    if arena._reaper is not None and arena._reaper.stdin is not None:
+        with contextlib.suppress(OSError):
+            arena._reaper.stdin.close()
+    arena._reaper = None
 
 
 def _claim(path: Path) -> int:
@@ -390,6 +443,7 @@ class Mappings:
 
 _MREMAP_MAYMOVE = 1
 _MREMAP_FIXED = 2
+_MAP_FAILED = ctypes.c_void_p(-1).value
 _libc: ctypes.CDLL | None = None
 
 
@@ -436,7 +490,7 @@ def privatize(mapping: np.ndarray, nbytes: int) -> bool:
     fresh = libc.mmap(
         None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0
     )
-    if fresh in (None, ctypes.c_void_p(-1).value):
+    if fresh in (None, _MAP_FAILED):
         return False
     ctypes.memmove(fresh, target, min(nbytes, mapping.nbytes))
     moved = libc.mremap(fresh, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, target)

@@ -39,14 +39,33 @@ MAX_CHUNK_BYTES = 16 << 20
 MAX_REPLICAS = 1024
 # Largest gRPC message either side accepts: a chunk plus headroom for headers.
 MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + (1 << 20)
-CHANNEL_OPTIONS = [
+_MESSAGES = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+# Keepalive pings find a dead link (a cut cable, a vanished peer) in seconds, where TCP
+# alone may wait minutes: the client then reconnects, the server frees the stream.
+KEEPALIVE_S = 10
+CHANNEL_OPTIONS = [
+    *_MESSAGES,
     # A restarted server (a rolling update) is found again within a fraction of a
     # second, not after gRPC's default backoff of up to two minutes.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_S * 1000),
+    ("grpc.http2.max_pings_without_data", 0),  # a stream waiting for a slow batch carries none
+]
+SERVER_OPTIONS = [
+    *_MESSAGES,
+    ("grpc.keepalive_time_ms", 2 * KEEPALIVE_S * 1000),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_S * 1000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # Accept the clients' pings above (the default would answer them with GOAWAY).
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_S * 1000 // 2),
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_S * 1000 // 2),
+    ("grpc.http2.max_pings_without_data", 0),
 ]
 
 M = TypeVar("M", bound=Message)

@@ -12,17 +12,21 @@ iteration with the same generator (see :mod:`batchferry.sampling`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import torch
 
 from batchferry import cleanup, sampling, wire
 from batchferry.errors import BatchTimeout, InvalidArgument, ProtocolError, ServerUnavailable
+from batchferry.security import ClientSecurity
 from batchferry.v1 import loader_pb2 as _pb2
 
 from .buffers import BufferPool
@@ -46,6 +50,7 @@ _MODES = {
 }
 # Dynamic mode over several replicas: how long to wait on one before looking at the next.
 _DYNAMIC_SLICE = 0.005
+_ALIVE_CHECK = 2.0  # seconds a server gets to answer after no batch came within timeout
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,6 +159,12 @@ class DataLoader:
             sharing IPC and /dev/shm); ``"grpc"`` streams the bytes; ``"auto"`` uses shm
             when the server's memory is visible from here, else the byte stream.
         mode: ``"independent"``: this loader gets its own full epochs.
+        tls, root_certificates, client_cert, client_key: TLS to the server (on when any
+            certificate is given); PEM bytes or file paths. ``root_certificates`` is the CA
+            that signed the server's certificate (default: the system's); ``client_cert``
+            and ``client_key`` prove this client to a server that requires mutual TLS.
+        token: a bearer token the server accepts (default: ``BATCHFERRY_TOKEN``).
+        credentials: ready-made ``grpc.ChannelCredentials`` instead of the certificates.
 
     Batches have the structure the collate returns (tuples of samples collate to
     lists, as in torch). Errors are raised from :mod:`batchferry.errors`.
@@ -180,6 +191,12 @@ class DataLoader:
         rank: int = 0,
         world_size: int = 1,
         chunk_bytes: int = 0,
+        tls: bool | None = None,
+        root_certificates: bytes | str | os.PathLike[str] | None = None,
+        client_cert: bytes | str | os.PathLike[str] | None = None,
+        client_key: bytes | str | os.PathLike[str] | None = None,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         if generator is not None and seed is not None:
             raise InvalidArgument("give generator or seed, not both")
@@ -199,7 +216,15 @@ class DataLoader:
         if seed is not None and mode == "independent":
             generator = torch.Generator().manual_seed(seed)
         dev = _device(device)
-        replicas = ReplicaSet(address)  # checks the address's form; connects lazily
+        security = ClientSecurity.create(
+            tls=tls,
+            root_certificates=root_certificates,
+            client_cert=client_cert,
+            client_key=client_key,
+            token=token,
+            credentials=credentials,
+        )
+        replicas = ReplicaSet(address, security)  # checks the address's form; connects lazily
         self.config = LoaderConfig(
             address=replicas.description,
             dataset=dataset,
@@ -231,6 +256,7 @@ class DataLoader:
         self._pool = BufferPool(prefetch_factor + 2, pin=pin)
         self._copier = CudaCopier(dev) if dev is not None else None
         self._segments = SegmentCache(register_with_cuda=dev is not None)
+        self._closed = False
         cleanup.start()
         cleanup.close_at_exit(self)
 
@@ -411,6 +437,7 @@ class DataLoader:
     def close(self) -> None:
         """End any iteration and release the connection and buffers. Idempotent; it
         waits a few seconds at most (the server gets the slots back first)."""
+        self._closed = True
         cleanup.forget_at_exit(self)
         if self._active is not None:
             self._active.close()
@@ -427,8 +454,10 @@ class DataLoader:
 
     def __del__(self) -> None:
         # Dropped without close(): a finalizer must not wait, so hand the clean-up over.
-        if getattr(self, "_replicas", None) is not None:
-            cleanup.later(self.close)
+        # (At interpreter exit the atexit hook has closed it already.)
+        if not getattr(self, "_closed", True):
+            with contextlib.suppress(Exception):  # module globals may be gone at shutdown
+                cleanup.later(self.close)
 
 
 class _Iterator:
@@ -453,6 +482,8 @@ class _Iterator:
         self._first: list[int] = []  # per replica: the first batch its stream sends
         self._ended = [False] * count
         self._turn = 0
+        # Dynamic mode: per replica, the positions this loader took (told to a restarted server).
+        self._taken = [bytearray(0) for _ in range(count)]
         try:
             for r in range(count):
                 self._streams.append(self._open(r, self.yielded, loader.config.timeout))
@@ -491,11 +522,13 @@ class _Iterator:
                 seed=loader.seed,
                 replica_index=r,
                 num_replicas=loader._replicas.size,
+                taken=bytes(self._taken[r]) if self._dynamic else b"",
             ),
             pool=loader._pool,
             copier=self._copier,
             segments=loader._segments if shm else None,
             timeout=timeout,
+            metadata=loader._replicas.security.metadata,
         )
 
     def _where(self, r: int) -> str:
@@ -517,11 +550,11 @@ class _Iterator:
                     f"(epoch {self.epoch}, after batch {self.yielded})"
                 ) from cause
             try:
-                before = self._loader._replicas.replicas[r]
                 found = self._loader._replicas.refresh(r, remaining)
                 if found is not None:
-                    if found is not before and self._loader._use_shm is not None:
-                        # Found elsewhere (a rescheduled pod): same host or not, decide again.
+                    if self._loader._use_shm is not None:
+                        # A restarted server has a new ring, and a rescheduled pod may be on
+                        # another host: decide the transport again.
                         self._loader._use_shm[r] = self._loader._shm_visible(found)
                     self._streams[r] = self._open(r, self.yielded, remaining)
                     self._first[r] = int(self._streams[r].start.first_batch)
@@ -539,6 +572,16 @@ class _Iterator:
                 return self._streams[r].next(wait)
             except ServerUnavailable as exc:
                 self._reconnect(r, exc)
+            except BatchTimeout as exc:
+                # Nothing for ``timeout``: a slow server, or a dead link that keepalive has
+                # not reported yet. Tell them apart with one quick question.
+                if self._loader._replicas.refresh(r, _ALIVE_CHECK) is None:
+                    timeout = self._loader.config.timeout
+                    raise ServerUnavailable(
+                        f"{self._where(r)} unreachable: no batch within timeout={timeout}s and no answer "
+                        f"since (epoch {self.epoch}, after batch {self.yielded})"
+                    ) from exc
+                raise
 
     def __iter__(self) -> _Iterator:
         return self
@@ -596,6 +639,7 @@ class _Iterator:
                     self._ended[r] = True
                     break
                 assert isinstance(item, Batch)
+                self._mark_taken(r, item.index // len(self._streams))
                 return item
             else:
                 if time.monotonic() >= deadline:
@@ -603,6 +647,12 @@ class _Iterator:
                         f"no batch from any of {len(live)} replicas within "
                         f"timeout={self._loader.config.timeout}s"
                     )
+
+    def _mark_taken(self, r: int, position: int) -> None:
+        bitmap = self._taken[r]
+        if len(bitmap) <= position // 8:
+            bitmap.extend(bytes(position // 8 + 1 - len(bitmap)))
+        bitmap[position // 8] |= 1 << (position % 8)
 
     def __len__(self) -> int:
         return len(self._loader)
@@ -613,8 +663,9 @@ class _Iterator:
 
     def __del__(self) -> None:
         # A finalizer must not wait: the streams close on the clean-up thread.
-        for stream in getattr(self, "_streams", ()):
-            stream.close_soon()
+        with contextlib.suppress(Exception):  # module globals may be gone at shutdown
+            for stream in getattr(self, "_streams", ()):
+                stream.close_soon()
 
 
 def _state(raw: bytes) -> torch.Tensor:

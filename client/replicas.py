@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -32,6 +32,7 @@ from batchferry.errors import (
     ServerUnavailable,
     from_rpc_error,
 )
+from batchferry.security import ClientSecurity
 from batchferry.v1 import loader_pb2 as _pb2
 
 __all__ = ["Replica", "ReplicaSet", "parse_address", "resolve"]
@@ -117,9 +118,14 @@ def resolve(name: str, port: int, timeout: float = _RESOLVE_TIMEOUT) -> list[str
 class ReplicaSet:
     """Finds, checks and keeps the channels of all replicas behind one loader address."""
 
-    def __init__(self, address: str | Sequence[str]) -> None:
+    def __init__(self, address: str | Sequence[str], security: ClientSecurity | None = None) -> None:
         self._static, self._dns = parse_address(address)
         self.description = f"dns:///{self._dns[0]}:{self._dns[1]}" if self._dns else ", ".join(self._static)
+        security = security or ClientSecurity()
+        if security.tls and self._dns and not security.server_name:
+            # Pods are reached by address; their certificate names the service.
+            security = replace(security, server_name=self._dns[0])
+        self.security = security
         self._channels: dict[str, grpc.Channel] = {}
         self.replicas: list[Replica] = []
 
@@ -130,7 +136,7 @@ class ReplicaSet:
     def _channel(self, target: str) -> grpc.Channel:
         channel = self._channels.get(target)
         if channel is None:
-            channel = self._channels[target] = grpc.insecure_channel(target, options=wire.CHANNEL_OPTIONS)
+            channel = self._channels[target] = self.security.channel(target)
         return channel
 
     def _targets(self) -> list[str]:
@@ -143,7 +149,9 @@ class ReplicaSet:
             stub = self._channel(target).unary_unary(
                 wire.LIST_DATASETS, request_serializer=None, response_deserializer=None
             )
-            calls[target] = stub.future(b"", timeout=max(timeout, 0.01), wait_for_ready=True)
+            calls[target] = stub.future(
+                b"", timeout=max(timeout, 0.01), wait_for_ready=True, metadata=self.security.metadata
+            )
         answers: dict[str, _Answer] = {}
         for target, call in calls.items():
             try:
@@ -226,13 +234,16 @@ class ReplicaSet:
         return replicas
 
     def refresh(self, index: int, timeout: float) -> Replica | None:
-        """After replica ``index`` was lost: with a DNS name, find where it is now (None
-        if nowhere yet). A static address keeps its channel, which reconnects by itself."""
-        if not self._dns:
-            return self.replicas[index]
+        """After replica ``index`` was lost: where it is now and what it says of itself
+        (None if it does not answer yet). With a DNS name the pod may have moved; a
+        static address is asked again (a restarted server has a new shared-memory ring)."""
         known = {r.address for r in self.replicas if r.index != index}
-        fresh = [t for t in self._targets() if t not in known]
+        fresh = (
+            [t for t in self._targets() if t not in known] if self._dns else [self.replicas[index].address]
+        )
         for target, answer in self._ask(fresh, min(timeout, _RESOLVE_EVERY)).items():
+            if isinstance(answer, BatchferryError) and not isinstance(answer, ServerUnavailable):
+                raise answer  # it answers, and refuses (a token no longer accepted, say)
             if isinstance(answer, _pb2.ListDatasetsResponse) and int(answer.replica_index) == index:
                 old = self.replicas[index].address
                 self.replicas[index] = Replica(index, target, self._channel(target), answer)

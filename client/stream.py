@@ -86,6 +86,7 @@ class EpochStream:
         copier: CudaCopier | None,
         segments: SegmentCache | None,
         timeout: float,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self._pool = pool
         self._copier = copier
@@ -112,7 +113,7 @@ class EpochStream:
         self._step = 0
         self._viewed_lock = threading.Lock()
         call = channel.stream_stream(wire.STREAM_BATCHES, request_serializer=None, response_deserializer=None)
-        self._call = call(iter(self._requests.get, None), wait_for_ready=True)
+        self._call = call(iter(self._requests.get, None), wait_for_ready=True, metadata=metadata)
         self._thread = threading.Thread(target=self._receive, name="batchferry-receiver", daemon=True)
         self._thread.start()
         self.start = self._take_start()
@@ -225,20 +226,21 @@ class EpochStream:
     def _settle(self, *, kept_after: int | None) -> None:
         """Release the slots of dropped batches. Batches still viewed that were handed out
         ``kept_after`` or more steps ago (None: none) are copied out, and their slots released."""
+        dropped = set()
+        while True:
+            try:
+                dropped.add(self._dropped.get_nowait())
+            except queue.Empty:
+                break
         with self._viewed_lock:
-            while True:
-                try:
-                    index = self._dropped.get_nowait()
-                except queue.Empty:
-                    break
+            if kept_after is not None:
+                for index, viewed in sorted(self._viewed.items()):
+                    if index not in dropped and 0 <= viewed.handed <= self._step - kept_after:
+                        del self._viewed[index]
+                        self._let_go(index, viewed)
+            for index in sorted(dropped):  # oldest first
                 if self._viewed.pop(index, None) is not None:
                     self._release(index)
-            if kept_after is None:
-                return
-            for index, viewed in list(self._viewed.items()):
-                if 0 <= viewed.handed <= self._step - kept_after:
-                    del self._viewed[index]
-                    self._let_go(index, viewed)
 
     def _let_go(self, index: int, viewed: _Viewed) -> None:
         """A batch the caller keeps: copy it out in place, or hand the slot over (detach)."""

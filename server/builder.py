@@ -15,7 +15,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import grpc
-import numpy as np
+
+from batchferry.sampling import EpochOrder
 
 from .plan import Plan
 from .ring import Lease, RingExhausted, SlotRing
@@ -66,21 +67,27 @@ class Builder:
     def __init__(
         self,
         plan: Plan,
+        order: EpochOrder,
         ring: SlotRing,
         pool: WorkerPool,
         counters: Counters,
         active: Callable[[], bool],
         *,
         min_bytes: int,
+        max_bytes: int,
         acquire_timeout: float,
+        ticket: tuple[int, int] = (0, 0),
         on_built: Callable[[], None] | None = None,
     ) -> None:
+        self._ticket = ticket
         self._plan = plan
+        self._order = order
         self._ring = ring
         self._pool = pool
         self._counters = counters
         self._active = active
         self._acquire_timeout = acquire_timeout
+        self._max_bytes = max_bytes
         self._on_built = on_built
         # Slots are sized for a typical batch up front; one that outgrows its slot
         # reports its size, and later builds ask for at least that.
@@ -106,8 +113,16 @@ class Builder:
                 "other streams hold them",
             )
         plan = self._plan
-        indices = plan.order.batch(index, plan.batch_size).numpy().astype(np.int64, copy=False)
-        task = Task(plan.dataset, indices, plan.collate, lease.name, lease.capacity)
+        indices = self._order.batch(index, plan.batch_size).numpy()
+        task = Task(
+            plan.dataset,
+            indices,
+            plan.collate,
+            lease.name,
+            lease.capacity,
+            limit=self._max_bytes,
+            ticket=self._ticket,
+        )
         try:
             future = self._pool.submit(task)
         except RuntimeError as exc:  # the pool is closing
@@ -127,8 +142,18 @@ class Builder:
             if result.status == "ok":
                 return Built(build.index, build.lease, result.layout)
             build.lease.release()  # the worker is done with it
+            if result.status == "cancelled":
+                # Started by a stream that has ended (shared mode): build it for this one.
+                build = self._restart(build.index)
+                continue
             if result.status == "error":
-                raise dataset_failed(self._plan.dataset, build.index, result.error)
+                raise dataset_failed(self._plan.dataset, build.index, result.error, result.detail)
+            if result.needed > self._max_bytes:
+                raise Abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"batch {build.index} needs at least {result.needed} bytes, above the server's "
+                    f"max_batch_bytes={self._max_bytes}; use a smaller batch_size",
+                )
             self.min_bytes = max(self.min_bytes, result.needed)
             build = self._restart(build.index)
 

@@ -48,6 +48,7 @@ __all__ = [
     "ServerConfig",
     "describe_setting",
     "format_size",
+    "has_flag",
     "load_settings",
     "local_target",
     "parse_size",
@@ -87,12 +88,13 @@ def parse_size(value: str | int) -> int:
         raise ValueError(f"must be a size (bytes, or e.g. '4GiB'), got {value!r}") from None
 
 
-def _setting(default: Any, help: str, *, parse: Callable[[Any], Any] | None = None) -> Any:
+def _setting(default: Any, help: str, *, parse: Callable[[Any], Any] | None = None, flag: bool = True) -> Any:
     """A ServerConfig field: its default, its help text and (if not by type) its parser.
 
-    The CLI flags, environment variables and file keys are generated from these.
+    The CLI flags, environment variables and file keys are generated from these;
+    ``flag=False`` keeps a secret off the command line (where any user sees it).
     """
-    return field(default=default, metadata={"help": help, "parse": parse})
+    return field(default=default, metadata={"help": help, "parse": parse, "flag": flag})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,17 +112,39 @@ class ServerConfig:
         wire.DEFAULT_CHUNK_BYTES, "byte-stream chunk size, e.g. 4MiB", parse=parse_size
     )
     max_streams: int = _setting(64, "concurrent batch streams")
+    max_streams_per_peer: int = _setting(
+        16, "concurrent batch streams of one client (its token, certificate or IP address)"
+    )
+    stream_idle_s: float = _setting(
+        300.0, "end a stream whose client sent nothing this long while the stream waits on it"
+    )
+    max_batch_bytes: int = _setting(1 << 30, "largest batch the server builds, e.g. 1GiB", parse=parse_size)
+    max_index_bytes: int = _setting(
+        2 << 30, "memory for epoch orders (shuffled permutations) of all streams together", parse=parse_size
+    )
     job_idle_s: float = _setting(300.0, "forget a job (its settings no longer bind) after this long unused")
     slot_timeout_s: float = _setting(
         60.0, "how long a stream waits for a free shared-memory slot before RESOURCE_EXHAUSTED"
     )
     linger_s: float = _setting(
-        30.0, "how long a slot sent to a client whose stream ended abnormally keeps its name"
+        5.0, "how long slots sent to a client whose stream the server ended keep their names"
     )
     replica_index: int = _setting(
         0, "this replica's index (default: the StatefulSet ordinal of the host name when num_replicas > 1)"
     )
     num_replicas: int = _setting(1, "replicas sharing each epoch: replica i serves the batches b % R == i")
+    tls_cert: str = _setting("", "PEM certificate (chain) of the server: serve over TLS")
+    tls_key: str = _setting("", "PEM private key of tls_cert")
+    tls_client_ca: str = _setting("", "PEM CA bundle: clients must present a certificate it signed (mTLS)")
+    token_file: str = _setting(
+        "", "file of accepted bearer tokens, one per line, read again when it changes (rotation)"
+    )
+    tokens: str = _setting(
+        "", "accepted bearer tokens, comma-separated (environment or file only)", flag=False
+    )
+    health_port: int = _setting(
+        0, "also answer grpc.health.v1 in plaintext on this port (for probes that speak no TLS); 0: off"
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -137,7 +161,18 @@ class ServerConfig:
             )
         if self.max_streams < 1:
             raise ValueError(f"max_streams must be >= 1, got {self.max_streams}")
-        for name in ("job_idle_s", "slot_timeout_s", "linger_s"):
+        if self.max_streams_per_peer < 1:
+            raise ValueError(f"max_streams_per_peer must be >= 1, got {self.max_streams_per_peer}")
+        for name in ("max_batch_bytes", "max_index_bytes"):
+            if getattr(self, name) < 1 << 20:
+                raise ValueError(f"{name} must be at least 1 MiB, got {getattr(self, name)}")
+        if not 0 <= self.health_port <= 65535:
+            raise ValueError(f"health_port must be in [0, 65535], got {self.health_port}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: give both")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key (mutual TLS runs over TLS)")
+        for name in ("job_idle_s", "slot_timeout_s", "linger_s", "stream_idle_s"):
             value = getattr(self, name)
             if not 0 < value < float("inf"):
                 raise ValueError(f"{name} must be > 0 seconds, got {value}")
@@ -237,8 +272,8 @@ KEYS: dict[str, Callable[[Any], Any]] = {
     "log_level": _log_level,
     **_SERVER_KEYS,
 }
-# `batchferry serve` listens on every interface; the Python Server defaults to loopback.
-SERVE_DEFAULTS: dict[str, Any] = {"host": "0.0.0.0", "log_level": "INFO"}
+# Both `batchferry serve` and the Python Server listen on loopback unless told otherwise.
+SERVE_DEFAULTS: dict[str, Any] = {"log_level": "INFO"}
 # Help for the settings that are not ServerConfig fields.
 _HELP = {
     "datasets": "NAME=SPEC: npy:PATH[,labels=PATH] | synthetic:n=N,shape=AxB,... | "
@@ -254,9 +289,17 @@ def describe_setting(key: str) -> str:
     if field_ is None:
         return _HELP[key]
     default = SERVE_DEFAULTS.get(key, field_.default)
-    if key in ("shm_bytes", "chunk_bytes"):
+    if field_.metadata["parse"] is parse_size:
         default = format_size(default)
+    if default == "":
+        return str(field_.metadata["help"])
     return f"{field_.metadata['help']} (default {default})"
+
+
+def has_flag(key: str) -> bool:
+    """Whether ``batchferry serve`` takes ``key`` as a flag (secrets do not)."""
+    field_ = next((f for f in fields(ServerConfig) if f.name == key), None)
+    return field_ is None or bool(field_.metadata["flag"])
 
 
 def format_size(n: int) -> str:
@@ -306,17 +349,21 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 
 def local_target(environ: Mapping[str, str] | None = None) -> str:
-    """Where this host's server listens, for ``batchferry health`` without a target
-    (container HEALTHCHECK): the port from BATCHFERRY_PORT, else from the config file
-    BATCHFERRY_CONFIG names, else the default."""
+    """Where this host's server answers health checks, for ``batchferry health`` without a
+    target (container HEALTHCHECK): its plaintext health_port if it has one, else its port;
+    each from BATCHFERRY_*, else the config file BATCHFERRY_CONFIG names, else the default."""
     env = os.environ if environ is None else environ
-    port: Any = env.get(env_name("port"))
-    if port is None and env.get(env_name("config")):
-        port = _read_file(Path(env[env_name("config")])).get("port")
-    try:
-        return f"127.0.0.1:{_integer(port) if port is not None else ServerConfig.port}"
-    except ValueError as exc:
-        raise ConfigError(f"port for the health check: {exc}") from None
+    file = _read_file(Path(env[env_name("config")])) if env.get(env_name("config")) else {}
+
+    def setting(key: str, default: int) -> int:
+        raw: Any = env.get(env_name(key), file.get(key))
+        try:
+            return _integer(raw) if raw is not None else default
+        except ValueError as exc:
+            raise ConfigError(f"{key} for the health check: {exc}") from None
+
+    health = setting("health_port", 0)
+    return f"127.0.0.1:{health or setting('port', ServerConfig.port)}"
 
 
 def statefulset_ordinal(hostname: str) -> int | None:

@@ -25,6 +25,8 @@ from batchferry.v1 import loader_pb2 as _pb2
 __all__ = ["ClientMessages", "Held"]
 
 _WAIT = 0.2  # seconds between looks at the call's liveness while blocked
+_MAX_CREDIT = 1 << 20  # batches one credit message may grant
+_OPEN_S = 10.0  # a client sends its open message at once: a stream that does not is refused
 
 
 class Held(Protocol):
@@ -36,19 +38,27 @@ class Held(Protocol):
 
 
 class ClientMessages:
-    def __init__(
-        self,
-        requests: Iterator[bytes],
-        initial: int,
-        on_credit: Callable[[int], None] | None = None,
-    ) -> None:
+    """The client's side of one stream: its open message, then credits and releases.
+
+    ``idle_s``: a client that sends nothing for this long while the stream waits on
+    it (no open message yet, or no credit) is taken for gone (:attr:`idle`).
+    """
+
+    def __init__(self, requests: Iterator[bytes], idle_s: float, open_s: float | None = None) -> None:
         self._requests = requests
-        self.on_credit = on_credit
+        self._idle_s = idle_s
+        self._open_s = min(idle_s, _OPEN_S) if open_s is None else open_s
+        self._heard = time.monotonic()
+        self.idle = False
+        self._open: _pb2.OpenStream | None = None
+        # Called with the total granted whenever a credit arrives (on the reader thread).
+        self.on_credit: list[Callable[[int], None]] = []
         self._cond = threading.Condition()
-        self.granted = initial
+        self.granted = 0
         self._held: dict[int, Held] = {}
         self.error: str | None = None
         self.stopped = False  # the client wants no more batches (then an end frame)
+        self.cancelled = False  # the client cancelled the call, or its process or link died
         self.ended = False  # the client half-closed, cancelled or went away
         self._thread = threading.Thread(target=self._run, name="batchferry-client-messages", daemon=True)
         self._thread.start()
@@ -56,15 +66,22 @@ class ClientMessages:
     def _run(self) -> None:
         try:
             for raw in self._requests:
+                self._heard = time.monotonic()
                 msg = wire.parse(_pb2.ClientMessage, raw)
                 kind = msg.WhichOneof("kind")
-                if kind == "credit" and msg.credit.batches >= 1:
+                if self._open is None:
+                    if kind != "open":
+                        raise ValueError("the first message of a stream must be 'open'")
+                    with self._cond:
+                        self._open = msg.open
+                        self._cond.notify_all()
+                elif kind == "credit" and 1 <= msg.credit.batches <= _MAX_CREDIT:
                     with self._cond:
                         self.granted += msg.credit.batches
                         granted = self.granted
                         self._cond.notify_all()
-                    if self.on_credit is not None:
-                        self.on_credit(granted)
+                    for callback in self.on_credit:
+                        callback(granted)
                 elif kind == "release":
                     self._take(msg.release.index).release()
                 elif kind == "detach":
@@ -75,16 +92,42 @@ class ClientMessages:
                         self._cond.notify_all()
                 else:
                     raise ValueError(
-                        "after open, the client may only send credit (batches >= 1), release, detach "
-                        "and stop messages"
+                        f"after open, the client may only send credit (batches in [1, {_MAX_CREDIT}]), "
+                        "release, detach and stop messages"
                     )
         except ValueError as exc:
             self.error = str(exc)
-        except Exception:  # the call was cancelled or the peer went away
-            pass
+        except Exception:  # the client cancelled the call or went away
+            self.cancelled = True
         with self._cond:
             self.ended = True
             self._cond.notify_all()
+
+    def open_message(self) -> _pb2.OpenStream:
+        """The stream's open message, waited for up to ``idle_s``; ValueError naming the problem."""
+        with self._cond:
+            while self._open is None:
+                if self.error is not None:
+                    raise ValueError(self.error)
+                if self.ended:
+                    raise ValueError("stream ended before an open message")
+                if time.monotonic() - self._heard > self._open_s:
+                    self.idle = True
+                    raise ValueError(f"no open message within {self._open_s:g}s")
+                self._cond.wait(_WAIT)
+            return self._open
+
+    def start(self, credits: int) -> None:
+        """The open message's credits: batches the server may send before more are granted."""
+        with self._cond:
+            self.granted += credits
+            self._cond.notify_all()
+
+    @property
+    def held(self) -> int:
+        """Slots the client holds now."""
+        with self._cond:
+            return len(self._held)
 
     def hold(self, index: int, held: Held) -> None:
         with self._cond:
@@ -101,7 +144,7 @@ class ClientMessages:
     @property
     def open(self) -> bool:
         """The client still wants batches."""
-        return self.error is None and not self.ended and not self.stopped
+        return self.error is None and not self.ended and not self.stopped and not self.idle
 
     def wait_for(self, sent: int, active: Callable[[], bool]) -> bool:
         """Block until a send is allowed (granted > sent); False when the call is over
@@ -110,8 +153,16 @@ class ClientMessages:
             while self.granted <= sent or self.stopped:
                 if self.error is not None or self.ended or self.stopped or not active():
                     return False
+                if self.quiet():
+                    return False
                 self._cond.wait(_WAIT)
             return True
+
+    def quiet(self) -> bool:
+        """True (and :attr:`idle` set) once the client has said nothing for ``idle_s``."""
+        if time.monotonic() - self._heard > self._idle_s:
+            self.idle = True
+        return self.idle
 
     def wait_released(self, timeout: float, active: Callable[[], bool]) -> None:
         """Until the client released every slot, half-closed, or ``timeout`` passed."""
@@ -120,10 +171,20 @@ class ClientMessages:
             while self._held and not self.ended and active() and time.monotonic() < deadline:
                 self._cond.wait(_WAIT)
 
-    def close(self) -> None:
-        """At stream end: abandon what the client never released; stop reading."""
+    def close(self, client_gone: bool = False) -> None:
+        """At stream end: what the client never released may still back its batches.
+
+        A client that cancelled (or died) reads no more frames, so it maps no slot it
+        has not mapped already: those slots leave the ring at once, and their memory
+        counts while it still maps them. Otherwise (the server ended the stream) the
+        client may still be reading the frames before the end: the slots keep their
+        names for a while (LINGERING), never reused.
+        """
         with self._cond:
             held, self._held = list(self._held.values()), {}
         for h in held:
-            h.abandon()
+            if self.cancelled or client_gone:
+                h.detach()
+            else:
+                h.abandon()
         # The reader thread ends with the call and owns nothing to wait for.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from batchferry import sampling
 from batchferry.v1 import loader_pb2 as _pb2
 
@@ -29,12 +31,20 @@ def shm_frame(index: int, layout: bytes, lease: Lease) -> bytes:
     return _pb2.ServerFrame(batch=header).SerializeToString()
 
 
-def byte_frames(index: int, layout: bytes, lease: Lease, chunk: int) -> list[bytes]:
-    """Byte stream: the header, then the payload in raw chunks (the slot may be reused after)."""
+def byte_frames(
+    index: int, layout: bytes, lease: Lease, chunk: int, done: Callable[[], None]
+) -> Iterator[bytes]:
+    """Byte stream: the header, then the payload in raw chunks; ``done()`` once the last
+    chunk is out (or the stream ends first). Chunks are copied as gRPC takes them, so a
+    stream holds one chunk in server memory, not a whole batch."""
     parsed = _pb2.Layout.FromString(layout)
     size = parsed.payload_bytes
-    # The only copy on the server: slot -> message bytes (gRPC needs bytes objects).
-    with memoryview(lease.segment.mapping) as view:
-        chunks = [bytes(view[o : min(o + chunk, size)]) for o in range(0, size, chunk)]
-    header = _pb2.ServerFrame(batch=_pb2.BatchHeader(index=index, layout=parsed, num_chunks=len(chunks)))
-    return [header.SerializeToString(), *chunks]
+    try:
+        header = _pb2.BatchHeader(index=index, layout=parsed, num_chunks=-(-size // chunk))
+        yield _pb2.ServerFrame(batch=header).SerializeToString()
+        payload = lease.segment.array(size)
+        for offset in range(0, size, chunk):
+            # The only copy on the server: slot -> message bytes (gRPC needs bytes objects).
+            yield payload[offset : offset + chunk].tobytes()
+    finally:
+        done()

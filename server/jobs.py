@@ -52,6 +52,7 @@ class Consumer:
     epoch: int
     sent: int = 0
     total: int = 0
+    taken: int = 0  # batches the consumer has taken into its training loop
 
 
 class EpochState:

@@ -15,9 +15,11 @@ from batchferry.v1 import loader_pb2 as _pb2
 from .jobs import JobSettings
 from .status import Abort, invalid
 
-__all__ = ["MAX_CREDITS", "MODE_NAMES", "Catalog", "Plan", "plan"]
+__all__ = ["MAX_CREDITS", "MAX_WORLD_SIZE", "MODE_NAMES", "Catalog", "Plan", "plan"]
 
 MAX_CREDITS = 64
+MAX_WORLD_SIZE = 1 << 16
+MAX_NAME = 256  # characters in a dataset, collate or job name
 MODE_NAMES: dict[int, str] = {
     _pb2.MODE_INDEPENDENT: "independent",
     _pb2.MODE_SHARDED: "sharded",
@@ -46,8 +48,15 @@ class Plan:
     start_batch: int
     credits: int
     chunk_bytes: int
-    order: sampling.EpochOrder
     shm: bool
+    # What the epoch's order is made from (server/orders.py makes and shares it).
+    length: int = 0
+    shuffle: bool = False
+    drop_last: bool = False
+    sampler_state: bytes = b""  # independent: the client's generator state
+    seed: int = 0
+    world_size: int = 1
+    taken: bytes = b""  # dynamic: positions this consumer took before (a bitmap)
     mode: int = _pb2.MODE_INDEPENDENT
     job: str = ""
     rank: int = 0
@@ -81,15 +90,23 @@ class Plan:
         return min(position * self.replicas + self.replica, self.num_batches)
 
 
+def _shown(name: str) -> str:
+    """A client's string as an error message quotes it: never all of a huge one."""
+    return repr(name) if len(name) <= 64 else repr(name[:61] + "...")
+
+
 def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
     """Check every field of ``req``; the first problem raises an Abort naming it."""
+    for field in ("dataset", "collate", "job"):
+        if len(getattr(req, field)) > MAX_NAME:
+            raise invalid(f"{field}: at most {MAX_NAME} characters, got {len(getattr(req, field))}")
     if not req.dataset:
         raise invalid("dataset: required")
     length = catalog.lengths.get(req.dataset)
     if length is None:
         raise Abort(
             grpc.StatusCode.NOT_FOUND,
-            f"dataset {req.dataset!r} not found; this server has: {', '.join(sorted(catalog.lengths))}",
+            f"dataset {_shown(req.dataset)} not found; this server has: {', '.join(sorted(catalog.lengths))}",
         )
     if req.batch_size < 1:
         raise invalid(f"batch_size must be >= 1, got {req.batch_size}")
@@ -97,7 +114,7 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
     if collate not in catalog.collates:
         raise Abort(
             grpc.StatusCode.NOT_FOUND,
-            f"collate {collate!r} not found; registered: {', '.join(sorted(catalog.collates))}",
+            f"collate {_shown(collate)} not found; registered: {', '.join(sorted(catalog.collates))}",
         )
     if req.epoch < 0:
         raise invalid(f"epoch must be >= 0, got {req.epoch}")
@@ -122,19 +139,21 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
             "(or a dns:/// name that resolves to all of them)",
         )
     settings = None
+    count = length
     if req.mode == _pb2.MODE_INDEPENDENT:
         if req.shuffle and not req.sampler_state:
             raise invalid("sampler_state: required when shuffle is true")
-        try:
-            order = sampling.epoch_order(length, req.shuffle, req.sampler_state)
-        except ValueError as exc:
-            raise invalid(f"sampler_state: {exc}") from None
+        if req.shuffle:
+            try:
+                sampling.generator_from_state(req.sampler_state)
+            except ValueError as exc:
+                raise invalid(f"sampler_state: {exc}") from None
     else:
         mode = MODE_NAMES[req.mode]
         if not req.job:
             raise invalid(f"job: required in {mode} mode")
-        if req.world_size < 1:
-            raise invalid(f"world_size must be >= 1, got {req.world_size}")
+        if not 1 <= req.world_size <= MAX_WORLD_SIZE:
+            raise invalid(f"world_size must be in [1, {MAX_WORLD_SIZE}], got {req.world_size}")
         if not 0 <= req.rank < req.world_size:
             raise invalid(f"rank must be in [0, world_size={req.world_size}), got {req.rank}")
         settings = JobSettings(
@@ -148,16 +167,14 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
             world_size=req.world_size,
         )
         if req.mode == _pb2.MODE_SHARDED:
-            order = sampling.sharded_order(
-                length, req.shuffle, req.seed, req.epoch, req.rank, req.world_size, req.drop_last
-            )
-        else:  # shared and dynamic split the whole epoch among the job's consumers
-            order = sampling.EpochOrder(
-                sampling.seeded_order(length, req.shuffle, req.seed, req.epoch), b"", b""
-            )
-    total = sampling.num_batches(len(order.indices), req.batch_size, req.drop_last)
+            count = sampling.shard_length(length, req.world_size, req.drop_last)
+        # shared and dynamic split the whole epoch among the job's consumers
+    total = sampling.num_batches(count, req.batch_size, req.drop_last)
     if not 0 <= req.start_batch <= total:
         raise invalid(f"start_batch must be in [0, {total}], got {req.start_batch}")
+    local_total = (total - catalog.replica + catalog.replicas - 1) // catalog.replicas
+    if req.taken and (req.mode != _pb2.MODE_DYNAMIC or len(req.taken) > -(-local_total // 8)):
+        raise invalid(f"taken: a bitmap of at most {-(-local_total // 8)} bytes, in dynamic mode only")
     return Plan(
         dataset=req.dataset,
         collate=collate,
@@ -166,8 +183,14 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
         start_batch=req.start_batch,
         credits=req.credits,
         chunk_bytes=chunk,
-        order=order,
         shm=req.transport == _pb2.TRANSPORT_SHM,
+        length=length,
+        shuffle=req.shuffle,
+        drop_last=req.drop_last,
+        sampler_state=req.sampler_state if req.shuffle else b"",
+        seed=req.seed,
+        world_size=max(1, req.world_size),
+        taken=req.taken,
         mode=req.mode,
         job=req.job,
         rank=req.rank,

@@ -135,7 +135,7 @@ class SlotRing:
         *,
         max_slots: int | None = None,
         initial_bytes: int = _ROUND,
-        linger: float = 30.0,
+        linger: float = 5.0,
     ) -> None:
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
@@ -221,9 +221,12 @@ class SlotRing:
             )
         start = time.monotonic()
         deadline = start + timeout
-        with self._cond:
-            while True:
-                if self._closed or cancelled():
+        while True:
+            # ``cancelled`` asks the stream (gRPC's own locks): never under ``_cond``.
+            if cancelled():
+                return None
+            with self._cond:
+                if self._closed:
                     return None
                 self._sweep()
                 slot = self._take(min_bytes, waited=time.monotonic() - start)

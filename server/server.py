@@ -17,6 +17,7 @@ ring, and if the process is killed outright the ring's reaper process does.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import queue
 import resource
@@ -34,10 +35,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from batchferry import cleanup, shm, wire
 
+from .auth import AuthInterceptor, Tokens, server_credentials
 from .collate import CollateFn, SlotCollate, collate_names, get_collate
 from .config import ServerConfig
 from .datasets import DatasetSource, MapDataset, parse_spec
 from .jobs import JobRegistry
+from .orders import Orders
 from .ring import SlotRing
 from .servicer import LoaderService
 from .workers import WorkerPool
@@ -81,6 +84,9 @@ class Server:
         self._pool: WorkerPool | None = None
         self._ring: SlotRing | None = None
         self._grpc: grpc.Server | None = None
+        self._health_grpc: grpc.Server | None = None
+        self._threads: list[_DaemonThreads] = []
+        self.port = self.health_port = 0
         self._health: health.HealthServicer | None = None
         self.service: LoaderService | None = None
         sources: dict[str, DatasetSource] = {}
@@ -99,6 +105,10 @@ class Server:
             if not callable(fn):
                 raise TypeError(f"collate {name!r} must be callable")
             registry[name] = fn
+        cfg = self.config
+        # Settings that read files fail here, naming the setting, before anything starts.
+        credentials = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+        tokens = Tokens(cfg.tokens.split(","), cfg.token_file or None)
         removed = shm.remove_stale()
         if removed:
             log.warning("removed %d shared-memory segment(s) left by a stopped server", len(removed))
@@ -106,11 +116,12 @@ class Server:
         cleanup.start()
         cleanup.close_at_exit(self)
         try:
-            cfg = self.config
             max_slots = 4 * cfg.num_slots
             # Workers keep a mapping per slot; the ring may add slots under load.
             self._pool = WorkerPool(sources, registry, cfg.num_workers, max_slots)
-            self._ring = SlotRing(cfg.num_slots, cfg.shm_bytes, max_slots=max_slots, linger=cfg.linger_s)
+            self._ring = SlotRing(
+                cfg.num_slots, _shm_budget(cfg.shm_bytes), max_slots=max_slots, linger=cfg.linger_s
+            )
             self.jobs = JobRegistry(cfg.job_idle_s)
             self.service = LoaderService(
                 built,
@@ -118,26 +129,30 @@ class Server:
                 self._pool,
                 self._ring,
                 self.jobs,
-                chunk_bytes=cfg.chunk_bytes,
-                max_streams=cfg.max_streams,
-                replica_index=cfg.replica_index,
-                num_replicas=cfg.num_replicas,
-                slot_timeout=cfg.slot_timeout_s,
+                Orders(cfg.max_index_bytes),
+                tokens,
+                cfg,
                 server_id=self.id,
             )
             # Streams are limited by the service itself; the spare threads keep health
             # checks and listings answered while every stream slot is taken.
+            self._threads = [_DaemonThreads(cfg.max_streams + _SPARE_RPCS), _DaemonThreads(_SPARE_RPCS)]
             self._grpc = grpc.server(
-                _DaemonThreads(cfg.max_streams + _SPARE_RPCS),
+                self._threads[0],
                 handlers=[self.service.handlers()],
-                options=wire.CHANNEL_OPTIONS,
+                interceptors=[AuthInterceptor(tokens)] if tokens.enabled else None,
+                options=wire.SERVER_OPTIONS,
                 maximum_concurrent_rpcs=cfg.max_streams + _SPARE_RPCS,
             )
             self._health = health.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-            self.port = self._grpc.add_insecure_port(_join(cfg.host, cfg.port))
-            if self.port == 0:
-                raise OSError(f"could not bind {cfg.host}:{cfg.port}")
+            self.port = _bind(self._grpc, cfg.host, cfg.port, credentials)
+            if cfg.health_port:
+                # Probes that speak no TLS (kubelet's gRPC probe) ask here: health only.
+                self._health_grpc = grpc.server(self._threads[1], maximum_concurrent_rpcs=_SPARE_RPCS)
+                health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_grpc)
+                self.health_port = _bind(self._health_grpc, cfg.host, cfg.health_port, None)
+                self._health_grpc.start()
             self._grpc.start()
             for service in ("", wire.SERVICE):
                 self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -148,6 +163,12 @@ class Server:
         log.info(
             "serving %s on %s with %d worker(s)%s", ", ".join(built), self.address, cfg.num_workers, replica
         )
+        if not _loopback(cfg.host) and credentials is None and not tokens.enabled:
+            log.warning(
+                "listening on %s without TLS or tokens: anyone who can reach it can read every dataset; "
+                "set tls_cert/tls_key and token_file (see the README's Security section)",
+                self.address,
+            )
 
     @property
     def address(self) -> str:
@@ -208,9 +229,13 @@ class Server:
                 self._health = None
             if self.service is not None:
                 self.service.shutdown()  # every stream ends with UNAVAILABLE: clients reconnect
-            if self._grpc is not None:
-                self._grpc.stop(grace).wait(_STOP_TIMEOUT)
-                self._grpc = None
+            for server in (self._grpc, self._health_grpc):
+                if server is not None:
+                    server.stop(grace).wait(_STOP_TIMEOUT)
+            self._grpc = self._health_grpc = None
+            for threads in self._threads:
+                threads.shutdown(wait=False)
+            self._threads = []
             if self._pool is not None:
                 self._pool.close()
                 self._pool = None
@@ -227,9 +252,10 @@ class Server:
         self.close()
 
     def __del__(self) -> None:
-        # A finalizer must not wait: hand the clean-up over.
+        # A finalizer must not wait: hand the clean-up over (at exit, atexit closed it).
         if getattr(self, "_ring", None) is not None:
-            cleanup.later(self.close)
+            with contextlib.suppress(Exception):  # module globals may be gone at shutdown
+                cleanup.later(self.close)
 
 
 class _DaemonThreads(Executor):
@@ -281,6 +307,43 @@ class _DaemonThreads(Executor):
         if wait:
             for thread in self._threads:
                 thread.join(timeout=_STOP_TIMEOUT)
+
+
+def _shm_budget(wanted: int) -> int:
+    """``shm_bytes``, or what /dev/shm can hold if that is less (a container's default is 64 MB)."""
+    try:
+        room = shm.capacity()
+    except OSError:
+        return wanted
+    if wanted > room:
+        log.warning(
+            "shm_bytes=%d is more than /dev/shm holds (%d bytes): using %d; give the container a "
+            "larger /dev/shm (shm_size, or a memory-backed emptyDir) or lower --shm-bytes",
+            wanted, room, room,
+        )  # fmt: skip
+        return room
+    return wanted
+
+
+def _bind(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
+    address = _join(host, port)
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # gRPC raises this when the address is taken or invalid
+        raise OSError(f"could not listen on {address}: {exc}") from None
+    if bound == 0:
+        raise OSError(f"could not listen on {address}")
+    return int(bound)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return bool(ipaddress.ip_address(host.strip("[]")).is_loopback)
+    except ValueError:
+        return host == "localhost"
 
 
 def _join(host: str, port: int) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,12 +27,15 @@ from batchferry.errors import DATASET_ERROR_KEY
 from batchferry.layout import batch_bytes_hint, describe
 from batchferry.v1 import loader_pb2 as _pb2
 
+from .auth import Tokens, identity, is_loopback_peer
 from .builder import Builder, Counters
+from .config import ServerConfig
 from .credits import ClientMessages
 from .datasets import MapDataset
 from .framing import END
 from .jobs import Consumer, Job, JobConflict, JobRegistry
 from .modes import SENDERS
+from .orders import Orders
 from .plan import Catalog, Plan, plan
 from .ring import SlotRing
 from .status import Abort, StreamGone, invalid
@@ -44,6 +48,7 @@ log = logging.getLogger("batchferry.server")
 
 # After the last batch, how long a same-host client may take to release its slots.
 _RELEASE_TIMEOUT = 60.0
+_MIN_SHARE = 4
 
 
 class LoaderService:
@@ -54,39 +59,40 @@ class LoaderService:
         pool: WorkerPool,
         ring: SlotRing,
         jobs: JobRegistry,
+        orders: Orders,
+        tokens: Tokens,
+        config: ServerConfig,
         *,
-        chunk_bytes: int,
-        max_streams: int = 64,
-        replica_index: int = 0,
-        num_replicas: int = 1,
-        slot_timeout: float = 60.0,
         server_id: str = "",
     ) -> None:
         self._pool = pool
         self._ring = ring
         self._jobs = jobs
-        self._slot_timeout = slot_timeout
+        self._orders = orders
+        self._tokens = tokens
+        self._config = config
         self._server_id = server_id
         self.catalog = Catalog(
             lengths={name: len(ds) for name, ds in datasets.items()},
             collates=collates,
-            chunk_bytes=chunk_bytes,
-            replica=replica_index,
-            replicas=num_replicas,
+            chunk_bytes=config.chunk_bytes,
+            replica=config.replica_index,
+            replicas=config.num_replicas,
         )
-        # Counted here rather than by gRPC's maximum_concurrent_rpcs, so that health
-        # checks and listings are still answered while every stream slot is taken.
-        self._stream_slots = threading.BoundedSemaphore(max_streams)
-        self._max_streams = max_streams
+        # Streams are counted here rather than by gRPC's maximum_concurrent_rpcs, so
+        # that health checks and listings are still answered while every slot is taken.
+        self._admission = threading.Lock()
+        self._streams = 0
+        self._per_peer: Counter[str] = Counter()
         self._closing = threading.Event()
         self._samples = {name: _first_sample(ds) for name, ds in datasets.items()}
         self._infos = [
             _pb2.DatasetInfo(
                 name=name,
                 length=len(ds),
-                sample_structure=describe(self._samples[name])
-                if self._samples[name] is not None
-                else "(unavailable)",
+                sample_structure=(
+                    describe(self._samples[name]) if self._samples[name] is not None else "(unavailable)"
+                ),
             )
             for name, ds in sorted(datasets.items())
         ]
@@ -99,6 +105,11 @@ class LoaderService:
     @property
     def batches_gathered(self) -> int:
         return self.counters.gathered
+
+    @property
+    def open_streams(self) -> int:
+        with self._admission:
+            return self._streams
 
     def handlers(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -134,12 +145,19 @@ class LoaderService:
             wire.parse(_pb2.ListJobsRequest, request)
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        # Who trains where is shown to callers who proved who they are (or on this host).
+        show_peers = identity(context, self._tokens)[1] or is_loopback_peer(context)
         infos = []
         for job in self._jobs.jobs():
             with job.cond:
                 consumers = [
                     _pb2.ConsumerInfo(
-                        peer=c.peer, rank=c.rank, epoch=c.epoch, batches_sent=c.sent, num_batches=c.total
+                        peer=c.peer if show_peers else "(hidden)",
+                        rank=c.rank,
+                        epoch=c.epoch,
+                        batches_sent=c.sent,
+                        num_batches=c.total,
+                        batches_taken=c.taken,
                     )
                     for c in job.consumers.values()
                 ]
@@ -159,16 +177,12 @@ class LoaderService:
 
     # -- StreamBatches ----------------------------------------------------------------
     def stream_batches(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        if self._closing.is_set():
-            context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-        if not self._stream_slots.acquire(blocking=False):
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this server already serves max_streams={self._max_streams} streams; "
-                "raise --max-streams or add replicas",
-            )
+        peer = identity(context, self._tokens)[0]
+        refusal = self._admit(peer)
+        if refusal is not None:
+            context.abort(*refusal)
         try:
-            yield from self._stream(requests, context)
+            yield from self._stream(requests, context, peer)
         except StreamGone:
             if self._closing.is_set():
                 context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
@@ -177,11 +191,68 @@ class LoaderService:
                 context.set_trailing_metadata(((DATASET_ERROR_KEY, "1"),))
             context.abort(exc.code, exc.details)
         finally:
-            self._stream_slots.release()
+            with self._admission:
+                self._streams -= 1
+                self._per_peer[peer] -= 1
+                if not self._per_peer[peer]:
+                    del self._per_peer[peer]
 
-    def _stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        the_plan = plan(_open_message(requests), self.catalog)
+    def _admit(self, peer: str) -> tuple[grpc.StatusCode, str] | None:
+        """Take a stream slot for ``peer``, or say why not. The one place streams are counted."""
+        cfg = self._config
+        with self._admission:
+            if self._closing.is_set():
+                return grpc.StatusCode.UNAVAILABLE, "server is shutting down"
+            if self._streams >= cfg.max_streams:
+                return (
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"this server already serves max_streams={cfg.max_streams} streams; "
+                    "raise --max-streams or add replicas",
+                )
+            if self._per_peer[peer] >= cfg.max_streams_per_peer:
+                return (
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"this client ({peer}) already has max_streams_per_peer={cfg.max_streams_per_peer} "
+                    "streams open; close loaders it no longer uses",
+                )
+            self._streams += 1
+            self._per_peer[peer] += 1
+        return None
 
+    def _stream(self, requests: Iterator[bytes], context: grpc.ServicerContext, peer: str) -> Iterator[bytes]:
+        cfg = self._config
+        messages = ClientMessages(requests, cfg.stream_idle_s)
+        try:
+            try:
+                request = messages.open_message()
+            except ValueError as exc:
+                if messages.idle:
+                    raise Abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
+                raise invalid(str(exc)) from None
+            try:
+                the_plan = plan(request, self.catalog)
+            except (Abort, StreamGone):
+                raise
+            except Exception as exc:  # anything plan() did not foresee is still the request's fault
+                log.warning("open message refused by an unforeseen error", exc_info=True)
+                raise invalid(f"open: {type(exc).__name__}: {exc}"[:300]) from None
+            self._check_size(the_plan)
+            order = self._orders.open(the_plan)
+            try:
+                yield from self._run(the_plan, order, messages, context, peer)
+            finally:
+                self._orders.close(order)
+        finally:
+            messages.close(client_gone=not context.is_active())
+
+    def _run(
+        self,
+        the_plan: Plan,
+        order: Any,
+        messages: ClientMessages,
+        context: grpc.ServicerContext,
+        peer: str,
+    ) -> Iterator[bytes]:
         def active() -> bool:
             return not self._closing.is_set() and bool(context.is_active())
 
@@ -190,76 +261,94 @@ class LoaderService:
         if the_plan.settings is not None:
             try:
                 job, consumer = self._jobs.join(
-                    the_plan.job, the_plan.settings, context.peer(), the_plan.rank, the_plan.epoch
+                    the_plan.job, the_plan.settings, peer, the_plan.rank, the_plan.epoch
                 )
             except JobConflict as exc:
                 raise Abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
             consumer.total = the_plan.local_total
             consumer.sent = the_plan.local_start
-        messages = ClientMessages(requests, the_plan.credits)
+            taker = consumer
+            messages.on_credit.append(lambda granted: setattr(taker, "taken", granted - the_plan.credits))
+        messages.start(the_plan.credits)
+        ticket = self._pool.open_stream()
         stream = Stream(
             plan=the_plan,
+            order=order,
             messages=messages,
-            builder=self._builder(the_plan, job, active),
+            builder=self._builder(the_plan, order, job, active, ticket),
             active=active,
             ring_slots=self._ring.target_slots,
+            share=self._share,
             job=job,
             consumer=consumer,
         )
         try:
             complete = yield from SENDERS[the_plan.mode](stream)
-            if messages.error is not None:
-                raise invalid(messages.error)
+            self._check_client(messages)
             if not complete and not messages.stopped:
                 if self._closing.is_set():
                     raise StreamGone
                 return
             yield END
             # Same host: the client releases the last slots, then half-closes.
-            messages.wait_released(_RELEASE_TIMEOUT, active)
-            if messages.error is not None:
-                raise invalid(messages.error)
+            messages.wait_released(min(_RELEASE_TIMEOUT, self._config.stream_idle_s), active)
+            self._check_client(messages)
         finally:
-            messages.close()
+            self._pool.close_stream(ticket)  # its builds not yet started are skipped
             if job is not None and consumer is not None:
                 self._jobs.leave(job, consumer)
 
-    def _builder(self, the_plan: Plan, job: Job | None, active: Any) -> Builder:
+    def _share(self) -> int:
+        """Slots one stream may take now: the ring split among the open streams (at least 4)."""
+        return max(_MIN_SHARE, self._ring.max_slots // max(1, self.open_streams))
+
+    def _check_client(self, messages: ClientMessages) -> None:
+        if messages.error is not None:
+            raise invalid(messages.error)
+        if messages.idle:
+            raise Abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"stream idle: nothing from the client for stream_idle_s={self._config.stream_idle_s:g}s; "
+                "the loader reconnects when it reads again",
+            )
+
+    def _check_size(self, the_plan: Plan) -> None:
+        """Refuse, before any build, a batch the estimate says is larger than max_batch_bytes."""
+        need = self._size_hint(the_plan)
+        if need > self._config.max_batch_bytes:
+            raise Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"a batch of {min(the_plan.batch_size, the_plan.length)} samples of this dataset takes about "
+                f"{need} bytes, above the server's max_batch_bytes={self._config.max_batch_bytes}; "
+                "use a smaller batch_size",
+            )
+
+    def _builder(
+        self, the_plan: Plan, order: Any, job: Job | None, active: Any, ticket: tuple[int, int]
+    ) -> Builder:
         def count_for_job() -> None:
             if job is not None:
                 job.batches_built += 1
 
         return Builder(
             the_plan,
+            order,
             self._ring,
             self._pool,
             self.counters,
             active,
-            min_bytes=self._size_hint(the_plan),
-            acquire_timeout=self._slot_timeout,
+            min_bytes=min(self._size_hint(the_plan), self._ring.max_bytes // self._ring.target_slots),
+            max_bytes=self._config.max_batch_bytes,
+            acquire_timeout=self._config.slot_timeout_s,
+            ticket=ticket,
             on_built=count_for_job,
         )
 
     def _size_hint(self, the_plan: Plan) -> int:
-        """Bytes a typical batch of this stream needs (from sample 0), to size its first slots."""
+        """Bytes a batch of this stream takes, estimated from sample 0 (0 when unreadable)."""
         sample = self._samples.get(the_plan.dataset)
-        rows = min(the_plan.batch_size, self.catalog.lengths[the_plan.dataset])
-        hint = batch_bytes_hint(sample, rows) if sample is not None else 0
-        return min(hint, self._ring.max_bytes // self._ring.target_slots)
-
-
-def _open_message(requests: Iterator[bytes]) -> _pb2.OpenStream:
-    try:
-        first = next(requests)
-    except StopIteration:
-        raise invalid("stream ended before an open message") from None
-    try:
-        msg = wire.parse(_pb2.ClientMessage, first)
-    except ValueError as exc:
-        raise invalid(str(exc)) from None
-    if msg.WhichOneof("kind") != "open":
-        raise invalid("the first message of a stream must be 'open'")
-    return msg.open
+        rows = min(the_plan.batch_size, the_plan.length)
+        return batch_bytes_hint(sample, rows) if sample is not None else 0
 
 
 def _first_sample(ds: MapDataset) -> Any:

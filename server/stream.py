@@ -8,8 +8,10 @@ and waits for the client's releases), or False when the client stopped early.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+
+from batchferry.sampling import EpochOrder
 
 from . import framing
 from .builder import Builder, Built
@@ -19,32 +21,42 @@ from .plan import Plan
 
 __all__ = ["Sender", "Stream"]
 
+_HOLD_MARGIN = 4  # slots a same-host client may hold beyond its credits
+
 
 @dataclass
 class Stream:
     plan: Plan
+    order: EpochOrder
     messages: ClientMessages
     builder: Builder
     active: Callable[[], bool]
     ring_slots: int = 8
+    # This stream's fair share of the ring's slots now (they are split among open streams).
+    share: Callable[[], int] = lambda: 1 << 30
     job: Job | None = None
     consumer: Consumer | None = None
 
     def start_frame(self, position: int) -> bytes:
         """The start frame, naming the first batch this stream sends (its ``position``-th)."""
-        return framing.start_frame(self.plan.num_batches, self.plan.order, self.plan.batch_index(position))
+        return framing.start_frame(self.plan.num_batches, self.order, self.plan.batch_index(position))
 
-    def frames(self, built: Built, held: Held | None = None) -> list[bytes]:
+    def frames(self, built: Built, held: Held | None = None) -> Iterator[bytes]:
         """Frames for a built batch. Same host: the client holds the slot through ``held``
         (the lease itself by default) until it releases it. Byte stream: the bytes are
-        copied out and ``held`` is released at once."""
+        copied out and ``held`` is released at once.
+
+        A same-host client holding more slots than a reading loop needs (its credits,
+        plus the few batches a loop keeps), or than its share of the ring, gets the bytes
+        instead: it cannot starve the ring by never letting go.
+        """
         held = held or built.lease
-        if self.plan.shm:
+        if self.plan.shm and self.messages.held < min(self.plan.credits + _HOLD_MARGIN, self.share()):
             self.messages.hold(built.index, held)
-            return [framing.shm_frame(built.index, built.layout, built.lease)]
-        frames = framing.byte_frames(built.index, built.layout, built.lease, self.plan.chunk_bytes)
-        held.release()
-        return frames
+            return iter([framing.shm_frame(built.index, built.layout, built.lease)])
+        return framing.byte_frames(
+            built.index, built.layout, built.lease, self.plan.chunk_bytes, held.release
+        )
 
     def progress(self, position: int) -> None:
         """For listings: this consumer has been sent its batches before ``position``."""

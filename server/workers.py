@@ -1,8 +1,9 @@
 """Worker processes that fetch samples and collate them into ring slots.
 
-A :class:`WorkerPool` owns N spawned processes, one task queue per worker and one
-result queue. The server hands it a :class:`Task` (which samples, which collate,
-which slot) and gets a ``Future[Result]``. Workers write only into the slot they
+A :class:`WorkerPool` owns N spawned processes, each with its own task queue and
+result pipe (a worker that dies mid-write can block nobody else). The server hands
+it a :class:`Task` (which samples, which collate, which slot) and gets a
+``Future[Result]``. Workers write only into the slot they
 are given and send back the small Layout message, never payload bytes.
 
 With ``num_workers=0`` the same task code runs on one thread of the server
@@ -20,16 +21,19 @@ Lock order: ``WorkerPool._lock`` is a leaf (queue puts do not block).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import logging
 import os
 import queue
+import re
 import signal
 import threading
 import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_objects
 from typing import Any, Literal
 
@@ -44,15 +48,16 @@ from .collate import CollateFn, SlotCollate
 from .datasets import DatasetSource, MapDataset
 from .fetch import Gather, build_batch, gatherer
 
-__all__ = ["MAX_ATTEMPTS", "Result", "Task", "WorkerPool"]
+__all__ = ["MAX_ATTEMPTS", "Result", "Task", "WorkerPool", "short_error"]
 
 log = logging.getLogger("batchferry.server")
 
 MAX_ATTEMPTS = 3  # builds of one task on workers killed by a signal, before it fails
 _READY_TIMEOUT = 120.0
 _POLL = 0.1  # seconds between looks for dead workers and a gone server
-_PRUNE_EVERY = 1.0  # seconds between drops of mappings of slots the ring replaced
+_PRUNE_EVERY = 0.2  # seconds between drops of mappings of slots the ring replaced
 _JOIN = 5.0
+_TICKETS = 4096  # streams whose queued tasks can be cancelled at once
 
 
 @dataclass(frozen=True)
@@ -62,32 +67,43 @@ class Task:
     collate: str
     slot_name: str
     slot_bytes: int
+    limit: int = 1 << 62  # the largest batch to build (bytes)
+    ticket: tuple[int, int] = (0, 0)  # (index, generation) of the stream that wants it
     task_id: int = 0
 
 
 @dataclass(frozen=True)
 class Result:
     task_id: int
-    status: Literal["ok", "overflow", "error"]
+    status: Literal["ok", "overflow", "error", "cancelled"]
     layout: bytes = b""  # serialized Layout, status "ok"
     needed: int = 0  # bytes the batch needs, status "overflow"
-    error: str = ""  # status "error"
+    error: str = ""  # status "error": the exception's type and a short message, for the client
+    detail: str = ""  # status "error": the whole traceback, for the server's log
     gathered: bool = False  # built with one gather per field
 
 
 class _TaskRunner:
-    """Builds batches for one process: its datasets, collates and mapped slots."""
+    """Builds batches for one process: its datasets, collates and mapped slots.
+
+    ``tickets`` holds each open stream's generation: a task whose stream has closed
+    since it was queued is skipped, not built for nobody.
+    """
 
     def __init__(
         self,
         sources: dict[str, DatasetSource],
         collates: dict[str, SlotCollate | CollateFn],
         max_segments: int,
+        tickets: Any,
     ) -> None:
+        self._tickets = tickets
         self._sources = sources
         self._datasets: dict[str, tuple[MapDataset, Gather | None]] = {}
         self._collates = collates
-        self._mappings = shm.Mappings(max_segments)
+        # A shared lock on each mapped slot: the ring counts a slot it retired until this
+        # process lets go of it too (pruned below), so the budget covers this memory.
+        self._mappings = shm.Mappings(max_segments, shared_lock=True)
         self._pruned = time.monotonic()
 
     def dataset(self, name: str) -> tuple[MapDataset, Gather | None]:
@@ -104,22 +120,20 @@ class _TaskRunner:
             self._mappings.prune()
 
     def run(self, task: Task) -> Result:
+        index, generation = task.ticket
+        if index and self._tickets[index] != generation:
+            return Result(task.task_id, "cancelled")
         try:
             ds, gather = self.dataset(task.dataset)
             segment, _ = self._mappings.get(task.slot_name)
-            writer = SlotWriter(segment.tensor(task.slot_bytes))
+            writer = SlotWriter(segment.tensor(task.slot_bytes), limit=task.limit)
             batch, gathered = build_batch(ds, gather, task.indices, self._collates[task.collate], writer)
             layout = encode(batch, writer).SerializeToString()
             return Result(task.task_id, "ok", layout=layout, gathered=gathered)
         except SlotOverflow as exc:
             return Result(task.task_id, "overflow", needed=exc.needed)
         except Exception as exc:
-            where = traceback.extract_tb(exc.__traceback__)[-1]
-            return Result(
-                task.task_id,
-                "error",
-                error=f"{type(exc).__name__}: {exc} (at {os.path.basename(where.filename)}:{where.lineno})",
-            )
+            return Result(task.task_id, "error", error=short_error(exc), detail=traceback.format_exc())
         finally:
             self.prune()
 
@@ -132,26 +146,27 @@ def _worker_main(
     sources: dict[str, DatasetSource],
     collates: dict[str, SlotCollate | CollateFn],
     max_segments: int,
+    tickets: Any,
     tasks: Any,
-    results: Any,
+    results: Connection,
     parent_pid: int,
 ) -> None:
     # One intra-op thread per worker: parallelism comes from the processes.
     torch.set_num_threads(1)
     # Ctrl-C in a terminal reaches the whole process group: the server decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    runner = _TaskRunner(sources, collates, max_segments)
+    runner = _TaskRunner(sources, collates, max_segments, tickets)
     try:
         for name in sources:
             runner.dataset(name)
-        results.put(("ready", index, ""))
+        results.send(("ready", index, ""))
     except Exception as exc:
-        results.put(("failed", index, f"{type(exc).__name__}: {exc}"))
+        results.send(("failed", index, f"{type(exc).__name__}: {exc}"))
         return
     try:
         while True:
             try:
-                task = tasks.get(timeout=_POLL * 5)
+                task = tasks.get(timeout=_PRUNE_EVERY)
             except queue.Empty:
                 if os.getppid() != parent_pid:
                     return  # the server is gone
@@ -159,9 +174,10 @@ def _worker_main(
                 continue
             if task is None:
                 return
-            results.put(runner.run(task))
+            results.send(runner.run(task))
     finally:
         runner.close()
+        results.close()
 
 
 @dataclass
@@ -186,6 +202,7 @@ class WorkerPool:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.num_workers = num_workers
         self.restarts = 0  # workers replaced after dying
+        self.cancelled = 0  # tasks skipped because their stream had ended
         self._sources = sources
         self._collates = collates
         self._max_segments = max_segments
@@ -196,20 +213,26 @@ class WorkerPool:
         self._inline: ThreadPoolExecutor | None = None
         self._inline_runner: _TaskRunner | None = None
         self._ctx = tmp.get_context("spawn")
-        self._results: Any = None
+        # Open streams' generations, shared with the workers (index 0: no stream).
+        self._tickets: Any = self._ctx.RawArray(ctypes.c_uint64, _TICKETS)
+        self._free_tickets = list(range(_TICKETS - 1, 0, -1))
+        self._generations = itertools.count(1)
+        # Per worker: a task queue in, a result pipe out. Nothing is shared between
+        # workers, so one that dies mid-write cannot leave a lock held for the others.
+        self._results: list[Connection] = []
         self._queues: list[Any] = []
         self._procs: list[Any] = []
         self._dispatcher: threading.Thread | None = None
         if num_workers == 0:
-            self._inline_runner = _TaskRunner(sources, collates, max_segments)
+            self._inline_runner = _TaskRunner(sources, collates, max_segments, self._tickets)
             for name in sources:
                 self._inline_runner.dataset(name)
             self._inline = ThreadPoolExecutor(1, thread_name_prefix="batchferry-inline")
             return
-        self._results = self._ctx.Queue()
         try:
             for i in range(num_workers):
                 self._queues.append(self._ctx.Queue())
+                self._results.append(None)  # type: ignore[arg-type]  # _spawn sets it
                 self._procs.append(self._spawn(i))
             self._wait_ready(set(range(num_workers)))
         except BaseException:
@@ -219,6 +242,8 @@ class WorkerPool:
         self._dispatcher.start()
 
     def _spawn(self, index: int) -> Any:
+        """Start worker ``index`` on its task queue, with a fresh result pipe."""
+        reader, writer = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
             target=_worker_main,
             args=(
@@ -226,28 +251,53 @@ class WorkerPool:
                 self._sources,
                 self._collates,
                 self._max_segments,
+                self._tickets,
                 self._queues[index],
-                self._results,
+                writer,
                 os.getpid(),
             ),
             name=f"batchferry-worker-{index}",
             daemon=True,
         )
         proc.start()
+        writer.close()  # the worker holds the only writer: its death closes the pipe
+        self._results[index] = reader
         return proc
 
     def _wait_ready(self, pending: set[int]) -> None:
         deadline = time.monotonic() + _READY_TIMEOUT
         while pending:
-            try:
-                kind, index, message = self._results.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise RuntimeError(
-                    f"worker(s) {sorted(pending)} did not start in {_READY_TIMEOUT:.0f}s"
-                ) from None
-            if kind == "failed":
-                raise RuntimeError(f"worker {index} could not load the datasets: {message}")
-            pending.discard(index)
+            ready = wait_for_objects(
+                [self._results[i] for i in pending], timeout=max(0.0, deadline - time.monotonic())
+            )
+            if not ready:
+                raise RuntimeError(f"worker(s) {sorted(pending)} did not start in {_READY_TIMEOUT:.0f}s")
+            for conn in ready:
+                index = next(i for i in pending if self._results[i] is conn)
+                try:
+                    kind, _, message = self._results[index].recv()
+                except (EOFError, OSError):
+                    kind, message = "failed", f"exited with code {self._procs[index].exitcode}"
+                if kind == "failed":
+                    raise RuntimeError(f"worker {index} could not load the datasets: {message}")
+                pending.discard(index)
+
+    def open_stream(self) -> tuple[int, int]:
+        """A ticket for a stream's tasks (``(0, 0)`` when all are taken: never cancelled)."""
+        with self._lock:
+            if not self._free_tickets:
+                return (0, 0)
+            index, generation = self._free_tickets.pop(), next(self._generations)
+            self._tickets[index] = generation
+            return index, generation
+
+    def close_stream(self, ticket: tuple[int, int]) -> None:
+        """The stream is over: its tasks not yet started are skipped."""
+        index, generation = ticket
+        with self._lock:
+            if index and self._tickets[index] == generation:
+                self._tickets[index] = 0
+                self._free_tickets.append(index)
 
     def worker_pids(self) -> list[int]:
         with self._lock:
@@ -282,36 +332,44 @@ class WorkerPool:
         entry.attempts += 1
         self._queues[entry.worker].put(entry.task)
 
+    @property
+    def pending(self) -> int:
+        """Tasks submitted and not yet done."""
+        with self._lock:
+            return len(self._pending)
+
     def _complete(self, result: Result) -> None:
         with self._lock:
             entry = self._pending.pop(result.task_id, None)
+            self.cancelled += result.status == "cancelled"
         if entry is not None and not entry.future.done():
             entry.future.set_result(result)
 
     def _dispatch(self) -> None:
+        """Collect results from every worker's pipe; replace a worker whose pipe closes."""
         while not self._closed:
-            try:
-                item = self._results.get(timeout=_POLL)
-            except queue.Empty:
-                item = None
-            except (EOFError, OSError, ValueError):
-                return
-            if isinstance(item, Result):
-                self._complete(item)
-            elif isinstance(item, tuple) and item[0] == "failed":
-                log.error("replacement worker %d could not load the datasets: %s", item[1], item[2])
-            self._reap_dead()
-
-    def _reap_dead(self) -> None:
-        sentinels = {p.sentinel: i for i, p in enumerate(self._procs)}
-        for sentinel in wait_for_objects(list(sentinels), timeout=0):
-            index = sentinels[sentinel]
-            self._replace(index)
+            pipes = {id(conn): i for i, conn in enumerate(self._results)}
+            for conn in wait_for_objects(list(self._results), timeout=_POLL):
+                index = pipes[id(conn)]
+                try:
+                    item = self._results[index].recv()
+                except (EOFError, OSError):  # died, perhaps halfway through a message
+                    if not self._closed:
+                        self._replace(index)
+                    continue
+                if isinstance(item, Result):
+                    self._complete(item)
+                elif isinstance(item, tuple) and item[0] == "failed":
+                    log.error("replacement worker %d could not load the datasets: %s", item[1], item[2])
 
     def _replace(self, index: int) -> None:
         old = self._procs[index]
         old.join(timeout=_JOIN)
+        if old.is_alive():  # it closed its pipe but lives on: make it so
+            old.kill()
+            old.join(timeout=_JOIN)
         code = old.exitcode
+        self._results[index].close()
         with self._lock:
             if self._closed:
                 return
@@ -361,10 +419,23 @@ class WorkerPool:
                 proc.join(timeout=_JOIN)
         if self._dispatcher is not None:
             self._dispatcher.join(timeout=_JOIN)
-        for q in [*self._queues, self._results]:
-            if q is not None:
-                q.cancel_join_thread()
-                q.close()
+        for q in self._queues:
+            q.cancel_join_thread()
+            q.close()
+        for conn in self._results:
+            if conn is not None:
+                conn.close()
+
+
+_PATH = re.compile(r"(?<![\w.~])(?:/[^\s'\"/:,;()\[\]]+)+/([^\s'\"/:,;()\[\]]*)")
+_SHORT = 300
+
+
+def short_error(exc: BaseException) -> str:
+    """``Type: message`` for a client: no server paths (a file's name is kept), a few hundred
+    characters at most. The whole traceback goes to the server's log."""
+    text = _PATH.sub(r"\1", f"{type(exc).__name__}: {exc}")
+    return text if len(text) <= _SHORT else text[: _SHORT - 3] + "..."
 
 
 def _death(pid: int, code: int | None) -> str:

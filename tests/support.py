@@ -97,6 +97,19 @@ class Crashing(Dataset[torch.Tensor]):
         return torch.tensor([i])
 
 
+class Filled(Dataset[torch.Tensor]):
+    """Sample i: float32[n] full of i, so a batch's content names the samples in it."""
+
+    def __init__(self, length: int = 200, n: int = 16384) -> None:
+        self.length, self.n = length, n
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.full((self.n,), float(i))
+
+
 class Slow(Dataset[torch.Tensor]):
     """``tensor([i])`` after a short sleep per sample: builds take long enough to be interrupted."""
 

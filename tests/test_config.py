@@ -16,6 +16,7 @@ from batchferry.server.config import (
     ServerConfig,
     flag_name,
     format_size,
+    has_flag,
     load_settings,
     parse_size,
     statefulset_ordinal,
@@ -39,7 +40,8 @@ def _serve_flags() -> list[str]:
 
 def test_every_serve_flag_has_a_file_key_and_an_environment_variable(tmp_path: Path) -> None:
     flags = set(_serve_flags()) - {"--help", "--config"}
-    assert {flag_name(key) for key in KEYS} == flags | {"--log-level"}  # --log-level is the global flag
+    # --log-level is the global flag; secrets have no flag.
+    assert {flag_name(key) for key in KEYS if has_flag(key)} == flags | {"--log-level"}
     text = f"""
         host = "127.0.0.1"
         port = 6000
@@ -76,7 +78,7 @@ def test_flags_win_over_environment_which_wins_over_the_file(tmp_path: Path) -> 
     assert settings.origins["port"] == "flag --port"
     assert settings.origins["num_workers"] == "environment BATCHFERRY_NUM_WORKERS"
     assert settings.origins["max_streams"] == f"config file {path} key 'max_streams'"
-    assert settings.server.host == "0.0.0.0"  # serve listens on every interface by default
+    assert settings.server.host == "127.0.0.1"  # serve listens on loopback unless told otherwise
 
 
 @pytest.mark.parametrize(
@@ -168,4 +170,5 @@ def test_serve_help_states_the_defaults_the_server_uses(capsys: pytest.CaptureFi
         cli.main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert f"(default {format_size(ServerConfig().chunk_bytes)})" in text
-    assert "(default 4GiB)" in text and "(default 0.0.0.0)" in text
+    assert "(default 4GiB)" in text and "(default 127.0.0.1)" in text
+    assert "--tokens" not in text  # secrets stay off the command line

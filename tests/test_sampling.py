@@ -74,10 +74,7 @@ def test_replicas_split_every_epoch_exactly_once(batches: int, replicas: int, da
     start = data.draw(st.integers(0, batches))
     owned: list[int] = []
     for r in range(replicas):
-        order = sampling.EpochOrder(torch.arange(0), b"", b"")
-        plan = Plan(
-            "d", "default", 1, batches, start, 1, 1 << 20, order, shm=False, replica=r, replicas=replicas
-        )
+        plan = Plan("d", "default", 1, batches, start, 1, 1 << 20, shm=False, replica=r, replicas=replicas)
         mine = [plan.batch_index(p) for p in range(plan.local_start, plan.local_total)]
         assert all(b % replicas == r for b in mine)
         assert all(plan.local(b) == p for p, b in enumerate(mine, plan.local_start))

@@ -65,18 +65,20 @@ class ListJobsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ConsumerInfo(_message.Message):
-    __slots__ = ("peer", "rank", "epoch", "batches_sent", "num_batches")
+    __slots__ = ("peer", "rank", "epoch", "batches_sent", "num_batches", "batches_taken")
     PEER_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     BATCHES_SENT_FIELD_NUMBER: _ClassVar[int]
     NUM_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_TAKEN_FIELD_NUMBER: _ClassVar[int]
     peer: str
     rank: int
     epoch: int
     batches_sent: int
     num_batches: int
-    def __init__(self, peer: _Optional[str] = ..., rank: _Optional[int] = ..., epoch: _Optional[int] = ..., batches_sent: _Optional[int] = ..., num_batches: _Optional[int] = ...) -> None: ...
+    batches_taken: int
+    def __init__(self, peer: _Optional[str] = ..., rank: _Optional[int] = ..., epoch: _Optional[int] = ..., batches_sent: _Optional[int] = ..., num_batches: _Optional[int] = ..., batches_taken: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
     __slots__ = ("name", "mode", "dataset", "batch_size", "world_size", "consumers", "batches_built")
@@ -191,7 +193,7 @@ class Layout(_message.Message):
     def __init__(self, root: _Optional[_Union[Node, _Mapping]] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class OpenStream(_message.Message):
-    __slots__ = ("dataset", "batch_size", "shuffle", "sampler_state", "drop_last", "collate", "epoch", "start_batch", "credits", "chunk_bytes", "transport", "mode", "job", "rank", "world_size", "seed", "replica_index", "num_replicas")
+    __slots__ = ("dataset", "batch_size", "shuffle", "sampler_state", "drop_last", "collate", "epoch", "start_batch", "credits", "chunk_bytes", "transport", "mode", "job", "rank", "world_size", "seed", "replica_index", "num_replicas", "taken")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHUFFLE_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +212,7 @@ class OpenStream(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     REPLICA_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    TAKEN_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     batch_size: int
     shuffle: bool
@@ -228,7 +231,8 @@ class OpenStream(_message.Message):
     seed: int
     replica_index: int
     num_replicas: int
-    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., sampler_state: _Optional[bytes] = ..., drop_last: _Optional[bool] = ..., collate: _Optional[str] = ..., epoch: _Optional[int] = ..., start_batch: _Optional[int] = ..., credits: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., seed: _Optional[int] = ..., replica_index: _Optional[int] = ..., num_replicas: _Optional[int] = ...) -> None: ...
+    taken: bytes
+    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., sampler_state: _Optional[bytes] = ..., drop_last: _Optional[bool] = ..., collate: _Optional[str] = ..., epoch: _Optional[int] = ..., start_batch: _Optional[int] = ..., credits: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., seed: _Optional[int] = ..., replica_index: _Optional[int] = ..., num_replicas: _Optional[int] = ..., taken: _Optional[bytes] = ...) -> None: ...
 
 class Credit(_message.Message):
     __slots__ = ("batches",)

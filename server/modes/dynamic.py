@@ -17,6 +17,8 @@ import threading
 from collections import deque
 from collections.abc import Generator
 
+import numpy as np
+
 from batchferry.server.jobs import EpochState
 from batchferry.server.stream import Stream
 
@@ -34,6 +36,7 @@ class DynamicEpoch(EpochState):
         self._next = 0
         self._returned: deque[int] = deque()
         self._taken: dict[int, set[int]] = {}
+        self._done = np.zeros(num_batches, dtype=bool)
         self.done = 0
 
     @property
@@ -44,6 +47,8 @@ class DynamicEpoch(EpochState):
     def take(self, consumer: int) -> int | None:
         """A batch for ``consumer``, or None when none is free now."""
         with self._cond:
+            while self._next < self.num_batches and self._done[self._next]:
+                self._next += 1  # taken before a restart (see mark_done)
             if self._returned:
                 index = self._returned.popleft()
             elif self._next < self.num_batches:
@@ -53,6 +58,19 @@ class DynamicEpoch(EpochState):
                 return None
             self._taken.setdefault(consumer, set()).add(index)
             return index
+
+    def mark_done(self, positions: np.ndarray) -> None:
+        """A reconnecting consumer took these before (from a server that has restarted since)."""
+        with self._cond:
+            if not positions.size:
+                return
+            held = {p for taken in self._taken.values() for p in taken} | set(self._returned)
+            fresh = [
+                int(p) for p in positions if not self._done[p] and int(p) not in held and p >= self._next
+            ]
+            self._done[fresh] = True
+            self.done += len(fresh)
+            self._cond.notify_all()
 
     def give_back(self, consumer: int, index: int) -> None:
         with self._cond:
@@ -66,6 +84,7 @@ class DynamicEpoch(EpochState):
             taken = self._taken.get(consumer, set())
             if index in taken:
                 taken.discard(index)
+                self._done[index] = True
                 self.done += 1
                 self._cond.notify_all()
 
@@ -78,6 +97,11 @@ class DynamicEpoch(EpochState):
             return lost
 
 
+def _positions(bitmap: bytes, total: int) -> np.ndarray:
+    bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")
+    return np.flatnonzero(bits[:total])
+
+
 def send(stream: Stream) -> Generator[bytes, None, bool]:
     plan, messages, builder = stream.plan, stream.messages, stream.builder
     job, consumer = stream.job, stream.consumer
@@ -85,6 +109,7 @@ def send(stream: Stream) -> Generator[bytes, None, bool]:
     work = job.epoch_state(plan.epoch, lambda: DynamicEpoch(plan.local_total, job.cond))
     assert isinstance(work, DynamicEpoch)
     work.join(consumer.id)
+    work.mark_done(_positions(plan.taken, plan.local_total))
     sent: deque[int] = deque()  # positions sent, not yet taken into the client's loop
     acked = sent_count = 0
 
@@ -100,6 +125,8 @@ def send(stream: Stream) -> Generator[bytes, None, bool]:
         while stream.active() and messages.open:
             ack_due()
             if sent_count >= messages.granted:
+                if messages.quiet():
+                    return False
                 work.wait(_POLL)  # no credit: the client has not taken enough batches yet
                 continue
             position = work.take(consumer.id)

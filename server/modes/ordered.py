@@ -2,9 +2,9 @@
 
 The order is the plan's (torch's RandomSampler order, or DistributedSampler's shard
 for this rank). Builds run up to one credit window beyond what the client has
-granted, so they overlap the credit round trip; sends never exceed the grant. A
-stream blocks for a slot only while it has no build in flight: it never waits on
-itself.
+granted (within the stream's share of the ring), so they overlap the credit round
+trip; sends never exceed the grant. A stream blocks for a slot only while it has no
+build in flight: it never waits on itself.
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ def send(stream: Stream) -> Generator[bytes, None, bool]:
     yield stream.start_frame(start)
     try:
         while next_send < total:
-            window = messages.granted - (next_send - start) + plan.credits
+            # Never more than one credit window granted ahead, whatever the client grants,
+            # nor more builds in flight than this stream's share of the ring.
+            granted = min(messages.granted - (next_send - start), plan.credits)
+            window = min(granted + plan.credits, max(1, stream.share()))
             while next_build < total and next_build - next_send < window:
                 build = builder.start(plan.batch_index(next_build), wait=not pending)
                 if build is None:

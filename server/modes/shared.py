@@ -9,7 +9,9 @@ is an entry::
 Whoever needs a STARTED batch first finishes it (waits for the worker, rebuilds it
 in a larger slot if it overflowed); the others wait for that. ``consumed[c]``
 counts the batches consumer ``c`` has taken into its training loop, ``released[c]``
-those whose slot it no longer reads. An entry's slot is let go once every consumer
+the batches before which it reads no slot any more (a client releases out of order:
+one it keeps goes back after later ones, so releases past that prefix wait in
+``_early[c]`` until it closes up). An entry's slot is let go once every consumer
 is past it on both: released to the ring, or abandoned (LINGERING) if a consumer's
 stream ended while holding it, or detached if a consumer keeps the batch. Nobody
 builds beyond ``min(consumed) + window``, so the slowest consumer applies
@@ -72,6 +74,7 @@ class SharedEpoch(EpochState):
         self.window = window
         self.consumed: dict[int, int] = {}
         self.released: dict[int, int] = {}
+        self._early: dict[int, set[int]] = {}  # released past the prefix, per consumer
         self._entries: dict[int, SharedBatch] = {}
         self.completed = False  # some consumer received the whole epoch
 
@@ -91,6 +94,7 @@ class SharedEpoch(EpochState):
             self.join(consumer)
             first = max(start, min(self.consumed.values())) if self.consumed else start
             self.consumed[consumer] = self.released[consumer] = first
+            self._early[consumer] = set()
             return first
 
     def may_build(self, position: int) -> bool:
@@ -167,7 +171,11 @@ class SharedEpoch(EpochState):
             if entry is not None:
                 entry.fate = max(entry.fate, fate)
             if consumer in self.released:
-                self.released[consumer] = max(self.released[consumer], position + 1)
+                early = self._early[consumer]
+                early.add(position)
+                while self.released[consumer] in early:
+                    early.discard(self.released[consumer])
+                    self.released[consumer] += 1
             self._collect()
 
     def consume(self, consumer: int, upto: int) -> None:
@@ -181,6 +189,7 @@ class SharedEpoch(EpochState):
         with self._cond:
             self.consumed.pop(consumer, None)
             self.released.pop(consumer, None)
+            self._early.pop(consumer, None)
             super().leave(consumer)
             self._collect()
 
@@ -240,7 +249,7 @@ def send(stream: Stream) -> Generator[bytes, None, bool]:
     total = plan.local_total
     stream.progress(position)
     # Consumption counts the moment the credit arrives (late joiners start there).
-    messages.on_credit = lambda granted: work.consume(consumer.id, first + granted - plan.credits)
+    messages.on_credit.append(lambda granted: work.consume(consumer.id, first + granted - plan.credits))
 
     def ensure(p: int, wait: bool) -> SharedBatch:
         entry, mine = work.claim(p)

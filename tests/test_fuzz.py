@@ -1,0 +1,108 @@
+"""Random message sequences and random bytes on the wire: the server stays up, answers with the
+status codes its contract names, and stays within its budgets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from batchferry import sampling, wire
+from batchferry.client import DataLoader
+from batchferry.server import Server
+from batchferry.server.ring import SlotState
+from batchferry.v1 import loader_pb2 as pb
+
+from support import VarLen, wait_until
+
+EXPECTED = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,  # this client's own deadline, or an idle stream
+    grpc.StatusCode.UNAVAILABLE,  # an idle stream told to reconnect
+}
+BUDGET = 64 << 20
+_STATE = sampling.begin_iteration(torch.Generator().manual_seed(1), True)
+
+
+@pytest.fixture(scope="module")
+def target(tensor_ds) -> Iterator[Server]:
+    with Server(
+        {"t": tensor_ds, "v": VarLen()}, port=0, num_workers=1, shm_bytes=BUDGET, max_streams=8,
+        stream_idle_s=2.0, linger_s=1.0,
+    ) as srv:  # fmt: skip
+        yield srv
+
+
+opens = st.builds(
+    pb.OpenStream,
+    dataset=st.sampled_from(["t", "v", "", "nope"]),
+    batch_size=st.integers(-5, 300),
+    shuffle=st.booleans(),
+    sampler_state=st.sampled_from([b"", b"\x00\x01", _STATE]),
+    drop_last=st.booleans(),
+    collate=st.sampled_from(["", "default", "pad", "x"]),
+    epoch=st.integers(-2, 3),
+    start_batch=st.integers(-3, 40),
+    credits=st.integers(-1, 70),
+    chunk_bytes=st.sampled_from([0, 10, 65536, 1 << 20, 1 << 30]),
+    transport=st.sampled_from([0, 1, 5]),
+    mode=st.integers(0, 4),
+    job=st.sampled_from(["", "fuzz", "fuzz2"]),
+    rank=st.integers(-1, 4),
+    world_size=st.integers(-1, 5),
+    seed=st.integers(-(2**63), 2**63 - 1),
+)
+messages = st.one_of(
+    opens.map(lambda o: pb.ClientMessage(open=o).SerializeToString()),
+    st.integers(-5, 10**7).map(lambda n: pb.ClientMessage(credit=pb.Credit(batches=n)).SerializeToString()),
+    st.integers(-3, 50).map(lambda i: pb.ClientMessage(release=pb.Release(index=i)).SerializeToString()),
+    st.integers(-3, 50).map(lambda i: pb.ClientMessage(detach=pb.Release(index=i)).SerializeToString()),
+    st.just(pb.ClientMessage(stop=pb.Stop()).SerializeToString()),
+    st.binary(max_size=64),
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sequence=st.lists(messages, min_size=0, max_size=8), first_open=st.booleans(), data=st.data())
+def test_random_client_messages(
+    target: Server, sequence: list[bytes], first_open: bool, data: st.DataObject
+) -> None:
+    if first_open:
+        sequence = [pb.ClientMessage(open=data.draw(opens)).SerializeToString(), *sequence]
+    with grpc.insecure_channel(target.address) as channel:
+        call = channel.stream_stream(wire.STREAM_BATCHES)(iter(sequence), timeout=5)
+        try:
+            for _ in call:
+                pass
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as exc:
+            code = exc.code()
+            assert code in EXPECTED, f"{code}: {exc.details()}"
+            assert len(exc.details() or "") < 2000
+    assert target.ring.stats().total_bytes <= BUDGET
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=st.binary(max_size=256), method=st.sampled_from([wire.LIST_DATASETS, wire.LIST_JOBS]))
+def test_random_bytes_to_unary_methods(target: Server, payload: bytes, method: str) -> None:
+    with grpc.insecure_channel(target.address) as channel:
+        try:
+            channel.unary_unary(method)(payload, timeout=5)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.details()
+
+
+def test_after_the_fuzzing_the_server_serves_and_holds_nothing(target: Server) -> None:
+    assert wait_until(lambda: target.ring.stats().slots[SlotState.LEASED] == 0, 30)
+    assert wait_until(lambda: target.ring.stats().slots[SlotState.LINGERING] == 0, 30)
+    with DataLoader(target.address, "t", 10, shuffle=True, seed=1) as loader:
+        assert len(list(loader)) == 11
+    assert target.ring.stats().total_bytes <= BUDGET
