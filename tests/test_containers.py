@@ -4,8 +4,9 @@ Every container uses the host's network (servers listen on a loopback port of
 their own) or none, so nothing here needs a bridge or leaves the machine. The
 engine is the one at ``DOCKER_HOST`` (or the default socket); without one every
 test skips, saying why. ``scripts/container_check`` starts an engine where none
-runs and builds the image; ``BATCHFERRY_TEST_IMAGE`` names an image already built,
-otherwise the image is built here from ``deploy/Dockerfile``.
+runs and builds the image; ``BATCHFERRY_TEST_IMAGE`` names an image already built
+(and makes a missing engine an error, not a skip), otherwise the image is built
+here from ``deploy/Dockerfile``.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ pytestmark = pytest.mark.timeout(900)
 def docker_client() -> Iterator[Any]:
     docker = pytest.importorskip("docker")
     host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    # An image built for these tests means an engine was there: losing it is an error.
+    skip = pytest.fail if os.environ.get("BATCHFERRY_TEST_IMAGE") else pytest.skip
     if host.startswith("unix://") and not Path(host.removeprefix("unix://")).exists():
-        pytest.skip(f"no Docker engine reachable: {host} does not exist (scripts/container_check starts one)")
+        skip(f"no Docker engine reachable: {host} does not exist (scripts/container_check starts one)")
     # A fixed API version: the client asks nothing before ping(), and can be closed when it fails.
     client = docker.from_env(timeout=60, version="1.41")
     try:
@@ -60,7 +63,7 @@ def docker_client() -> Iterator[Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ResourceWarning)
             gc.collect()  # the SDK leaves the socket of a failed connection behind
-        pytest.skip(f"no Docker engine reachable at {host} ({type(exc).__name__}: {exc})")
+        skip(f"no Docker engine reachable at {host} ({type(exc).__name__}: {exc})")
     try:
         yield client
     finally:
