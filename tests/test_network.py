@@ -15,6 +15,7 @@ server leaves in shared memory stays with it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -53,6 +54,7 @@ class Lab:
         self.tag = f"bf{os.getpid()}"
         self.namespaces: list[str] = []
         self.procs: list[subprocess.Popen[str]] = []
+        self._made_netns_etc = False
         self._links = count()
 
     def host(self, name: str) -> str:
@@ -75,6 +77,7 @@ class Lab:
 
     def hosts_file(self, ns: str, lines: list[str]) -> None:
         """/etc/hosts as processes in ``ns`` see it (``ip netns exec`` mounts it there)."""
+        self._made_netns_etc |= not NETNS_ETC.exists()
         (NETNS_ETC / ns).mkdir(parents=True, exist_ok=True)
         (NETNS_ETC / ns / "hosts").write_text("\n".join(["127.0.0.1 localhost", *lines]) + "\n")
         (NETNS_ETC / ns / "host.conf").write_text("multi on\n")  # every address of a name
@@ -123,6 +126,10 @@ class Lab:
             _ip("netns", "del", ns, check=False)  # its veth ends go with it
             shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
         self.namespaces = []
+        if self._made_netns_etc:
+            with contextlib.suppress(OSError):
+                NETNS_ETC.rmdir()
+            self._made_netns_etc = False
 
 
 @pytest.fixture
