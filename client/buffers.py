@@ -8,14 +8,17 @@ buffers forever; a caller that keeps batches keeps their buffers, and the pool
 allocates others rather than overwrite data still in use.
 
 Lifetimes are tracked with public mechanisms only: each handed-out buffer is a
-tensor made from a fresh numpy view of a pooled buffer, and ``weakref.finalize``
-on that view marks the buffer unreferenced when the last tensor over it is gone.
+tensor made from a fresh numpy view of a pooled buffer, and a weak reference to
+that view dies with the last tensor over it. Nothing runs when it dies (code in a
+finalizer could swallow a Ctrl-C): the pool looks at the reference when it needs a
+buffer.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,35 +30,31 @@ __all__ = ["BufferPool", "tracked"]
 _ROUND = 1 << 20
 
 
-def tracked(array: np.ndarray, on_dropped: Any, *args: Any) -> torch.Tensor:
-    """A tensor over ``array``; ``on_dropped(*args)`` runs once nothing views it any more.
-
-    ``on_dropped`` runs as a finalizer (any thread, maybe during shutdown): it must
-    only record or signal, never wait.
-    """
+def tracked(array: np.ndarray) -> tuple[torch.Tensor, weakref.ref[np.ndarray]]:
+    """A tensor over ``array``, and a reference that is dead once nothing views it any more."""
     view = array.view()  # a fresh object whose life is exactly the tensors' over it
-    weakref.finalize(view, on_dropped, *args)
-    return torch.from_numpy(view)
+    return torch.from_numpy(view), weakref.ref(view)
+
+
+def _dead() -> None:
+    return None
 
 
 @dataclass(eq=False)
 class _Entry:
     base: torch.Tensor
     array: np.ndarray
-    referenced: bool = False  # a handed-out view is alive
+    handed: Callable[[], object] = _dead  # the view handed out last (alive: still referenced)
     event: Any = None  # torch.cuda.Event of the copy reading this buffer
 
     def free(self) -> bool:
-        if self.referenced:
+        if self.handed() is not None:
             return False
         if self.event is not None:
             if not self.event.query():
                 return False
             self.event = None
         return True
-
-    def dropped(self) -> None:
-        self.referenced = False
 
 
 class BufferPool:
@@ -90,8 +89,8 @@ class BufferPool:
                 elif free:  # replace a free buffer that is too small
                     self._entries[self._entries.index(free[0])] = fit
                 # else: every pooled buffer is held by the caller; this one is not pooled.
-            fit.referenced = True
-            return tracked(fit.array[:nbytes], fit.dropped)
+            tensor, fit.handed = tracked(fit.array[:nbytes])
+            return tensor
 
     def release_after(self, buffer: torch.Tensor, event: Any) -> None:
         """Mark ``buffer`` busy until ``event`` (a CUDA event) completes."""

@@ -13,7 +13,7 @@ Who owns a slot (same host)::
                      stream ends)──▶ copied into private memory in place, then released
 
 On the CPU, batches are views of the slot itself (no copy). Their lifetime is
-tracked with ``weakref.finalize`` on the numpy view under them. A batch the caller
+tracked with a weak reference to the numpy view under them. A batch the caller
 keeps is copied out once, at the same addresses (:func:`batchferry.shm.privatize`),
 so the server gets its slot back and the caller's tensors keep their values.
 Where that is impossible the slot is detached instead: the server replaces it in
@@ -30,7 +30,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +71,7 @@ class _Viewed:
     name: str
     mapping: np.ndarray  # the whole mapping: kept alive here until the slot goes back
     nbytes: int
+    view: Callable[[], object]  # dead once nothing views the batch
     handed: int = -1  # the step at which the caller got it (-1: not yet)
 
 
@@ -106,10 +107,8 @@ class EpochStream:
         self._closed = False
         self._half_closed = False
         self._saw_end = False
-        # Zero-copy slots by batch index; indices whose views were all dropped arrive
-        # on ``_dropped`` from finalizers (which must not take locks).
+        # Zero-copy slots by batch index, until nothing views their batch.
         self._viewed: dict[int, _Viewed] = {}
-        self._dropped: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._step = 0
         self._viewed_lock = threading.Lock()
         call = channel.stream_stream(wire.STREAM_BATCHES, request_serializer=None, response_deserializer=None)
@@ -195,9 +194,9 @@ class EpochStream:
             raise ValueError(f"batch {header.index} spans {size} bytes of a {mapping.nbytes}-byte slot")
         if self._copier is None and not self._pool.pin:
             # Zero copy: the batch views the slot; it goes back once unreferenced.
+            view, ref = tracked(mapping[:size])
             with self._viewed_lock:
-                self._viewed[header.index] = _Viewed(header.slot, mapping, size)
-            view = tracked(mapping[:size], self._dropped.put, header.index)
+                self._viewed[header.index] = _Viewed(header.slot, mapping, size, ref)
             return Batch(header.index, _layout.decode(header.layout, view))
         if self._copier is not None and self._segments.is_registered(header.slot):
             # Page-locked in place: copy to the device straight from the slot.
@@ -226,13 +225,8 @@ class EpochStream:
     def _settle(self, *, kept_after: int | None) -> None:
         """Release the slots of dropped batches. Batches still viewed that were handed out
         ``kept_after`` or more steps ago (None: none) are copied out, and their slots released."""
-        dropped = set()
-        while True:
-            try:
-                dropped.add(self._dropped.get_nowait())
-            except queue.Empty:
-                break
         with self._viewed_lock:
+            dropped = {index for index, viewed in self._viewed.items() if viewed.view() is None}
             if kept_after is not None:
                 for index, viewed in sorted(self._viewed.items()):
                     if index not in dropped and 0 <= viewed.handed <= self._step - kept_after:

@@ -247,11 +247,6 @@ def test_server_killed_mid_epoch_and_restarted_the_host_trainer_loses_and_repeat
         assert digests == torch_epoch
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a restarted server container gets a new /dev/shm; a trainer that shared the old one "
-    "keeps asking for shared-memory slots on reconnect instead of deciding the transport again",
-)
 def test_server_killed_mid_epoch_and_restarted_a_trainer_sharing_its_ipc_loses_and_repeats_nothing(
     docker_client: Any, image: Any, torch_epoch: list[str]
 ) -> None:

@@ -409,3 +409,108 @@ def _pods(args: list[str], env: dict[str, str], hosts: list[str], port: int) -> 
             }  # fmt: skip
             stack.enter_context(_running(ENTRYPOINT + args, pod_env))
         yield [f"{host}:{port}" for host in hosts]
+
+
+SECURE = K8S / "secure"
+
+
+def _merge(base: Any, patch: Any) -> Any:
+    """A strategic merge as kustomize does it for these manifests: maps merge, and lists
+    of named items (containers, ports, volumes, mounts) merge by name."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{k: _merge(base[k], v) if k in base else v for k, v in patch.items()}}
+    if (
+        isinstance(base, list)
+        and isinstance(patch, list)
+        and all(isinstance(i, dict) and "name" in i for i in patch)
+    ):
+        merged = {item["name"]: item for item in base}
+        for item in patch:
+            merged[item["name"]] = _merge(merged[item["name"]], item) if item["name"] in merged else item
+        return list(merged.values())
+    return patch
+
+
+def _secure_manifests() -> dict[str, dict[str, Any]]:
+    kustomization = yaml.safe_load((SECURE / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == [".."]
+    manifests = _manifests()
+    for entry in kustomization["patches"]:
+        patch = yaml.safe_load((SECURE / entry["path"]).read_text())
+        manifests[patch["kind"]] = _merge(manifests[patch["kind"]], patch)
+    (generated,) = kustomization["configMapGenerator"]
+    assert (
+        generated["name"] == manifests["ConfigMap"]["metadata"]["name"] and generated["behavior"] == "replace"
+    )
+    manifests["ConfigMap"]["data"] = {name: (SECURE / name).read_text() for name in generated["files"]}
+    return manifests
+
+
+def test_secure_overlay_mounts_its_secrets_where_serve_toml_reads_them(tmp_path: Path) -> None:
+    m = _secure_manifests()
+    for doc in m.values():
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    _, settings = _k8s_settings(m, tmp_path)
+    cfg = settings.server
+    pod = m["StatefulSet"]["spec"]["template"]["spec"]
+    mounts = {v["mountPath"]: v["name"] for v in _server_container(m)["volumeMounts"]}
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    for path in (cfg.tls_cert, cfg.tls_key, cfg.token_file):
+        assert secrets[mounts[str(Path(path).parent)]] in {"batchferry-tls", "batchferry-tokens"}, path
+    # Kubelet's gRPC probes speak no TLS: they ask the plaintext health port.
+    container = _server_container(m)
+    assert cfg.health_port and all(
+        container[probe]["grpc"]["port"] == cfg.health_port
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe")
+    )
+    (trainer,) = m["Job"]["spec"]["template"]["spec"]["containers"]
+    ca = trainer["args"][trainer["args"].index("--ca") + 1]
+    assert str(Path(ca).parent) in {v["mountPath"] for v in trainer["volumeMounts"]}
+    assert {e["name"] for e in trainer["env"]} == {"BATCHFERRY_TOKEN"}
+
+
+def test_secure_command_lines_refuse_strangers_and_serve_the_trainer(tmp_path: Path) -> None:
+    """The secure overlay's server and trainer command lines, run with certificates and a
+    token the test makes (paths moved from the Secrets' mounts to a folder here)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from certs import Authority
+
+    m = _secure_manifests()
+    ca = Authority(tmp_path)
+    server_pair = ca.issue("server", server=True)
+    token = "deployment-token-0123456789"
+    (tmp_path / "tokens").write_text(f"{token}\n")
+    text = (SECURE / "serve.toml").read_text()
+    text = text.replace("/etc/batchferry/tls/tls.crt", str(server_pair.cert))
+    text = text.replace("/etc/batchferry/tls/tls.key", str(server_pair.key))
+    text = text.replace("/etc/batchferry/tokens/tokens", str(tmp_path / "tokens"))
+    port, health_port = free_port(), free_port()
+    text = re.sub(r"health_port = \d+", f"health_port = {health_port}", text)
+    config = tmp_path / "serve.toml"
+    config.write_text(text)
+    env = {
+        **IMAGE_ENV,
+        "PATH": os.environ["PATH"],
+        "BATCHFERRY_HOST": "127.0.0.1",
+        "BATCHFERRY_PORT": str(port),
+        "BATCHFERRY_NUM_REPLICAS": "1",
+        "BATCHFERRY_NUM_WORKERS": "1",
+    }
+    with _running([*ENTRYPOINT, "--config", str(config)], env):
+        probe = _health({}, ["batchferry", "health", f"127.0.0.1:{health_port}"])
+        assert probe.returncode == 0, probe.stderr
+        with DataLoader(f"127.0.0.1:{port}", "demo", 64, timeout=5) as loader:
+            with pytest.raises(errors.ServerUnavailable):
+                len(loader)  # plaintext: refused
+        with DataLoader(f"127.0.0.1:{port}", "demo", 64, root_certificates=ca.pem, timeout=5) as loader:
+            with pytest.raises(errors.Unauthenticated):
+                len(loader)  # TLS but no token: refused
+        (trainer,) = m["Job"]["spec"]["template"]["spec"]["containers"]
+        job_args = trainer["command"] + trainer["args"]
+        job_args[job_args.index("--connect") + 1] = f"127.0.0.1:{port}"
+        job_args[job_args.index("--ca") + 1] = str(ca.pem)
+        job_args[job_args.index("--epochs") + 1] = "1"
+        job_env = {**os.environ, "BATCHFERRY_TOKEN": token}
+        result = subprocess.run(_argv(job_args), capture_output=True, text=True, timeout=120, env=job_env)
+        assert result.returncode == 0, result.stderr
+        assert "epoch 0: loss" in result.stdout

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -73,15 +74,23 @@ def served() -> Iterator[str]:
         server.stop()
 
 
-def _run(tmp_path: Path, address: str, transport: str, pattern: str) -> subprocess.Popen[str]:
+@contextmanager
+def _run(tmp_path: Path, address: str, transport: str, pattern: str) -> Iterator[subprocess.Popen[str]]:
+    """The training script as a process; killed at the end if a failed check left it running."""
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, str(script), address, transport, pattern],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 def _line(proc: subprocess.Popen[str], timeout: float) -> str:

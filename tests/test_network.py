@@ -301,11 +301,6 @@ def test_link_cut_for_less_than_timeout_the_epoch_completes_with_nothing_lost_or
     assert before <= pause_at + 1 + prefetch + 1 < len(client.digests())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a stream whose link is cut raises BatchTimeout ('no batch from the server within "
-    "timeout'), not ServerUnavailable naming the server's address",
-)
 def test_link_cut_for_longer_than_timeout_raises_server_unavailable_naming_the_address(lab: Lab) -> None:
     _, server_address, client_ns, client_dev = _server_and_client(lab)
     timeout = 5
@@ -385,11 +380,6 @@ def test_server_frees_a_stream_cut_off_while_it_sends(lab: Lab) -> None:
     _abandoned_stream_is_freed(lab, sending=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a server with nothing to send on a stream never notices that its peer vanished behind "
-    "a cut link (no keepalive): the dead stream keeps its stream place and ring slots",
-)
 def test_server_frees_a_stream_cut_off_while_it_waits_for_credits(lab: Lab) -> None:
     _abandoned_stream_is_freed(lab, sending=False)
 
