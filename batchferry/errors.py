@@ -28,6 +28,7 @@ __all__ = [
     "NotFound",
     "ProtocolError",
     "ResourceExhausted",
+    "ServerSideWarning",
     "ServerUnavailable",
     "Unauthenticated",
     "from_rpc_error",
@@ -95,6 +96,10 @@ class ProtocolError(BatchferryError):
     """The peer sent a message that does not follow the batchferry wire contract."""
 
     code = "INTERNAL"
+
+
+class ServerSideWarning(UserWarning):
+    """A torch DataLoader argument that the server's settings decide (num_workers, ...)."""
 
 
 _BY_CODE: dict[grpc.StatusCode, type[BatchferryError]] = {

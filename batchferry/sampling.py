@@ -39,13 +39,15 @@ def num_batches(length: int, batch_size: int, drop_last: bool) -> int:
     return length // batch_size if drop_last else -(-length // batch_size)
 
 
-def begin_iteration(generator: torch.Generator | None, shuffle: bool) -> bytes:
+def begin_iteration(generator: torch.Generator | None, shuffle: bool, draw_base_seed: bool = True) -> bytes:
     """Do the draws torch makes when an iterator is created; return the sampler state.
 
     The result is the generator state the epoch's permutation is drawn from
-    (empty without shuffle).
+    (empty without shuffle). ``draw_base_seed`` is False where torch reuses its
+    iterator (persistent workers) and so draws no new base seed.
     """
-    torch.empty((), dtype=torch.int64).random_(generator=generator)
+    if draw_base_seed:
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
     if not shuffle:
         return b""
     if generator is None:

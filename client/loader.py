@@ -17,21 +17,30 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import numpy as np
 import torch
 
 from batchferry import cleanup, sampling, wire
-from batchferry.errors import BatchTimeout, InvalidArgument, ProtocolError, ServerUnavailable
+from batchferry.errors import (
+    BatchTimeout,
+    InvalidArgument,
+    ProtocolError,
+    ServerSideWarning,
+    ServerUnavailable,
+)
 from batchferry.security import ClientSecurity
 from batchferry.v1 import loader_pb2 as _pb2
 
 from .buffers import BufferPool
 from .device import CudaCopier
 from .replicas import Replica, ReplicaSet
+from .sampler import ClientSampling, EpochIndices
 from .segments import SegmentCache, probe
 from .stream import PENDING, Batch, EpochStream
 
@@ -51,6 +60,7 @@ _MODES = {
 # Dynamic mode over several replicas: how long to wait on one before looking at the next.
 _DYNAMIC_SLICE = 0.005
 _ALIVE_CHECK = 2.0  # seconds a server gets to answer after no batch came within timeout
+_NO_LIMIT = 365 * 24 * 3600.0  # timeout=0, as in torch: wait as long as it takes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +84,7 @@ class LoaderConfig:
     job: str = ""
     rank: int = 0
     world_size: int = 1
+    in_order: bool = True
 
     def __post_init__(self) -> None:
         def bad(field: str, value: Any, why: str) -> InvalidArgument:
@@ -93,8 +104,8 @@ class LoaderConfig:
             )
         if not isinstance(self.prefetch_factor, int) or not 1 <= self.prefetch_factor <= 64:
             raise bad("prefetch_factor", self.prefetch_factor, "must be an integer in [1, 64]")
-        if not isinstance(self.timeout, (int, float)) or not self.timeout > 0 or math.isinf(self.timeout):
-            raise bad("timeout", self.timeout, "must be a positive, finite number of seconds")
+        if not isinstance(self.timeout, (int, float)) or not self.timeout > 0 or math.isnan(self.timeout):
+            raise bad("timeout", self.timeout, "must be a positive number of seconds (0: no limit)")
         if self.transport not in TRANSPORTS:
             raise bad("transport", self.transport, f"must be one of {TRANSPORTS}")
         if self.mode not in MODES:
@@ -117,6 +128,47 @@ class LoaderConfig:
                 self.chunk_bytes,
                 f"must be 0 or in [{wire.MIN_CHUNK_BYTES}, {wire.MAX_CHUNK_BYTES}]",
             )
+
+
+@dataclass(frozen=True)
+class _Resume:
+    """Where the next iter() starts: a loaded state_dict's epoch and batch."""
+
+    epoch: int
+    batch: int
+    sampler_state: bytes
+    done: bytes = b""
+    epoch_start: dict[str, Any] | None = None
+
+
+def _torch_batching(
+    batch_size: int | None,
+    shuffle: bool | None,
+    sampler: Any,
+    batch_sampler: Any,
+    drop_last: bool,
+    mode: str,
+) -> tuple[int, bool]:
+    """batch_size and shuffle after torch's own checks of how they combine with samplers."""
+    if batch_sampler is not None:
+        if batch_size != 1 or shuffle or sampler is not None or drop_last:
+            raise InvalidArgument(
+                "batch_sampler option is mutually exclusive with batch_size, shuffle, sampler, and drop_last"
+            )
+        batch_size = 1
+    if sampler is not None and shuffle:
+        raise InvalidArgument("sampler option is mutually exclusive with shuffle")
+    if batch_size is None:
+        raise InvalidArgument(
+            "batch_size=None (samples one by one, no batch dimension) is not supported: the server "
+            "builds batches; use batch_size=1 and take batch[0]"
+        )
+    if (sampler is not None or batch_sampler is not None) and mode != "independent":
+        raise InvalidArgument(
+            f"sampler and batch_sampler choose one loader's batches: not in {mode} mode, where the "
+            "job's consumers share one order (use mode='independent', or DistributedSampler as sampler=)"
+        )
+    return batch_size, bool(shuffle)
 
 
 def _device(device: str | torch.device | None) -> torch.device | None:
@@ -174,17 +226,26 @@ class DataLoader:
         self,
         address: str | Sequence[str],
         dataset: str,
-        batch_size: int = 1,
-        shuffle: bool = False,
-        *,
-        generator: torch.Generator | None = None,
-        seed: int | None = None,
-        drop_last: bool = False,
-        collate_fn: str = "default",
+        batch_size: int | None = 1,
+        shuffle: bool | None = None,
+        sampler: Iterable[int] | None = None,
+        batch_sampler: Iterable[list[int]] | None = None,
+        num_workers: int | None = None,
+        collate_fn: str | None = "default",
         pin_memory: bool = False,
-        device: str | torch.device | None = None,
-        prefetch_factor: int = 4,
+        drop_last: bool = False,
         timeout: float = 60.0,
+        worker_init_fn: Callable[[int], None] | None = None,
+        multiprocessing_context: Any = None,
+        generator: torch.Generator | None = None,
+        *,
+        prefetch_factor: int | None = None,
+        persistent_workers: bool = False,
+        pin_memory_device: str = "",
+        in_order: bool = True,
+        seed: int | None = None,
+        device: str | torch.device | None = None,
+        batch_transform: Callable[[Any], Any] | None = None,
         transport: str = "auto",
         mode: str = "independent",
         job: str | None = None,
@@ -211,6 +272,21 @@ class DataLoader:
                 f"{mode} mode orders epoch e by seed + e, as DistributedSampler does: "
                 "pass seed=, not generator="
             )
+        batch_size, shuffle = _torch_batching(batch_size, shuffle, sampler, batch_sampler, drop_last, mode)
+        if callable(collate_fn):
+            raise InvalidArgument(
+                "collate_fn: a function cannot be sent to the server (nothing on the wire is code); "
+                "register it in the server (register_collate, batchferry serve --import) and pass its "
+                "name, or pass batch_transform= for code that must run here in the trainer"
+            )
+        if batch_transform is not None and not callable(batch_transform):
+            raise InvalidArgument(f"batch_transform must be callable, got {type(batch_transform).__name__}")
+        if not isinstance(in_order, bool):
+            raise InvalidArgument(f"in_order must be a bool, got {in_order!r}")
+        if prefetch_factor is None:
+            prefetch_factor = 4
+        if pin_memory_device and not device and torch.cuda.is_available():
+            _device(pin_memory_device)  # checked; pinned host memory serves every GPU
         # Job modes: every consumer derives the order from (seed, epoch), like DistributedSampler.
         self.seed = seed if seed is not None else 0
         if seed is not None and mode == "independent":
@@ -231,22 +307,39 @@ class DataLoader:
             batch_size=batch_size,
             shuffle=bool(shuffle),
             drop_last=bool(drop_last),
-            collate_fn=collate_fn,
+            collate_fn=collate_fn if collate_fn is not None else "default",
             pin_memory=bool(pin_memory),
             device=dev,
             prefetch_factor=prefetch_factor,
-            timeout=float(timeout),
+            timeout=_NO_LIMIT if timeout == 0 else float(timeout),
             transport=transport,
             chunk_bytes=chunk_bytes,
             mode=mode,
             job=job or "",
             rank=rank,
             world_size=world_size,
+            in_order=in_order,
         )
+        self._sampling = (
+            ClientSampling(sampler, batch_sampler, batch_size, bool(drop_last))
+            if sampler is not None or batch_sampler is not None
+            else None
+        )
+        self._batch_transform = batch_transform
+        # torch draws the base seed only once with persistent workers (later epochs
+        # reuse the iterator): match it, so the order stays torch's.
+        self._seed_once = bool(persistent_workers) and bool(num_workers)
+        self._server_side = {
+            "num_workers": num_workers,
+            "worker_init_fn": worker_init_fn,
+            "multiprocessing_context": multiprocessing_context,
+        }
+        self._warned = False
+        self._iterated = False
         self.generator = generator
         self._initial_state = generator.get_state() if generator is not None else None
         self._epoch = 0
-        self._resume: tuple[int, int, bytes] | None = None  # (epoch, batch, sampler_state)
+        self._resume: _Resume | None = None
         self._active: _Iterator | None = None
         self._length: int | None = None
         self._use_shm: list[bool] | None = None  # per replica
@@ -268,7 +361,30 @@ class DataLoader:
             self._length = int(info.length)
             per_stream = self._credits_per_stream()
             self._pool.max_buffers = max(self._pool.max_buffers, len(replicas) * per_stream + 2)
+            self._warn_server_side(int(replicas[0].info.num_workers))
         return self._length
+
+    def _warn_server_side(self, server_workers: int) -> None:
+        """One warning per loader for torch arguments the server decides."""
+        if self._warned:
+            return
+        self._warned = True
+        given = self._server_side
+        notes = []
+        if given["num_workers"] is not None and given["num_workers"] != server_workers:
+            notes.append(
+                f"num_workers={given['num_workers']}: the server builds batches with its own "
+                f"{server_workers} worker process(es) (batchferry serve --num-workers)"
+            )
+        if given["worker_init_fn"] is not None:
+            notes.append(
+                "worker_init_fn does not run: the server's workers set themselves up (the dataset's "
+                "constructor, or a module given to batchferry serve --import)"
+            )
+        if given["multiprocessing_context"] is not None:
+            notes.append("multiprocessing_context: the server's workers are always spawned processes")
+        if notes:
+            warnings.warn("; ".join(notes), ServerSideWarning, stacklevel=4)
 
     def _credits_per_stream(self) -> int:
         """Batches in flight per replica: prefetch_factor in all, at least 2 per stream."""
@@ -305,6 +421,8 @@ class DataLoader:
 
     def __len__(self) -> int:
         """Batches per epoch (dynamic mode: of the whole job, an upper bound for one consumer)."""
+        if self._sampling is not None:
+            return len(self._sampling)
         length = self._dataset_length()
         if self.config.mode == "sharded":
             length = sampling.shard_length(length, self.config.world_size, self.config.drop_last)
@@ -314,7 +432,7 @@ class DataLoader:
     @property
     def epoch(self) -> int:
         """The epoch the next ``iter()`` starts (or resumes)."""
-        return self._resume[0] if self._resume is not None else self._epoch
+        return self._resume.epoch if self._resume is not None else self._epoch
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``iter()`` yield epoch ``epoch`` (0-based) of this loader's sequence.
@@ -349,15 +467,21 @@ class DataLoader:
             ),
         }
         it = self._active
-        if self._resume is not None:
-            state["epoch"], state["batch"], state["sampler_state"] = self._resume
-            state["in_epoch"] = True
-        elif it is not None and not it.finished:
+        resume = self._resume
+        if resume is None and it is not None and not it.finished:
+            start = it.indices.start.as_dict() if it.indices is not None else None
+            resume = _Resume(it.epoch, it.yielded, it.sampler_state, bytes(it.done), start)
+        if resume is not None:
             state["epoch"], state["batch"], state["sampler_state"] = (
-                it.epoch,
-                it.yielded,
-                it.sampler_state,
+                resume.epoch,
+                resume.batch,
+                resume.sampler_state,
             )
+            # Out of order (in_order=False, dynamic mode): which batches were taken.
+            state["done"] = resume.done
+            if resume.epoch_start is not None:
+                # The caller's sampler: the RNG states the epoch began from, to replay it.
+                state["epoch_start"] = resume.epoch_start
             state["in_epoch"] = True
         return state
 
@@ -398,8 +522,19 @@ class DataLoader:
                 self.generator.set_state(sampling.generator_from_state(gen_state).get_state())
             except ValueError as exc:
                 raise InvalidArgument(f"state_dict generator_state: {exc}") from exc
+        done, epoch_start = state.get("done", b""), state.get("epoch_start")
+        if not isinstance(done, bytes):
+            raise InvalidArgument(f"state_dict done must be bytes, got {type(done).__name__}")
+        if epoch_start is not None and (not isinstance(epoch_start, dict) or self._sampling is None):
+            raise InvalidArgument(
+                "state_dict epoch_start belongs to a loader with a sampler or batch_sampler"
+            )
+        if in_epoch and self._sampling is not None and epoch_start is None:
+            raise InvalidArgument(
+                "state_dict has no epoch_start: it was not saved by a loader with a sampler"
+            )
         self._epoch = epoch
-        self._resume = (epoch, batch, sampler_state) if in_epoch else None
+        self._resume = _Resume(epoch, batch, sampler_state, done, epoch_start) if in_epoch else None
 
     # -- iteration --------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
@@ -415,22 +550,39 @@ class DataLoader:
             self.generator.get_state() if self.generator is not None else None,
         )
         try:
-            if self._resume is not None:
-                epoch, start, sampler_state = self._resume
+            global_rng = torch.get_rng_state()  # the caller's sampler may draw from it
+            indices: EpochIndices | None = None
+            resume = self._resume
+            if resume is not None:
+                epoch, start, sampler_state, done = (
+                    resume.epoch,
+                    resume.batch,
+                    resume.sampler_state,
+                    resume.done,
+                )
+                if self._sampling is not None:
+                    assert resume.epoch_start is not None
+                    skip = 0 if done else start  # out of order: replay it all, skip what was done
+                    indices = self._sampling.resume(self.generator, resume.epoch_start, skip)
             else:
-                epoch, start = self._epoch, 0
+                epoch, start, done = self._epoch, 0, b""
                 sampler_state = b""
-                if self.config.mode == "independent":
-                    sampler_state = sampling.begin_iteration(self.generator, self.config.shuffle)
+                draw = not (self._seed_once and self._iterated)
+                if self._sampling is not None:
+                    indices = self._sampling.begin(self.generator, draw_base_seed=draw)
+                elif self.config.mode == "independent":
+                    sampler_state = sampling.begin_iteration(self.generator, self.config.shuffle, draw)
             self.transport  # noqa: B018 - fails fast (NotFound, ServerUnavailable) before a stream opens
-            it = _Iterator(self, epoch, start, sampler_state)
+            it = _Iterator(self, epoch, start, sampler_state, indices=indices, done=done)
         except BaseException:
             self._epoch, self._resume, gen_state = before
             if self.generator is not None and gen_state is not None:
                 self.generator.set_state(gen_state)
+            torch.set_rng_state(global_rng)
             raise
         self._resume = None
         self._epoch = epoch + 1
+        self._iterated = True
         self._active = it
         return it
 
@@ -463,31 +615,49 @@ class DataLoader:
 class _Iterator:
     """One epoch of a DataLoader, merged from one stream per replica.
 
-    Ordered modes take batch b from replica b % R, so the merged epoch is what one
-    server sends; dynamic mode takes whichever replica has a batch ready. A stream
-    whose server goes away is reopened at the next batch not yet yielded.
+    In order, batch b comes from replica b % R, so the merged epoch is what one
+    server sends; dynamic mode (and ``in_order=False``) takes whichever replica has a
+    batch ready. With the caller's own sampler, the index lists go to the replica
+    that builds each batch, a credit window ahead. A stream whose server goes away
+    is reopened at the next batch not yet yielded (told which it already has).
     """
 
-    def __init__(self, loader: DataLoader, epoch: int, start: int, sampler_state: bytes) -> None:
+    def __init__(
+        self,
+        loader: DataLoader,
+        epoch: int,
+        start: int,
+        sampler_state: bytes,
+        *,
+        indices: EpochIndices | None = None,
+        done: bytes = b"",
+    ) -> None:
         self._loader = loader
         self.epoch = epoch
         self.sampler_state = sampler_state
         self.finished = False
+        self.indices = indices
         self._copier = loader._copier
-        self._dynamic = loader.config.mode == "dynamic"
-        # Ordered modes: the epoch index of the next batch to yield. Dynamic: batches yielded.
+        self._transform = loader._batch_transform
+        # Batches may arrive in any order: dynamic mode, or in_order=False.
+        self._any_order = loader.config.mode == "dynamic" or not loader.config.in_order
+        # In order: the epoch index of the next batch to yield (also how many came
+        # before). In any order: how many were yielded; ``done`` says which.
         self.yielded = start
+        self.done = bytearray(done)
         count = loader._replicas.size
         self._streams: list[EpochStream] = []
         self._first: list[int] = []  # per replica: the first batch its stream sends
         self._ended = [False] * count
         self._turn = 0
-        # Dynamic mode: per replica, the positions this loader took (told to a restarted server).
-        self._taken = [bytearray(0) for _ in range(count)]
+        # The caller's sampler: index lists sent to the servers but not yet yielded.
+        self._lists: dict[int, np.ndarray] = {}
+        self._next_list = start if not self._any_order else 0
         try:
             for r in range(count):
-                self._streams.append(self._open(r, self.yielded, loader.config.timeout))
+                self._streams.append(self._open(r, self._resume_point(), loader.config.timeout))
                 self._first.append(int(self._streams[r].start.first_batch))
+            self._feed()
         except BaseException:
             self.close()
             raise
@@ -498,10 +668,22 @@ class _Iterator:
         if loader.generator is not None and start_frame.state_after_order:
             loader.generator.set_state(_state(start_frame.state_after_order))
 
+    # -- streams --------------------------------------------------------------------
+    def _resume_point(self) -> int:
+        return 0 if self._any_order else self.yielded
+
+    def _local_done(self, r: int) -> bytes:
+        """The batches of replica ``r`` already yielded, as a bitmap over its positions."""
+        if not self._any_order or not self.done:
+            return b""
+        replicas = len(self._loader._replicas.replicas)
+        bits = np.unpackbits(np.frombuffer(bytes(self.done), dtype=np.uint8), bitorder="little")
+        return np.packbits(bits[r::replicas], bitorder="little").tobytes()
+
     def _open(self, r: int, start: int, timeout: float) -> EpochStream:
         cfg, loader = self._loader.config, self._loader
         shm = loader._use_shm is not None and loader._use_shm[r]
-        return EpochStream(
+        stream = EpochStream(
             loader._replicas.replicas[r].channel,
             _pb2.OpenStream(
                 dataset=cfg.dataset,
@@ -522,7 +704,9 @@ class _Iterator:
                 seed=loader.seed,
                 replica_index=r,
                 num_replicas=loader._replicas.size,
-                taken=bytes(self._taken[r]) if self._dynamic else b"",
+                taken=self._local_done(r),
+                any_order=not cfg.in_order and cfg.mode != "dynamic",
+                client_batches=self.indices is not None,
             ),
             pool=loader._pool,
             copier=self._copier,
@@ -530,6 +714,56 @@ class _Iterator:
             timeout=timeout,
             metadata=loader._replicas.security.metadata,
         )
+        if self.indices is not None:  # a reopened stream needs the lists it had not built yet
+            replicas = loader._replicas.size
+            resend = {b: samples for b, samples in self._lists.items() if b % replicas == r}
+            self._send_lists(stream, resend, self.indices.total)
+        return stream
+
+    @staticmethod
+    def _send_lists(stream: EpochStream, lists: dict[int, np.ndarray], total: int | None) -> None:
+        if not lists and total is None:
+            return
+        order = sorted(lists)
+        stream.send_batches(
+            _pb2.BatchIndices(
+                index=order,
+                lengths=[len(lists[b]) for b in order],
+                samples=np.concatenate([lists[b] for b in order]).tolist() if order else [],
+                end=total is not None,
+                total=total or 0,
+            )
+        )
+
+    def _feed(self) -> None:
+        """Send the index lists of the next batches (a window ahead) to their replicas."""
+        if self.indices is None or self.indices.total is not None:
+            return
+        replicas = len(self._streams)
+        ahead = self._loader._credits_per_stream() * replicas * 2
+        fresh: dict[int, dict[int, np.ndarray]] = {r: {} for r in range(replicas)}
+        while self._next_list < self.yielded_count() + ahead:
+            samples = self.indices.pull()
+            if samples is None:
+                break
+            index, self._next_list = self._next_list, self._next_list + 1
+            if self._is_done(index):
+                continue  # yielded before this iterator (resumed out of order)
+            self._lists[index] = samples
+            fresh[index % replicas][index] = samples
+        for r, lists in fresh.items():
+            self._send_lists(self._streams[r], lists, self.indices.total)
+
+    def yielded_count(self) -> int:
+        return self.yielded
+
+    def _is_done(self, index: int) -> bool:
+        return index // 8 < len(self.done) and bool(self.done[index // 8] >> (index % 8) & 1)
+
+    def _mark_done(self, index: int) -> None:
+        if len(self.done) <= index // 8:
+            self.done.extend(bytes(index // 8 + 1 - len(self.done)))
+        self.done[index // 8] |= 1 << (index % 8)
 
     def _where(self, r: int) -> str:
         replicas = self._loader._replicas
@@ -556,7 +790,7 @@ class _Iterator:
                         # A restarted server has a new ring, and a rescheduled pod may be on
                         # another host: decide the transport again.
                         self._loader._use_shm[r] = self._loader._shm_visible(found)
-                    self._streams[r] = self._open(r, self.yielded, remaining)
+                    self._streams[r] = self._open(r, self._resume_point(), remaining)
                     self._first[r] = int(self._streams[r].start.first_batch)
                     log.info("reconnected to %s at batch %d", self._where(r), self.yielded)
                     return
@@ -583,13 +817,15 @@ class _Iterator:
                     ) from exc
                 raise
 
+    # -- iteration --------------------------------------------------------------------
     def __iter__(self) -> _Iterator:
         return self
 
     def __next__(self) -> Any:
         if self.finished:
             raise StopIteration
-        batch = self._next_dynamic() if self._dynamic else self._next_ordered()
+        self._feed()
+        batch = self._next_any() if self._any_order else self._next_ordered()
         if batch is None:
             self.finished = True
             gen = self._loader.generator
@@ -597,19 +833,28 @@ class _Iterator:
                 gen.set_state(_state(self._streams[0].start.state_after_epoch))
             raise StopIteration
         self.yielded += 1
+        self._lists.pop(batch.index, None)
+        data = batch.data
         if self._copier is not None and batch.event is not None:
-            return self._copier.hand_over(batch.data, batch.event)
-        return batch.data
+            data = self._copier.hand_over(data, batch.event)
+        return self._transform(data) if self._transform is not None else data
+
+    def _epoch_length(self) -> float:
+        if self.indices is not None:
+            return self.indices.total if self.indices.total is not None else float("inf")
+        return self._num_batches
 
     def _next_ordered(self) -> Batch | None:
         replicas = len(self._streams)
-        while self.yielded < self._num_batches:
+        while self.yielded < self._epoch_length():
             index = self.yielded
             r = index % replicas
             if index < self._first[r]:
                 self.yielded += 1  # shared mode, joined late: that replica's job is past it
                 continue
             batch = self._next_from(r)
+            if batch is None and self.indices is not None and self.indices.total == index:
+                break  # the sampler ended exactly here
             if not isinstance(batch, Batch) or batch.index != index:
                 got = f"batch {batch.index}" if isinstance(batch, Batch) else "the end of its stream"
                 raise ProtocolError(f"{self._where(r)} sent {got} where batch {index} was due")
@@ -621,7 +866,7 @@ class _Iterator:
                 self._ended[r] = True
         return None
 
-    def _next_dynamic(self) -> Batch | None:
+    def _next_any(self) -> Batch | None:
         """Whichever replica has a batch first; the epoch ends when every stream has ended."""
         deadline = time.monotonic() + self._loader.config.timeout
         while True:
@@ -639,7 +884,9 @@ class _Iterator:
                     self._ended[r] = True
                     break
                 assert isinstance(item, Batch)
-                self._mark_taken(r, item.index // len(self._streams))
+                if self._is_done(item.index):
+                    raise ProtocolError(f"{self._where(r)} sent batch {item.index} a second time")
+                self._mark_done(item.index)
                 return item
             else:
                 if time.monotonic() >= deadline:
@@ -647,12 +894,6 @@ class _Iterator:
                         f"no batch from any of {len(live)} replicas within "
                         f"timeout={self._loader.config.timeout}s"
                     )
-
-    def _mark_taken(self, r: int, position: int) -> None:
-        bitmap = self._taken[r]
-        if len(bitmap) <= position // 8:
-            bitmap.extend(bytes(position // 8 + 1 - len(bitmap)))
-        bitmap[position // 8] |= 1 << (position % 8)
 
     def __len__(self) -> int:
         return len(self._loader)

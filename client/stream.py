@@ -212,6 +212,10 @@ class EpochStream:
         if not self._half_closed:
             self._requests.put(msg.SerializeToString())
 
+    def send_batches(self, lists: _pb2.BatchIndices) -> None:
+        """The samples of batches this stream is to build (the caller's own sampler)."""
+        self._send(_pb2.ClientMessage(batches=lists))
+
     def _release(self, index: int) -> None:
         self._send(_pb2.ClientMessage(release=_pb2.Release(index=index)))
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 
 from batchferry.sampling import EpochOrder
 
@@ -23,7 +24,7 @@ from .ring import Lease, RingExhausted, SlotRing
 from .status import Abort, StreamGone, dataset_failed
 from .workers import Result, Task, WorkerPool
 
-__all__ = ["Build", "Builder", "Built", "Counters"]
+__all__ = ["Build", "Builder", "Built", "Counters", "first_built"]
 
 _WAIT = 0.2  # seconds between looks at the stream's liveness while waiting for a worker
 
@@ -52,6 +53,7 @@ class Build:
     index: int
     lease: Lease
     future: Future[Result]
+    samples: np.ndarray  # int64 sample indices: built again from these if need be
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class Builder:
     def __init__(
         self,
         plan: Plan,
-        order: EpochOrder,
+        order: EpochOrder | None,
         ring: SlotRing,
         pool: WorkerPool,
         counters: Counters,
@@ -93,8 +95,9 @@ class Builder:
         # reports its size, and later builds ask for at least that.
         self.min_bytes = min_bytes
 
-    def start(self, index: int, *, wait: bool) -> Build | None:
-        """Lease a slot and submit batch ``index``; None when ``wait`` is false and no slot is free."""
+    def start(self, index: int, *, wait: bool, samples: np.ndarray | None = None) -> Build | None:
+        """Lease a slot and submit batch ``index`` (of ``samples``, else of the epoch's order);
+        None when ``wait`` is false and no slot is free."""
         try:
             lease = self._ring.acquire(
                 self.min_bytes, timeout=self._acquire_timeout if wait else 0.0, cancelled=self._gone
@@ -113,10 +116,12 @@ class Builder:
                 "other streams hold them",
             )
         plan = self._plan
-        indices = self._order.batch(index, plan.batch_size).numpy()
+        if samples is None:
+            assert self._order is not None  # streams of the client's own batches pass them
+            samples = self._order.batch(index, plan.batch_size).numpy()
         task = Task(
             plan.dataset,
-            indices,
+            samples,
             plan.collate,
             lease.name,
             lease.capacity,
@@ -129,7 +134,7 @@ class Builder:
             lease.release()
             raise Abort(grpc.StatusCode.UNAVAILABLE, f"server is shutting down ({exc})") from exc
         future.add_done_callback(lambda f: self._counters.count(f.result(), self._on_built))
-        return Build(index, lease, future)
+        return Build(index, lease, future, samples)
 
     def finish(self, build: Build) -> Built:
         """The built batch, rebuilt in larger slots while it overflows.
@@ -144,7 +149,7 @@ class Builder:
             build.lease.release()  # the worker is done with it
             if result.status == "cancelled":
                 # Started by a stream that has ended (shared mode): build it for this one.
-                build = self._restart(build.index)
+                build = self._restart(build)
                 continue
             if result.status == "error":
                 raise dataset_failed(self._plan.dataset, build.index, result.error, result.detail)
@@ -155,10 +160,10 @@ class Builder:
                     f"max_batch_bytes={self._max_bytes}; use a smaller batch_size",
                 )
             self.min_bytes = max(self.min_bytes, result.needed)
-            build = self._restart(build.index)
+            build = self._restart(build)
 
-    def _restart(self, index: int) -> Build:
-        build = self.start(index, wait=True)
+    def _restart(self, old: Build) -> Build:
+        build = self.start(old.index, wait=True, samples=old.samples)
         assert build is not None  # waiting starts return a build or raise
         return build
 
@@ -177,3 +182,14 @@ class Builder:
 
     def _gone(self) -> bool:
         return not self._active()
+
+
+def first_built(pending: list[tuple[int, Build]], active: Callable[[], bool]) -> tuple[int, Build]:
+    """Take the earliest of ``pending`` whose worker is done, waiting for one if none is."""
+    while True:
+        done, _ = wait([build.future for _, build in pending], timeout=_WAIT, return_when=FIRST_COMPLETED)
+        if done:
+            k = next(k for k, (_, build) in enumerate(pending) if build.future in done)
+            return pending.pop(k)
+        if not active():
+            raise StreamGone

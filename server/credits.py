@@ -22,11 +22,12 @@ from typing import Protocol
 from batchferry import wire
 from batchferry.v1 import loader_pb2 as _pb2
 
-__all__ = ["ClientMessages", "Held"]
+__all__ = ["MAX_PENDING_SAMPLES", "ClientMessages", "Held"]
 
 _WAIT = 0.2  # seconds between looks at the call's liveness while blocked
 _MAX_CREDIT = 1 << 20  # batches one credit message may grant
 _OPEN_S = 10.0  # a client sends its open message at once: a stream that does not is refused
+MAX_PENDING_SAMPLES = 1 << 22  # sample indices a client may send ahead of its stream's need
 
 
 class Held(Protocol):
@@ -56,6 +57,8 @@ class ClientMessages:
         self._cond = threading.Condition()
         self.granted = 0
         self._held: dict[int, Held] = {}
+        self._lists: list[_pb2.BatchIndices] = []  # client_batches: sent, not yet taken
+        self._pending_samples = 0
         self.error: str | None = None
         self.stopped = False  # the client wants no more batches (then an end frame)
         self.cancelled = False  # the client cancelled the call, or its process or link died
@@ -90,10 +93,12 @@ class ClientMessages:
                     with self._cond:
                         self.stopped = True
                         self._cond.notify_all()
+                elif kind == "batches":
+                    self._add_lists(msg.batches)
                 else:
                     raise ValueError(
                         f"after open, the client may only send credit (batches in [1, {_MAX_CREDIT}]), "
-                        "release, detach and stop messages"
+                        "release, detach, stop and batches messages"
                     )
         except ValueError as exc:
             self.error = str(exc)
@@ -102,6 +107,33 @@ class ClientMessages:
         with self._cond:
             self.ended = True
             self._cond.notify_all()
+
+    def _add_lists(self, lists: _pb2.BatchIndices) -> None:
+        with self._cond:
+            self._pending_samples += len(lists.samples)
+            if self._pending_samples > MAX_PENDING_SAMPLES:
+                raise ValueError(
+                    f"batches: more than {MAX_PENDING_SAMPLES} sample indices sent ahead of need; "
+                    "send a credit window ahead at most"
+                )
+            self._lists.append(lists)
+            self._cond.notify_all()
+
+    def take_lists(self) -> list[_pb2.BatchIndices]:
+        """The index lists the client sent since the last call (client_batches streams)."""
+        with self._cond:
+            lists, self._lists = self._lists, []
+            self._pending_samples = 0
+            return lists
+
+    def wait_lists(self, active: Callable[[], bool]) -> bool:
+        """Block until index lists arrive; False when the call is over or the client stopped."""
+        with self._cond:
+            while not self._lists:
+                if not self.open or not active() or self.quiet():
+                    return False
+                self._cond.wait(_WAIT)
+            return True
 
     def open_message(self) -> _pb2.OpenStream:
         """The stream's open message, waited for up to ``idle_s``; ValueError naming the problem."""

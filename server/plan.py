@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 
 from batchferry import sampling, wire
 from batchferry.v1 import loader_pb2 as _pb2
@@ -56,7 +57,9 @@ class Plan:
     sampler_state: bytes = b""  # independent: the client's generator state
     seed: int = 0
     world_size: int = 1
-    taken: bytes = b""  # dynamic: positions this consumer took before (a bitmap)
+    taken: bytes = b""  # positions this consumer took before (a bitmap): dynamic, any_order
+    any_order: bool = False  # send batches as they are built
+    client_batches: bool = False  # the client sends every batch's samples
     mode: int = _pb2.MODE_INDEPENDENT
     job: str = ""
     rank: int = 0
@@ -84,6 +87,11 @@ class Plan:
     def local(self, index: int) -> int:
         """This replica's batches before epoch batch ``index`` (its position when it is one of them)."""
         return (index - self.replica + self.replicas - 1) // self.replicas
+
+    def taken_positions(self) -> np.ndarray:
+        """The positions ``taken`` marks (sent before this stream opened)."""
+        bits = np.unpackbits(np.frombuffer(self.taken, dtype=np.uint8), bitorder="little")
+        return np.flatnonzero(bits[: self.local_total])
 
     def batch_index(self, position: int) -> int:
         """Epoch batch index of this replica's ``position``-th batch (num_batches past the end)."""
@@ -140,7 +148,13 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
         )
     settings = None
     count = length
-    if req.mode == _pb2.MODE_INDEPENDENT:
+    if req.client_batches and req.mode != _pb2.MODE_INDEPENDENT:
+        raise invalid("client_batches: only in independent mode (a job's consumers share one order)")
+    if req.any_order and req.mode not in (_pb2.MODE_INDEPENDENT, _pb2.MODE_SHARDED):
+        raise invalid("any_order: only in independent and sharded modes")
+    if req.client_batches:
+        pass  # the client's sampler decides; shuffle and sampler_state are unused
+    elif req.mode == _pb2.MODE_INDEPENDENT:
         if req.shuffle and not req.sampler_state:
             raise invalid("sampler_state: required when shuffle is true")
         if req.shuffle:
@@ -169,12 +183,17 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
         if req.mode == _pb2.MODE_SHARDED:
             count = sampling.shard_length(length, req.world_size, req.drop_last)
         # shared and dynamic split the whole epoch among the job's consumers
-    total = sampling.num_batches(count, req.batch_size, req.drop_last)
-    if not 0 <= req.start_batch <= total:
+    # With the client's own batches the epoch's length is known only at its end.
+    total = 0 if req.client_batches else sampling.num_batches(count, req.batch_size, req.drop_last)
+    if req.client_batches and req.start_batch < 0:
+        raise invalid(f"start_batch must be >= 0, got {req.start_batch}")
+    if not req.client_batches and not 0 <= req.start_batch <= total:
         raise invalid(f"start_batch must be in [0, {total}], got {req.start_batch}")
     local_total = (total - catalog.replica + catalog.replicas - 1) // catalog.replicas
-    if req.taken and (req.mode != _pb2.MODE_DYNAMIC or len(req.taken) > -(-local_total // 8)):
-        raise invalid(f"taken: a bitmap of at most {-(-local_total // 8)} bytes, in dynamic mode only")
+    if req.taken and not (req.mode == _pb2.MODE_DYNAMIC or req.any_order):
+        raise invalid("taken: only in dynamic mode or with any_order")
+    if len(req.taken) > -(-local_total // 8):
+        raise invalid(f"taken: a bitmap of at most {-(-local_total // 8)} bytes, got {len(req.taken)}")
     return Plan(
         dataset=req.dataset,
         collate=collate,
@@ -191,6 +210,8 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
         seed=req.seed,
         world_size=max(1, req.world_size),
         taken=req.taken,
+        any_order=req.any_order,
+        client_batches=req.client_batches,
         mode=req.mode,
         job=req.job,
         rank=req.rank,

@@ -34,7 +34,7 @@ from .credits import ClientMessages
 from .datasets import MapDataset
 from .framing import END
 from .jobs import Consumer, Job, JobConflict, JobRegistry
-from .modes import SENDERS
+from .modes import sender_for
 from .orders import Orders
 from .plan import Catalog, Plan, plan
 from .ring import SlotRing
@@ -138,6 +138,7 @@ class LoaderService:
             replica_index=self.catalog.replica,
             num_replicas=self.catalog.replicas,
             server_id=self._server_id,
+            num_workers=self._config.num_workers,
         ).SerializeToString()
 
     def list_jobs(self, request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -283,7 +284,7 @@ class LoaderService:
             consumer=consumer,
         )
         try:
-            complete = yield from SENDERS[the_plan.mode](stream)
+            complete = yield from sender_for(the_plan)(stream)
             self._check_client(messages)
             if not complete and not messages.stopped:
                 if self._closing.is_set():

@@ -97,11 +97,6 @@ class DynamicEpoch(EpochState):
             return lost
 
 
-def _positions(bitmap: bytes, total: int) -> np.ndarray:
-    bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")
-    return np.flatnonzero(bits[:total])
-
-
 def send(stream: Stream) -> Generator[bytes, None, bool]:
     plan, messages, builder = stream.plan, stream.messages, stream.builder
     job, consumer = stream.job, stream.consumer
@@ -109,7 +104,7 @@ def send(stream: Stream) -> Generator[bytes, None, bool]:
     work = job.epoch_state(plan.epoch, lambda: DynamicEpoch(plan.local_total, job.cond))
     assert isinstance(work, DynamicEpoch)
     work.join(consumer.id)
-    work.mark_done(_positions(plan.taken, plan.local_total))
+    work.mark_done(plan.taken_positions())
     sent: deque[int] = deque()  # positions sent, not yet taken into the client's loop
     acked = sent_count = 0
 

@@ -1,18 +1,23 @@
-"""independent and sharded modes: this stream's batches, in order, built ahead within the credit window.
+"""independent and sharded modes: this stream's batches, built ahead within the credit window.
 
 The order is the plan's (torch's RandomSampler order, or DistributedSampler's shard
 for this rank). Builds run up to one credit window beyond what the client has
 granted (within the stream's share of the ring), so they overlap the credit round
 trip; sends never exceed the grant. A stream blocks for a slot only while it has no
 build in flight: it never waits on itself.
+
+Batches go out in epoch order, or with ``any_order`` as soon as each is built (a
+slow batch then holds up no other); positions the client already has (``taken``,
+after a reconnect) are skipped.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Generator
 
-from batchferry.server.builder import Build
+import numpy as np
+
+from batchferry.server.builder import Build, first_built
 from batchferry.server.stream import Stream
 
 __all__ = ["send"]
@@ -20,37 +25,46 @@ __all__ = ["send"]
 
 def send(stream: Stream) -> Generator[bytes, None, bool]:
     plan, messages, builder = stream.plan, stream.messages, stream.builder
-    pending: deque[Build] = deque()
-    start, total = plan.local_start, plan.local_total
-    next_build = next_send = start
-    yield stream.start_frame(start)
+    skip = np.zeros(max(plan.local_total, 0), dtype=bool)
+    skip[plan.taken_positions()] = True
+
+    def after(position: int) -> int:
+        """The first position at or after ``position`` still to send."""
+        while position < plan.local_total and skip[position]:
+            position += 1
+        return position
+
+    pending: list[tuple[int, Build]] = []  # (position, build), in position order
+    next_build = after(plan.local_start)
+    sent = 0
+    yield stream.start_frame(plan.local_start)
     try:
-        while next_send < total:
-            # Never more than one credit window granted ahead, whatever the client grants,
-            # nor more builds in flight than this stream's share of the ring.
-            granted = min(messages.granted - (next_send - start), plan.credits)
+        while next_build < plan.local_total or pending:
+            granted = min(messages.granted - sent, plan.credits)
             window = min(granted + plan.credits, max(1, stream.share()))
-            while next_build < total and next_build - next_send < window:
+            while next_build < plan.local_total and len(pending) < window:
                 build = builder.start(plan.batch_index(next_build), wait=not pending)
                 if build is None:
                     break
-                pending.append(build)
-                next_build += 1
+                pending.append((next_build, build))
+                next_build = after(next_build + 1)
+            position, build = pending.pop(0) if not plan.any_order else first_built(pending, stream.active)
             grown = builder.min_bytes
-            built = builder.finish(pending.popleft())
-            if builder.min_bytes > grown:
+            built = builder.finish(build)
+            if builder.min_bytes > grown and not plan.any_order:
                 # The batch outgrew its slot: builds made ahead in slots that small
                 # would too. Start them again at the new size.
-                while pending:
-                    builder.drop(pending.pop())
-                next_build = next_send + 1
-            if not messages.wait_for(next_send - start, stream.active):
+                for _, ahead in pending:
+                    builder.drop(ahead)
+                pending.clear()
+                next_build = after(position + 1)
+            if not messages.wait_for(sent, stream.active):
                 built.lease.release()
                 return False
             yield from stream.frames(built)
-            next_send += 1
-            stream.progress(next_send)
+            sent += 1
+            stream.progress(plan.local_start + sent)
         return True
     finally:
-        for build in pending:
+        for _, build in pending:
             builder.drop(build)

@@ -1,0 +1,105 @@
+"""Batches the client chooses: its own sampler runs in the trainer, the server builds what it is told.
+
+The client sends the sample indices of its next batches (``BatchIndices``, a credit
+window ahead of need) and, when its sampler is exhausted, how many batches the
+epoch had. This replica builds and sends the batches it owns (b % R == replica),
+in the order given (or as built, with ``any_order``). Every list is checked before
+anything is built: batch indices increasing and this replica's, sample indices
+within the dataset, batches of at most ``MAX_BATCH`` samples.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Generator
+
+import numpy as np
+
+from batchferry.server.builder import Build, first_built
+from batchferry.server.plan import Plan
+from batchferry.server.status import invalid
+from batchferry.server.stream import Stream
+from batchferry.v1 import loader_pb2 as _pb2
+
+__all__ = ["MAX_BATCH", "send", "unpack"]
+
+MAX_BATCH = 1 << 20  # samples in one batch the client chooses
+
+
+def unpack(
+    lists: _pb2.BatchIndices, plan: Plan, after: int
+) -> tuple[list[tuple[int, np.ndarray]], int | None]:
+    """The (batch index, samples) pairs of a message, checked; and the epoch's total if it ends.
+
+    ``after``: the last batch index received before (-1 for none).
+    """
+    index = np.asarray(lists.index, dtype=np.int64)
+    lengths = np.asarray(lists.lengths, dtype=np.int64)
+    samples = np.asarray(lists.samples, dtype=np.int64)
+    if index.size != lengths.size:
+        raise invalid(f"batches: {index.size} batch indices but {lengths.size} lengths")
+    if index.size and (lengths.min() < 1 or lengths.max() > MAX_BATCH):
+        raise invalid(f"batches: every batch needs 1 to {MAX_BATCH} samples")
+    if int(lengths.sum()) != samples.size:
+        raise invalid(f"batches: lengths add up to {int(lengths.sum())}, but {samples.size} samples came")
+    if samples.size and (samples.min() < 0 or samples.max() >= plan.length):
+        bad = int(samples[(samples < 0) | (samples >= plan.length)][0])
+        raise invalid(f"batches: sample index {bad} is outside the dataset (length {plan.length})")
+    previous = np.concatenate([[after], index[:-1]]) if index.size else index
+    if index.size and (np.any(index <= previous) or np.any(index % plan.replicas != plan.replica)):
+        raise invalid(
+            f"batches: batch indices must increase and be this replica's (b % {plan.replicas} == "
+            f"{plan.replica}), after batch {after}; got {index[:8].tolist()}"
+        )
+    total = None
+    if lists.end:
+        last = int(index[-1]) if index.size else after
+        if lists.total <= last:
+            raise invalid(f"batches: the epoch ends with {lists.total} batches, but batch {last} was sent")
+        total = int(lists.total)
+    parts = np.split(samples, np.cumsum(lengths)[:-1]) if index.size else []
+    pairs = list(zip(index.tolist(), parts, strict=True))
+    return pairs, total
+
+
+def send(stream: Stream) -> Generator[bytes, None, bool]:
+    plan, messages, builder = stream.plan, stream.messages, stream.builder
+    waiting: deque[tuple[int, np.ndarray]] = deque()  # received, not yet building
+    pending: list[tuple[int, Build]] = []
+    last, total = plan.start_batch - 1, None
+    sent = 0
+    yield stream.start_frame(plan.local_start)
+    try:
+        while True:
+            for lists in messages.take_lists():
+                if total is not None:
+                    raise invalid("batches: more index lists after the end of the epoch")
+                pairs, total = unpack(lists, plan, last)
+                waiting.extend(pairs)
+                last = pairs[-1][0] if pairs else last
+            granted = min(messages.granted - sent, plan.credits)
+            window = min(granted + plan.credits, max(1, stream.share()))
+            while waiting and len(pending) < window:
+                index, samples = waiting[0]
+                build = builder.start(index, wait=not pending, samples=samples)
+                if build is None:
+                    break
+                waiting.popleft()
+                pending.append((index, build))
+            if not pending:
+                if total is not None and not waiting:
+                    return True
+                if not messages.wait_lists(stream.active):
+                    return False
+                continue
+            _, build = pending.pop(0) if not plan.any_order else first_built(pending, stream.active)
+            built = builder.finish(build)
+            if not messages.wait_for(sent, stream.active):
+                built.lease.release()
+                return False
+            yield from stream.frames(built)
+            sent += 1
+            stream.progress(sent)
+    finally:
+        for _, build in pending:
+            builder.drop(build)
