@@ -61,6 +61,8 @@ _MODES = {
 _DYNAMIC_SLICE = 0.005
 _ALIVE_CHECK = 2.0  # seconds a server gets to answer after no batch came within timeout
 _NO_LIMIT = 365 * 24 * 3600.0  # timeout=0, as in torch: wait as long as it takes
+# Byte-stream connections per server by default: one stream moves one message at a time.
+_BYTE_STREAMS = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +87,7 @@ class LoaderConfig:
     rank: int = 0
     world_size: int = 1
     in_order: bool = True
+    streams: int | None = None  # byte-stream connections per server (None: automatic)
 
     def __post_init__(self) -> None:
         def bad(field: str, value: Any, why: str) -> InvalidArgument:
@@ -122,6 +125,16 @@ class LoaderConfig:
             raise bad("world_size", self.world_size, "must be >= 1")
         if not 0 <= self.rank < self.world_size:
             raise bad("rank", self.rank, f"must be in [0, world_size={self.world_size})")
+        if self.streams is not None and (
+            isinstance(self.streams, bool) or not isinstance(self.streams, int) or not 1 <= self.streams <= 16
+        ):
+            raise bad("streams", self.streams, "must be an integer in [1, 16]")
+        if self.streams not in (None, 1) and self.mode not in ("independent", "sharded"):
+            raise bad(
+                "streams",
+                self.streams,
+                f"must be 1 in {self.mode} mode (the job's consumers share one order)",
+            )
         if self.chunk_bytes and not wire.MIN_CHUNK_BYTES <= self.chunk_bytes <= wire.MAX_CHUNK_BYTES:
             raise bad(
                 "chunk_bytes",
@@ -247,6 +260,7 @@ class DataLoader:
         device: str | torch.device | None = None,
         batch_transform: Callable[[Any], Any] | None = None,
         transport: str = "auto",
+        streams: int | None = None,
         mode: str = "independent",
         job: str | None = None,
         rank: int = 0,
@@ -319,6 +333,7 @@ class DataLoader:
             rank=rank,
             world_size=world_size,
             in_order=in_order,
+            streams=streams,
         )
         self._sampling = (
             ClientSampling(sampler, batch_sampler, batch_size, bool(drop_last))
@@ -359,8 +374,9 @@ class DataLoader:
             replicas = self._replicas.discover(self.config.dataset, self.config.timeout)
             info = {d.name: d for d in replicas[0].info.datasets}[self.config.dataset]
             self._length = int(info.length)
-            per_stream = self._credits_per_stream()
-            self._pool.max_buffers = max(self._pool.max_buffers, len(replicas) * per_stream + 2)
+            parts = len(replicas) * (self.config.streams or _BYTE_STREAMS)
+            per_stream = max(2, -(-self.config.prefetch_factor // parts))
+            self._pool.max_buffers = max(self._pool.max_buffers, parts * per_stream + 2)
             self._warn_server_side(int(replicas[0].info.num_workers))
         return self._length
 
@@ -386,11 +402,25 @@ class DataLoader:
         if notes:
             warnings.warn("; ".join(notes), ServerSideWarning, stacklevel=4)
 
+    @property
+    def stripes(self) -> int:
+        """Streams (each on its own connection) per server: more than one only on the byte
+        stream, where one stream waits on each message in turn."""
+        if self.config.streams is not None:
+            return self.config.streams
+        if self.config.mode not in ("independent", "sharded") or self.transport == "shm":
+            return 1
+        return _BYTE_STREAMS
+
+    def _parts(self) -> int:
+        return self._replicas.size * self.stripes
+
     def _credits_per_stream(self) -> int:
-        """Batches in flight per replica: prefetch_factor in all, at least 2 per stream."""
-        if self._replicas.size <= 1:
+        """Batches in flight per stream: prefetch_factor in all, at least 2 per stream."""
+        parts = self._parts()
+        if parts <= 1:
             return self.config.prefetch_factor
-        return max(2, -(-self.config.prefetch_factor // self._replicas.size))
+        return max(2, -(-self.config.prefetch_factor // parts))
 
     def _shm_visible(self, replica: Replica) -> bool:
         visible = probe(replica.info.shm_probe, replica.info.shm_token)
@@ -645,7 +675,9 @@ class _Iterator:
         # before). In any order: how many were yielded; ``done`` says which.
         self.yielded = start
         self.done = bytearray(done)
-        count = loader._replicas.size
+        self._replicas = loader._replicas.size
+        self._stripes = loader.stripes
+        count = self._replicas * self._stripes  # stream j: replica j % R, stripe j // R
         self._streams: list[EpochStream] = []
         self._first: list[int] = []  # per replica: the first batch its stream sends
         self._ended = [False] * count
@@ -672,19 +704,20 @@ class _Iterator:
     def _resume_point(self) -> int:
         return 0 if self._any_order else self.yielded
 
-    def _local_done(self, r: int) -> bytes:
-        """The batches of replica ``r`` already yielded, as a bitmap over its positions."""
+    def _local_done(self, j: int) -> bytes:
+        """The batches of stream ``j`` already yielded, as a bitmap over its positions."""
         if not self._any_order or not self.done:
             return b""
-        replicas = len(self._loader._replicas.replicas)
         bits = np.unpackbits(np.frombuffer(bytes(self.done), dtype=np.uint8), bitorder="little")
-        return np.packbits(bits[r::replicas], bitorder="little").tobytes()
+        parts = self._replicas * self._stripes
+        return np.packbits(bits[j::parts], bitorder="little").tobytes()
 
-    def _open(self, r: int, start: int, timeout: float) -> EpochStream:
+    def _open(self, j: int, start: int, timeout: float) -> EpochStream:
         cfg, loader = self._loader.config, self._loader
+        r, k = j % self._replicas, j // self._replicas
         shm = loader._use_shm is not None and loader._use_shm[r]
         stream = EpochStream(
-            loader._replicas.replicas[r].channel,
+            loader._replicas.stripe_channel(r, k),
             _pb2.OpenStream(
                 dataset=cfg.dataset,
                 batch_size=cfg.batch_size,
@@ -703,8 +736,10 @@ class _Iterator:
                 world_size=cfg.world_size,
                 seed=loader.seed,
                 replica_index=r,
-                num_replicas=loader._replicas.size,
-                taken=self._local_done(r),
+                num_replicas=self._replicas,
+                stripe=k,
+                stripes=self._stripes,
+                taken=self._local_done(j),
                 any_order=not cfg.in_order and cfg.mode != "dynamic",
                 client_batches=self.indices is not None,
             ),
@@ -715,8 +750,8 @@ class _Iterator:
             metadata=loader._replicas.security.metadata,
         )
         if self.indices is not None:  # a reopened stream needs the lists it had not built yet
-            replicas = loader._replicas.size
-            resend = {b: samples for b, samples in self._lists.items() if b % replicas == r}
+            parts = self._replicas * self._stripes
+            resend = {b: samples for b, samples in self._lists.items() if b % parts == j}
             self._send_lists(stream, resend, self.indices.total)
         return stream
 
@@ -765,17 +800,18 @@ class _Iterator:
             self.done.extend(bytes(index // 8 + 1 - len(self.done)))
         self.done[index // 8] |= 1 << (index % 8)
 
-    def _where(self, r: int) -> str:
-        replicas = self._loader._replicas
-        address = replicas.replicas[r].address
-        return f"replica {r} of {replicas.size} ({address})" if replicas.size > 1 else f"server {address}"
+    def _where(self, j: int) -> str:
+        r = j % self._replicas
+        address = self._loader._replicas.replicas[r].address
+        return f"replica {r} of {self._replicas} ({address})" if self._replicas > 1 else f"server {address}"
 
-    def _reconnect(self, r: int, cause: ServerUnavailable) -> None:
-        """Reopen replica ``r`` at the next batch not yet yielded, with backoff within ``timeout``."""
+    def _reconnect(self, j: int, cause: ServerUnavailable) -> None:
+        """Reopen stream ``j`` at the next batch not yet yielded, with backoff within ``timeout``."""
+        r = j % self._replicas
         timeout = self._loader.config.timeout
         deadline = time.monotonic() + timeout
         delay = 0.05
-        self._streams[r].close()
+        self._streams[j].close()
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -790,29 +826,29 @@ class _Iterator:
                         # A restarted server has a new ring, and a rescheduled pod may be on
                         # another host: decide the transport again.
                         self._loader._use_shm[r] = self._loader._shm_visible(found)
-                    self._streams[r] = self._open(r, self._resume_point(), remaining)
-                    self._first[r] = int(self._streams[r].start.first_batch)
-                    log.info("reconnected to %s at batch %d", self._where(r), self.yielded)
+                    self._streams[j] = self._open(j, self._resume_point(), remaining)
+                    self._first[j] = int(self._streams[j].start.first_batch)
+                    log.info("reconnected to %s at batch %d", self._where(j), self.yielded)
                     return
             except (ServerUnavailable, BatchTimeout):
                 pass
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(2 * delay, 2.0)
 
-    def _next_from(self, r: int, wait: float | None = None) -> Batch | object | None:
-        """Replica ``r``'s next batch (None at its end, PENDING after ``wait``), reconnecting."""
+    def _next_from(self, j: int, wait: float | None = None) -> Batch | object | None:
+        """Stream ``j``'s next batch (None at its end, PENDING after ``wait``), reconnecting."""
         while True:
             try:
-                return self._streams[r].next(wait)
+                return self._streams[j].next(wait)
             except ServerUnavailable as exc:
-                self._reconnect(r, exc)
+                self._reconnect(j, exc)
             except BatchTimeout as exc:
                 # Nothing for ``timeout``: a slow server, or a dead link that keepalive has
                 # not reported yet. Tell them apart with one quick question.
-                if self._loader._replicas.refresh(r, _ALIVE_CHECK) is None:
+                if self._loader._replicas.refresh(j % self._replicas, _ALIVE_CHECK) is None:
                     timeout = self._loader.config.timeout
                     raise ServerUnavailable(
-                        f"{self._where(r)} unreachable: no batch within timeout={timeout}s and no answer "
+                        f"{self._where(j)} unreachable: no batch within timeout={timeout}s and no answer "
                         f"since (epoch {self.epoch}, after batch {self.yielded})"
                     ) from exc
                 raise

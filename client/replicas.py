@@ -139,6 +139,19 @@ class ReplicaSet:
             channel = self._channels[target] = self.security.channel(target)
         return channel
 
+    def stripe_channel(self, index: int, stripe: int) -> grpc.Channel:
+        """The channel of replica ``index`` for stripe ``stripe``: each stripe on a connection of
+        its own (stripe 0 shares the replica's), so streams are not queued behind one another."""
+        if stripe == 0:
+            return self.replicas[index].channel
+        target = self.replicas[index].address
+        key = f"{target}#{stripe}"
+        channel = self._channels.get(key)
+        if channel is None:
+            options = [*wire.CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+            channel = self._channels[key] = self.security.channel(target, options)
+        return channel
+
     def _targets(self) -> list[str]:
         return resolve(*self._dns) if self._dns else list(self._static)
 
@@ -247,8 +260,9 @@ class ReplicaSet:
             if isinstance(answer, _pb2.ListDatasetsResponse) and int(answer.replica_index) == index:
                 old = self.replicas[index].address
                 self.replicas[index] = Replica(index, target, self._channel(target), answer)
-                if old != target and old in self._channels:
-                    self._channels.pop(old).close()  # the pod that had it is gone
+                if old != target:
+                    for key in [k for k in self._channels if k == old or k.startswith(f"{old}#")]:
+                        self._channels.pop(key).close()  # the pod that had it is gone
                 return self.replicas[index]
         return None
 

@@ -21,6 +21,7 @@ __all__ = ["MAX_CREDITS", "MAX_WORLD_SIZE", "MODE_NAMES", "Catalog", "Plan", "pl
 MAX_CREDITS = 64
 MAX_WORLD_SIZE = 1 << 16
 MAX_NAME = 256  # characters in a dataset, collate or job name
+MAX_STRIPES = 16  # streams one client may split a replica's part of an epoch into
 MODE_NAMES: dict[int, str] = {
     _pb2.MODE_INDEPENDENT: "independent",
     _pb2.MODE_SHARDED: "sharded",
@@ -65,9 +66,9 @@ class Plan:
     rank: int = 0
     epoch: int = 0
     settings: JobSettings | None = None  # job modes: what every consumer must agree on
-    # Scale-out: this stream carries only the batches b with b % replicas == replica.
-    # Senders count positions p among those; frames, releases and the client speak
-    # in whole-epoch batch indices.
+    # Scale-out (replicas, and stripes within one): this stream carries only the batches
+    # b with b % replicas == replica. Senders count positions p among those; frames,
+    # releases and the client speak in whole-epoch batch indices.
     replica: int = 0
     replicas: int = 1
 
@@ -152,6 +153,13 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
         raise invalid("client_batches: only in independent mode (a job's consumers share one order)")
     if req.any_order and req.mode not in (_pb2.MODE_INDEPENDENT, _pb2.MODE_SHARDED):
         raise invalid("any_order: only in independent and sharded modes")
+    stripes = req.stripes or 1
+    if not 1 <= stripes <= MAX_STRIPES or not 0 <= req.stripe < stripes:
+        raise invalid(
+            f"stripes must be in [1, {MAX_STRIPES}] and stripe in [0, stripes), got {req.stripe} of {stripes}"
+        )
+    if stripes > 1 and req.mode not in (_pb2.MODE_INDEPENDENT, _pb2.MODE_SHARDED):
+        raise invalid("stripes: only in independent and sharded modes")
     if req.client_batches:
         pass  # the client's sampler decides; shuffle and sampler_state are unused
     elif req.mode == _pb2.MODE_INDEPENDENT:
@@ -189,7 +197,10 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
         raise invalid(f"start_batch must be >= 0, got {req.start_batch}")
     if not req.client_batches and not 0 <= req.start_batch <= total:
         raise invalid(f"start_batch must be in [0, {total}], got {req.start_batch}")
-    local_total = (total - catalog.replica + catalog.replicas - 1) // catalog.replicas
+    # A stripe is a finer split of this replica's part: with R replicas and K stripes,
+    # stream (r, k) carries the batches b with b % (R * K) == r + R * k.
+    part, parts = catalog.replica + catalog.replicas * req.stripe, catalog.replicas * stripes
+    local_total = (total - part + parts - 1) // parts
     if req.taken and not (req.mode == _pb2.MODE_DYNAMIC or req.any_order):
         raise invalid("taken: only in dynamic mode or with any_order")
     if len(req.taken) > -(-local_total // 8):
@@ -217,6 +228,6 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
         rank=req.rank,
         epoch=req.epoch,
         settings=settings,
-        replica=catalog.replica,
-        replicas=catalog.replicas,
+        replica=part,
+        replicas=parts,
     )
