@@ -172,6 +172,16 @@ def _bench(args: argparse.Namespace) -> int:
 
         ids.remove("MEM")
         memory_main(out=Path(args.out or RESULTS))
+    if "BYTES" in ids:
+        from batchferry.benchmarks.bytestream import main as bytes_main
+
+        ids.remove("BYTES")
+        bytes_main(reps=args.reps, num_workers=args.num_workers, out=Path(args.out or RESULTS))
+    if "G2" in ids:
+        from batchferry.benchmarks.offload import main as offload_main
+
+        ids.remove("G2")
+        offload_main(out=Path(args.out or RESULTS), device=args.device)
     if "G1" in ids:
         from batchferry.benchmarks.gpu import main as gpu_main
 
@@ -261,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="W",
         help="W1 W2 W3 W4 P1 (Parquet), W5 (shared mode), SCALE (replicas), MEM (memory bounds), "
-        "HOSTILE (budgets under hostile clients), G1 (needs CUDA), or all (W1-W4)",
+        "HOSTILE (budgets under hostile clients), BYTES (byte stream by stripe count), "
+        "G1 and G2 (need CUDA), or all (W1-W4)",
     )
     bench.add_argument("--reps", type=int, default=3)
     bench.add_argument("--num-workers", type=int, default=2)
@@ -269,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--scale", type=float, default=1.0, help="shrink datasets (smoke runs)")
     bench.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     bench.add_argument("--no-ceiling", action="store_true", help="skip the raw gRPC ceiling")
+    bench.add_argument("--device", default=None, help="G2: the device batches go to (default cuda)")
     bench.set_defaults(func=_bench)
 
     jobs = sub.add_parser(

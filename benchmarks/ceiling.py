@@ -26,7 +26,7 @@ def _serve() -> None:
         for _ in range(count):
             yield chunk
 
-    server = grpc.server(ThreadPoolExecutor(4), options=_OPTIONS)
+    server = grpc.server(ThreadPoolExecutor(16), options=_OPTIONS)
     handler = grpc.unary_stream_rpc_method_handler(stream)
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler("ceiling.Raw", {"Stream": handler})]
@@ -38,24 +38,40 @@ def _serve() -> None:
     server.stop(0)
 
 
-def measure(message_bytes: int = 4 << 20, total_bytes: int = 2_000_000_000) -> dict[str, Any]:
+def measure(
+    message_bytes: int = 4 << 20, total_bytes: int = 2_000_000_000, streams: int = 1
+) -> dict[str, Any]:
+    """GB/s received by one client process over ``streams`` concurrent calls, each on its
+    own HTTP/2 connection (as a loader's stripes are)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "batchferry.benchmarks.ceiling", "--serve"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
+    channels: list[grpc.Channel] = []
     try:
         assert proc.stdout is not None and proc.stdin is not None
         port = int(proc.stdout.readline())
-        count = max(8, total_bytes // message_bytes)
-        with grpc.insecure_channel(f"127.0.0.1:{port}", options=_OPTIONS) as channel:
-            call = channel.unary_stream(_METHOD, request_serializer=None, response_deserializer=None)
+        count = max(8, total_bytes // message_bytes // streams)
+        options = [*_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+        channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in range(streams)]
+        calls = [
+            c.unary_stream(_METHOD, request_serializer=None, response_deserializer=None) for c in channels
+        ]
+        for call in calls:
             for _ in call(f"{message_bytes},4".encode(), wait_for_ready=True, timeout=60):
                 pass  # warm up
-            start = time.perf_counter()
-            received = sum(len(m) for m in call(f"{message_bytes},{count}".encode(), timeout=600))
-            elapsed = time.perf_counter() - start
-        return {"message_bytes": message_bytes, "gb_per_s": received / elapsed / 1e9}
+
+        def drain(call: Any) -> int:
+            return sum(len(m) for m in call(f"{message_bytes},{count}".encode(), timeout=600))
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(streams) as pool:
+            received = sum(pool.map(drain, calls))
+        elapsed = time.perf_counter() - start
+        return {"message_bytes": message_bytes, "streams": streams, "gb_per_s": received / elapsed / 1e9}
     finally:
+        for channel in channels:
+            channel.close()
         if proc.stdin is not None:
             proc.stdin.close()
         proc.wait(timeout=30)

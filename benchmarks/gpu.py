@@ -106,11 +106,18 @@ def main(*, compute_ms: float = 6.0, steps: int = 28, worker_counts: tuple[int, 
         print("torch", nw, report["torch"][f"num_workers={nw}"], flush=True)
     for nw in worker_counts:
         with served(workload, nw) as address:
-            for transport in ("shm", "grpc"):
+            for transport, streams in (("shm", None), ("grpc", None), ("grpc", 4)):
                 with DataLoader(
-                    address, "W2", BATCH, shuffle=True, seed=0, device=device, transport=transport
+                    address,
+                    "W2",
+                    BATCH,
+                    shuffle=True,
+                    seed=0,
+                    device=device,
+                    transport=transport,
+                    streams=streams,
                 ) as bl:
-                    key = f"{transport} num_workers={nw}"
+                    key = f"{transport} num_workers={nw}" + (f" streams={streams}" if streams else "")
                     report["batchferry"][key] = _run(bl.__iter__, step, steps, lambda x: x)
                     print("batchferry", key, report["batchferry"][key], flush=True)
     best_torch = max(r["samples_per_s"] for r in report["torch"].values())

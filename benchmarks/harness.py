@@ -65,14 +65,18 @@ def measure(make_iter: Callable[[], Iterator[Any]], batches: int) -> Sample:
 
 
 @contextmanager
-def served(workload: Workload, num_workers: int, extra: Sequence[str] = ()) -> Iterator[str]:
-    """A ``batchferry serve`` process for the workload (``extra``: more flags); yields its address."""
+def served(workload: Workload, num_workers: int, extra: Sequence[str] = (),
+           cpus: set[int] | None = None) -> Iterator[str]:  # fmt: skip
+    """A ``batchferry serve`` process for the workload (``extra``: more flags; ``cpus``: the
+    cores it and its workers may run on); yields its address."""
     cmd = [
         sys.executable, "-m", "batchferry.cli", "--log-level", "WARNING", "serve",
         "--dataset", f"{workload.id}={workload.spec}",
         "--host", "127.0.0.1", "--port", "0", "--num-workers", str(num_workers), *extra,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    if cpus is not None:  # before it starts its workers, which inherit the set
+        os.sched_setaffinity(proc.pid, cpus)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()

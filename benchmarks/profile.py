@@ -1,0 +1,111 @@
+"""Where the byte stream's time goes, on both sides: W2 from one server to one loader.
+
+Reports GB/s, each side's CPU seconds per GB moved, and (with py-spy on PATH) the
+share of wall time each process holds the interpreter lock, with the frames that
+hold it most. A process whose lock share nears 1 is bound by its interpreter.
+
+``python -m batchferry.benchmarks.profile [--streams 4] [--seconds 8] [--num-workers 8]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from batchferry.client import DataLoader
+
+from .harness import served
+from .workloads import DATA_ENV, WORKLOADS, data_dir
+
+_RATE = 250  # py-spy samples per second
+
+
+def _client(address: str, streams: int, seconds: float) -> None:
+    nbytes, start = 0, time.perf_counter()
+    with DataLoader(address, "W2", 256, shuffle=True, transport="grpc", streams=streams) as loader:
+        while time.perf_counter() - start < seconds:
+            for x, _y in loader:
+                nbytes += x.numel()
+                if time.perf_counter() - start >= seconds:
+                    break
+    elapsed = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"gb": nbytes / 1e9, "seconds": elapsed, "cpu_s": usage.ru_utime + usage.ru_stime}))
+
+
+def _gil(pid: int, seconds: float) -> dict[str, Any] | None:
+    """py-spy's samples of ``pid`` holding the GIL: the share of wall time, top frames."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".txt") as raw:
+        cmd = [spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", str(_RATE), "--gil",
+               "-f", "raw", "-o", raw.name, "--nonblocking"]  # fmt: skip
+        run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=seconds + 30)
+        if run.returncode != 0:
+            return {"error": run.stderr.strip()[-300:]}
+        leaves: collections.Counter[str] = collections.Counter()
+        total = 0
+        for line in Path(raw.name).read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            total += int(count)
+            leaves[stack.split(";")[-1]] += int(count)
+    return {
+        "gil_share": total / (_RATE * int(seconds)),
+        "top": [(frame, round(n / max(total, 1), 3)) for frame, n in leaves.most_common(8)],
+    }
+
+
+def main(*, streams: int = 4, seconds: float = 8.0, num_workers: int = 8) -> dict[str, Any]:
+    os.environ[DATA_ENV] = str(data_dir())
+    workload = WORKLOADS["W2"]
+    workload.factory()
+    report: dict[str, Any] = {"streams": streams, "num_workers": num_workers}
+    with served(workload, num_workers) as address:
+        server = next(p for p in psutil.Process().children() if "serve" in " ".join(p.cmdline()))
+        before = sum(p.cpu_times().user + p.cpu_times().system for p in [server, *server.children(True)])
+        main_before = server.cpu_times().user + server.cpu_times().system
+        client = subprocess.Popen(
+            [sys.executable, "-m", "batchferry.benchmarks.profile", "--client", address,
+             "--streams", str(streams), "--seconds", str(seconds)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(min(2.0, seconds / 4))  # past the first batches
+        window = max(1.0, seconds / 2 - 1)
+        report["server_gil"] = _gil(server.pid, window)
+        report["client_gil"] = _gil(client.pid, window)
+        out, _ = client.communicate(timeout=seconds + 120)
+        moved = json.loads(out.strip().splitlines()[-1])
+        after = sum(p.cpu_times().user + p.cpu_times().system for p in [server, *server.children(True)])
+        main_after = server.cpu_times().user + server.cpu_times().system
+    report["gb_per_s"] = moved["gb"] / moved["seconds"]
+    report["client_cpu_s_per_gb"] = moved["cpu_s"] / moved["gb"]
+    report["server_cpu_s_per_gb"] = (main_after - main_before) / moved["gb"]
+    report["server_and_workers_cpu_s_per_gb"] = (after - before) / moved["gb"]
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--client", metavar="ADDRESS", help=argparse.SUPPRESS)
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--num-workers", type=int, default=8)
+    args = parser.parse_args()
+    if args.client:
+        _client(args.client, args.streams, args.seconds)
+    else:
+        main(streams=args.streams, seconds=args.seconds, num_workers=args.num_workers)
