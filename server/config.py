@@ -111,9 +111,9 @@ class ServerConfig:
     chunk_bytes: int = _setting(
         wire.DEFAULT_CHUNK_BYTES, "byte-stream chunk size, e.g. 4MiB", parse=parse_size
     )
-    max_streams: int = _setting(64, "concurrent batch streams")
+    max_streams: int = _setting(128, "concurrent batch streams (a byte-stream loader opens 2 by default)")
     max_streams_per_peer: int = _setting(
-        16, "concurrent batch streams of one client (its token, certificate or IP address)"
+        32, "concurrent batch streams of one client (its token, certificate or IP address)"
     )
     stream_idle_s: float = _setting(
         300.0, "end a stream whose client sent nothing this long while the stream waits on it"

@@ -280,6 +280,7 @@ class LoaderService:
             active=active,
             ring_slots=self._ring.target_slots,
             share=self._share,
+            workers=max(1, self._pool.num_workers),
             job=job,
             consumer=consumer,
         )

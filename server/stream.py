@@ -32,10 +32,18 @@ class Stream:
     builder: Builder
     active: Callable[[], bool]
     ring_slots: int = 8
+    # The pool's workers: builds run this far ahead of the grant (when the ring allows),
+    # so a stream with few credits still keeps every worker busy.
+    workers: int = 1
     # This stream's fair share of the ring's slots now (they are split among open streams).
     share: Callable[[], int] = lambda: 1 << 30
     job: Job | None = None
     consumer: Consumer | None = None
+
+    def build_window(self, granted: int) -> int:
+        """Builds this stream may have in flight: the grant, plus enough ahead of it to
+        cover the credit round trip and keep the workers busy, within its ring share."""
+        return min(granted + max(self.plan.credits, self.workers), max(1, self.share()))
 
     def start_frame(self, position: int) -> bytes:
         """The start frame, naming the first batch this stream sends (its ``position``-th)."""

@@ -137,7 +137,7 @@ def test_streams_per_client_are_limited_and_others_are_served(tensor_ds) -> None
     with Server(
         {"t": tensor_ds}, port=0, num_workers=0, max_streams_per_peer=2, tokens=f"{TOKEN_A},{TOKEN_B}"
     ) as srv:
-        held = [DataLoader(srv.address, "t", 4, token=TOKEN_A, transport="grpc") for _ in range(2)]
+        held = [DataLoader(srv.address, "t", 4, token=TOKEN_A, transport="grpc", streams=1) for _ in range(2)]
         its = [iter(loader) for loader in held]
         for it in its:
             next(it)

@@ -1,9 +1,10 @@
 """independent and sharded modes: this stream's batches, built ahead within the credit window.
 
 The order is the plan's (torch's RandomSampler order, or DistributedSampler's shard
-for this rank). Builds run up to one credit window beyond what the client has
-granted (within the stream's share of the ring), so they overlap the credit round
-trip; sends never exceed the grant. A stream blocks for a slot only while it has no
+for this rank). Builds run ahead of what the client has granted by a credit window
+or the pool's worker count, whichever is larger (within the stream's share of the
+ring), so they overlap the credit round trip and use every worker; sends never
+exceed the grant. A stream blocks for a slot only while it has no
 build in flight: it never waits on itself.
 
 Batches go out in epoch order, or with ``any_order`` as soon as each is built (a
@@ -41,7 +42,7 @@ def send(stream: Stream) -> Generator[bytes, None, bool]:
     try:
         while next_build < plan.local_total or pending:
             granted = min(messages.granted - sent, plan.credits)
-            window = min(granted + plan.credits, max(1, stream.share()))
+            window = stream.build_window(granted)
             while next_build < plan.local_total and len(pending) < window:
                 build = builder.start(plan.batch_index(next_build), wait=not pending)
                 if build is None:

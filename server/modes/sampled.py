@@ -78,7 +78,7 @@ def send(stream: Stream) -> Generator[bytes, None, bool]:
                 waiting.extend(pairs)
                 last = pairs[-1][0] if pairs else last
             granted = min(messages.granted - sent, plan.credits)
-            window = min(granted + plan.credits, max(1, stream.share()))
+            window = stream.build_window(granted)
             while waiting and len(pending) < window:
                 index, samples = waiting[0]
                 build = builder.start(index, wait=not pending, samples=samples)
