@@ -36,6 +36,8 @@ class Stream:
     share: Callable[[], int] = lambda: 1 << 30
     job: Job | None = None
     consumer: Consumer | None = None
+    # Sees each batch's frames go out, with the transport that carries them (server/metrics.py).
+    observe: Callable[[Iterator[bytes], str, Built], Iterator[bytes]] = lambda frames, _t, _b: frames
 
     def start_frame(self, position: int) -> bytes:
         """The start frame, naming the first batch this stream sends (its ``position``-th)."""
@@ -53,10 +55,12 @@ class Stream:
         held = held or built.lease
         if self.plan.shm and self.messages.held < min(self.plan.credits + _HOLD_MARGIN, self.share()):
             self.messages.hold(built.index, held)
-            return iter([framing.shm_frame(built.index, built.layout, built.lease)])
-        return framing.byte_frames(
+            frame = framing.shm_frame(built.index, built.layout, built.lease)
+            return self.observe(iter([frame]), "shm", built)
+        frames = framing.byte_frames(
             built.index, built.layout, built.lease, self.plan.chunk_bytes, held.release
         )
+        return self.observe(frames, "grpc", built)
 
     def progress(self, position: int) -> None:
         """For listings: this consumer has been sent its batches before ``position``."""
