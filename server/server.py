@@ -7,7 +7,8 @@ UNAVAILABLE (clients reconnect), stop RPCs, stop workers, unlink every segment.
 
 Besides the Loader service the server answers the standard ``grpc.health.v1``
 service (container HEALTHCHECK, Kubernetes gRPC probes, ``batchferry health``):
-SERVING for "" and the Loader service while it runs.
+SERVING for "" and the Loader service while it runs; and server reflection
+(``grpc.reflection.v1alpha``), so ``grpcurl HOST:PORT list`` and ``describe`` work.
 With ``metrics_port`` it serves Prometheus metrics over HTTP (``server/metrics.py``).
 
 Nothing outlives the server: ``close()`` (also at interpreter exit, and on
@@ -32,9 +33,12 @@ from types import FrameType
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from batchferry import cleanup, shm, wire
+from batchferry.v1 import loader_pb2 as _pb2
 
 from .auth import AuthInterceptor, Tokens, server_credentials
 from .collate import CollateFn, SlotCollate, collate_names, get_collate
@@ -156,6 +160,9 @@ class Server:
             )
             self._health = health.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+            reflection.enable_server_reflection(
+                (wire.SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc, pool=_descriptors()
+            )
             self.port = _bind(self._grpc, cfg.host, cfg.port, credentials)
             if cfg.metrics_port:
                 self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
@@ -320,6 +327,20 @@ class _DaemonThreads(Executor):
         if wait:
             for thread in self._threads:
                 thread.join(timeout=_STOP_TIMEOUT)
+
+
+def _descriptors() -> descriptor_pool.DescriptorPool:
+    """The proto files of the services the server answers, for reflection.
+
+    The Loader's handlers take raw bytes (see batchferry.wire), so gRPC knows nothing
+    of its messages: reflection answers from this pool, which holds exactly these files.
+    """
+    pool = descriptor_pool.DescriptorPool()
+    for module in (_pb2, health_pb2, reflection_pb2):
+        proto = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(proto)
+        pool.Add(proto)
+    return pool
 
 
 def _shm_budget(wanted: int) -> int:

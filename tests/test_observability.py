@@ -1,4 +1,4 @@
-"""Prometheus metrics: scraped over HTTP from real servers during real runs."""
+"""Prometheus metrics and gRPC reflection: scraped and asked over the network from real servers."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pool
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -290,3 +293,55 @@ def test_metrics_are_off_by_default_and_their_port_is_checked(tensor_ds, busy_po
         ServerConfig(port=taken, metrics_port=taken)
     with pytest.raises(ValueError, match="metrics_port must be in"):
         ServerConfig(metrics_port=70000)
+
+
+# -- reflection ------------------------------------------------------------------------
+def test_reflection_lists_and_describes_the_loader(tensor_ds) -> None:
+    with (
+        Server({"t": tensor_ds}, port=0, num_workers=0) as srv,
+        grpc.insecure_channel(srv.address) as channel,
+    ):
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert set(database.get_services()) == {
+            "batchferry.v1.Loader",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        }
+        pool = descriptor_pool.DescriptorPool(database)
+        loader = pool.FindServiceByName("batchferry.v1.Loader")
+        methods = {m.name: m for m in loader.methods}
+        assert set(methods) == {"ListDatasets", "StreamBatches", "ListJobs"}
+        stream = methods["StreamBatches"]
+        assert (stream.input_type.full_name, stream.output_type.full_name) == (
+            "batchferry.v1.ClientMessage",
+            "batchferry.v1.ServerFrame",
+        )
+        assert stream.client_streaming and stream.server_streaming
+        assert methods["ListDatasets"].output_type.full_name == "batchferry.v1.ListDatasetsResponse"
+        opened = pool.FindMessageTypeByName("batchferry.v1.OpenStream")
+        assert {"dataset", "batch_size", "shuffle", "mode", "job", "rank", "world_size"} <= set(
+            opened.fields_by_name
+        )
+        assert opened.fields_by_name["mode"].enum_type.full_name == "batchferry.v1.Mode"
+        health = pool.FindServiceByName("grpc.health.v1.Health")
+        assert {m.name for m in health.methods} >= {"Check", "Watch"}
+
+
+def _list_services(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> list[str]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    (reply,) = stub.ServerReflectionInfo(iter([request]), metadata=metadata, timeout=10)
+    return [s.name for s in reply.list_services_response.service]
+
+
+def test_reflection_needs_a_token_when_tokens_are_on(tensor_ds, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKEN + "\n")
+    with (
+        Server({"t": tensor_ds}, port=0, num_workers=0, token_file=str(tokens)) as srv,
+        grpc.insecure_channel(srv.address) as channel,
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            _list_services(channel)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "batchferry.v1.Loader" in _list_services(channel, (("authorization", f"Bearer {TOKEN}"),))
