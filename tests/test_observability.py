@@ -25,6 +25,7 @@ from batchferry.server import Server, ServerConfig
 
 from support import Filled, free_port, wait_until
 
+ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "metrics-test-token-0123456789"
 
 Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -176,7 +177,7 @@ _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
-def test_metric_names_follow_prometheus_conventions(tensor_ds) -> None:
+def test_metric_names_follow_prometheus_conventions_and_are_documented(tensor_ds) -> None:
     port = free_port()
     with Server({"t": tensor_ds}, port=0, num_workers=1, metrics_port=port) as srv:
         with DataLoader(srv.address, "t", 16, mode="shared", job="j") as loader:
@@ -218,6 +219,12 @@ def test_metric_names_follow_prometheus_conventions(tensor_ds) -> None:
         "batchferry_streams_open", "batchferry_job_consumers", "batchferry_job_consumer_lag_batches",
         "batchferry_grpc_handled",
     } <= names  # fmt: skip
+    # The README's table names every metric, counters with their _total, and no other.
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Observability", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(batchferry_\w+)`", section, re.MULTILINE))
+    exposed = {f.name + ("_total" if f.type == "counter" else "") for f in ours}
+    assert documented == exposed
 
 
 # Label names a series may carry, and nothing else: no peer, port or batch index.
