@@ -94,32 +94,97 @@ def _ask(args: argparse.Namespace, method: str) -> bytes | None:
             return None
 
 
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[int] = ()) -> str:
+    """Columns two spaces apart, each as wide as its widest cell; ``numeric`` ones right-aligned."""
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            cell.rjust(width) if i in numeric else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in (header, *rows)
+    )
+
+
+def _progress(done: int, total: int) -> str:
+    """``1,234/5,000 (25%)``."""
+    share = f" ({100 * done // total}%)" if total > 0 else ""
+    return f"{done:,}/{total:,}{share}"
+
+
 def _datasets(args: argparse.Namespace) -> int:
+    import json
+
     from batchferry.v1 import loader_pb2 as _pb2
 
     raw = _ask(args, wire.LIST_DATASETS)
     if raw is None:
         return 1
-    for info in _pb2.ListDatasetsResponse.FromString(raw).datasets:
-        print(f"{info.name}\t{info.length}\t{info.sample_structure}")
+    reply = _pb2.ListDatasetsResponse.FromString(raw)
+    if args.json:
+        print(json.dumps({
+            "datasets": [
+                {"name": d.name, "length": d.length, "sample_structure": d.sample_structure}
+                for d in reply.datasets
+            ],
+            "replica_index": reply.replica_index,
+            "num_replicas": max(1, reply.num_replicas),
+            "server_id": reply.server_id,
+        }, indent=2))  # fmt: skip
+        return 0
+    rows = [[d.name, f"{d.length:,}", d.sample_structure] for d in reply.datasets]
+    print(_table(["NAME", "SAMPLES", "SAMPLE STRUCTURE"], rows, numeric=[1]))
+    if reply.num_replicas > 1:
+        print(f"\nreplica {reply.replica_index} of {reply.num_replicas}: it serves batches b with "
+              f"b % {reply.num_replicas} == {reply.replica_index} of each epoch")  # fmt: skip
     return 0
 
 
 def _jobs(args: argparse.Namespace) -> int:
+    import json
+
     from batchferry.v1 import loader_pb2 as _pb2
 
     raw = _ask(args, wire.LIST_JOBS)
     if raw is None:
         return 1
     jobs = _pb2.ListJobsResponse.FromString(raw).jobs
+    modes = {job.name: _pb2.Mode.Name(job.mode).removeprefix("MODE_").lower() for job in jobs}
+    if args.json:
+        print(json.dumps({"jobs": [
+            {
+                "name": job.name, "mode": modes[job.name], "dataset": job.dataset,
+                "batch_size": job.batch_size, "world_size": job.world_size,
+                "batches_built": job.batches_built,
+                "consumers": [
+                    {"peer": c.peer, "rank": c.rank, "epoch": c.epoch, "batches_sent": c.batches_sent,
+                     "num_batches": c.num_batches, "batches_taken": c.batches_taken}
+                    for c in job.consumers
+                ],
+            }
+            for job in jobs
+        ]}, indent=2))  # fmt: skip
+        return 0
     if not jobs:
         print("no jobs")
-    for job in jobs:
-        mode = _pb2.Mode.Name(job.mode).removeprefix("MODE_").lower()
-        print(f"{job.name}\t{mode}\t{job.dataset}\tbatch {job.batch_size}\tworld {job.world_size}\t"
-              f"{len(job.consumers)} consumer(s)\t{job.batches_built} batches built")  # fmt: skip
-        for c in job.consumers:
-            print(f"  {c.peer}\trank {c.rank}\tepoch {c.epoch}\t{c.batches_sent}/{c.num_batches} batches")
+        return 0
+    rows = [
+        [job.name, modes[job.name], job.dataset, f"{job.batch_size:,}", f"{job.world_size:,}",
+         f"{len(job.consumers):,}", f"{job.batches_built:,}"]
+        for job in jobs
+    ]  # fmt: skip
+    print(_table(["JOB", "MODE", "DATASET", "BATCH SIZE", "WORLD", "CONSUMERS", "BATCHES BUILT"], rows,
+                 numeric=[3, 4, 5, 6]))  # fmt: skip
+    consumers = [
+        [job.name, c.peer, f"{c.rank:,}", f"{c.epoch:,}", _progress(c.batches_sent, c.num_batches),
+         f"{c.batches_taken:,}"]
+        for job in jobs
+        for c in job.consumers
+    ]  # fmt: skip
+    if consumers:
+        print()
+        print(_table(["JOB", "CONSUMER", "RANK", "EPOCH", "SENT THIS EPOCH", "TAKEN"], consumers,
+                     numeric=[2, 3, 4, 5]))  # fmt: skip
     return 0
 
 
@@ -288,11 +353,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     jobs.add_argument("target", help="host:port")
     jobs.add_argument("--timeout", type=float, default=10.0)
+    jobs.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON instead of tables: {jobs: [{name, mode, dataset, batch_size, world_size, "
+        "batches_built, consumers: [{peer, rank, epoch, batches_sent, num_batches, batches_taken}]}]}",
+    )
     jobs.set_defaults(func=_jobs)
 
     datasets = sub.add_parser("datasets", parents=[client], help="list the datasets of a server")
     datasets.add_argument("target", help="host:port")
     datasets.add_argument("--timeout", type=float, default=10.0)
+    datasets.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON instead of a table: {datasets: [{name, length, sample_structure}], "
+        "replica_index, num_replicas, server_id}",
+    )
     datasets.set_defaults(func=_datasets)
     return parser
 

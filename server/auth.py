@@ -2,8 +2,8 @@
 
 * TLS (``tls_cert``, ``tls_key``): the channel is encrypted and the server proven.
 * Mutual TLS (``tls_client_ca``): a client must present a certificate that CA signed.
-* Tokens (``token_file`` and/or ``tokens``): every call but health checks carries
-  ``authorization: Bearer TOKEN``; a server interceptor checks it in constant time
+* Tokens (``token_file`` and/or ``tokens``): every call but health checks (reflection
+  included) carries ``authorization: Bearer TOKEN``; a server interceptor checks it in constant time
   against every accepted token. The file holds one token per line and is read again
   when it changes, so a Kubernetes Secret can rotate tokens: add the new one, move
   the clients, remove the old one.
@@ -31,7 +31,8 @@ __all__ = ["AuthInterceptor", "Tokens", "identity", "is_loopback_peer", "server_
 log = logging.getLogger("batchferry.server")
 
 # Health checks are answered without a token: probes carry none, and they reveal nothing.
-_OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Reflection is not: no probe needs it, and each of its streams holds an RPC thread.
+_OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 _MAX_TOKENS = 64
 
 

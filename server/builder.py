@@ -35,15 +35,18 @@ class Counters:
 
     built: int = 0
     gathered: int = 0  # of which built by the vectorised gather
+    observe: Callable[[Plan, Result], None] | None = None  # told of every finished build (metrics)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def count(self, result: Result, also: Callable[[], None] | None = None) -> None:
+    def count(self, result: Result, also: Callable[[], None] | None = None, plan: Plan | None = None) -> None:
         if result.status == "ok":
             with self._lock:
                 self.built += 1
                 self.gathered += result.gathered
                 if also is not None:
                     also()
+        if self.observe is not None and plan is not None:
+            self.observe(plan, result)
 
 
 @dataclass
@@ -133,7 +136,7 @@ class Builder:
         except RuntimeError as exc:  # the pool is closing
             lease.release()
             raise Abort(grpc.StatusCode.UNAVAILABLE, f"server is shutting down ({exc})") from exc
-        future.add_done_callback(lambda f: self._counters.count(f.result(), self._on_built))
+        future.add_done_callback(lambda f: self._counters.count(f.result(), self._on_built, plan))
         return Build(index, lease, future, samples)
 
     def finish(self, build: Build) -> Built:

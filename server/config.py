@@ -145,6 +145,7 @@ class ServerConfig:
     health_port: int = _setting(
         0, "also answer grpc.health.v1 in plaintext on this port (for probes that speak no TLS); 0: off"
     )
+    metrics_port: int = _setting(0, "serve Prometheus metrics over plain HTTP on this port of host; 0: off")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -166,8 +167,11 @@ class ServerConfig:
         for name in ("max_batch_bytes", "max_index_bytes"):
             if getattr(self, name) < 1 << 20:
                 raise ValueError(f"{name} must be at least 1 MiB, got {getattr(self, name)}")
-        if not 0 <= self.health_port <= 65535:
-            raise ValueError(f"health_port must be in [0, 65535], got {self.health_port}")
+        for name in ("health_port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
+        if self.metrics_port and self.metrics_port in (self.port, self.health_port):
+            raise ValueError(f"metrics_port must differ from port and health_port, got {self.metrics_port}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together: give both")
         if self.tls_client_ca and not self.tls_cert:

@@ -7,7 +7,9 @@ UNAVAILABLE (clients reconnect), stop RPCs, stop workers, unlink every segment.
 
 Besides the Loader service the server answers the standard ``grpc.health.v1``
 service (container HEALTHCHECK, Kubernetes gRPC probes, ``batchferry health``):
-SERVING for "" and the Loader service while it runs.
+SERVING for "" and the Loader service while it runs; and server reflection
+(``grpc.reflection.v1alpha``), so ``grpcurl HOST:PORT list`` and ``describe`` work.
+With ``metrics_port`` it serves Prometheus metrics over HTTP (``server/metrics.py``).
 
 Nothing outlives the server: ``close()`` (also at interpreter exit, and on
 SIGTERM/SIGINT while :meth:`Server.wait` runs in the main thread) unlinks the
@@ -31,15 +33,19 @@ from types import FrameType
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from batchferry import cleanup, shm, wire
+from batchferry.v1 import loader_pb2 as _pb2
 
 from .auth import AuthInterceptor, Tokens, server_credentials
 from .collate import CollateFn, SlotCollate, collate_names, get_collate
 from .config import ServerConfig
 from .datasets import DatasetSource, MapDataset, parse_spec
 from .jobs import JobRegistry
+from .metrics import Metrics
 from .orders import Orders
 from .ring import SlotRing
 from .servicer import LoaderService
@@ -86,7 +92,8 @@ class Server:
         self._grpc: grpc.Server | None = None
         self._health_grpc: grpc.Server | None = None
         self._threads: list[_DaemonThreads] = []
-        self.port = self.health_port = 0
+        self.port = self.health_port = self.metrics_port = 0
+        self.metrics = Metrics()
         self._health: health.HealthServicer | None = None
         self.service: LoaderService | None = None
         sources: dict[str, DatasetSource] = {}
@@ -133,20 +140,32 @@ class Server:
                 tokens,
                 cfg,
                 server_id=self.id,
+                metrics=self.metrics,
             )
+            self.metrics.watch(ring=self._ring, pool=self._pool, jobs=self.jobs, service=self.service)
             # Streams are limited by the service itself; the spare threads keep health
             # checks and listings answered while every stream slot is taken.
             self._threads = [_DaemonThreads(cfg.max_streams + _SPARE_RPCS), _DaemonThreads(_SPARE_RPCS)]
+            # Outermost first: the metrics count every call, refused ones too.
+            interceptors = [
+                self.metrics.interceptor(),
+                *([AuthInterceptor(tokens)] if tokens.enabled else []),
+            ]
             self._grpc = grpc.server(
                 self._threads[0],
                 handlers=[self.service.handlers()],
-                interceptors=[AuthInterceptor(tokens)] if tokens.enabled else None,
+                interceptors=interceptors,
                 options=wire.SERVER_OPTIONS,
                 maximum_concurrent_rpcs=cfg.max_streams + _SPARE_RPCS,
             )
             self._health = health.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+            reflection.enable_server_reflection(
+                (wire.SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc, pool=_descriptors()
+            )
             self.port = _bind(self._grpc, cfg.host, cfg.port, credentials)
+            if cfg.metrics_port:
+                self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
             if cfg.health_port:
                 # Probes that speak no TLS (kubelet's gRPC probe) ask here: health only.
                 self._health_grpc = grpc.server(self._threads[1], maximum_concurrent_rpcs=_SPARE_RPCS)
@@ -233,6 +252,7 @@ class Server:
                 if server is not None:
                     server.stop(grace).wait(_STOP_TIMEOUT)
             self._grpc = self._health_grpc = None
+            self.metrics.close()
             for threads in self._threads:
                 threads.shutdown(wait=False)
             self._threads = []
@@ -307,6 +327,20 @@ class _DaemonThreads(Executor):
         if wait:
             for thread in self._threads:
                 thread.join(timeout=_STOP_TIMEOUT)
+
+
+def _descriptors() -> descriptor_pool.DescriptorPool:
+    """The proto files of the services the server answers, for reflection.
+
+    The Loader's handlers take raw bytes (see batchferry.wire), so gRPC knows nothing
+    of its messages: reflection answers from this pool, which holds exactly these files.
+    """
+    pool = descriptor_pool.DescriptorPool()
+    for module in (_pb2, health_pb2, reflection_pb2):
+        proto = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(proto)
+        pool.Add(proto)
+    return pool
 
 
 def _shm_budget(wanted: int) -> int:

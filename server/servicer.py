@@ -34,6 +34,7 @@ from .credits import ClientMessages
 from .datasets import MapDataset
 from .framing import END
 from .jobs import Consumer, Job, JobConflict, JobRegistry
+from .metrics import Metrics
 from .modes import sender_for
 from .orders import Orders
 from .plan import Catalog, Plan, plan
@@ -64,6 +65,7 @@ class LoaderService:
         config: ServerConfig,
         *,
         server_id: str = "",
+        metrics: Metrics | None = None,
     ) -> None:
         self._pool = pool
         self._ring = ring
@@ -96,7 +98,8 @@ class LoaderService:
             )
             for name, ds in sorted(datasets.items())
         ]
-        self.counters = Counters()
+        self.metrics = metrics or Metrics()
+        self.counters = Counters(observe=self.metrics.built)
 
     @property
     def batches_built(self) -> int:
@@ -283,6 +286,7 @@ class LoaderService:
             workers=max(1, self._pool.num_workers),
             job=job,
             consumer=consumer,
+            observe=self.metrics.sends(the_plan),
         )
         try:
             complete = yield from sender_for(the_plan)(stream)

@@ -39,6 +39,8 @@ class Stream:
     share: Callable[[], int] = lambda: 1 << 30
     job: Job | None = None
     consumer: Consumer | None = None
+    # Sees each batch's frames go out, with the transport that carries them (server/metrics.py).
+    observe: Callable[[Iterator[bytes], str, Built], Iterator[bytes]] = lambda frames, _t, _b: frames
 
     def build_window(self, granted: int) -> int:
         """Builds this stream may have in flight: the grant, plus enough ahead of it to
@@ -61,10 +63,12 @@ class Stream:
         held = held or built.lease
         if self.plan.shm and self.messages.held < min(self.plan.credits + _HOLD_MARGIN, self.share()):
             self.messages.hold(built.index, held)
-            return iter([framing.shm_frame(built.index, built.layout, built.lease)])
-        return framing.byte_frames(
+            frame = framing.shm_frame(built.index, built.layout, built.lease)
+            return self.observe(iter([frame]), "shm", built)
+        frames = framing.byte_frames(
             built.index, built.layout, built.lease, self.plan.chunk_bytes, held.release
         )
+        return self.observe(frames, "grpc", built)
 
     def progress(self, position: int) -> None:
         """For listings: this consumer has been sent its batches before ``position``."""

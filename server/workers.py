@@ -81,6 +81,7 @@ class Result:
     error: str = ""  # status "error": the exception's type and a short message, for the client
     detail: str = ""  # status "error": the whole traceback, for the server's log
     gathered: bool = False  # built with one gather per field
+    seconds: float = 0.0  # status "ok": the worker's time to fetch, collate and write it
 
 
 class _TaskRunner:
@@ -123,13 +124,15 @@ class _TaskRunner:
         index, generation = task.ticket
         if index and self._tickets[index] != generation:
             return Result(task.task_id, "cancelled")
+        start = time.perf_counter()
         try:
             ds, gather = self.dataset(task.dataset)
             segment, _ = self._mappings.get(task.slot_name)
             writer = SlotWriter(segment.tensor(task.slot_bytes), limit=task.limit)
             batch, gathered = build_batch(ds, gather, task.indices, self._collates[task.collate], writer)
             layout = encode(batch, writer).SerializeToString()
-            return Result(task.task_id, "ok", layout=layout, gathered=gathered)
+            took = time.perf_counter() - start
+            return Result(task.task_id, "ok", layout=layout, gathered=gathered, seconds=took)
         except SlotOverflow as exc:
             return Result(task.task_id, "overflow", needed=exc.needed)
         except Exception as exc:

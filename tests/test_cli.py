@@ -1,6 +1,9 @@
-"""The command line: datasets listing, demo, argument errors."""
+"""The command line: datasets listing (table and JSON), demo, argument errors."""
 
 from __future__ import annotations
+
+import json
+import re
 
 import pytest
 
@@ -9,13 +12,46 @@ from batchferry.demo import run_demo
 from batchferry.server import Server
 
 
-def test_datasets_lists_names_lengths_and_structure(
-    server: Server, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _columns(table: str) -> list[dict[str, str]]:
+    """Rows of a table as {header: cell} (columns are two or more spaces apart)."""
+    header, *rows = (re.split(r" {2,}", line.strip()) for line in table.splitlines())
+    assert all(len(row) == len(header) for row in rows), table
+    return [dict(zip(header, row)) for row in rows]
+
+
+def test_datasets_prints_an_aligned_table(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["datasets", server.address]) == 0
-    lines = dict(line.split("\t", 1) for line in capsys.readouterr().out.splitlines())
-    assert lines["tensor"] == "103\t(Tensor[float32, 4], Tensor[int64, scalar])"
-    assert lines["plain"].startswith("50\t(Tensor[float32, 3], int)")
+    out = capsys.readouterr().out
+    rows = {row["NAME"]: row for row in _columns(out)}
+    assert out.splitlines()[0].split() == ["NAME", "SAMPLES", "SAMPLE", "STRUCTURE"]
+    assert rows["tensor"]["SAMPLES"] == "103"
+    assert rows["tensor"]["SAMPLE STRUCTURE"] == "(Tensor[float32, 4], Tensor[int64, scalar])"
+    assert rows["plain"]["SAMPLE STRUCTURE"].startswith("(Tensor[float32, 3], int)")
+    # Numbers are right-aligned under their header.
+    lines = out.splitlines()
+    end = lines[0].index("SAMPLES") + len("SAMPLES")
+    assert all(line[end - 1].isdigit() for line in lines[1:])
+
+
+def test_datasets_json_has_stable_keys(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["datasets", server.address, "--json"]) == 0
+    reply = json.loads(capsys.readouterr().out)
+    assert set(reply) == {"datasets", "replica_index", "num_replicas", "server_id"}
+    assert (reply["replica_index"], reply["num_replicas"], reply["server_id"]) == (0, 1, server.id)
+    by_name = {d["name"]: d for d in reply["datasets"]}
+    assert by_name["tensor"] == {
+        "name": "tensor",
+        "length": 103,
+        "sample_structure": "(Tensor[float32, 4], Tensor[int64, scalar])",
+    }
+    assert sorted(by_name) == ["nested", "plain", "tensor", "varlen"]
+
+
+def test_table_sizes_are_human(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli._progress(1234, 5000) == "1,234/5,000 (24%)"
+    assert cli._progress(0, 0) == "0/0"
+    table = cli._table(["A", "NUMBER"], [["x", "1,234,567"], ["longer", "5"]], numeric=[1])
+    assert table.splitlines() == ["A          NUMBER", "x       1,234,567", "longer          5"]
 
 
 def test_datasets_reports_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:

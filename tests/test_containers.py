@@ -15,7 +15,9 @@ import gc
 import hashlib
 import json
 import os
+import re
 import time
+import urllib.request
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -94,14 +96,27 @@ def _container(client: Any, image: Any, **kwargs: Any) -> Iterator[Any]:
         container.remove(force=True)
 
 
-def _server(client: Any, image: Any, port: int, *, image_healthcheck: bool = False, **kwargs: Any) -> Any:
-    """The image's entrypoint serving SPEC on 127.0.0.1:``port`` (the host's loopback)."""
+def _server(
+    client: Any,
+    image: Any,
+    port: int,
+    *,
+    metrics_port: int = 0,
+    image_healthcheck: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """The image's entrypoint serving SPEC on 127.0.0.1:``port`` (the host's loopback), its
+    metrics on ``metrics_port`` (a free one by default, not the image's fixed one)."""
     if not image_healthcheck:
         # The image's own check, asked every second instead of every ten.
         kwargs["healthcheck"] = {"interval": 1_000_000_000, "start_period": 60_000_000_000}
+    environment = {
+        "BATCHFERRY_HOST": "127.0.0.1",
+        "BATCHFERRY_PORT": str(port),
+        "BATCHFERRY_METRICS_PORT": str(metrics_port or free_port()),
+    }
     return _container(
-        client, image,
-        environment={"BATCHFERRY_HOST": "127.0.0.1", "BATCHFERRY_PORT": str(port)},
+        client, image, environment=environment,
         command=["--dataset", f"demo={SPEC}", "--num-workers", "1"], shm_size="256m", **kwargs,
     )  # fmt: skip
 
@@ -186,8 +201,8 @@ def test_image_runs_as_non_root_turns_healthy_and_a_host_client_trains_from_it(
     docker_client: Any, image: Any, torch_epoch: list[str]
 ) -> None:
     assert image.attrs["Config"]["User"].split(":")[0] == IMAGE_UID
-    port = free_port()
-    with _server(docker_client, image, port, image_healthcheck=True) as server:
+    port, metrics_port = free_port(), free_port()
+    with _server(docker_client, image, port, metrics_port=metrics_port, image_healthcheck=True) as server:
         _wait_healthy(server)  # the image's HEALTHCHECK, as built
         status = server.exec_run(["cat", "/proc/1/status"]).output.decode()
         uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
@@ -212,6 +227,11 @@ def test_image_runs_as_non_root_turns_healthy_and_a_host_client_trains_from_it(
                 if epoch == 0:
                     assert digests == torch_epoch
         assert losses[-1] < 0.7 * losses[0], losses
+        # The metrics port answers from the container (the host's network) and counted the epochs.
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        sent = re.findall(r'^batchferry_batches_sent_total\{.*transport="grpc"\} (\S+)$', text, re.MULTILINE)
+        assert sum(float(v) for v in sent) == 3 * len(torch_epoch), text[:2000]
 
 
 def test_a_trainer_sharing_the_servers_ipc_reads_by_shm_and_one_without_by_the_byte_stream(

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -118,7 +119,11 @@ def test_dockerfile_is_multi_stage_slim_cpu_non_root_and_labelled() -> None:
     assert ENTRYPOINT == ["batchferry", "serve"]
     healthcheck = _one(FINAL, "HEALTHCHECK")
     assert json.loads(healthcheck.split("CMD", 1)[1]) == ["batchferry", "health"]
-    assert _one(FINAL, "EXPOSE") == IMAGE_ENV["BATCHFERRY_PORT"] == "50051"
+    assert _one(FINAL, "EXPOSE").split() == [
+        IMAGE_ENV["BATCHFERRY_PORT"],
+        IMAGE_ENV["BATCHFERRY_METRICS_PORT"],
+    ]
+    assert IMAGE_ENV["BATCHFERRY_PORT"] == "50051" and IMAGE_ENV["BATCHFERRY_METRICS_PORT"] == "50053"
     assert IMAGE_ENV["BATCHFERRY_HOST"] == "0.0.0.0"
 
 
@@ -180,14 +185,27 @@ def _health(env: dict[str, str], args: list[str] | None = None) -> subprocess.Co
     )
 
 
-def _loopback(port: int) -> dict[str, str]:
-    # Only where it listens differs from the image: loopback and a free port.
-    return {"BATCHFERRY_HOST": "127.0.0.1", "BATCHFERRY_PORT": str(port)}
+def _loopback(port: int, metrics_port: int) -> dict[str, str]:
+    # Only where it listens differs from the image: loopback and free ports.
+    return {
+        "BATCHFERRY_HOST": "127.0.0.1",
+        "BATCHFERRY_PORT": str(port),
+        "BATCHFERRY_METRICS_PORT": str(metrics_port),
+    }
+
+
+def _scrape(address: str) -> str:
+    """The metrics endpoint's reply, checked to count batches built."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        text: str = reply.read().decode()
+    built = re.findall(r"^batchferry_batches_built_total\{.*\} (\S+)$", text, re.MULTILINE)
+    assert built and sum(float(v) for v in built) > 0, text[:2000]
+    return text
 
 
 def test_image_command_line_serves_and_its_healthcheck_passes() -> None:
-    port = free_port()
-    env = {**IMAGE_ENV, **_loopback(port), "PATH": os.environ["PATH"]}
+    port, metrics_port = free_port(), free_port()
+    env = {**IMAGE_ENV, **_loopback(port, metrics_port), "PATH": os.environ["PATH"]}
     with _running(ENTRYPOINT + CMD, env) as proc:
         health = _health(env)  # the HEALTHCHECK's own command line, port from the environment
         assert health.returncode == 0, health.stderr
@@ -195,6 +213,7 @@ def test_image_command_line_serves_and_its_healthcheck_passes() -> None:
         with DataLoader(f"127.0.0.1:{port}", "demo", 512, True, seed=0) as loader:
             x, y = next(iter(loader))
             assert tuple(x.shape) == (512, 64) and int(y.max()) < 10
+        _scrape(f"127.0.0.1:{metrics_port}")  # the image serves metrics by default
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     assert _health(env, ["batchferry", "health", "--timeout", "1"]).returncode == 1
@@ -229,8 +248,8 @@ def test_compose_shares_ipc_and_shm_between_server_and_trainer() -> None:
     assert "/data" in mounts
     settings = load_settings({"config": str(host_config)}, environ=server["environment"])
     assert parse_size(server["shm_size"].replace("gb", "GiB")) > settings.server.shm_bytes
-    port = settings.server.port
-    assert server["ports"] == [f"{port}:{port}"]
+    port, metrics_port = settings.server.port, settings.server.metrics_port
+    assert metrics_port and server["ports"] == [f"{port}:{port}", f"{metrics_port}:{metrics_port}"]
     connect = trainer["command"][trainer["command"].index("--connect") + 1]
     assert connect == f"server:{port}"
     dataset = trainer["command"][trainer["command"].index("--dataset") + 1]
@@ -240,10 +259,10 @@ def test_compose_shares_ipc_and_shm_between_server_and_trainer() -> None:
 def test_compose_server_and_trainer_command_lines_run_together(tmp_path: Path) -> None:
     services = _compose()["services"]
     server, trainer = services["server"], services["trainer"]
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     args = list(server["command"])
     args[args.index("--config") + 1] = str(_mounts(server)[args[args.index("--config") + 1]])
-    env = {**IMAGE_ENV, **server["environment"], **_loopback(port), "PATH": os.environ["PATH"]}
+    env = {**IMAGE_ENV, **server["environment"], **_loopback(port, metrics_port), "PATH": os.environ["PATH"]}
     with _running(ENTRYPOINT + args, env):
         assert _health(env).returncode == 0
         trainer_args = list(trainer["entrypoint"] + trainer["command"])
@@ -252,6 +271,7 @@ def test_compose_server_and_trainer_command_lines_run_together(tmp_path: Path) -
         result = subprocess.run(_argv(trainer_args), capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert "epoch 0: loss" in result.stdout and "samples/s" in result.stdout
+        _scrape(f"127.0.0.1:{metrics_port}")
 
 
 # -- Kubernetes ------------------------------------------------------------------------
@@ -307,12 +327,19 @@ def test_statefulset_service_probes_and_config_agree(tmp_path: Path) -> None:
                      pdb["spec"]["selector"]["matchLabels"]):  # fmt: skip
         assert selector.items() <= labels.items()
     # One port everywhere: config, container, Service, probes.
-    (container_port,) = container["ports"]
-    (service_port,) = svc["spec"]["ports"]
-    assert container_port["containerPort"] == service_port["port"] == port
-    assert service_port["targetPort"] == container_port["name"]
+    container_ports = {p["name"]: p for p in container["ports"]}
+    service_ports = {p["name"]: p for p in svc["spec"]["ports"]}
+    assert set(container_ports) == set(service_ports) == {"grpc", "metrics"}
+    for name, wanted in (("grpc", port), ("metrics", settings.server.metrics_port)):
+        assert container_ports[name]["containerPort"] == service_ports[name]["port"] == wanted, name
+        assert service_ports[name]["targetPort"] == name
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == port, probe
+    # Prometheus finds the metrics port by the pods' annotations.
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(settings.server.metrics_port) != "0"
+    assert annotations["prometheus.io/path"] == "/metrics"
     # Replica count: the StatefulSet's and the servers' own.
     assert sts["spec"]["replicas"] == settings.server.num_replicas > 1
     assert pdb["spec"]["maxUnavailable"] == 1
@@ -331,6 +358,16 @@ def test_statefulset_service_probes_and_config_agree(tmp_path: Path) -> None:
     assert settings.server.shm_bytes < shm_size <= _quantity(container["resources"]["limits"]["memory"])
     # Runs as the image's user.
     assert str(pod["spec"]["securityContext"]["runAsUser"]) == _one(FINAL, "USER").split(":")[0]
+
+
+def test_service_monitor_scrapes_the_services_metrics_port() -> None:
+    (monitor,) = yaml.safe_load_all((K8S / "monitoring" / "servicemonitor.yaml").read_text())
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "ServiceMonitor")
+    svc = _manifests()["Service"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]} and endpoint["port"] == "metrics"
+    assert endpoint["path"] == "/metrics"
 
 
 def _quantity(text: str) -> int:
@@ -374,7 +411,8 @@ def test_statefulset_command_lines_serve_as_replicas_and_the_job_trains(tmp_path
     hosts = [f"127.0.0.{i + 1}" for i in range(count)]
     port = free_port()
     manifest_env = {e["name"]: e["value"] for e in container.get("env", [])}
-    with _pods(args, manifest_env, hosts, port) as addresses:
+    metrics_port = free_port()
+    with _pods(args, manifest_env, hosts, port, metrics_port) as addresses:
         for address in addresses:
             health = _health({}, ["batchferry", "health", address])
             assert health.returncode == 0, health.stderr
@@ -390,22 +428,28 @@ def test_statefulset_command_lines_serve_as_replicas_and_the_job_trains(tmp_path
         result = subprocess.run(_argv(job_args), capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert "epoch 0: loss" in result.stdout
+        for host in hosts:  # every replica built its part
+            _scrape(f"{host}:{metrics_port}")
 
 
 @contextmanager
-def _pods(args: list[str], env: dict[str, str], hosts: list[str], port: int) -> Iterator[list[str]]:
+def _pods(
+    args: list[str], env: dict[str, str], hosts: list[str], port: int, metrics_port: int
+) -> Iterator[list[str]]:
     for host in hosts:
-        try:
-            with socket.socket() as s:
-                s.bind((host, port))
-        except OSError:
-            pytest.skip(f"cannot bind {host}:{port} on this host")
+        for each in (port, metrics_port):
+            try:
+                with socket.socket() as s:
+                    s.bind((host, each))
+            except OSError:
+                pytest.skip(f"cannot bind {host}:{each} on this host")
     with ExitStack() as stack:
         for ordinal, host in enumerate(hosts):
             # One worker each keeps three servers light on a small machine.
             pod_env = {
                 **IMAGE_ENV, **env, "HOSTNAME": f"batchferry-{ordinal}", "PATH": os.environ["PATH"],
                 "BATCHFERRY_HOST": host, "BATCHFERRY_PORT": str(port), "BATCHFERRY_NUM_WORKERS": "1",
+                "BATCHFERRY_METRICS_PORT": str(metrics_port),
             }  # fmt: skip
             stack.enter_context(_running(ENTRYPOINT + args, pod_env))
         yield [f"{host}:{port}" for host in hosts]
@@ -484,8 +528,9 @@ def test_secure_command_lines_refuse_strangers_and_serve_the_trainer(tmp_path: P
     text = text.replace("/etc/batchferry/tls/tls.crt", str(server_pair.cert))
     text = text.replace("/etc/batchferry/tls/tls.key", str(server_pair.key))
     text = text.replace("/etc/batchferry/tokens/tokens", str(tmp_path / "tokens"))
-    port, health_port = free_port(), free_port()
+    port, health_port, metrics_port = free_port(), free_port(), free_port()
     text = re.sub(r"health_port = \d+", f"health_port = {health_port}", text)
+    text = re.sub(r"metrics_port = \d+", f"metrics_port = {metrics_port}", text)
     config = tmp_path / "serve.toml"
     config.write_text(text)
     env = {
@@ -496,6 +541,7 @@ def test_secure_command_lines_refuse_strangers_and_serve_the_trainer(tmp_path: P
         "BATCHFERRY_NUM_REPLICAS": "1",
         "BATCHFERRY_NUM_WORKERS": "1",
     }
+    del env["BATCHFERRY_METRICS_PORT"]  # the overlay's serve.toml names it
     with _running([*ENTRYPOINT, "--config", str(config)], env):
         probe = _health({}, ["batchferry", "health", f"127.0.0.1:{health_port}"])
         assert probe.returncode == 0, probe.stderr
@@ -514,3 +560,5 @@ def test_secure_command_lines_refuse_strangers_and_serve_the_trainer(tmp_path: P
         result = subprocess.run(_argv(job_args), capture_output=True, text=True, timeout=120, env=job_env)
         assert result.returncode == 0, result.stderr
         assert "epoch 0: loss" in result.stdout
+        # Metrics stay plain HTTP beside the TLS port.
+        _scrape(f"127.0.0.1:{metrics_port}")

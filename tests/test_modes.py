@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 
 import grpc
@@ -254,11 +256,35 @@ def test_jobs_are_listed_with_their_consumers(server: Server, capsys: pytest.Cap
     it = iter(loader)
     next(it)
     assert cli.main(["jobs", server.address]) == 0
-    out = capsys.readouterr().out
-    line = next(line for line in out.splitlines() if line.startswith("listed"))
-    assert "sharded" in line and "tensor" in line
-    assert "rank 1" in out and "/7 batches" in out
+    jobs_table, consumers_table = capsys.readouterr().out.split("\n\n")
+    assert jobs_table.splitlines()[0].split() == [
+        "JOB", "MODE", "DATASET", "BATCH", "SIZE", "WORLD", "CONSUMERS", "BATCHES", "BUILT"
+    ]  # fmt: skip
+    row = next(line for line in jobs_table.splitlines() if line.startswith("listed "))
+    assert row.split()[1:6] == ["sharded", "tensor", "8", "2", "1"]
+    consumer = next(line for line in consumers_table.splitlines() if line.startswith("listed "))
+    # The caller is on the server's host, so the peer is shown; rank 1 of 2 has 7 batches.
+    assert consumer.split()[1:4] == ["ip:127.0.0.1", "1", "0"]
+    assert re.search(r" \d/7 \(\d+%\) ", consumer)
+    assert cli.main(["jobs", server.address, "--json"]) == 0
+    (job,) = [j for j in json.loads(capsys.readouterr().out)["jobs"] if j["name"] == "listed"]
+    assert set(job) == {"name", "mode", "dataset", "batch_size", "world_size", "batches_built", "consumers"}
+    assert (job["mode"], job["dataset"], job["batch_size"], job["world_size"]) == ("sharded", "tensor", 8, 2)
+    (c,) = job["consumers"]
+    assert set(c) == {"peer", "rank", "epoch", "batches_sent", "num_batches", "batches_taken"}
+    assert (c["peer"], c["rank"], c["epoch"], c["num_batches"]) == ("ip:127.0.0.1", 1, 0, 7)
+    assert 1 <= c["batches_sent"] <= 7
     loader.close()
+
+
+def test_jobs_without_any_say_so(tensor_ds, capsys: pytest.CaptureFixture[str]) -> None:
+    from batchferry import cli
+
+    with Server({"tensor": tensor_ds}, port=0, num_workers=0) as srv:
+        assert cli.main(["jobs", srv.address]) == 0
+        assert capsys.readouterr().out == "no jobs\n"
+        assert cli.main(["jobs", srv.address, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == {"jobs": []}
 
 
 def test_dynamic_resume_rejoins_the_epoch_exactly_once(server: Server, tensor_ds) -> None:
