@@ -177,7 +177,8 @@ while True:
     try:
         with DataLoader(cfg["address"], "d", cfg["batch"], shuffle=True,
                         generator=torch.Generator().manual_seed(cfg["seed"]),
-                        timeout=cfg["timeout"], prefetch_factor=cfg.get("prefetch", 2)) as loader:
+                        timeout=cfg["timeout"], prefetch_factor=cfg.get("prefetch", 2),
+                        streams=cfg.get("streams")) as loader:
             say(transport=loader.transport, replicas=loader.num_replicas)
             resumed = time.monotonic()
             for epoch in range(cfg.get("epochs", 1)):
@@ -355,7 +356,7 @@ def _abandoned_stream_is_freed(lab: Lab, *, sending: bool) -> None:
     # One stream and two slots that cannot grow: a dead stream holding either blocks everyone.
     lab.serve(server_ns, server_address, "--max-streams", "1", "--slots", "2", "--shm-bytes", "2MiB")
     address = f"{server_address}:{PORT}"
-    gone = lab.client(client_ns, address=address, batch=BATCH, seed=SEED, timeout=5,
+    gone = lab.client(client_ns, address=address, batch=BATCH, seed=SEED, timeout=5, streams=1,
                       pause_at=None if sending else 3)  # fmt: skip
     if sending:
         gone.wait_for("digest")
@@ -369,7 +370,9 @@ def _abandoned_stream_is_freed(lab: Lab, *, sending: bool) -> None:
     lab.set_link(client_ns, client_dev, "down")
     gone.proc.kill()  # the peer is gone for good; the link stays down
     gone.proc.wait(timeout=30)
-    other = lab.client(server_ns, address=address, batch=BATCH, seed=SEED, timeout=10, retry_for=60)
+    other = lab.client(
+        server_ns, address=address, batch=BATCH, seed=SEED, timeout=10, retry_for=60, streams=1
+    )
     other.finish(timeout=120)
     assert other.messages[-1] == {"done": True}, other.messages
     assert other.digests() == _torch_epochs(1)[0]
