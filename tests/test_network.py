@@ -286,9 +286,9 @@ def test_client_on_another_host_reads_the_byte_stream_in_torch_order(lab: Lab) -
 
 def test_link_cut_for_less_than_timeout_the_epoch_completes_with_nothing_lost_or_repeated(lab: Lab) -> None:
     _, server_address, client_ns, client_dev = _server_and_client(lab)
-    prefetch, pause_at, timeout = 2, 5, 30
+    prefetch, pause_at, timeout, streams = 2, 5, 30, 2
     client = lab.client(client_ns, address=f"{server_address}:{PORT}", batch=BATCH, seed=SEED,
-                        timeout=timeout, prefetch=prefetch, pause_at=pause_at)  # fmt: skip
+                        timeout=timeout, prefetch=prefetch, pause_at=pause_at, streams=streams)  # fmt: skip
     client.wait_for("paused")
     lab.set_link(client_ns, client_dev, "down")
     client.resume()
@@ -298,8 +298,10 @@ def test_link_cut_for_less_than_timeout_the_epoch_completes_with_nothing_lost_or
     client.finish()
     assert client.messages[-1] == {"done": True}, client.messages
     assert client.digests() == _torch_epochs(1)[0]
-    # Only what was already in flight got through the cut; the rest came after it.
-    assert before <= pause_at + 1 + prefetch + 1 < len(client.digests())
+    # Only what was already in flight got through the cut (each stream holds at least 2
+    # credits); the rest came after it.
+    in_flight = streams * max(2, -(-prefetch // streams))
+    assert before <= pause_at + 1 + in_flight + 1 < len(client.digests())
 
 
 def test_link_cut_for_longer_than_timeout_raises_server_unavailable_naming_the_address(lab: Lab) -> None:

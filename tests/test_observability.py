@@ -69,14 +69,15 @@ def test_metrics_move_during_a_run(filled: Filled) -> None:
             it = iter(loader)
             next(it), next(it)
             during = scrape(port)
-            assert value(during, "batchferry_streams_open") == 1
+            stripes = loader.stripes  # the byte stream's parallel streams
+            assert value(during, "batchferry_streams_open") == stripes
             assert value(during, "batchferry_batches_built_total", dataset="f", mode="independent") >= 2
             assert value(during, "batchferry_batches_sent_total", transport="grpc") >= 2
             assert value(during, "batchferry_batch_bytes_total", transport="grpc") >= 2 * 8 * 4096 * 4
             rest = list(it)
         assert len(rest) == 10
         handled = {"grpc_method": "StreamBatches", "grpc_code": "OK"}
-        assert wait_until(lambda: value(scrape(port), "batchferry_grpc_handled_total", **handled) == 1)
+        assert wait_until(lambda: value(scrape(port), "batchferry_grpc_handled_total", **handled) == stripes)
         after = scrape(port)
         assert (
             value(after, "batchferry_batches_sent_total", dataset="f", mode="independent", transport="grpc")
@@ -240,18 +241,24 @@ def test_label_sets_stay_bounded_after_many_streams(tensor_ds) -> None:
     port = free_port()
     with Server({"t": tensor_ds}, port=0, num_workers=1, metrics_port=port, job_idle_s=0.2) as srv:
 
+        streams = 0  # StreamBatches calls: one per epoch and stripe
+
         def many_streams() -> None:
+            nonlocal streams
             for transport in ("shm", "grpc"):
                 with DataLoader(srv.address, "t", 16, True, seed=1, transport=transport) as loader:
                     for _ in range(2):
                         assert len(list(loader)) == 7
+                        streams += loader.stripes
             for mode in ("shared", "dynamic"):
                 with DataLoader(srv.address, "t", 16, mode=mode, job=f"{mode}-job") as loader:
                     assert len(list(loader)) == 7
+                    streams += loader.stripes
             for rank in (0, 1):
                 with DataLoader(srv.address, "t", 16, mode="sharded", job="ranks", rank=rank,
                                 world_size=2) as loader:  # fmt: skip
                     assert len(list(loader)) == 4
+                    streams += loader.stripes
             with DataLoader(srv.address, "unknown", 16, timeout=5) as loader:
                 with pytest.raises(errors.NotFound):
                     next(iter(loader))
@@ -266,7 +273,8 @@ def test_label_sets_stay_bounded_after_many_streams(tensor_ds) -> None:
             k for k in first if "job" not in dict(k[1])
         }
         ok = {"grpc_method": "StreamBatches", "grpc_code": "OK"}
-        assert wait_until(lambda: value(scrape(port), "batchferry_grpc_handled_total", **ok) == 4 * 8)
+        assert wait_until(lambda: value(scrape(port), "batchferry_grpc_handled_total", **ok) == streams)
+        assert streams > 4 * 8  # the byte stream's loaders opened more than one stream each
         for _name, labels in _ours(last):
             assert dict(labels).keys() <= _BOUNDED_LABELS, labels
             for label, text in labels:
