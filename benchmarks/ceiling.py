@@ -1,6 +1,8 @@
 """The raw gRPC-Python ceiling: a server streaming prebuilt bytes, no batchferry code.
 
-``python -m batchferry.benchmarks.ceiling`` prints GB/s for 4 MiB messages.
+``python -m batchferry.benchmarks.ceiling`` prints GB/s for several message sizes;
+``--serve [HOST]`` only serves (on loopback by default), printing its port, until
+stdin closes, for :func:`read` to measure from elsewhere.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ _METHOD = "/ceiling.Raw/Stream"
 _OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
 
-def _serve() -> None:
+def _serve(host: str = "127.0.0.1") -> None:
     payload = bytes(64 << 20)
 
     def stream(request: bytes, _context: grpc.ServicerContext) -> Any:
@@ -31,11 +33,24 @@ def _serve() -> None:
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler("ceiling.Raw", {"Stream": handler})]
     )
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"{host}:0")
     server.start()
     print(port, flush=True)
     sys.stdin.read()  # run until the parent closes our stdin
     server.stop(0)
+
+
+def read(address: str, message_bytes: int = 4 << 20, total_bytes: int = 2_000_000_000) -> dict[str, Any]:
+    """GB/s streamed from the ceiling server at ``address`` (after a short warm-up)."""
+    count = max(8, total_bytes // message_bytes)
+    with grpc.insecure_channel(address, options=_OPTIONS) as channel:
+        call = channel.unary_stream(_METHOD, request_serializer=None, response_deserializer=None)
+        for _ in call(f"{message_bytes},4".encode(), wait_for_ready=True, timeout=60):
+            pass  # warm up
+        start = time.perf_counter()
+        received = sum(len(m) for m in call(f"{message_bytes},{count}".encode(), timeout=600))
+        elapsed = time.perf_counter() - start
+    return {"message_bytes": message_bytes, "gb_per_s": received / elapsed / 1e9}
 
 
 def measure(message_bytes: int = 4 << 20, total_bytes: int = 2_000_000_000) -> dict[str, Any]:
@@ -46,15 +61,7 @@ def measure(message_bytes: int = 4 << 20, total_bytes: int = 2_000_000_000) -> d
     try:
         assert proc.stdout is not None and proc.stdin is not None
         port = int(proc.stdout.readline())
-        count = max(8, total_bytes // message_bytes)
-        with grpc.insecure_channel(f"127.0.0.1:{port}", options=_OPTIONS) as channel:
-            call = channel.unary_stream(_METHOD, request_serializer=None, response_deserializer=None)
-            for _ in call(f"{message_bytes},4".encode(), wait_for_ready=True, timeout=60):
-                pass  # warm up
-            start = time.perf_counter()
-            received = sum(len(m) for m in call(f"{message_bytes},{count}".encode(), timeout=600))
-            elapsed = time.perf_counter() - start
-        return {"message_bytes": message_bytes, "gb_per_s": received / elapsed / 1e9}
+        return read(f"127.0.0.1:{port}", message_bytes, total_bytes)
     finally:
         if proc.stdin is not None:
             proc.stdin.close()
@@ -65,7 +72,8 @@ def measure(message_bytes: int = 4 << 20, total_bytes: int = 2_000_000_000) -> d
 
 if __name__ == "__main__":
     if "--serve" in sys.argv:
-        _serve()
+        args = sys.argv[sys.argv.index("--serve") + 1 :]
+        _serve(*args[:1])
     else:
         for size in (64 << 10, 1 << 20, 2 << 20, 4 << 20, 16 << 20):
             r = measure(size, 1_000_000_000)
