@@ -7,6 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from batchferry import cli
@@ -78,3 +79,16 @@ def test_net_bench_says_why_it_cannot_run(
     assert net_main(out=tmp_path) == {"skipped": "network namespaces need root (running as uid 1000)"}
     assert "NET skipped: network namespaces need root" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_codec_comparison_round_trips_every_candidate() -> None:
+    from batchferry.benchmarks import codecs
+
+    tokens = np.arange(200_000, dtype=np.int64) % 977  # small ids in int64: shuffled, very compressible
+    measured = {
+        name: codecs.measure(tokens, codec, repeats=1, chunk=256 << 10)  # checks every chunk comes back
+        for name, codec in codecs.candidates(tokens.dtype.itemsize).items()
+        if codec is not None
+    }
+    assert {"lz4 block", "zstd 1", "blosc2 lz4 shuffle"} <= set(measured)
+    assert all(r["ratio"] > 2 and r["compress_gb_s"] > 0 for r in measured.values()), measured
