@@ -7,16 +7,18 @@ the other, for each link setting (0: the bare veth; N: ``tc tbf`` at N Gbit/s on
 the server's side), interleaving the repetitions:
 
 * raw TCP: one connection, the most bytes a Python process moves over that link
-  (:mod:`.rawtcp`);
+  (:mod:`.rawtcp`); and once per repetition, before the links, raw TCP within the
+  server's host (loopback), which no link limits;
 * the raw gRPC-Python ceiling: a server streaming prebuilt 4 MiB messages
   (:mod:`.ceiling`);
 * W2 (batch 256, 38.5 MB) read by a ``DataLoader`` on the client host, which takes
   the byte stream there since it cannot see the server's shared memory.
 
-It reports medians and the byte stream as a fraction of the link rate and of raw
-TCP measured in the same run (payload bytes only: TCP/IP headers take about 3% of
-a link), and writes ``benchmarks/results/<date>-NET.json``. Where hosts cannot be
-made (not root, no ``ip``), it says why and measures nothing.
+It reports medians and the byte stream as a fraction of the link rate, of raw TCP
+over the same link and of loopback TCP, all measured in the same run (payload
+bytes only: TCP/IP headers take about 3% of a link), and writes
+``benchmarks/results/<date>-NET.json``. Where hosts cannot be made (not root, no
+``ip``), it says why and measures nothing.
 """
 
 from __future__ import annotations
@@ -160,6 +162,15 @@ def main(
             hosts.run(client_ns, "-m", "batchferry.benchmarks.network", "--agent", stdin=subprocess.PIPE)
         )
         grpc_bytes = int(min(1.0, scale) * 1.5e9)
+        loopback = []
+        for _ in range(reps):
+            receiver = hosts.run(
+                server_ns, "-m", "batchferry.benchmarks.rawtcp", "receive", server_ip, str(tcp_port),
+                str(tcp_seconds),
+            )  # fmt: skip
+            loopback.append(json.loads(_readline(receiver, "the loopback TCP receiver")))
+            receiver.wait(timeout=30)
+        report["loopback_tcp_gb_per_s"] = statistics.median(r["gb_per_s"] for r in loopback)
         for rate in rates:
             name = _link_name(rate)
             print(f"NET: {name}", file=sys.stderr, flush=True)
@@ -169,7 +180,7 @@ def main(
                 runs["tcp"].append(agent.ask(op="tcp", host=server_ip, port=tcp_port, seconds=tcp_seconds))
                 runs["grpc"].append(agent.ask(op="grpc", address=grpc_address, total_bytes=grpc_bytes))
                 runs["w2"].append(agent.ask(op="w2", address=address, seed=rep, batches=batches))
-            report["links"][name] = _summary(rate, runs)
+            report["links"][name] = _summary(rate, runs, report["loopback_tcp_gb_per_s"])
         hosts.shape(server_ns, server_dev, None)
     report["targets"] = {
         "tbf 10 Gbit/s": "byte stream >= 0.9x the link rate",
@@ -180,7 +191,7 @@ def main(
     return report
 
 
-def _summary(rate: float, runs: dict[str, list[Any]]) -> dict[str, Any]:
+def _summary(rate: float, runs: dict[str, list[Any]], loopback_tcp: float) -> dict[str, Any]:
     transports = {r["transport"] for r in runs["w2"]}
     if transports != {"grpc"}:
         raise RuntimeError(f"the client host read over {transports}, not the byte stream alone")
@@ -197,6 +208,7 @@ def _summary(rate: float, runs: dict[str, list[Any]]) -> dict[str, Any]:
         "byte_stream": w2,
         "of_link": w2["gb_per_s"] / link if link else None,
         "of_raw_tcp": w2["gb_per_s"] / tcp,
+        "of_loopback_tcp": w2["gb_per_s"] / loopback_tcp,
         "of_grpc_ceiling": w2["gb_per_s"] / grpc,
         "runs": runs,
     }
@@ -205,16 +217,21 @@ def _summary(rate: float, runs: dict[str, list[Any]]) -> dict[str, Any]:
 def render(report: dict[str, Any]) -> str:
     head = (
         f"{'link':<16}{'link GB/s':>10}{'raw TCP':>9}{'gRPC 4MiB':>11}{'W2 stream':>11}"
-        f"{'x link':>8}{'x TCP':>7}{'x gRPC':>8}{'first ms':>10}"
+        f"{'x link':>8}{'x TCP':>7}{'x lo TCP':>10}{'x gRPC':>8}{'first ms':>10}"
     )
-    lines = [f"NET: {report['workload']} (GB/s, medians of the repetitions)", head]
+    lines = [
+        f"NET: {report['workload']} (GB/s, medians of the repetitions)",
+        f"loopback TCP in the server's host: {report['loopback_tcp_gb_per_s']:.2f} GB/s",
+        head,
+    ]
     for name, r in report["links"].items():
         link = f"{r['link_gb_per_s']:.2f}" if r["link_gb_per_s"] else "-"
         of_link = f"{r['of_link']:.2f}" if r["of_link"] else "-"
         lines.append(
             f"{name:<16}{link:>10}{r['raw_tcp_gb_per_s']:>9.2f}{r['grpc_ceiling_gb_per_s']:>11.2f}"
             f"{r['byte_stream']['gb_per_s']:>11.2f}{of_link:>8}{r['of_raw_tcp']:>7.2f}"
-            f"{r['of_grpc_ceiling']:>8.2f}{1e3 * r['byte_stream']['first_batch_s']:>10.1f}"
+            f"{r['of_loopback_tcp']:>10.2f}{r['of_grpc_ceiling']:>8.2f}"
+            f"{1e3 * r['byte_stream']['first_batch_s']:>10.1f}"
         )
     return "\n".join(lines)
 

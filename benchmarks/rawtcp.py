@@ -10,6 +10,7 @@ prints its port, and sends to every connection until the peer closes it.
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 import threading
@@ -67,6 +68,6 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "send":
         serve(sys.argv[2])
     elif len(sys.argv) == 5 and sys.argv[1] == "receive":
-        print(receive(sys.argv[2], int(sys.argv[3]), float(sys.argv[4])))
+        print(json.dumps(receive(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))), flush=True)
     else:
         sys.exit("usage: rawtcp send HOST | rawtcp receive HOST PORT SECONDS")
