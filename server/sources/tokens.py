@@ -124,12 +124,18 @@ class TokenDataset:
         return list(zip(docs, lens.tolist(), strict=True)) if self.lengths else docs
 
     def _spans(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where each document starts in ``tokens``, and its length."""
         n = len(self)
-        if len(idx) and (idx.min() < -n or idx.max() >= n):
-            raise IndexError(f"document index out of range for {n} documents")
-        idx = idx % n if n else idx
+        if len(idx) and idx.min() < 0:  # samplers never ask for these; Python's meaning
+            if idx.min() < -n:
+                raise IndexError(f"document index out of range for {n} documents")
+            idx = idx % n
+        try:
+            ends = self.offsets[idx + 1]  # offsets has n + 1 entries: this catches idx >= n
+        except IndexError:
+            raise IndexError(f"document index out of range for {n} documents") from None
         starts = self.offsets[idx]
-        return starts, self.offsets[idx + 1] - starts
+        return starts, ends - starts
 
     def _source_index(self, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
         """Indices into ``tokens`` of the documents' tokens, concatenated."""
