@@ -69,8 +69,12 @@ def test_samples_are_documents(tmp_path: Path) -> None:
     assert [ds[i].tolist() for i in range(5)] == DOCS
     assert ds[3].dtype == torch.int64 and ds[-1].tolist() == [11]
     assert_same(ds.__getitems__([3, 0, 2, 3]), [ds[3], ds[0], ds[2], ds[3]])
-    with pytest.raises(IndexError):
-        ds[5]
+    assert_same(ds.__getitems__([-1, 4, -5]), [ds[4], ds[4], ds[0]])
+    for bad in (5, -6):
+        with pytest.raises(IndexError):
+            ds[bad]
+        with pytest.raises(IndexError):
+            ds.__getitems__([0, bad])
     clone = pickle.loads(pickle.dumps(ds))
     assert len(pickle.dumps(ds)) < 1024, "pickled by path"
     assert_same([clone[i] for i in range(5)], [ds[i] for i in range(5)])
