@@ -61,7 +61,7 @@ def _readline(proc: subprocess.Popen[str], what: str, timeout: float = ANSWER_TI
     return proc.stdout.readline()
 
 
-class _Agent:
+class _ClientHost:
     """The client host's process: measures what it is asked, one JSON line per answer."""
 
     def __init__(self, proc: subprocess.Popen[str]) -> None:
@@ -86,7 +86,7 @@ def _epochs(loader: DataLoader) -> Iterator[Any]:
         yield from loader
 
 
-def _agent() -> None:
+def _client_host() -> None:
     """Run in the client namespace: answer commands from stdin until it closes."""
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -166,8 +166,10 @@ def main(
             server_ns, "-m", "batchferry.benchmarks.ceiling", "--serve", server_ip, stdin=subprocess.PIPE
         )
         grpc_address = f"{server_ip}:{_banner_port(grpc, 'the gRPC ceiling server')}"
-        agent = _Agent(
-            hosts.run(client_ns, "-m", "batchferry.benchmarks.network", "--agent", stdin=subprocess.PIPE)
+        client = _ClientHost(
+            hosts.run(
+                client_ns, "-m", "batchferry.benchmarks.network", "--client-host", stdin=subprocess.PIPE
+            )
         )
         grpc_bytes = int(min(1.0, scale) * 1.5e9)
         loopback = []
@@ -185,9 +187,9 @@ def main(
             hosts.shape(server_ns, server_dev, rate * 1e9 if rate else None)
             runs: dict[str, list[Any]] = {"tcp": [], "grpc": [], "w2": []}
             for rep in range(reps):
-                runs["tcp"].append(agent.ask(op="tcp", host=server_ip, port=tcp_port, seconds=tcp_seconds))
-                runs["grpc"].append(agent.ask(op="grpc", address=grpc_address, total_bytes=grpc_bytes))
-                runs["w2"].append(agent.ask(op="w2", address=address, seed=rep, batches=batches))
+                runs["tcp"].append(client.ask(op="tcp", host=server_ip, port=tcp_port, seconds=tcp_seconds))
+                runs["grpc"].append(client.ask(op="grpc", address=grpc_address, total_bytes=grpc_bytes))
+                runs["w2"].append(client.ask(op="w2", address=address, seed=rep, batches=batches))
             report["links"][name] = _summary(rate, runs, report["loopback_tcp_gb_per_s"])
         hosts.shape(server_ns, server_dev, None)
     report["targets"] = {
@@ -245,7 +247,7 @@ def render(report: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--agent"]:
-        _agent()
+    if sys.argv[1:] == ["--client-host"]:
+        _client_host()
     else:
         main()
