@@ -247,6 +247,19 @@ def _bench(args: argparse.Namespace) -> int:
 
         ids.remove("G2")
         offload_main(out=Path(args.out or RESULTS), device=args.device)
+    if "NET" in ids:
+        from batchferry.benchmarks.network import main as network_main
+
+        ids.remove("NET")
+        try:
+            rates = tuple(float(r) for r in args.link_rates.split(","))
+        except ValueError:
+            print(f"--link-rates: comma-separated Gbit/s, got {args.link_rates!r}", file=sys.stderr)
+            return 2
+        network_main(
+            reps=args.reps, num_workers=args.num_workers, out=Path(args.out or RESULTS), scale=args.scale,
+            rates=rates,
+        )  # fmt: skip
     if "G1" in ids:
         from batchferry.benchmarks.gpu import main as gpu_main
 
@@ -335,14 +348,20 @@ def build_parser() -> argparse.ArgumentParser:
         "workloads",
         nargs="+",
         metavar="W",
-        help="W1 W2 W3 W4 P1 (Parquet), W5 (shared mode), SCALE (replicas), MEM (memory bounds), "
+        help="W1 W2 W3 W4, W4T and W4T-pack (token source), P1 (Parquet), W5 (shared mode), "
+        "SCALE (replicas), MEM (memory bounds), NET (a client on another network host, needs root), "
         "HOSTILE (budgets under hostile clients), BYTES (byte stream by stripe count), "
-        "G1 and G2 (need CUDA), or all (W1-W4)",
+        "G1 and G2 (need CUDA), or all (the harness's workloads)",
     )
     bench.add_argument("--reps", type=int, default=3)
     bench.add_argument("--num-workers", type=int, default=2)
     bench.add_argument("--replicas", type=int, default=2, help="SCALE: server replicas (default 2)")
     bench.add_argument("--scale", type=float, default=1.0, help="shrink datasets (smoke runs)")
+    bench.add_argument(
+        "--link-rates",
+        default="0,25,10",
+        help="NET: link settings in Gbit/s, 0 for the bare veth (default 0,25,10)",
+    )
     bench.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     bench.add_argument("--no-ceiling", action="store_true", help="skip the raw gRPC ceiling")
     bench.add_argument("--device", default=None, help="G2: the device batches go to (default cuda)")

@@ -1,6 +1,8 @@
 """The raw gRPC-Python ceiling: a server streaming prebuilt bytes, no batchferry code.
 
-``python -m batchferry.benchmarks.ceiling`` prints GB/s for 4 MiB messages.
+``python -m batchferry.benchmarks.ceiling`` prints GB/s for several message sizes;
+``--serve [HOST]`` only serves (on loopback by default), printing its port, until
+stdin closes, for :func:`read` to measure from elsewhere.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ _METHOD = "/ceiling.Raw/Stream"
 _OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
 
-def _serve() -> None:
+def _serve(host: str = "127.0.0.1") -> None:
     payload = bytes(64 << 20)
 
     def stream(request: bytes, _context: grpc.ServicerContext) -> Any:
@@ -31,29 +33,23 @@ def _serve() -> None:
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler("ceiling.Raw", {"Stream": handler})]
     )
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"{host}:0")
     server.start()
     print(port, flush=True)
     sys.stdin.read()  # run until the parent closes our stdin
     server.stop(0)
 
 
-def measure(
-    message_bytes: int = 4 << 20, total_bytes: int = 2_000_000_000, streams: int = 1
+def read(
+    address: str, message_bytes: int = 4 << 20, total_bytes: int = 2_000_000_000, streams: int = 1
 ) -> dict[str, Any]:
-    """GB/s received by one client process over ``streams`` concurrent calls, each on its
-    own HTTP/2 connection (as a loader's stripes are)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "batchferry.benchmarks.ceiling", "--serve"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    channels: list[grpc.Channel] = []
+    """GB/s received from the ceiling server at ``address`` by one client process over
+    ``streams`` concurrent calls, each on its own HTTP/2 connection (as a loader's stripes
+    are), after a short warm-up."""
+    count = max(8, total_bytes // message_bytes // streams)
+    options = [*_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.insecure_channel(address, options=options) for _ in range(streams)]
     try:
-        assert proc.stdout is not None and proc.stdin is not None
-        port = int(proc.stdout.readline())
-        count = max(8, total_bytes // message_bytes // streams)
-        options = [*_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
-        channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in range(streams)]
         calls = [
             c.unary_stream(_METHOD, request_serializer=None, response_deserializer=None) for c in channels
         ]
@@ -68,10 +64,25 @@ def measure(
         with ThreadPoolExecutor(streams) as pool:
             received = sum(pool.map(drain, calls))
         elapsed = time.perf_counter() - start
-        return {"message_bytes": message_bytes, "streams": streams, "gb_per_s": received / elapsed / 1e9}
     finally:
         for channel in channels:
             channel.close()
+    return {"message_bytes": message_bytes, "streams": streams, "gb_per_s": received / elapsed / 1e9}
+
+
+def measure(
+    message_bytes: int = 4 << 20, total_bytes: int = 2_000_000_000, streams: int = 1
+) -> dict[str, Any]:
+    """:func:`read` from a ceiling server this process starts on loopback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchferry.benchmarks.ceiling", "--serve"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        port = int(proc.stdout.readline())
+        return read(f"127.0.0.1:{port}", message_bytes, total_bytes, streams)
+    finally:
         if proc.stdin is not None:
             proc.stdin.close()
         proc.wait(timeout=30)
@@ -81,7 +92,8 @@ def measure(
 
 if __name__ == "__main__":
     if "--serve" in sys.argv:
-        _serve()
+        args = sys.argv[sys.argv.index("--serve") + 1 :]
+        _serve(*args[:1])
     else:
         for size in (64 << 10, 1 << 20, 2 << 20, 4 << 20, 16 << 20):
             r = measure(size, 1_000_000_000)

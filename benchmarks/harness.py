@@ -117,6 +117,9 @@ def run_workload(workload: Workload, reps: int, num_workers: int, bar: tqdm[Any]
             bar.update()
         torch_runs[f"num_workers={nw}"] = _median(samples)
     results["torch"] = torch_runs
+    if workload.in_process is not None:
+        bar.set_postfix_str(f"{workload.id} in-process build")
+        results["in_process"] = workload.in_process()
     ours: dict[str, dict[str, float]] = {}
     with served(workload, num_workers) as address:
         for transport in TRANSPORTS:
@@ -175,6 +178,13 @@ def render(report: dict[str, Any]) -> str:
             lines.append(
                 f"{wid:<10}{'batchferry ' + name:<26}{1e3 * r['first_batch_s']:>16.1f}"
                 f"{r['batches_per_s']:>12.1f}{r['gb_per_s']:>8.2f}{res['ratios'][name]:>7.2f}x"
+            )
+    for wid, res in report["workloads"].items():
+        if "in_process" in res:
+            p = res["in_process"]
+            lines.append(
+                f"{wid}: one batch built in-process: {p['batchferry_gather_us']:.0f} us vectorised, "
+                f"{p['torch_fetch_collate_us']:.0f} us torch fetch + collate ({p['ratio']:.2f}x)"
             )
     if "ceiling" in report:
         c = report["ceiling"]

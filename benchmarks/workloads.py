@@ -2,12 +2,13 @@
 
 Servers load them with ``python:batchferry.benchmarks.workloads:NAME`` specs, or
 with a built-in source's spec over the same files (W3: ``imagefolder:``, P1:
-``parquet:``), so the data directory travels in ``BATCHFERRY_BENCH_DATA``.
+``parquet:``, W4T: ``tokens:``), so the data directory travels in ``BATCHFERRY_BENCH_DATA``.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,11 @@ from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import TensorDataset
 
+from batchferry.layout import SlotWriter
+from batchferry.server.collate import get_collate, pack_samples
 from batchferry.server.datasets import NpyDataset
+from batchferry.server.fetch import build_batch
+from batchferry.server.sources import TokenDataset
 
 DATA_ENV = "BATCHFERRY_BENCH_DATA"
 SCALE_ENV = "BATCHFERRY_BENCH_SCALE"  # < 1 shrinks every dataset (for smoke tests)
@@ -82,6 +87,7 @@ class VarLenTokens:
 
 
 def w4() -> VarLenTokens:
+    """100,000 int64 documents of 16..512 tokens: one flat ``tokens.npy`` plus ``offsets.npy``."""
     n = _scaled(100_000)
     root = data_dir() / f"w4-{n}"
     if not (root / "offsets.npy").exists():
@@ -92,6 +98,38 @@ def w4() -> VarLenTokens:
         np.save(root / "tokens.npy", rng.integers(0, 50_000, size=int(offsets[-1]), dtype=np.int64))
         np.save(root / "offsets.npy", offsets)
     return VarLenTokens(root)
+
+
+def w4t_spec() -> str:
+    """W4's files served by the token source."""
+    return f"tokens:{w4().root / 'tokens.npy'}"
+
+
+def w4t_build(collate: str, torch_collate: Callable[..., Any], batch_size: int = 64) -> dict[str, float]:
+    """Building one batch in this process: the token source's gather against torch's fetch + collate."""
+    per_sample = w4()
+    tokens = TokenDataset(per_sample.root / "tokens.npy")
+    fn = get_collate(collate)
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, len(tokens), batch_size) for _ in range(300)]
+    slot = torch.empty(max(8 << 20, 3 * 8 * batch_size * 600), dtype=torch.uint8)
+
+    def seconds(build: Callable[[np.ndarray], Any]) -> float:
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            for idx in batches:
+                build(idx)
+            best = min(best, (time.perf_counter() - start) / len(batches))
+        return best
+
+    ours = seconds(lambda idx: build_batch(tokens, None, idx, fn, SlotWriter(slot)))
+    theirs = seconds(lambda idx: torch_collate([per_sample[i] for i in idx.tolist()]))
+    return {
+        "batchferry_gather_us": 1e6 * ours,
+        "torch_fetch_collate_us": 1e6 * theirs,
+        "ratio": theirs / ours,
+    }
 
 
 def random_crop_flip(image: torch.Tensor, crop: int = 224) -> torch.Tensor:
@@ -228,6 +266,8 @@ class Workload:
     notes: dict[str, str] = field(default_factory=dict)
     # The server's spec, when it is a built-in source rather than ``factory`` itself.
     server_spec: Callable[[], str] | None = None
+    # Extra figures measured in this process (e.g. building one batch), kept in the report.
+    in_process: Callable[[], dict[str, float]] | None = None
 
     @property
     def spec(self) -> str:
@@ -242,6 +282,28 @@ WORKLOADS = {
     "W3": Workload("W3", "JPEG decode + random crop + flip, imagefolder:", w3, 64, 25, server_spec=w3_spec),
     "W4": Workload(
         "W4", "variable-length tokens, pad collate", w4, 64, 600, collate="pad", torch_collate=torch_pad
+    ),
+    "W4T": Workload(
+        "W4T",
+        "W4's tokens, tokens: source, pad",
+        w4,
+        64,
+        600,
+        collate="pad",
+        torch_collate=torch_pad,
+        server_spec=w4t_spec,
+        in_process=lambda: w4t_build("pad", torch_pad),
+    ),
+    "W4T-pack": Workload(
+        "W4T-pack",
+        "W4's tokens, tokens: source, pack into rows of 2048",
+        w4,
+        64,
+        600,
+        collate="pack",
+        torch_collate=pack_samples,
+        server_spec=w4t_spec,
+        in_process=lambda: w4t_build("pack", pack_samples),
     ),
     "P1": Workload("P1", "Parquet rows: float32[64] + label, parquet:", p1, 256, 300, server_spec=p1_spec),
 }

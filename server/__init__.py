@@ -10,7 +10,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .collate import SlotCollate, pad_collate, register_collate
+    from .collate import (
+        PackRecipe,
+        PadRecipe,
+        SlotCollate,
+        pack_collate,
+        pack_samples,
+        pad_collate,
+        register_collate,
+    )
     from .config import ServerConfig
     from .datasets import dataset_kinds, parse_spec
     from .server import Server
@@ -24,6 +32,7 @@ if TYPE_CHECKING:
         SampleError,
         SyntheticDataset,
         TarShardDataset,
+        TokenDataset,
     )
 
 __all__ = [
@@ -32,6 +41,8 @@ __all__ = [
     "MissingDependency",
     "MnistDataset",
     "NpyDataset",
+    "PackRecipe",
+    "PadRecipe",
     "ParquetDataset",
     "SampleError",
     "Server",
@@ -39,7 +50,10 @@ __all__ = [
     "SlotCollate",
     "SyntheticDataset",
     "TarShardDataset",
+    "TokenDataset",
     "dataset_kinds",
+    "pack_collate",
+    "pack_samples",
     "pad_collate",
     "parse_spec",
     "register_collate",
@@ -51,6 +65,8 @@ _WHERE = {
     "MissingDependency": "sources",
     "MnistDataset": "sources",
     "NpyDataset": "sources",
+    "PackRecipe": "collate",
+    "PadRecipe": "collate",
     "ParquetDataset": "sources",
     "SampleError": "sources",
     "Server": "server",
@@ -58,7 +74,10 @@ _WHERE = {
     "SlotCollate": "collate",
     "SyntheticDataset": "sources",
     "TarShardDataset": "sources",
+    "TokenDataset": "sources",
     "dataset_kinds": "datasets",
+    "pack_collate": "collate",
+    "pack_samples": "collate",
     "pad_collate": "collate",
     "parse_spec": "datasets",
     "register_collate": "collate",

@@ -4,7 +4,8 @@ A spec is ``KIND:REST``. Built-in kinds (each a module of :mod:`.sources`; the
 README's "Datasets" table lists their options):
 
 * ``npy:PATH[,labels=PATH]``, ``synthetic:n=N,...``, ``python:MODULE:CALLABLE``;
-* ``mnist:ROOT``, ``imagefolder:ROOT``, ``webdataset:SHARDS``, ``parquet:PATH``, ``hf:PATH``.
+* ``mnist:ROOT``, ``imagefolder:ROOT``, ``webdataset:SHARDS``, ``parquet:PATH``, ``hf:PATH``;
+* ``tokens:PATH[,offsets=PATH,dtype=...]`` (documents of a flat token array).
 
 Any other kind is looked up in the ``batchferry.datasets`` entry-point group: a
 package that declares ::
@@ -17,7 +18,9 @@ dataset (``ValueError`` for a bad spec).
 
 A dataset may offer ``batch_gatherer()``, returning ``gather(indices, writer)``
 that builds what ``default_collate`` would from those samples with one take per
-field, straight into the slot (see :mod:`.sources._gather`), or None.
+field, straight into the slot (see :mod:`.sources._gather`), or None; and
+``collate_gatherer(recipe)``, the same for the collates that carry a recipe
+(``pad``, ``pack``; see :mod:`.fetch`).
 
 Worker processes rebuild spec datasets from the spec and receive Python objects by
 pickle: sources pickle by path and open their files lazily in each process.
@@ -54,6 +57,7 @@ _BUILTIN = {
     "npy": "npy",
     "parquet": "parquet",
     "synthetic": "synthetic",
+    "tokens": "tokens",
     "webdataset": "webdataset",
 }
 

@@ -240,7 +240,6 @@ def _ours(series: Series) -> set[tuple[str, frozenset[tuple[str, str]]]]:
 def test_label_sets_stay_bounded_after_many_streams(tensor_ds) -> None:
     port = free_port()
     with Server({"t": tensor_ds}, port=0, num_workers=1, metrics_port=port, job_idle_s=0.2) as srv:
-
         streams = 0  # StreamBatches calls: one per epoch and stripe
 
         def many_streams() -> None:

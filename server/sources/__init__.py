@@ -15,6 +15,7 @@ from .mnist import MnistDataset
 from .npy import NpyDataset
 from .parquet import ParquetDataset
 from .synthetic import SyntheticDataset
+from .tokens import TokenDataset
 from .webdataset import TarShardDataset
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "SampleError",
     "SyntheticDataset",
     "TarShardDataset",
+    "TokenDataset",
 ]

@@ -4,6 +4,10 @@ A source offers ``batch_gatherer()`` returning a :data:`Gather` (or None when it
 samples do not allow one). ``gather(indices, writer)`` must give exactly what
 ``default_collate([ds[i] for i in indices])`` gives, with its tensors allocated
 through ``writer`` so that they already lie in the batch's slot.
+
+A source may also offer ``collate_gatherer(recipe)``: a gather equal to the
+collate a :class:`~batchferry.server.collate.PadRecipe` or
+:class:`~batchferry.server.collate.PackRecipe` describes (``pad``, ``pack``), or None.
 """
 
 from __future__ import annotations
