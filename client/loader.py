@@ -42,6 +42,7 @@ from .device import CudaCopier
 from .replicas import Replica, ReplicaSet
 from .sampler import ClientSampling, EpochIndices
 from .segments import SegmentCache, probe
+from .stats import LoaderStats, Recorder, log_interval
 from .stream import PENDING, Batch, EpochStream
 
 __all__ = ["DataLoader", "LoaderConfig"]
@@ -80,6 +81,7 @@ class LoaderConfig:
     device: torch.device | None = None
     prefetch_factor: int = 4
     timeout: float = 60.0
+    log_stats_every: float = 0.0  # seconds between stats log lines (0: off)
     transport: str = "auto"
     chunk_bytes: int = 0
     mode: str = "independent"
@@ -109,6 +111,9 @@ class LoaderConfig:
             raise bad("prefetch_factor", self.prefetch_factor, "must be an integer in [1, 64]")
         if not isinstance(self.timeout, (int, float)) or not self.timeout > 0 or math.isnan(self.timeout):
             raise bad("timeout", self.timeout, "must be a positive number of seconds (0: no limit)")
+        every = self.log_stats_every
+        if isinstance(every, bool) or not isinstance(every, (int, float)) or not 0 <= every < math.inf:
+            raise bad("log_stats_every", every, "must be a number of seconds >= 0 (0: off)")
         if self.transport not in TRANSPORTS:
             raise bad("transport", self.transport, f"must be one of {TRANSPORTS}")
         if self.mode not in MODES:
@@ -230,6 +235,9 @@ class DataLoader:
             and ``client_key`` prove this client to a server that requires mutual TLS.
         token: a bearer token the server accepts (default: ``BATCHFERRY_TOKEN``).
         credentials: ready-made ``grpc.ChannelCredentials`` instead of the certificates.
+        log_stats_every: log :meth:`stats` every that many seconds (at INFO, logger
+            ``batchferry.client.stats``, from the loop's thread at the next batch);
+            default: ``BATCHFERRY_LOG_STATS_EVERY``, else 0 (off).
 
     Batches have the structure the collate returns (tuples of samples collate to
     lists, as in torch). Errors are raised from :mod:`batchferry.errors`.
@@ -272,6 +280,7 @@ class DataLoader:
         client_key: bytes | str | os.PathLike[str] | None = None,
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        log_stats_every: float | None = None,
     ) -> None:
         if generator is not None and seed is not None:
             raise InvalidArgument("give generator or seed, not both")
@@ -326,6 +335,7 @@ class DataLoader:
             device=dev,
             prefetch_factor=prefetch_factor,
             timeout=_NO_LIMIT if timeout == 0 else float(timeout),
+            log_stats_every=log_interval(log_stats_every),
             transport=transport,
             chunk_bytes=chunk_bytes,
             mode=mode,
@@ -364,6 +374,7 @@ class DataLoader:
         self._pool = BufferPool(prefetch_factor + 2, pin=pin)
         self._copier = CudaCopier(dev) if dev is not None else None
         self._segments = SegmentCache(register_with_cuda=dev is not None)
+        self._stats = Recorder(self.config.log_stats_every)
         self._closed = False
         cleanup.start()
         cleanup.close_at_exit(self)
@@ -457,6 +468,24 @@ class DataLoader:
         if self.config.mode == "sharded":
             length = sampling.shard_length(length, self.config.world_size, self.config.drop_last)
         return sampling.num_batches(length, self.config.batch_size, self.config.drop_last)
+
+    # -- statistics -------------------------------------------------------------------
+    def stats(self, *, reset: bool = False) -> LoaderStats:
+        """Batches and bytes received and the loop's wait for them (:class:`LoaderStats`),
+        over every epoch since the first ``iter()``. ``reset=True`` returns them and begins
+        a new window (per-epoch figures: call it at each epoch's end). Asks the server
+        nothing; cheap enough for every step."""
+        return self._stats.snapshot(time.perf_counter(), *self._links(), reset=reset)
+
+    def _links(self) -> tuple[tuple[str, ...], int]:
+        """Each replica's transport and the streams per replica, once decided (at ``iter()``)."""
+        if self._use_shm is None:
+            return (), 0
+        return tuple("shm" if shm else "grpc" for shm in self._use_shm), self.stripes
+
+    def _log_stats(self, now: float) -> None:
+        name = f"loader {self.config.dataset!r} from {self.config.address}"
+        self._stats.log_line(now, *self._links(), name=name)
 
     # -- epochs and state -------------------------------------------------------------
     @property
@@ -568,6 +597,16 @@ class DataLoader:
 
     # -- iteration --------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
+        began = time.perf_counter()
+        self._stats.begin(began)
+        try:
+            it = self._begin(began)
+        finally:
+            self._stats.wait_s += time.perf_counter() - began  # opening the streams is waiting too
+        self._stats.epochs += 1
+        return it
+
+    def _begin(self, began: float) -> _Iterator:
         if self._active is not None:
             self._active.close()
             self._active = None
@@ -603,7 +642,7 @@ class DataLoader:
                 elif self.config.mode == "independent":
                     sampler_state = sampling.begin_iteration(self.generator, self.config.shuffle, draw)
             self.transport  # noqa: B018 - fails fast (NotFound, ServerUnavailable) before a stream opens
-            it = _Iterator(self, epoch, start, sampler_state, indices=indices, done=done)
+            it = _Iterator(self, epoch, start, sampler_state, indices=indices, done=done, began=began)
         except BaseException:
             self._epoch, self._resume, gen_state = before
             if self.generator is not None and gen_state is not None:
@@ -661,8 +700,11 @@ class _Iterator:
         *,
         indices: EpochIndices | None = None,
         done: bytes = b"",
+        began: float | None = None,
     ) -> None:
         self._loader = loader
+        self._stats = loader._stats
+        self._began: float | None = began  # the iter() call, until the first batch is handed out
         self.epoch = epoch
         self.sampler_state = sampler_state
         self.finished = False
@@ -828,6 +870,7 @@ class _Iterator:
                         self._loader._use_shm[r] = self._loader._shm_visible(found)
                     self._streams[j] = self._open(j, self._resume_point(), remaining)
                     self._first[j] = int(self._streams[j].start.first_batch)
+                    self._stats.reconnects += 1
                     log.info("reconnected to %s at batch %d", self._where(j), self.yielded)
                     return
             except (ServerUnavailable, BatchTimeout):
@@ -858,6 +901,23 @@ class _Iterator:
         return self
 
     def __next__(self) -> Any:
+        stats = self._stats
+        began = time.perf_counter()
+        try:
+            data = self._take()
+        except BaseException:  # the end of the epoch too: its last frames were waited for
+            stats.wait_s += time.perf_counter() - began
+            raise
+        now = time.perf_counter()
+        stats.wait_s += now - began
+        if self._began is not None:
+            stats.first_batch_s, self._began = now - self._began, None
+        if now >= stats.log_at:
+            self._loader._log_stats(now)
+        return data
+
+    def _take(self) -> Any:
+        """The next batch as the loop gets it; StopIteration at the end of the epoch."""
         if self.finished:
             raise StopIteration
         self._feed()
@@ -870,10 +930,18 @@ class _Iterator:
             raise StopIteration
         self.yielded += 1
         self._lists.pop(batch.index, None)
+        self._stats.batches += 1
+        self._stats.bytes += batch.nbytes
         data = batch.data
         if self._copier is not None and batch.event is not None:
             data = self._copier.hand_over(data, batch.event)
-        return self._transform(data) if self._transform is not None else data
+        if self._transform is None:
+            return data
+        began = time.perf_counter()
+        try:
+            return self._transform(data)
+        finally:
+            self._stats.transform_s += time.perf_counter() - began
 
     def _epoch_length(self) -> float:
         if self.indices is not None:

@@ -62,6 +62,7 @@ class Batch:
     index: int
     data: Any
     event: Any = None  # CUDA event the consumer's stream must wait on
+    nbytes: int = 0  # the layout's payload bytes (the loader's stats count them)
 
 
 @dataclass
@@ -141,10 +142,10 @@ class EpochStream:
                     continue
                 if kind != "batch" or self._saw_end:
                     raise ValueError("expected a batch header frame")
-                if frame.batch.slot:
-                    self._ready.put(self._from_slot(frame.batch))
-                else:
-                    self._ready.put(self._assemble(frame.batch, responses))
+                header = frame.batch
+                batch = self._from_slot(header) if header.slot else self._assemble(header, responses)
+                batch.nbytes = header.layout.payload_bytes
+                self._ready.put(batch)
             if not self._saw_end and not self._closed:
                 raise ValueError("stream ended without an end frame")
         except grpc.RpcError as exc:
