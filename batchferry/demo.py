@@ -78,15 +78,8 @@ def run_demo(
                 t0 = time.perf_counter()
                 correct = n = 0
                 loss_sum = 0.0
-                it = iter(loader)
-                while True:
-                    w0 = time.perf_counter()
-                    try:
-                        x, y = next(it)
-                    except StopIteration:
-                        break
-                    waited += time.perf_counter() - w0
-                    x, y = x.to(dev), y.to(dev)
+                for features, labels in loader:
+                    x, y = features.to(dev), labels.to(dev)
                     logits = model(x)
                     loss = nn.functional.cross_entropy(logits, y)
                     optim.zero_grad(set_to_none=True)
@@ -98,9 +91,11 @@ def run_demo(
                 elapsed = time.perf_counter() - t0
                 total += elapsed
                 seen += n
+                window = loader.stats(reset=True)  # this epoch: the loop's wait in iter() and next()
+                waited += window.wait_s
                 print(
                     f"epoch {epoch}: loss {loss_sum / n:.4f}  accuracy {correct / n:.3f}  "
-                    f"{n / elapsed:,.0f} samples/s"
+                    f"{n / elapsed:,.0f} samples/s  data stall {window.stall_share:.1%}"
                 )
     figures = {"samples_per_s": seen / total, "data_wait_share": waited / total}
     print(

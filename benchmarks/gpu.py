@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from batchferry.client import DataLoader
+from batchferry.client import DataLoader, LoaderStats
 
 from .harness import RESULTS, machine, save_report, served
 from .workloads import WORKLOADS
@@ -50,11 +50,15 @@ def _calibrated_compute(ms: float, device: torch.device) -> Callable[[torch.Tens
 
 
 def _run(make_iter: Callable[[], Iterator[Any]], step: Callable[[torch.Tensor], None], steps: int,
-         to_device: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:  # fmt: skip
+         to_device: Callable[[torch.Tensor], torch.Tensor],
+         stats: Callable[..., LoaderStats] | None = None) -> dict[str, float]:  # fmt: skip
+    """``stats``: a batchferry loader's own figures, read over the same steps."""
     it = make_iter()
     for _ in range(3):  # warm up: workers, buffers, slots
         step(to_device(next(it)[0]))
     torch.cuda.synchronize()
+    if stats is not None:
+        stats(reset=True)
     waited = 0.0
     start = time.perf_counter()
     for _ in range(steps):
@@ -67,11 +71,14 @@ def _run(make_iter: Callable[[], Iterator[Any]], step: Callable[[torch.Tensor], 
         done.synchronize()  # the host waits for this step's compute, not for prefetch copies
     elapsed = time.perf_counter() - start
     del it
-    return {
+    figures = {
         "samples_per_s": steps * BATCH / elapsed,
         "stall_share": waited / elapsed,
         "step_ms": 1e3 * elapsed / steps,
     }
+    if stats is not None:
+        figures["loader_stall_share"] = stats().stall_share  # as loader.stats() reports it
+    return figures
 
 
 def main(*, compute_ms: float = 6.0, steps: int = 28, worker_counts: tuple[int, ...] = (4, 8),
@@ -118,7 +125,7 @@ def main(*, compute_ms: float = 6.0, steps: int = 28, worker_counts: tuple[int, 
                     streams=streams,
                 ) as bl:
                     key = f"{transport} num_workers={nw}" + (f" streams={streams}" if streams else "")
-                    report["batchferry"][key] = _run(bl.__iter__, step, steps, lambda x: x)
+                    report["batchferry"][key] = _run(bl.__iter__, step, steps, lambda x: x, bl.stats)
                     print("batchferry", key, report["batchferry"][key], flush=True)
     best_torch = max(r["samples_per_s"] for r in report["torch"].values())
     best_ours = max(r["samples_per_s"] for r in report["batchferry"].values())

@@ -96,6 +96,8 @@ def main(*, seconds: float = 10.0, trainer_cores: int = 2, device: str | None = 
                 with DataLoader(address, "W3", BATCH, shuffle=True, seed=0, transport=transport,
                                 device=dev if dev.type == "cuda" else None) as ours:  # fmt: skip
                     report["batchferry"][transport] = _rate(lambda: ours, lambda x: x.to(dev), dev, seconds)
+                    # The loader's own figure, over every epoch of the run (warm-up included).
+                    report["batchferry"][transport]["loader_stall_share"] = ours.stats().stall_share
                 print(f"batchferry {transport}", report["batchferry"][transport], flush=True)
     finally:
         os.sched_setaffinity(0, set(cores))

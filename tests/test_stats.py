@@ -202,9 +202,7 @@ def restartable() -> Iterator[ServeProcess]:
 def test_a_server_restart_counts_one_reconnect_and_its_wait(
     restartable: ServeProcess, transport: str
 ) -> None:
-    with DataLoader(
-        restartable.address, "syn", 16, timeout=30, transport=transport, streams=1
-    ) as loader:
+    with DataLoader(restartable.address, "syn", 16, timeout=30, transport=transport, streams=1) as loader:
         it = iter(loader)
         got = [next(it) for _ in range(5)]
         before = loader.stats()
