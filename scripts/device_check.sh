@@ -20,13 +20,20 @@ export OUT_DIR="$out"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, grpc, google.protobuf as p; print('torch', torch.__version__, 'grpc', grpc.__version__, 'protobuf', p.__version__)"
 } 2>&1 | tee -a "$log"
-step() { local limit=$1; shift; echo "== $*" | tee -a "$log"; timeout "$limit" "$@" 2>&1 | tee -a "$log" | tail -9; }
+# A step whose limit is 0 is skipped (e.g. BYTES_S=0 PROFILE_S=0 for a shorter session).
+step() {
+  local limit=$1; shift
+  [[ $limit == 0 ]] && return 0
+  echo "== $*" | tee -a "$log"; timeout "$limit" "$@" 2>&1 | tee -a "$log" | tail -9
+}
 step "${TESTS_S:-120}" python3 -m pytest -p no:cacheprovider -q -rs -x \
-  tests/test_cuda.py tests/test_stripes.py tests/test_transports.py
+  tests/test_cuda.py tests/test_stripes.py tests/test_transports.py tests/test_stats.py
 step "${BYTES_S:-110}" python3 -c "$pre; from batchferry.benchmarks.bytestream import main; main(reps=2, num_workers=8, out=out)"
 step "${G1_S:-150}" python3 -c "$pre; from batchferry.benchmarks.gpu import main; main(worker_counts=(8,), out=out)"
 step "${G2_S:-110}" python3 -c "$pre; from batchferry.benchmarks.offload import main; main(seconds=8, out=out)"
-timeout "${PROFILE_S:-60}" python3 -m batchferry.benchmarks.profile --streams 4 --seconds 10 --num-workers 8 \
-  > "$out/profile.json" 2>&1
-tail -c 1200 "$out/profile.json"
+if [[ ${PROFILE_S:-60} != 0 ]]; then
+  timeout "${PROFILE_S:-60}" python3 -m batchferry.benchmarks.profile --streams 4 --seconds 10 --num-workers 8 \
+    > "$out/profile.json" 2>&1
+  tail -c 1200 "$out/profile.json"
+fi
 echo "segments left: $(ls /dev/shm | grep -c batchferry)" | tee -a "$log"
