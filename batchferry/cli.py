@@ -260,6 +260,17 @@ def _bench(args: argparse.Namespace) -> int:
             reps=args.reps, num_workers=args.num_workers, out=Path(args.out or RESULTS), scale=args.scale,
             rates=rates,
         )  # fmt: skip
+    if "NETZ" in ids:
+        from batchferry.benchmarks.network import compression_main
+
+        ids.remove("NETZ")
+        rates = (
+            tuple(float(r) for r in args.link_rates.split(",")) if args.link_rates != "0,25,10" else (10.0,)
+        )
+        compression_main(
+            reps=args.reps, num_workers=args.num_workers, out=Path(args.out or RESULTS), scale=args.scale,
+            rates=rates,
+        )  # fmt: skip
     if "G1" in ids:
         from batchferry.benchmarks.gpu import main as gpu_main
 
@@ -350,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="W",
         help="W1 W2 W3 W4, W4T and W4T-pack (token source), P1 (Parquet), W5 (shared mode), "
         "SCALE (replicas), MEM (memory bounds), NET (a client on another network host, needs root), "
+        "NETZ (W2 and W4T to another host with and without compression, needs root), "
         "HOSTILE (budgets under hostile clients), BYTES (byte stream by stripe count), "
         "G1 and G2 (need CUDA), or all (the harness's workloads)",
     )

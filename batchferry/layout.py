@@ -34,6 +34,7 @@ __all__ = [
     "batch_bytes_hint",
     "decode",
     "describe",
+    "element_size",
     "encode",
 ]
 
@@ -207,6 +208,27 @@ def decode(layout: _pb2.Layout, payload: torch.Tensor) -> Any:
         return payload[spec.offset : spec.offset + nbytes].view(dtype).view(shape)
 
     return _walk(layout.root, tensor)
+
+
+def element_size(layout: _pb2.Layout) -> int:
+    """Bytes per element of the tensor spanning the most payload (1 without tensors): the
+    stride a byte shuffle groups by before compression."""
+    best, size = -1, 1
+    stack = [layout.root]
+    while stack:
+        node = stack.pop()
+        kind = node.WhichOneof("kind")
+        if kind == "tensor":
+            dtype = _TORCH_DTYPES.get(node.tensor.dtype)
+            if dtype is not None:
+                nbytes = math.prod(node.tensor.shape) * dtype.itemsize
+                if nbytes > best:
+                    best, size = nbytes, dtype.itemsize
+        elif kind in ("list", "tuple"):
+            stack.extend(getattr(node, kind).items)
+        elif kind == "dict":
+            stack.extend(node.dict.values)
+    return size
 
 
 def _walk(node: _pb2.Node, tensor: Callable[[_pb2.TensorSpec], torch.Tensor]) -> Any:

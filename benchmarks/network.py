@@ -15,7 +15,12 @@ the server's side), interleaving the repetitions:
   the byte stream there since it cannot see the server's shared memory: the time
   to the first batch, then the rate over 90 more (about 3 epochs, 3.5 GB).
 
-It reports medians and the byte stream as a fraction of the link rate, of raw TCP
+``batchferry bench NETZ [--link-rates 10]`` (:func:`compression_main`) serves W2 and
+W4T (W4's int64 tokens, ``pad``) the same way and reads each over every link with
+``compression=None`` and ``"lz4"``, interleaved: GB/s of payload delivered (what the
+trainer receives, uncompressed), medians of the repetitions.
+
+NET reports medians and the byte stream as a fraction of the link rate, of raw TCP
 over the same link and of loopback TCP, all measured in the same run (payload
 bytes only: TCP/IP headers take about 3% of a link), and writes
 ``benchmarks/results/<date>-NET.json``. Where hosts cannot be made (not root, no
@@ -43,10 +48,11 @@ from .harness import RESULTS, machine, measure, save_report
 from .netns import Hosts, sigterm_unwinds, unavailable
 from .workloads import DATA_ENV, SCALE_ENV, WORKLOADS, data_dir
 
-__all__ = ["DEFAULT_RATES", "main"]
+__all__ = ["DEFAULT_RATES", "compression_main", "main"]
 
 DEFAULT_RATES = (0.0, 25.0, 10.0)  # Gbit/s; 0: the veth as it is
 W2 = WORKLOADS["W2"]
+W4T = WORKLOADS["W4T"]
 
 
 ANSWER_TIMEOUT_S = 600
@@ -97,8 +103,10 @@ def _client_host() -> None:
                 answer = ceiling.read(cmd["address"], 4 << 20, cmd["total_bytes"])
             else:
                 with DataLoader(
-                    cmd["address"], "W2", W2.batch_size, shuffle=True, seed=cmd["seed"], timeout=60
-                ) as loader:
+                    cmd["address"], cmd.get("dataset", "W2"), cmd.get("batch_size", W2.batch_size),
+                    shuffle=True, seed=cmd["seed"], timeout=60, collate_fn=cmd.get("collate", "default"),
+                    compression=cmd.get("compression"),
+                ) as loader:  # fmt: skip
                     answer = {
                         "transport": loader.transport,
                         **asdict(measure(lambda: _epochs(loader), cmd["batches"])),
@@ -198,6 +206,81 @@ def main(
     }
     print(render(report))
     save_report(report, out or RESULTS, "NET")
+    return report
+
+
+def compression_main(
+    *,
+    reps: int = 3,
+    num_workers: int = 2,
+    out: Path | None = None,
+    scale: float = 1.0,
+    rates: tuple[float, ...] = (10.0,),
+) -> dict[str, Any]:
+    """NETZ: W2 and W4T to another host with and without lz4; ``{"skipped": reason}`` where
+    hosts cannot be made."""
+    reason = unavailable()
+    if reason is not None:
+        print(f"NETZ skipped: {reason}", file=sys.stderr)
+        return {"skipped": reason}
+    os.environ[DATA_ENV] = str(data_dir())
+    os.environ[SCALE_ENV] = str(scale)
+    W2.factory()
+    W4T.factory()
+    workloads = {
+        "W2": {"dataset": "W2", "batch_size": W2.batch_size, "batches": max(2, int(90 * min(scale, 1.0)))},
+        "W4T": {"dataset": "W4T", "batch_size": W4T.batch_size, "collate": "pad", "batches": 600},
+    }
+    report: dict[str, Any] = {
+        "date": _dt.date.today().isoformat(),
+        "command": f"batchferry bench NETZ --reps {reps} --scale {scale:g} "
+        f"--link-rates {','.join(f'{r:g}' for r in rates)}",
+        "machine": machine(),
+        "workload": "W2 (batch 256, uint8 images) and W4T (batch 64, int64 tokens, pad) over the byte "
+        "stream to a client in its own network namespace, compression None and lz4",
+        "links": {},
+    }
+    with sigterm_unwinds(), Hosts() as hosts:
+        server_ns, client_ns = hosts.host("server"), hosts.host("client")
+        (server_dev, server_ip), _ = hosts.link(server_ns, client_ns)
+        serve = hosts.run(
+            server_ns, "-m", "batchferry.cli", "--log-level", "ERROR", "serve",
+            "--dataset", f"W2={W2.spec}", "--dataset", f"W4T={W4T.spec}", "--host", server_ip,
+            "--port", "0", "--num-workers", str(num_workers),
+        )  # fmt: skip
+        banner = _banner_port(serve, "batchferry serve")
+        if "serving" not in banner:
+            raise RuntimeError(f"batchferry serve did not start: {banner!r}")
+        address = banner.split(" on ", 1)[1].split()[0]
+        client = _ClientHost(
+            hosts.run(
+                client_ns, "-m", "batchferry.benchmarks.network", "--client-host", stdin=subprocess.PIPE
+            )
+        )
+        for rate in rates:
+            name = _link_name(rate)
+            print(f"NETZ: {name}", file=sys.stderr, flush=True)
+            hosts.shape(server_ns, server_dev, rate * 1e9 if rate else None)
+            runs: dict[str, list[Any]] = {}
+            for rep in range(reps):
+                for wl, settings in workloads.items():
+                    for codec in (None, "lz4"):
+                        answer = client.ask(
+                            op="load", address=address, seed=rep, compression=codec, **settings
+                        )
+                        runs.setdefault(f"{wl} {codec or 'none'}", []).append(answer)
+            report["links"][name] = {
+                "link_gb_per_s": rate / 8 if rate else None,
+                "gb_per_s": {k: statistics.median(r["gb_per_s"] for r in v) for k, v in runs.items()},
+                "batches_per_s": {
+                    k: statistics.median(r["batches_per_s"] for r in v) for k, v in runs.items()
+                },
+                "runs": runs,
+            }
+        hosts.shape(server_ns, server_dev, None)
+    for name, link in report["links"].items():
+        print(f"NETZ {name}: " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in link["gb_per_s"].items()))
+    save_report(report, out or RESULTS, "NETZ")
     return report
 
 

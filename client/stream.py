@@ -38,7 +38,7 @@ import grpc
 import numpy as np
 import torch
 
-from batchferry import cleanup, shm, wire
+from batchferry import cleanup, codec, shm, wire
 from batchferry import layout as _layout
 from batchferry.errors import BatchTimeout, ProtocolError, from_rpc_error
 from batchferry.v1 import loader_pb2 as _pb2
@@ -94,6 +94,7 @@ class EpochStream:
         self._copier = copier
         self._segments = segments
         self._timeout = timeout
+        self._codec = open_msg.compression  # a batch comes with it or raw
         # (event, index) of slots whose device copies are in flight (same host + CUDA).
         self._releases: queue.SimpleQueue[tuple[Any, int] | None] = queue.SimpleQueue()
         self._releaser: threading.Thread | None = None
@@ -160,11 +161,22 @@ class EpochStream:
 
     def _assemble(self, header: _pb2.BatchHeader, responses: Iterator[bytes]) -> Batch:
         size = header.layout.payload_bytes
+        if header.codec not in (_pb2.CODEC_NONE, self._codec):
+            raise ValueError(
+                f"batch {header.index}: codec {header.codec}, but the stream asked for {self._codec}"
+            )
         buffer = self._pool.acquire(size)
         target = buffer.numpy()
         offset = 0
         for _ in range(header.num_chunks):
             chunk = next(responses)
+            if header.codec != _pb2.CODEC_NONE:
+                # Straight into the pooled (pinned) buffer: no copy besides the decompression.
+                try:
+                    offset += codec.decompress_into(chunk, target[offset:])
+                except ValueError as exc:
+                    raise ValueError(f"batch {header.index}: {exc}") from None
+                continue
             end = offset + len(chunk)
             if end > size:
                 raise ValueError(f"batch {header.index}: chunks exceed the {size}-byte payload")

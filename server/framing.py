@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from batchferry import sampling
 from batchferry.v1 import loader_pb2 as _pb2
 
+from . import compression
 from .ring import Lease
 
 __all__ = ["END", "byte_frames", "shm_frame", "start_frame"]
@@ -32,19 +33,23 @@ def shm_frame(index: int, layout: bytes, lease: Lease) -> bytes:
 
 
 def byte_frames(
-    index: int, layout: bytes, lease: Lease, chunk: int, done: Callable[[], None]
+    index: int,
+    layout: bytes,
+    lease: Lease,
+    chunk: int,
+    done: Callable[[], None],
+    codec: _pb2.Codec = _pb2.CODEC_NONE,
 ) -> Iterator[bytes]:
-    """Byte stream: the header, then the payload in raw chunks; ``done()`` once the last
-    chunk is out (or the stream ends first). Chunks are copied as gRPC takes them, so a
-    stream holds one chunk in server memory, not a whole batch."""
+    """Byte stream: the header, then the payload in chunks (compressed with ``codec`` when
+    that pays, see server/compression.py); ``done()`` once the last chunk is out (or the
+    stream ends first). Chunks are made as gRPC takes them, so a stream holds one chunk in
+    server memory, not a whole batch."""
     parsed = _pb2.Layout.FromString(layout)
     size = parsed.payload_bytes
     try:
-        header = _pb2.BatchHeader(index=index, layout=parsed, num_chunks=-(-size // chunk))
+        used, messages = compression.payload_messages(lease.segment.array(size), chunk, codec, parsed)
+        header = _pb2.BatchHeader(index=index, layout=parsed, num_chunks=-(-size // chunk), codec=used)
         yield _pb2.ServerFrame(batch=header).SerializeToString()
-        payload = lease.segment.array(size)
-        for offset in range(0, size, chunk):
-            # The only copy on the server: slot -> message bytes (gRPC needs bytes objects).
-            yield payload[offset : offset + chunk].tobytes()
+        yield from messages
     finally:
         done()

@@ -51,6 +51,8 @@ class Plan:
     credits: int
     chunk_bytes: int
     shm: bool
+    # Codec asked for the payload of batches sent as bytes (each may still go raw).
+    codec: _pb2.Codec = _pb2.CODEC_NONE
     # What the epoch's order is made from (server/orders.py makes and shares it).
     length: int = 0
     shuffle: bool = False
@@ -139,6 +141,11 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
         raise invalid(f"mode: unknown value {req.mode}")
     if req.transport not in (_pb2.TRANSPORT_BYTES, _pb2.TRANSPORT_SHM):
         raise invalid(f"transport: unknown value {req.transport}")
+    if req.compression not in _pb2.Codec.values():
+        raise invalid(
+            f"compression: unknown value {req.compression}; known: "
+            + ", ".join(f"{_pb2.Codec.Name(v)} ({v})" for v in _pb2.Codec.values())
+        )
     wanted = (req.replica_index, req.num_replicas or 1)
     if wanted != (catalog.replica, catalog.replicas):
         raise Abort(
@@ -214,6 +221,7 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
         credits=req.credits,
         chunk_bytes=chunk,
         shm=req.transport == _pb2.TRANSPORT_SHM,
+        codec=req.compression,
         length=length,
         shuffle=req.shuffle,
         drop_last=req.drop_last,

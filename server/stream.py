@@ -66,7 +66,7 @@ class Stream:
             frame = framing.shm_frame(built.index, built.layout, built.lease)
             return self.observe(iter([frame]), "shm", built)
         frames = framing.byte_frames(
-            built.index, built.layout, built.lease, self.plan.chunk_bytes, held.release
+            built.index, built.layout, built.lease, self.plan.chunk_bytes, held.release, self.plan.codec
         )
         return self.observe(frames, "grpc", built)
 

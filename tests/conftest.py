@@ -1,13 +1,22 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import torch
 
-from batchferry.server import Server
+from batchferry.client import DataLoader
+from batchferry.server import Server, compression
 
 from support import Nested, Plain, VarLen, leaked_segments
+
+# BATCHFERRY_TEST_COMPRESSION=lz4 (or zstd) runs the tests with every loader's byte
+# stream compressed, every batch included (even those that would go raw).
+_COMPRESSION = os.environ.get("BATCHFERRY_TEST_COMPRESSION")
+if _COMPRESSION:
+    DataLoader.__init__.__kwdefaults__["compression"] = _COMPRESSION
+    compression.MIN_RATIO = 0.0
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

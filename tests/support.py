@@ -73,6 +73,21 @@ class VarLen(Dataset[tuple[torch.Tensor, int]]):
         return torch.arange(n, dtype=torch.int64) + i, n
 
 
+class Docs(Dataset[tuple[torch.Tensor, int]]):
+    """int64 token ids (values < 1000) of 50 to 349 tokens, and the length: what ``pad``
+    turns into compressible batches."""
+
+    def __init__(self, n: int = 120) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        n = 50 + (i * 37) % 300
+        return (torch.arange(n, dtype=torch.int64) * 7 + i * 13) % 1000, n
+
+
 class Failing(Dataset[torch.Tensor]):
     """Raises on index 13."""
 

@@ -19,6 +19,12 @@ class Transport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSPORT_BYTES: _ClassVar[Transport]
     TRANSPORT_SHM: _ClassVar[Transport]
 
+class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CODEC_NONE: _ClassVar[Codec]
+    CODEC_LZ4: _ClassVar[Codec]
+    CODEC_ZSTD: _ClassVar[Codec]
+
 class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DTYPE_UNSPECIFIED: _ClassVar[DType]
@@ -43,6 +49,9 @@ MODE_SHARED: Mode
 MODE_DYNAMIC: Mode
 TRANSPORT_BYTES: Transport
 TRANSPORT_SHM: Transport
+CODEC_NONE: Codec
+CODEC_LZ4: Codec
+CODEC_ZSTD: Codec
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT64: DType
@@ -195,7 +204,7 @@ class Layout(_message.Message):
     def __init__(self, root: _Optional[_Union[Node, _Mapping]] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class OpenStream(_message.Message):
-    __slots__ = ("dataset", "batch_size", "shuffle", "sampler_state", "drop_last", "collate", "epoch", "start_batch", "credits", "chunk_bytes", "transport", "mode", "job", "rank", "world_size", "seed", "replica_index", "num_replicas", "taken", "any_order", "client_batches", "stripe", "stripes")
+    __slots__ = ("dataset", "batch_size", "shuffle", "sampler_state", "drop_last", "collate", "epoch", "start_batch", "credits", "chunk_bytes", "transport", "mode", "job", "rank", "world_size", "seed", "replica_index", "num_replicas", "taken", "any_order", "client_batches", "stripe", "stripes", "compression")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHUFFLE_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +228,7 @@ class OpenStream(_message.Message):
     CLIENT_BATCHES_FIELD_NUMBER: _ClassVar[int]
     STRIPE_FIELD_NUMBER: _ClassVar[int]
     STRIPES_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     batch_size: int
     shuffle: bool
@@ -242,7 +252,8 @@ class OpenStream(_message.Message):
     client_batches: bool
     stripe: int
     stripes: int
-    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., sampler_state: _Optional[bytes] = ..., drop_last: _Optional[bool] = ..., collate: _Optional[str] = ..., epoch: _Optional[int] = ..., start_batch: _Optional[int] = ..., credits: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., seed: _Optional[int] = ..., replica_index: _Optional[int] = ..., num_replicas: _Optional[int] = ..., taken: _Optional[bytes] = ..., any_order: _Optional[bool] = ..., client_batches: _Optional[bool] = ..., stripe: _Optional[int] = ..., stripes: _Optional[int] = ...) -> None: ...
+    compression: Codec
+    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., sampler_state: _Optional[bytes] = ..., drop_last: _Optional[bool] = ..., collate: _Optional[str] = ..., epoch: _Optional[int] = ..., start_batch: _Optional[int] = ..., credits: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., seed: _Optional[int] = ..., replica_index: _Optional[int] = ..., num_replicas: _Optional[int] = ..., taken: _Optional[bytes] = ..., any_order: _Optional[bool] = ..., client_batches: _Optional[bool] = ..., stripe: _Optional[int] = ..., stripes: _Optional[int] = ..., compression: _Optional[_Union[Codec, str]] = ...) -> None: ...
 
 class BatchIndices(_message.Message):
     __slots__ = ("index", "lengths", "samples", "end", "total")
@@ -303,16 +314,18 @@ class StreamStart(_message.Message):
     def __init__(self, num_batches: _Optional[int] = ..., state_after_order: _Optional[bytes] = ..., state_after_epoch: _Optional[bytes] = ..., first_batch: _Optional[int] = ...) -> None: ...
 
 class BatchHeader(_message.Message):
-    __slots__ = ("index", "layout", "num_chunks", "slot")
+    __slots__ = ("index", "layout", "num_chunks", "slot", "codec")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
     index: int
     layout: Layout
     num_chunks: int
     slot: str
-    def __init__(self, index: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., num_chunks: _Optional[int] = ..., slot: _Optional[str] = ...) -> None: ...
+    codec: Codec
+    def __init__(self, index: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., num_chunks: _Optional[int] = ..., slot: _Optional[str] = ..., codec: _Optional[_Union[Codec, str]] = ...) -> None: ...
 
 class StreamEnd(_message.Message):
     __slots__ = ()

@@ -1,0 +1,71 @@
+"""Which codec a batch's byte-stream payload goes with, and its payload messages.
+
+A stream asks for a codec (OpenStream.compression); each batch then goes compressed
+only if it pays: its first chunk is compressed as a trial, and when that does not
+shrink by :data:`MIN_RATIO` the whole batch goes raw (BatchHeader.codec says which),
+so incompressible payloads (images, float noise) cost one chunk's compression per
+batch, not a slower stream. Payloads sent by slot (same host) are never compressed.
+
+Cost: compression runs in the thread that hands the stream's messages to gRPC, one
+chunk at a time as gRPC takes them (so a stream still holds one chunk in memory);
+blosc2 releases the GIL while it works. A server without blosc2 sends every batch
+raw and says so once in its log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+
+from batchferry import codec
+from batchferry import layout as _layout
+from batchferry.v1 import loader_pb2 as _pb2
+
+__all__ = ["MIN_RATIO", "payload_messages"]
+
+log = logging.getLogger("batchferry.server")
+
+# A batch goes compressed only if its first chunk shrinks at least this much.
+MIN_RATIO = 1.1
+_warned = False
+
+
+def payload_messages(
+    payload: np.ndarray, chunk: int, wanted: _pb2.Codec, layout: _pb2.Layout
+) -> tuple[_pb2.Codec, Iterator[bytes]]:
+    """The codec this batch goes with, and its payload (uint8, contiguous) as messages of
+    ``chunk`` bytes before compression."""
+    if wanted == _pb2.CODEC_NONE or payload.nbytes == 0 or not _can_compress():
+        return _pb2.CODEC_NONE, _raw(payload, chunk)
+    typesize = _layout.element_size(layout)
+    first = codec.compress(payload[:chunk], wanted, typesize)
+    if len(first) * MIN_RATIO > min(chunk, payload.nbytes):
+        return _pb2.CODEC_NONE, _raw(payload, chunk)
+    return wanted, _compressed(payload, chunk, wanted, typesize, first)
+
+
+def _raw(payload: np.ndarray, chunk: int) -> Iterator[bytes]:
+    for offset in range(0, payload.nbytes, chunk):
+        # The only copy on the server: slot -> message bytes (gRPC needs bytes objects).
+        yield payload[offset : offset + chunk].tobytes()
+
+
+def _compressed(payload: np.ndarray, chunk: int, wanted: int, typesize: int, first: bytes) -> Iterator[bytes]:
+    yield first
+    for offset in range(chunk, payload.nbytes, chunk):
+        # Compressed straight from the slot: the compressed bytes are the only copy.
+        yield codec.compress(payload[offset : offset + chunk], wanted, typesize)
+
+
+def _can_compress() -> bool:
+    global _warned
+    if codec.available():
+        return True
+    if not _warned:
+        _warned = True
+        log.warning(
+            "a client asked for compression, but blosc2 is not installed: sending raw (%s)", codec.INSTALL
+        )
+    return False
