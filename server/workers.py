@@ -153,19 +153,27 @@ def _worker_main(
     tasks: Any,
     results: Connection,
     parent_pid: int,
+    strict: bool,
 ) -> None:
+    """A worker's life. ``strict`` (the pool's first workers): a dataset that cannot be
+    loaded fails the start, naming it. A replacement instead builds what it can: a
+    dataset that no longer loads (a file changed under a running server) fails only its
+    own batches, loaded again at each, and the other datasets keep being served."""
     # One intra-op thread per worker: parallelism comes from the processes.
     torch.set_num_threads(1)
     # Ctrl-C in a terminal reaches the whole process group: the server decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     runner = _TaskRunner(sources, collates, max_segments, tickets)
-    try:
-        for name in sources:
+    broken = []
+    for name in sources:
+        try:
             runner.dataset(name)
-        results.send(("ready", index, ""))
-    except Exception as exc:
-        results.send(("failed", index, f"{type(exc).__name__}: {exc}"))
-        return
+        except Exception as exc:
+            if strict:
+                results.send(("failed", index, f"dataset {name!r}: {type(exc).__name__}: {exc}"))
+                return
+            broken.append(f"dataset {name!r}: {short_error(exc)}")
+    results.send(("ready", index, "; ".join(broken)))
     try:
         while True:
             try:
@@ -244,7 +252,7 @@ class WorkerPool:
         self._dispatcher = threading.Thread(target=self._dispatch, name="batchferry-results", daemon=True)
         self._dispatcher.start()
 
-    def _spawn(self, index: int) -> Any:
+    def _spawn(self, index: int, *, strict: bool = True) -> Any:
         """Start worker ``index`` on its task queue, with a fresh result pipe."""
         reader, writer = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
@@ -258,6 +266,7 @@ class WorkerPool:
                 self._queues[index],
                 writer,
                 os.getpid(),
+                strict,
             ),
             name=f"batchferry-worker-{index}",
             daemon=True,
@@ -362,8 +371,8 @@ class WorkerPool:
                     continue
                 if isinstance(item, Result):
                     self._complete(item)
-                elif isinstance(item, tuple) and item[0] == "failed":
-                    log.error("replacement worker %d could not load the datasets: %s", item[1], item[2])
+                elif isinstance(item, tuple) and item[0] == "ready" and item[2]:
+                    log.error("replacement worker %d cannot load (its batches fail): %s", item[1], item[2])
 
     def _replace(self, index: int) -> None:
         old = self._procs[index]
@@ -379,7 +388,7 @@ class WorkerPool:
             lost = [e for e in self._pending.values() if e.worker == index]
             # A fresh queue: the dead worker may have died holding the old one's lock.
             stale, self._queues[index] = self._queues[index], self._ctx.Queue()
-            self._procs[index] = self._spawn(index)
+            self._procs[index] = self._spawn(index, strict=False)
             self.restarts += 1
             failed = []
             for entry in lost:

@@ -57,6 +57,27 @@ def test_a_batch_whose_worker_is_killed_every_time_fails_naming_batch_and_signal
         assert srv.pool.restarts == MAX_ATTEMPTS
 
 
+def test_a_file_cut_short_under_a_running_server_fails_its_dataset_alone(tmp_path: Path) -> None:
+    # The memory map's pages past the new end raise SIGBUS in the worker; its replacement
+    # cannot map the file at all. Neither may take the other dataset down with it.
+    path = tmp_path / "features.npy"
+    np.save(path, np.arange(64 * 4096, dtype=np.float32).reshape(64, 4096))
+    with Server({"cut": f"npy:{path}", "ok": Slow(12, delay=0)}, port=0, num_workers=1) as srv:
+        with DataLoader(srv.address, "cut", 8) as loader:
+            assert len(list(loader)) == 8
+            os.truncate(path, 4096)
+            with pytest.raises(errors.DatasetError, match=r"dataset 'cut', batch \d+: .*features\.npy"):
+                list(loader)
+        with DataLoader(srv.address, "ok", 4) as loader:
+            assert len(list(loader)) == 3
+        # One worker lost to SIGBUS (perhaps one per rebuild), then a replacement that stays.
+        restarts = srv.pool.restarts
+        assert 1 <= restarts <= MAX_ATTEMPTS
+        with DataLoader(srv.address, "ok", 4) as loader:
+            assert len(list(loader)) == 3
+        assert srv.pool.restarts == restarts
+
+
 def test_tasks_submitted_while_a_dead_worker_is_replaced_all_complete() -> None:
     """Many threads submit while a worker dies: none lands on the dead worker's queue and hangs."""
     arena = shm.Arena()
