@@ -605,6 +605,9 @@ class DataLoader:
             raise InvalidArgument(
                 "state_dict has no epoch_start: it was not saved by a loader with a sampler"
             )
+        if in_epoch:
+            any_order = self.config.mode == "dynamic" or not self.config.in_order
+            batch, done = _resume_in_order(batch, done, any_order)
         self._epoch = epoch
         self._resume = _Resume(epoch, batch, sampler_state, done, epoch_start) if in_epoch else None
 
@@ -955,18 +958,19 @@ class _Iterator:
             raise StopIteration
         self.yielded += 1
         self._lists.pop(batch.index, None)
-        self._stats.batches += 1
-        self._stats.bytes += batch.nbytes
         data = batch.data
         if self._copier is not None and batch.event is not None:
             data = self._copier.hand_over(data, batch.event)
-        if self._transform is None:
-            return data
-        began = time.perf_counter()
-        try:
-            return self._transform(data)
-        finally:
-            self._stats.transform_s += time.perf_counter() - began
+        if self._transform is not None:
+            began = time.perf_counter()
+            try:
+                data = self._transform(data)
+            finally:
+                self._stats.transform_s += time.perf_counter() - began
+        # Counted once the loop has it: a batch_transform that raised handed it nothing.
+        self._stats.batches += 1
+        self._stats.bytes += batch.nbytes
+        return data
 
     def _epoch_length(self) -> float:
         if self.indices is not None:
@@ -1036,6 +1040,24 @@ class _Iterator:
         with contextlib.suppress(Exception):  # module globals may be gone at shutdown
             for stream in getattr(self, "_streams", ()):
                 stream.close_soon()
+
+
+def _resume_in_order(batch: int, done: bytes, any_order: bool) -> tuple[int, bytes]:
+    """A saved resume point (``batch`` taken; out of order, ``done`` says which) in the
+    terms of a loader that takes batches ``any_order`` or not, whichever saved it."""
+    bits = np.unpackbits(np.frombuffer(done, dtype=np.uint8), bitorder="little").astype(bool)
+    if any_order:
+        if not bits.any() and batch:  # saved in order: the first ``batch`` were taken
+            bits = np.ones(batch, dtype=bool)
+        return int(bits.sum()), np.packbits(bits, bitorder="little").tobytes()
+    prefix = len(bits) if bits.all() else int(np.argmin(bits))
+    if bits[prefix:].any():
+        raise InvalidArgument(
+            f"state_dict was saved mid-epoch by a loader that took batches out of order (in_order=False "
+            f"or dynamic mode): {int(bits.sum())} taken, not the first {int(bits.sum())}; resume it with "
+            "in_order=False, or at an epoch's end"
+        )
+    return (prefix if bits.any() else batch), b""
 
 
 def _state(raw: bytes) -> torch.Tensor:

@@ -155,6 +155,36 @@ def test_in_order_false_delivers_every_batch_once_and_resumes(
     assert got == sorted(map(key, expected))  # every batch once, none repeated
 
 
+def test_a_state_saved_in_order_resumes_out_of_order_and_not_the_other_way(
+    server: Server, tensor_ds
+) -> None:
+    expected = list(TorchLoader(tensor_ds, 8, shuffle=True, generator=torch.Generator().manual_seed(3)))
+
+    def key(batch: Any) -> tuple[float, ...]:
+        return tuple(batch[0][:, 0].tolist())
+
+    with DataLoader(server.address, "tensor", 8, True, seed=3) as loader:
+        it = iter(loader)
+        head = [next(it) for _ in range(5)]
+        in_order = loader.state_dict()
+    with DataLoader(server.address, "tensor", 8, True, in_order=False) as loader:
+        loader.load_state_dict(in_order)  # the first 5 were taken
+        rest = list(loader)
+    assert sorted(map(key, head + rest)) == sorted(map(key, expected))
+
+    # Taken out of order: an in-order loader cannot skip what was taken, so it refuses.
+    taken = [0, 2, 3]
+    state = {**in_order, "batch": len(taken), "done": bytes([sum(1 << i for i in taken)])}
+    with DataLoader(server.address, "tensor", 8, True) as loader:
+        with pytest.raises(errors.InvalidArgument, match="out of order.*in_order=False"):
+            loader.load_state_dict(state)
+    # ... unless what was taken is the epoch's start.
+    state = {**in_order, "batch": 3, "done": bytes([0b111])}
+    with DataLoader(server.address, "tensor", 8, True) as loader:
+        loader.load_state_dict(state)
+        assert_same(list(loader), expected[3:])
+
+
 def test_every_torch_argument_is_accepted_in_torch_order(server: Server) -> None:
     theirs = inspect.signature(TorchLoader).parameters
     ours = inspect.signature(DataLoader).parameters
