@@ -112,37 +112,41 @@ class Recorder:
             self.reconnects,
         )
 
-    def _since(self, base: _Mark, now: float, transports: tuple[str, ...], streams: int) -> LoaderStats:
+    def _since(self, base: _Mark, mark: _Mark, transports: tuple[str, ...], streams: int) -> LoaderStats:
+        """The figures between two marks (``mark`` taken at a known time)."""
         start = base.at if base.at is not None else self.started
-        wall = max(0.0, now - start) if start is not None else 0.0
-        wait = self.wait_s - base.wait_s
+        wall = max(0.0, mark.at - start) if mark.at is not None and start is not None else 0.0
+        wait = mark.wait_s - base.wait_s
         return LoaderStats(
-            batches=self.batches - base.batches,
-            bytes=self.bytes - base.bytes,
+            batches=mark.batches - base.batches,
+            bytes=mark.bytes - base.bytes,
             wait_s=wait,
-            transform_s=self.transform_s - base.transform_s,
+            transform_s=mark.transform_s - base.transform_s,
             wall_s=wall,
             # Clamped: wait and wall come from separate clock readings.
             stall_share=min(1.0, wait / wall) if wall > 0 else 0.0,
-            epochs=self.epochs - base.epochs,
+            epochs=mark.epochs - base.epochs,
             first_batch_s=self.first_batch_s,
-            reconnects=self.reconnects - base.reconnects,
+            reconnects=mark.reconnects - base.reconnects,
             transports=transports,
             streams=streams,
         )
 
     def snapshot(self, now: float, transports: tuple[str, ...], streams: int, *, reset: bool) -> LoaderStats:
-        """The window's figures at ``now``; with ``reset`` a new window begins at ``now``."""
-        stats = self._since(self._base, now, transports, streams)
+        """The window's figures at ``now``; with ``reset`` a new window begins at ``now``.
+        The counters are read once, so a batch counted meanwhile falls in exactly one window."""
+        mark = self._mark(now)
+        stats = self._since(self._base, mark, transports, streams)
         if reset:
-            self._base = self._mark(now)
+            self._base = mark
         return stats
 
     def log_line(self, now: float, transports: tuple[str, ...], streams: int, name: str) -> None:
         """Log the figures since the last line (and the lifetime totals) at INFO."""
-        interval = self._since(self._logged, now, transports, streams)
-        total = self._since(_Mark(None), now, transports, streams)
-        self._logged = self._mark(now)
+        mark = self._mark(now)
+        interval = self._since(self._logged, mark, transports, streams)
+        total = self._since(_Mark(None), mark, transports, streams)
+        self._logged = mark
         self.log_at = now + self.log_every
         log.info("%s: %s", name, describe(interval, total))
 

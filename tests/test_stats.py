@@ -137,6 +137,52 @@ def test_batch_transform_time_is_part_of_the_wait(exact: Server) -> None:
     assert s.wait_s >= s.transform_s
 
 
+def test_a_batch_whose_transform_raised_is_not_counted(exact: Server) -> None:
+    def transform(batch: Any) -> Any:
+        if int(batch[1][0]) % 2:  # labels of odd first samples
+            raise RuntimeError("augmentation failed")
+        return batch
+
+    handed = 0
+    with DataLoader(exact.address, "exact", 16, shuffle=True, seed=5, batch_transform=transform) as loader:
+        it = iter(loader)
+        while True:
+            try:
+                batch = next(it)
+            except RuntimeError:
+                continue
+            except StopIteration:
+                break
+            handed += 1
+            assert int(batch[1][0]) % 2 == 0
+        s = loader.stats()
+    assert 0 < handed < BATCHES
+    assert (s.batches, s.bytes) == (handed, handed * 16 * (16 * 4 + 8))
+
+
+def test_windows_reset_from_another_thread_add_up_to_every_batch(exact: Server) -> None:
+    windows: list[LoaderStats] = []
+    stop = threading.Event()
+
+    def reset() -> None:
+        while not stop.is_set():
+            windows.append(loader.stats(reset=True))
+
+    with DataLoader(exact.address, "exact", 16) as loader:
+        resetter = threading.Thread(target=reset)
+        resetter.start()
+        try:
+            for _ in range(20):
+                assert len(list(loader)) == BATCHES
+        finally:
+            stop.set()
+            resetter.join()
+        windows.append(loader.stats(reset=True))
+    assert len(windows) > 20
+    assert sum(w.batches for w in windows) == 20 * BATCHES
+    assert sum(w.epochs for w in windows) == 20
+
+
 def test_stall_share_tells_a_slow_server_from_a_slow_loop(exact: Server) -> None:
     # A server that sleeps 20 ms per sample and a loop that does nothing: all waiting.
     with DataLoader(exact.address, "slow", 4, prefetch_factor=2) as loader:
