@@ -155,9 +155,7 @@ def test_in_order_false_delivers_every_batch_once_and_resumes(
     assert got == sorted(map(key, expected))  # every batch once, none repeated
 
 
-def test_a_state_saved_in_order_resumes_out_of_order_and_not_the_other_way(
-    server: Server, tensor_ds
-) -> None:
+def test_a_state_saved_in_order_resumes_out_of_order_and_not_the_other_way(server: Server, tensor_ds) -> None:
     expected = list(TorchLoader(tensor_ds, 8, shuffle=True, generator=torch.Generator().manual_seed(3)))
 
     def key(batch: Any) -> tuple[float, ...]:
