@@ -123,6 +123,9 @@ class ServerConfig:
         2 << 30, "memory for epoch orders (shuffled permutations) of all streams together", parse=parse_size
     )
     job_idle_s: float = _setting(300.0, "forget a job (its settings no longer bind) after this long unused")
+    max_jobs: int = _setting(
+        256, "jobs (shared, sharded, dynamic) known at once; idle ones are forgotten first to make room"
+    )
     slot_timeout_s: float = _setting(
         60.0, "how long a stream waits for a free shared-memory slot before RESOURCE_EXHAUSTED"
     )
@@ -164,6 +167,8 @@ class ServerConfig:
             raise ValueError(f"max_streams must be >= 1, got {self.max_streams}")
         if self.max_streams_per_peer < 1:
             raise ValueError(f"max_streams_per_peer must be >= 1, got {self.max_streams_per_peer}")
+        if self.max_jobs < 1:
+            raise ValueError(f"max_jobs must be >= 1, got {self.max_jobs}")
         for name in ("max_batch_bytes", "max_index_bytes"):
             if getattr(self, name) < 1 << 20:
                 raise ValueError(f"{name} must be at least 1 MiB, got {getattr(self, name)}")

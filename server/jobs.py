@@ -23,7 +23,16 @@ from dataclasses import dataclass, field, fields
 
 from batchferry.v1 import loader_pb2 as _pb2
 
-__all__ = ["MAX_EPOCH_STATES", "Consumer", "EpochState", "Job", "JobConflict", "JobRegistry", "JobSettings"]
+__all__ = [
+    "MAX_EPOCH_STATES",
+    "Consumer",
+    "EpochState",
+    "Job",
+    "JobConflict",
+    "JobRegistry",
+    "JobSettings",
+    "TooManyJobs",
+]
 
 MAX_EPOCH_STATES = 8
 
@@ -109,9 +118,18 @@ class Job:
                     del self.epochs[epoch]
 
 
+class TooManyJobs(Exception):
+    """Every one of ``max_jobs`` jobs has consumers: a new job name cannot be taken in."""
+
+
 class JobRegistry:
-    def __init__(self, idle_s: float = 300.0) -> None:
+    """Jobs by name. The one place their number is bounded (``max_jobs``): a new job
+    evicts the longest-idle job when the registry is full, and is refused when none is
+    idle, so job names (and their metric series) cannot grow without bound."""
+
+    def __init__(self, idle_s: float = 300.0, max_jobs: int = 256) -> None:
         self.idle_s = idle_s
+        self.max_jobs = max_jobs
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -123,6 +141,7 @@ class JobRegistry:
             self._expire()
             job = self._jobs.get(name)
             if job is None:
+                self._make_room(name)
                 job = self._jobs[name] = Job(name, settings)
             for f in fields(JobSettings):
                 mine, theirs = getattr(settings, f.name), getattr(job.settings, f.name)
@@ -143,6 +162,17 @@ class JobRegistry:
             if not job.consumers:
                 job.idle_since = time.monotonic()
             job.cond.notify_all()
+
+    def _make_room(self, name: str) -> None:
+        if len(self._jobs) < self.max_jobs:
+            return
+        idle = [(job.idle_since, n) for n, job in self._jobs.items() if job.idle_since is not None]
+        if not idle:
+            raise TooManyJobs(
+                f"cannot start job {name!r}: this server has max_jobs={self.max_jobs} jobs, each with "
+                "consumers; reuse a job name, or raise --max-jobs"
+            )
+        del self._jobs[min(idle)[1]]
 
     def _expire(self) -> None:
         now = time.monotonic()

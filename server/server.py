@@ -129,7 +129,7 @@ class Server:
             self._ring = SlotRing(
                 cfg.num_slots, _shm_budget(cfg.shm_bytes), max_slots=max_slots, linger=cfg.linger_s
             )
-            self.jobs = JobRegistry(cfg.job_idle_s)
+            self.jobs = JobRegistry(cfg.job_idle_s, cfg.max_jobs)
             self.service = LoaderService(
                 built,
                 frozenset(registry),

@@ -33,7 +33,7 @@ from .config import ServerConfig
 from .credits import ClientMessages
 from .datasets import MapDataset
 from .framing import END
-from .jobs import Consumer, Job, JobConflict, JobRegistry
+from .jobs import Consumer, Job, JobConflict, JobRegistry, TooManyJobs
 from .metrics import Metrics
 from .modes import sender_for
 from .orders import Orders
@@ -217,7 +217,8 @@ class LoaderService:
                 return (
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"this client ({peer}) already has max_streams_per_peer={cfg.max_streams_per_peer} "
-                    "streams open; close loaders it no longer uses",
+                    "streams open; close loaders it no longer uses (a byte-stream loader opens "
+                    "streams= of them per server: ask for fewer)",
                 )
             self._streams += 1
             self._per_peer[peer] += 1
@@ -269,6 +270,8 @@ class LoaderService:
                 )
             except JobConflict as exc:
                 raise Abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+            except TooManyJobs as exc:
+                raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
             consumer.total = the_plan.local_total
             consumer.sent = the_plan.local_start
             taker = consumer

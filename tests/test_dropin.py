@@ -174,7 +174,7 @@ def test_a_state_saved_in_order_resumes_out_of_order_and_not_the_other_way(serve
     taken = [0, 2, 3]
     state = {**in_order, "batch": len(taken), "done": bytes([sum(1 << i for i in taken)])}
     with DataLoader(server.address, "tensor", 8, True) as loader:
-        with pytest.raises(errors.InvalidArgument, match="out of order.*in_order=False"):
+        with pytest.raises(errors.InvalidArgument, match=r"out of order.*in_order=False"):
             loader.load_state_dict(state)
     # ... unless what was taken is the epoch's start.
     state = {**in_order, "batch": 3, "done": bytes([0b111])}

@@ -152,6 +152,29 @@ def test_streams_per_client_are_limited_and_others_are_served(tensor_ds) -> None
             loader.close()
 
 
+def test_jobs_are_limited_idle_ones_make_room_and_busy_ones_are_kept(tensor_ds) -> None:
+    with Server({"t": tensor_ds}, port=0, num_workers=0, max_jobs=2) as srv:
+
+        def sharded(job: str) -> DataLoader:
+            return DataLoader(srv.address, "t", 4, mode="sharded", job=job, world_size=1, streams=1)
+
+        with sharded("done") as loader:
+            assert len(list(loader)) == 26  # then idle, not forgotten yet (job_idle_s)
+        busy = [sharded(f"busy-{i}") for i in range(2)]  # the second evicts the idle job
+        its = [iter(loader) for loader in busy]
+        for it in its:
+            next(it)
+        assert sorted(job.name for job in srv.jobs.jobs()) == ["busy-0", "busy-1"]
+        with sharded("third") as third, pytest.raises(errors.ResourceExhausted, match="max_jobs=2"):
+            next(iter(third))
+        for it in its:  # the jobs that were there are untouched
+            assert len(list(it)) == 25
+        for loader in busy:
+            loader.close()
+        with sharded("third") as third:  # room again once one is idle
+            assert len(list(third)) == 26
+
+
 def test_an_idle_stream_ends_and_frees_its_slots(tensor_ds) -> None:
     with Server({"t": tensor_ds}, port=0, num_workers=0, stream_idle_s=1.0) as srv:
         silent = threading.Event()
