@@ -160,7 +160,7 @@ class Builder:
                 raise Abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"batch {build.index} needs at least {result.needed} bytes, above the server's "
-                    f"max_batch_bytes={self._max_bytes}; use a smaller batch_size",
+                    f"max_batch_bytes={self._max_bytes}; use a smaller batch_size (or shorter pack rows)",
                 )
             self.min_bytes = max(self.min_bytes, result.needed)
             build = self._restart(build)

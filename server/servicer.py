@@ -329,7 +329,7 @@ class LoaderService:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"a batch of {min(the_plan.batch_size, the_plan.length)} samples of this dataset takes about "
                 f"{need} bytes, above the server's max_batch_bytes={self._config.max_batch_bytes}; "
-                "use a smaller batch_size",
+                "use a smaller batch_size (or shorter rows: the pack collate's seq_len)",
             )
 
     def _builder(
