@@ -146,6 +146,10 @@ class SlotRing:
         self.max_slots = max(num_slots, max_slots or 4 * num_slots)
         self.linger = linger
         self._cond = threading.Condition()
+        # Acquires blocked for a slot. While there are any, an acquire that will not
+        # wait (a stream that already has builds in flight) is refused, so freed slots
+        # go first to the streams that have none: a busy stream cannot starve an idle one.
+        self._waiting = 0
         self._closed = False
         self._slots: list[_Slot] = []  # every live segment, in any state
         self._arena = shm.Arena()
@@ -221,22 +225,52 @@ class SlotRing:
             )
         start = time.monotonic()
         deadline = start + timeout
-        while True:
-            # ``cancelled`` asks the stream (gRPC's own locks): never under ``_cond``.
-            if cancelled():
-                return None
+        if timeout <= 0:
             with self._cond:
-                if self._closed:
+                if self._closed or self._waiting:
                     return None
                 self._sweep()
-                slot = self._take(min_bytes, waited=time.monotonic() - start)
-                if slot is not None:
-                    slot.state, slot.lease = SlotState.LEASED, Lease(self, slot)
-                    return slot.lease
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                return self._lease(self._take(min_bytes, waited=0.0))
+        with self._cond:
+            self._waiting += 1
+        try:
+            while True:
+                # ``cancelled`` asks the stream (gRPC's own locks): never under ``_cond``.
+                if cancelled():
                     return None
-                self._cond.wait(min(remaining, _WAIT))
+                with self._cond:
+                    if self._closed:
+                        return None
+                    self._sweep()
+                    lease = self._lease(self._take(min_bytes, waited=time.monotonic() - start))
+                    if lease is not None:
+                        return lease
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    self._cond.wait(min(remaining, _WAIT))
+        finally:
+            with self._cond:
+                self._waiting -= 1
+
+    @property
+    def waiting(self) -> int:
+        """Acquires blocked for a slot now."""
+        with self._cond:
+            return self._waiting
+
+    def _lease(self, slot: _Slot | None) -> Lease | None:
+        """Lease ``slot`` (caller holds ``_cond``)."""
+        if slot is None:
+            return None
+        slot.state, slot.lease = SlotState.LEASED, Lease(self, slot)
+        return slot.lease
+
+    def fits(self, min_bytes: int) -> int:
+        """How many slots for batches of ``min_bytes`` the ring can have: what the byte
+        budget holds at the size a new slot gets, at most ``max_slots``."""
+        size = max(_ROUND, -(-int(min_bytes * _GROWTH) // _ROUND) * _ROUND)
+        return max(1, min(self.max_slots, self.max_bytes // size))
 
     def _take(self, min_bytes: int, waited: float) -> _Slot | None:
         """A FREE slot fit for ``min_bytes``, grown or added if need be (caller holds ``_cond``)."""

@@ -286,6 +286,7 @@ class LoaderService:
             active=active,
             ring_slots=self._ring.target_slots,
             share=self._share,
+            hold_share=self._hold_share,
             workers=max(1, self._pool.num_workers),
             job=job,
             consumer=consumer,
@@ -310,6 +311,12 @@ class LoaderService:
     def _share(self) -> int:
         """Slots one stream may take now: the ring split among the open streams (at least 4)."""
         return max(_MIN_SHARE, self._ring.max_slots // max(1, self.open_streams))
+
+    def _hold_share(self, slot_bytes: int) -> int:
+        """Slots of ``slot_bytes`` one same-host client may hold now: with every open
+        stream holding this many, each still has one to build in (at least 1)."""
+        streams = max(1, self.open_streams)
+        return max(1, self._ring.fits(slot_bytes) // streams - 1)
 
     def _check_client(self, messages: ClientMessages) -> None:
         if messages.error is not None:

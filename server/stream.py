@@ -37,6 +37,9 @@ class Stream:
     workers: int = 1
     # This stream's fair share of the ring's slots now (they are split among open streams).
     share: Callable[[], int] = lambda: 1 << 30
+    # Slots a same-host client may hold now: few enough that, all streams holding theirs,
+    # every stream still finds a slot to build in (so holders cannot starve the ring).
+    hold_share: Callable[[int], int] = lambda _bytes: 1 << 30
     job: Job | None = None
     consumer: Consumer | None = None
     # Sees each batch's frames go out, with the transport that carries them (server/metrics.py).
@@ -57,11 +60,12 @@ class Stream:
         copied out and ``held`` is released at once.
 
         A same-host client holding more slots than a reading loop needs (its credits,
-        plus the few batches a loop keeps), or than its share of the ring, gets the bytes
-        instead: it cannot starve the ring by never letting go.
+        plus the few batches a loop keeps), or than its hold share of the ring, gets the
+        bytes instead: it cannot starve the ring by never letting go.
         """
         held = held or built.lease
-        if self.plan.shm and self.messages.held < min(self.plan.credits + _HOLD_MARGIN, self.share()):
+        hold = min(self.plan.credits + _HOLD_MARGIN, self.hold_share(self.builder.min_bytes))
+        if self.plan.shm and self.messages.held < hold:
             self.messages.hold(built.index, held)
             frame = framing.shm_frame(built.index, built.layout, built.lease)
             return self.observe(iter([frame]), "shm", built)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -237,6 +238,59 @@ def test_a_same_host_client_that_never_releases_gets_copies(tensor_ds) -> None:
                     break
         assert kinds[:6] == ["slot"] * 6  # its credits (2) and the few a reading loop keeps (4)
         assert set(kinds[6:]) == {"bytes"}  # then copies: the ring is not its to hoard
+
+
+def test_clients_that_never_release_cannot_starve_a_well_behaved_one_of_a_small_ring() -> None:
+    # 4 MiB batches and a 48 MiB budget: fewer slots fit than the ring's slot count
+    # allows. Four hoarders take every batch and release none; a reading loop must still
+    # get its epoch (each hoarder holds only what leaves every stream a slot to build in).
+    with Server({"t": Megabytes()}, port=0, num_workers=1, shm_bytes=48 << 20) as srv:
+        stop = threading.Event()
+        held: list[int] = []
+        credit = pb.ClientMessage(credit=pb.Credit(batches=1)).SerializeToString()
+
+        def hoard() -> None:
+            more = threading.Semaphore(0)
+
+            def requests() -> Iterator[bytes]:
+                yield _open(credits=8, transport=pb.TRANSPORT_SHM)
+                while not stop.is_set():
+                    if more.acquire(timeout=0.1):
+                        yield credit
+
+            with grpc.insecure_channel(srv.address) as channel:
+                responses = channel.stream_stream(wire.STREAM_BATCHES)(requests(), timeout=120)
+                chunks = slots = 0
+                with contextlib.suppress(grpc.RpcError):
+                    for raw in responses:
+                        if stop.is_set():
+                            responses.cancel()
+                            break
+                        if chunks:
+                            chunks -= 1
+                            continue
+                        frame = pb.ServerFrame.FromString(raw)
+                        if frame.WhichOneof("kind") == "batch":
+                            slots += bool(frame.batch.slot)
+                            chunks = frame.batch.num_chunks
+                            more.release()
+                held.append(slots)
+
+        hoarders = [threading.Thread(target=hoard) for _ in range(4)]
+        for t in hoarders:
+            t.start()
+        try:
+            assert srv.service is not None
+            service = srv.service
+            assert wait_until(lambda: service.open_streams == 4)
+            with DataLoader(srv.address, "t", 4, transport="shm", timeout=30) as loader:
+                assert len(list(loader)) == 64
+        finally:
+            stop.set()
+            for t in hoarders:
+                t.join(30)
+        fit = srv.ring.fits(4 << 20)
+        assert len(held) == 4 and sum(held) < fit  # room was left to build in
 
 
 def test_dataset_errors_name_no_server_path_and_carry_an_id(caplog: pytest.LogCaptureFixture) -> None:

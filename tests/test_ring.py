@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import threading
 
 import pytest
 from hypothesis import settings
@@ -19,6 +20,8 @@ from hypothesis.stateful import (
 
 from batchferry import shm
 from batchferry.server.ring import Lease, RingExhausted, SlotRing, SlotState
+
+from support import wait_until
 
 MIB = 1 << 20
 BUDGET = 8 * MIB
@@ -152,5 +155,29 @@ def test_retired_memory_counts_until_the_last_client_mapping_goes() -> None:
         assert not (shm.SHM_DIR / lease.name).exists()
         client.close()
         assert ring.stats().slots[SlotState.RETIRED] == 0
+    finally:
+        ring.close()
+
+
+def test_a_freed_slot_goes_to_a_stream_waiting_for_one_before_a_busy_stream() -> None:
+    # A busy stream (builds in flight) asks without waiting; an idle one waits. Were the
+    # busy one served first it could take every freed slot and starve the other.
+    ring = SlotRing(1, 4 * MIB, max_slots=1)
+    waited: list[Lease | None] = []
+    try:
+        held = ring.acquire(MIB, timeout=0)
+        assert held is not None
+        waiter = threading.Thread(target=lambda: waited.append(ring.acquire(MIB, timeout=30)))
+        waiter.start()
+        assert wait_until(lambda: ring.waiting == 1)
+        held.release()
+        assert ring.acquire(MIB, timeout=0) is None  # the waiter's turn
+        waiter.join(30)
+        assert waited and waited[0] is not None
+        waited[0].release()
+        assert ring.waiting == 0
+        again = ring.acquire(MIB, timeout=0)  # nobody waits: served at once
+        assert again is not None
+        again.release()
     finally:
         ring.close()
