@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -50,6 +51,10 @@ log = logging.getLogger("batchferry.server")
 # After the last batch, how long a same-host client may take to release its slots.
 _RELEASE_TIMEOUT = 60.0
 _MIN_SHARE = 4
+# gRPC may end a cancelled call's request iterator before it marks the call inactive:
+# how long to look again before taking a client that stopped sending, slots held, as
+# one that half-closed (its slots then linger) rather than one that left (they go now).
+_GONE_WAIT = 0.5
 
 
 class LoaderService:
@@ -248,7 +253,7 @@ class LoaderService:
             finally:
                 self._orders.close(order)
         finally:
-            messages.close(client_gone=not context.is_active())
+            messages.close(client_gone=_client_gone(context, messages))
 
     def _run(
         self,
@@ -376,3 +381,15 @@ def _first_sample(ds: MapDataset) -> Any:
     except Exception:
         log.warning("reading sample 0 failed; batches will size their slots on first use", exc_info=True)
         return None
+
+
+def _client_gone(context: grpc.ServicerContext, messages: ClientMessages) -> bool:
+    """Whether the client cancelled the call or went away, rather than half-closing it."""
+    deadline = time.monotonic() + _GONE_WAIT
+    while context.is_active():
+        if messages.cancelled:
+            return True
+        if not (messages.ended and messages.held) or time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
