@@ -18,22 +18,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import queue
 import re
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from itertools import count
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from batchferry.benchmarks import netns
 from batchferry.server.datasets import parse_spec
 
 SPEC = "synthetic:n=2048,shape=64,classes=10,seed=0"
@@ -43,37 +41,13 @@ NETNS_ETC = Path("/etc/netns")
 pytestmark = pytest.mark.timeout(300)
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
-
-
-class Lab:
-    """Namespaces, veth links and processes of one test; close() removes them all."""
+class Lab(netns.Hosts):
+    """The benchmark's hosts, plus what the tests need: ``/etc/hosts`` per namespace,
+    ``batchferry serve`` and the client below, links going down and up."""
 
     def __init__(self) -> None:
-        self.tag = f"bf{os.getpid()}"
-        self.namespaces: list[str] = []
-        self.procs: list[subprocess.Popen[str]] = []
+        super().__init__()
         self._made_netns_etc = False
-        self._links = count()
-
-    def host(self, name: str) -> str:
-        ns = f"{self.tag}-{name}"
-        _ip("netns", "add", ns)
-        self.namespaces.append(ns)
-        _ip("-n", ns, "link", "set", "lo", "up")
-        return ns
-
-    def link(self, a: str, b: str) -> tuple[tuple[str, str], tuple[str, str]]:
-        """A veth pair between namespaces a and b: ((dev, address) in a, (dev, address) in b)."""
-        n = next(self._links)
-        subnet = f"10.{200 + n}.{int(self.tag[2:]) % 250}"
-        dev_a, dev_b = f"{self.tag}l{n}a", f"{self.tag}l{n}b"
-        _ip("link", "add", dev_a, "netns", a, "type", "veth", "peer", "name", dev_b, "netns", b)
-        for ns, dev, host in ((a, dev_a, 1), (b, dev_b, 2)):
-            _ip("-n", ns, "addr", "add", f"{subnet}.{host}/30", "dev", dev)
-            _ip("-n", ns, "link", "set", dev, "up")
-        return (dev_a, f"{subnet}.1"), (dev_b, f"{subnet}.2")
 
     def hosts_file(self, ns: str, lines: list[str]) -> None:
         """/etc/hosts as processes in ``ns`` see it (``ip netns exec`` mounts it there)."""
@@ -83,7 +57,7 @@ class Lab:
         (NETNS_ETC / ns / "host.conf").write_text("multi on\n")  # every address of a name
 
     def serve(self, ns: str, host: str, *extra: str) -> subprocess.Popen[str]:
-        proc = self._run(
+        proc = self.run(
             ns, "-m", "batchferry.cli", "--log-level", "WARNING", "serve", "--dataset", f"d={SPEC}",
             "--host", host, "--port", str(PORT), "--num-workers", "1", *extra,
         )  # fmt: skip
@@ -93,63 +67,31 @@ class Lab:
         return proc
 
     def client(self, ns: str, **config: Any) -> Client:
-        return Client(self._run(ns, "-c", CLIENT, json.dumps(config), stdin=subprocess.PIPE))
-
-    def _run(self, ns: str, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
-        """This interpreter in ``ns``, with its own IPC namespace and an empty /dev/shm."""
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, "unshare", "--mount", "--ipc", "sh", "-c",
-             'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "sh", sys.executable, *args],
-            stdout=subprocess.PIPE, text=True, **kwargs,
-        )  # fmt: skip
-        self.procs.append(proc)
-        return proc
+        return Client(self.run(ns, "-c", CLIENT, json.dumps(config), stdin=subprocess.PIPE))
 
     def set_link(self, ns: str, dev: str, state: str) -> None:
         _ip("-n", ns, "link", "set", dev, state)
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=30)
-            for pipe in (proc.stdin, proc.stdout):
-                if pipe is not None:
-                    pipe.close()
-        self.procs = []
-        for ns in self.namespaces:
-            _ip("netns", "del", ns, check=False)  # its veth ends go with it
+        namespaces = list(self.namespaces)
+        super().close()
+        for ns in namespaces:
             shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
-        self.namespaces = []
         if self._made_netns_etc:
             with contextlib.suppress(OSError):
                 NETNS_ETC.rmdir()
             self._made_netns_etc = False
 
 
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
+
+
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    if shutil.which("ip") is None or shutil.which("unshare") is None:
-        pytest.skip("network namespaces need iproute2's ip and util-linux's unshare")
-    probe = Lab()
-    try:
-        ns = probe.host("probe")
-        check = subprocess.run(
-            ["ip", "netns", "exec", ns, "unshare", "--mount", "--ipc", "sh", "-c",
-             "mount -t tmpfs tmpfs /dev/shm"],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
-        if check.returncode != 0:
-            pytest.skip(f"cannot give a process its own /dev/shm in a namespace: {check.stderr.strip()}")
-    except subprocess.CalledProcessError as exc:
-        pytest.skip(f"cannot make network namespaces here: {' '.join(exc.cmd)}: {exc.stderr.strip()}")
-    finally:
-        probe.close()
+    why = netns.unavailable()
+    if why is not None:
+        pytest.skip(why)
     made = Lab()
     try:
         yield made
