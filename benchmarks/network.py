@@ -123,6 +123,19 @@ def _banner_port(proc: subprocess.Popen[str], what: str) -> str:
     return line.strip()
 
 
+def _serve(hosts: Hosts, ns: str, ip: str, specs: dict[str, str], num_workers: int) -> str:
+    """``batchferry serve`` of ``specs`` in ``ns`` on ``ip``; its address once it serves."""
+    datasets = [arg for name, spec in specs.items() for arg in ("--dataset", f"{name}={spec}")]
+    serve = hosts.run(
+        ns, "-m", "batchferry.cli", "--log-level", "ERROR", "serve", *datasets,
+        "--host", ip, "--port", "0", "--num-workers", str(num_workers),
+    )  # fmt: skip
+    banner = _banner_port(serve, "batchferry serve")
+    if "serving" not in banner:
+        raise RuntimeError(f"batchferry serve did not start: {banner!r}")
+    return banner.split(" on ", 1)[1].split()[0]
+
+
 def _link_name(rate: float) -> str:
     return "veth" if not rate else f"tbf {rate:g} Gbit/s"
 
@@ -157,15 +170,7 @@ def main(
     with sigterm_unwinds(), Hosts() as hosts:
         server_ns, client_ns = hosts.host("server"), hosts.host("client")
         (server_dev, server_ip), _ = hosts.link(server_ns, client_ns)
-        serve = hosts.run(
-            server_ns, "-m", "batchferry.cli", "--log-level", "ERROR", "serve",
-            "--dataset", f"W2={W2.spec}", "--host", server_ip, "--port", "0",
-            "--num-workers", str(num_workers),
-        )  # fmt: skip
-        banner = _banner_port(serve, "batchferry serve")
-        if "serving" not in banner:
-            raise RuntimeError(f"batchferry serve did not start: {banner!r}")
-        address = banner.split(" on ", 1)[1].split()[0]
+        address = _serve(hosts, server_ns, server_ip, {"W2": W2.spec}, num_workers)
         tcp = hosts.run(
             server_ns, "-m", "batchferry.benchmarks.rawtcp", "send", server_ip, stdin=subprocess.PIPE
         )
@@ -243,15 +248,7 @@ def compression_main(
     with sigterm_unwinds(), Hosts() as hosts:
         server_ns, client_ns = hosts.host("server"), hosts.host("client")
         (server_dev, server_ip), _ = hosts.link(server_ns, client_ns)
-        serve = hosts.run(
-            server_ns, "-m", "batchferry.cli", "--log-level", "ERROR", "serve",
-            "--dataset", f"W2={W2.spec}", "--dataset", f"W4T={W4T.spec}", "--host", server_ip,
-            "--port", "0", "--num-workers", str(num_workers),
-        )  # fmt: skip
-        banner = _banner_port(serve, "batchferry serve")
-        if "serving" not in banner:
-            raise RuntimeError(f"batchferry serve did not start: {banner!r}")
-        address = banner.split(" on ", 1)[1].split()[0]
+        address = _serve(hosts, server_ns, server_ip, {"W2": W2.spec, "W4T": W4T.spec}, num_workers)
         client = _ClientHost(
             hosts.run(
                 client_ns, "-m", "batchferry.benchmarks.network", "--client-host", stdin=subprocess.PIPE
