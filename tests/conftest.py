@@ -6,10 +6,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from batchferry import shm
 from batchferry.client import DataLoader
 from batchferry.server import Server, compression
 
-from support import Nested, Plain, VarLen, leaked_segments
+from support import RESTART_SPEC, Nested, Plain, ServeProcess, VarLen, leaked_segments
 
 # BATCHFERRY_TEST_COMPRESSION=lz4 (or zstd) runs the tests with every loader's byte
 # stream compressed, every batch included (even those that would go raw).
@@ -38,3 +39,15 @@ def server(tensor_ds: torch.utils.data.TensorDataset) -> Iterator[Server]:
     datasets = {"tensor": tensor_ds, "plain": Plain(50), "nested": Nested(), "varlen": VarLen()}
     with Server(datasets, host="127.0.0.1", port=0, num_workers=2) as srv:
         yield srv
+
+
+@pytest.fixture
+def restartable() -> Iterator[ServeProcess]:
+    """``batchferry serve`` of ``syn`` (RESTART_SPEC) in a process of its own, to kill and start again."""
+    server = ServeProcess(f"syn={RESTART_SPEC}")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shm.remove_stale()  # what a killed server left

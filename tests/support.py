@@ -273,3 +273,8 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0, every: fl
         if time.monotonic() >= deadline:
             return False
         time.sleep(every)
+
+
+# A small synthetic dataset served by ``batchferry serve`` in a process of its own
+# (the ``restartable`` fixture), so tests can kill it and start it again.
+RESTART_SPEC = "synthetic:n=300,shape=6,seed=4"

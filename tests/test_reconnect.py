@@ -4,72 +4,60 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 import torch
 from torch.utils.data import DataLoader as TorchLoader
 from torch.utils.data import DistributedSampler
 
-from batchferry import errors, shm
+from batchferry import errors
 from batchferry.client import DataLoader
 from batchferry.server import parse_spec
 
-from support import ServeProcess, assert_same
+from support import RESTART_SPEC, ServeProcess, assert_same
 
-SPEC = "synthetic:n=300,shape=6,seed=4"
-
-
-@pytest.fixture
-def cli() -> Iterator[ServeProcess]:
-    server = ServeProcess(f"syn={SPEC}")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shm.remove_stale()  # what the killed server left
+SPEC = RESTART_SPEC  # served as "syn" by the restartable fixture
 
 
 @pytest.mark.parametrize("transport", ["shm", "grpc"])
 @pytest.mark.parametrize("stop", ["kill", "stop"])  # kill -9, or SIGTERM as a rolling restart sends
 def test_server_restart_mid_epoch_loses_and_repeats_nothing(
-    cli: ServeProcess, transport: str, stop: str
+    restartable: ServeProcess, transport: str, stop: str
 ) -> None:
     ds = parse_spec(SPEC)
     expected = list(TorchLoader(ds, 16, shuffle=True, generator=torch.Generator().manual_seed(9)))
     with DataLoader(
-        f"127.0.0.1:{cli.port}", "syn", 16, True, seed=9, timeout=30, transport=transport
+        f"127.0.0.1:{restartable.port}", "syn", 16, True, seed=9, timeout=30, transport=transport
     ) as loader:
         it = iter(loader)
         got = [next(it) for _ in range(5)]
-        getattr(cli, stop)()  # the stream is live: a SIGTERM'd server ends it with UNAVAILABLE
-        restart = threading.Timer(1.0, cli.start)  # the server is away for a while
+        getattr(restartable, stop)()  # the stream is live: a SIGTERM'd server ends it with UNAVAILABLE
+        restart = threading.Timer(1.0, restartable.start)  # the server is away for a while
         restart.start()
         got += list(it)  # blocks while the server is away, then continues
         restart.join()
     assert_same(got, expected)
 
 
-def test_sharded_rank_continues_after_restart(cli: ServeProcess) -> None:
+def test_sharded_rank_continues_after_restart(restartable: ServeProcess) -> None:
     ds = parse_spec(SPEC)
     sampler = DistributedSampler(ds, 2, 1, shuffle=True, seed=1)  # type: ignore[arg-type]
     expected = list(TorchLoader(ds, 8, sampler=sampler))  # type: ignore[arg-type]
     kw = {"mode": "sharded", "job": "ddp", "rank": 1, "world_size": 2, "seed": 1, "timeout": 30}
-    with DataLoader(f"127.0.0.1:{cli.port}", "syn", 8, True, **kw) as loader:  # type: ignore[arg-type]
+    with DataLoader(f"127.0.0.1:{restartable.port}", "syn", 8, True, **kw) as loader:  # type: ignore[arg-type]
         it = iter(loader)
         got = [next(it) for _ in range(3)]
-        cli.kill()
-        cli.start()
+        restartable.kill()
+        restartable.start()
         got += list(it)
     assert_same(got, expected)
 
 
-def test_server_that_stays_away_raises_after_timeout(cli: ServeProcess) -> None:
-    with DataLoader(f"127.0.0.1:{cli.port}", "syn", 16, timeout=1.5) as loader:
+def test_server_that_stays_away_raises_after_timeout(restartable: ServeProcess) -> None:
+    with DataLoader(f"127.0.0.1:{restartable.port}", "syn", 16, timeout=1.5) as loader:
         it = iter(loader)
         next(it)
-        cli.kill()
+        restartable.kill()
         start = time.monotonic()
         with pytest.raises(errors.ServerUnavailable, match="did not come back"):
             list(it)

@@ -16,7 +16,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 from torch.utils.data import TensorDataset
 
-from batchferry import errors, layout, shm
+from batchferry import errors, layout
 from batchferry.client import DataLoader, LoaderStats
 from batchferry.client import loader as loader_mod
 from batchferry.client.stats import LOG_STATS_ENV
@@ -231,17 +231,6 @@ def test_two_replicas_list_a_transport_each(monkeypatch: pytest.MonkeyPatch) -> 
         assert loader.transport == "shm+grpc"
         assert s.transports == ("shm", "grpc") and s.streams == 2
         assert (s.batches, s.bytes) == (BATCHES, nbytes(got))
-
-
-@pytest.fixture
-def restartable() -> Iterator[ServeProcess]:
-    server = ServeProcess("syn=synthetic:n=300,shape=6,seed=4")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shm.remove_stale()  # what the killed server left
 
 
 @pytest.mark.parametrize("transport", ["shm", "grpc"])
