@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 
 from batchferry.sampling import EpochOrder
+from batchferry.v1 import loader_pb2 as _pb2
 
 from .plan import Plan
 from .ring import Lease, RingExhausted, SlotRing
@@ -61,11 +62,12 @@ class Build:
 
 @dataclass(frozen=True)
 class Built:
-    """A finished batch: its layout, and the lease on the slot holding its bytes."""
+    """A finished batch: its layout (parsed once here, read by every consumer's frames),
+    and the lease on the slot holding its bytes."""
 
     index: int
     lease: Lease
-    layout: bytes
+    layout: _pb2.Layout
 
 
 class Builder:
@@ -148,7 +150,7 @@ class Builder:
         while True:
             result = self._wait(build)
             if result.status == "ok":
-                return Built(build.index, build.lease, result.layout)
+                return Built(build.index, build.lease, _pb2.Layout.FromString(result.layout))
             build.lease.release()  # the worker is done with it
             if result.status == "cancelled":
                 # Started by a stream that has ended (shared mode): build it for this one.

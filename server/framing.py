@@ -26,15 +26,15 @@ def start_frame(num_batches: int, order: sampling.EpochOrder, first: int) -> byt
     ).SerializeToString()
 
 
-def shm_frame(index: int, layout: bytes, lease: Lease) -> bytes:
+def shm_frame(index: int, layout: _pb2.Layout, lease: Lease) -> bytes:
     """Same host: the header names the slot; the client maps it."""
-    header = _pb2.BatchHeader(index=index, layout=_pb2.Layout.FromString(layout), slot=lease.name)
+    header = _pb2.BatchHeader(index=index, layout=layout, slot=lease.name)
     return _pb2.ServerFrame(batch=header).SerializeToString()
 
 
 def byte_frames(
     index: int,
-    layout: bytes,
+    layout: _pb2.Layout,
     lease: Lease,
     chunk: int,
     done: Callable[[], None],
@@ -44,11 +44,10 @@ def byte_frames(
     that pays, see server/compression.py); ``done()`` once the last chunk is out (or the
     stream ends first). Chunks are made as gRPC takes them, so a stream holds one chunk in
     server memory, not a whole batch."""
-    parsed = _pb2.Layout.FromString(layout)
-    size = parsed.payload_bytes
+    size = layout.payload_bytes
     try:
-        used, messages = compression.payload_messages(lease.segment.array(size), chunk, codec, parsed)
-        header = _pb2.BatchHeader(index=index, layout=parsed, num_chunks=-(-size // chunk), codec=used)
+        used, messages = compression.payload_messages(lease.segment.array(size), chunk, codec, layout)
+        header = _pb2.BatchHeader(index=index, layout=layout, num_chunks=-(-size // chunk), codec=used)
         yield _pb2.ServerFrame(batch=header).SerializeToString()
         yield from messages
     finally:

@@ -38,8 +38,6 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from batchferry.v1 import loader_pb2 as _pb2
-
 from .plan import MODE_NAMES
 
 if TYPE_CHECKING:
@@ -180,7 +178,7 @@ class Metrics:
             def done(size: int, took: float) -> None:
                 sent.inc()
                 wire.inc(size)
-                payload.inc(_pb2.Layout.FromString(built.layout).payload_bytes)
+                payload.inc(built.layout.payload_bytes)
                 seconds.observe(took)
 
             return _measured(frames, done)
