@@ -202,7 +202,7 @@ def decode(layout: _pb2.Layout, payload: torch.Tensor) -> Any:
         shape = tuple(spec.shape)
         if any(s < 0 for s in shape):
             raise LayoutError(f"negative dimension in shape {shape}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize  # exact (no int64 wrap-around) and cheap
         if spec.offset % ALIGNMENT or spec.offset + nbytes > size:
             raise LayoutError(f"tensor at offset {spec.offset} (+{nbytes} bytes) is outside the payload")
         return payload[spec.offset : spec.offset + nbytes].view(dtype).view(shape)

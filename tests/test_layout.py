@@ -108,6 +108,8 @@ def test_overflow_reports_the_size_needed() -> None:
         (pb.TensorSpec(dtype=pb.FLOAT32, shape=[2], offset=3), "outside the payload"),
         (pb.TensorSpec(dtype=pb.FLOAT32, shape=[-2], offset=0), "negative"),
         (pb.TensorSpec(dtype=999, shape=[2], offset=0), "unknown dtype"),
+        # 2**64 elements: a 64-bit product would wrap to 0 bytes and pass the bounds check.
+        (pb.TensorSpec(dtype=pb.UINT8, shape=[2**32, 2**32], offset=0), "outside the payload"),
     ],
 )
 def test_decode_refuses_bad_layouts(spec: pb.TensorSpec, needle: str) -> None:
