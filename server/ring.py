@@ -269,8 +269,7 @@ class SlotRing:
     def fits(self, min_bytes: int) -> int:
         """How many slots for batches of ``min_bytes`` the ring can have: what the byte
         budget holds at the size a new slot gets, at most ``max_slots``."""
-        size = max(_ROUND, -(-int(min_bytes * _GROWTH) // _ROUND) * _ROUND)
-        return max(1, min(self.max_slots, self.max_bytes // size))
+        return max(1, min(self.max_slots, self.max_bytes // _new_slot_bytes(min_bytes)))
 
     def _take(self, min_bytes: int, waited: float) -> _Slot | None:
         """A FREE slot fit for ``min_bytes``, grown or added if need be (caller holds ``_cond``)."""
@@ -278,7 +277,7 @@ class SlotRing:
         fit = min((s for s in free if s.capacity >= min_bytes), key=lambda s: s.capacity, default=None)
         if fit is not None:
             return fit
-        size = max(_ROUND, -(-int(min_bytes * _GROWTH) // _ROUND) * _ROUND)
+        size = _new_slot_bytes(min_bytes)
         room = self.max_bytes - self._used()
         if free:
             # Outgrown: retire free slots, largest first, until the new size fits. A
@@ -367,3 +366,8 @@ class SlotRing:
         if self._probe is not None:
             self._probe.close()
         self._arena.close()
+
+
+def _new_slot_bytes(min_bytes: int) -> int:
+    """The size a new slot for batches of ``min_bytes`` gets: room to grow, rounded."""
+    return max(_ROUND, -(-int(min_bytes * _GROWTH) // _ROUND) * _ROUND)
