@@ -97,6 +97,13 @@ class SlotWriter:
         self._limit = limit
         self._scratch: dict[int, int] = {}  # data_ptr -> offset of allocations past the slot
         self.used = 0
+        self._batch_start = 0  # where the batch being written begins (several may share a slot)
+
+    def start_batch(self, limit: int | None) -> None:
+        """Begin the next batch after those written already; it may take up to ``limit``
+        bytes. :class:`SlotOverflow` then reports that batch's own size."""
+        self._batch_start = align(self.used)
+        self._limit = None if limit is None else self._batch_start + limit
 
     def alloc(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
         if dtype not in _DTYPES:
@@ -107,7 +114,7 @@ class SlotWriter:
         self.used = start + nbytes
         if self.used > self._capacity:
             if self._limit is not None and self.used > self._limit:
-                raise SlotOverflow(self.used)
+                raise SlotOverflow(self.used - self._batch_start)
             # Keep going on scratch memory so the collate can finish and report its size;
             # the scratch tensor already counts, so encode() does not count it again.
             scratch = torch.empty(shape, dtype=dtype)
@@ -117,7 +124,7 @@ class SlotWriter:
 
     def check(self) -> None:
         if self.used > self._capacity:
-            raise SlotOverflow(self.used)
+            raise SlotOverflow(self.used - self._batch_start)
 
     def offset_of(self, tensor: torch.Tensor) -> int | None:
         """Offset of ``tensor`` if it is a contiguous CPU tensor inside this slot."""

@@ -4,7 +4,9 @@ The receiver reads a batch header and then its payload: raw chunks written
 straight into a pooled buffer (byte stream), or the server's shared-memory slot
 mapped in place (same host). It decodes the layout into tensors viewing that
 memory and, with a CUDA device, issues the copies to the GPU at once. Up to
-``credits`` batches are in flight: the consumer grants one more credit per batch.
+``credits`` frames are in flight (a frame is one batch, or several small ones that
+share a slot or payload): the consumer grants one more credit per frame it has
+taken every batch of.
 
 Who owns a slot (same host)::
 
@@ -62,7 +64,11 @@ class Batch:
     index: int
     data: Any
     event: Any = None  # CUDA event the consumer's stream must wait on
-    nbytes: int = 0  # the layout's payload bytes (the loader's stats count them)
+    nbytes: int = 0  # the batch's payload bytes (the loader's stats count them)
+    # The first batch of its frame (a frame may carry several small batches: one slot,
+    # one credit, one release), and whether this one ends it.
+    frame: int = 0
+    last: bool = True
 
 
 @dataclass
@@ -144,9 +150,9 @@ class EpochStream:
                 if kind != "batch" or self._saw_end:
                     raise ValueError("expected a batch header frame")
                 header = frame.batch
-                batch = self._from_slot(header) if header.slot else self._assemble(header, responses)
-                batch.nbytes = header.layout.payload_bytes
-                self._ready.put(batch)
+                batches = self._from_slot(header) if header.slot else self._assemble(header, responses)
+                for batch in batches:
+                    self._ready.put(batch)
             if not self._saw_end and not self._closed:
                 raise ValueError("stream ended without an end frame")
         except grpc.RpcError as exc:
@@ -159,8 +165,8 @@ class EpochStream:
         except BaseException as exc:  # surface anything else in the consumer, don't lose it
             self._ready.put(exc)
 
-    def _assemble(self, header: _pb2.BatchHeader, responses: Iterator[bytes]) -> Batch:
-        size = header.layout.payload_bytes
+    def _assemble(self, header: _pb2.BatchHeader, responses: Iterator[bytes]) -> list[Batch]:
+        size = _payload_bytes(header)
         if header.codec not in (_pb2.CODEC_NONE, self._codec):
             raise ValueError(
                 f"batch {header.index}: codec {header.codec}, but the stream asked for {self._codec}"
@@ -186,19 +192,19 @@ class EpochStream:
             raise ValueError(f"batch {header.index}: got {offset} of {size} payload bytes")
         return self._from_buffer(header, buffer)
 
-    def _from_buffer(self, header: _pb2.BatchHeader, buffer: Any) -> Batch:
-        """A batch assembled in a pooled buffer; with CUDA, its copies are issued now."""
-        data = _layout.decode(header.layout, buffer)
-        if self._copier is None:
-            return Batch(header.index, data)
-        data, event = self._copier.copy(data)
-        self._pool.release_after(buffer, event)
-        return Batch(header.index, data, event)
+    def _from_buffer(self, header: _pb2.BatchHeader, buffer: Any) -> list[Batch]:
+        """A frame's batches assembled in a pooled buffer; with CUDA, their copies are issued now."""
+        batches = _decode(header, buffer)
+        if self._copier is not None:
+            for batch in batches:
+                batch.data, batch.event = self._copier.copy(batch.data)
+            self._pool.release_after(buffer, batches[-1].event)  # copies complete in order
+        return batches
 
-    def _from_slot(self, header: _pb2.BatchHeader) -> Batch:
+    def _from_slot(self, header: _pb2.BatchHeader) -> list[Batch]:
         if self._segments is None:
             raise ValueError("server sent a shared-memory slot on a byte stream")
-        size = header.layout.payload_bytes
+        size = _payload_bytes(header)
         try:
             mapping = self._segments.map(header.slot)
         except OSError as exc:
@@ -206,16 +212,18 @@ class EpochStream:
         if size > mapping.nbytes:
             raise ValueError(f"batch {header.index} spans {size} bytes of a {mapping.nbytes}-byte slot")
         if self._copier is None and not self._pool.pin:
-            # Zero copy: the batch views the slot; it goes back once unreferenced.
+            # Zero copy: the batches view the slot; it goes back once none is referenced.
             view, ref = tracked(mapping[:size])
             with self._viewed_lock:
                 self._viewed[header.index] = _Viewed(header.slot, mapping, size, ref)
-            return Batch(header.index, _layout.decode(header.layout, view))
+            return _decode(header, view)
         if self._copier is not None and self._segments.is_registered(header.slot):
             # Page-locked in place: copy to the device straight from the slot.
-            data, event = self._copier.copy(_layout.decode(header.layout, torch.from_numpy(mapping[:size])))
-            self._releases.put((event, header.index))
-            return Batch(header.index, data, event)
+            batches = _decode(header, torch.from_numpy(mapping[:size]))
+            for batch in batches:
+                batch.data, batch.event = self._copier.copy(batch.data)
+            self._releases.put((batches[-1].event, header.index))
+            return batches
         buffer = self._pool.acquire(size)
         buffer.numpy()[:] = mapping[:size]  # the one copy: out of the slot, which goes straight back
         self._release(header.index)
@@ -321,12 +329,14 @@ class EpochStream:
         if item is _END:
             self._finish()
             return None
-        self._send(_pb2.ClientMessage(credit=_pb2.Credit(batches=1)))
         with self._viewed_lock:
             self._step += 1
-            viewed = self._viewed.get(item.index)
-            if viewed is not None:
-                viewed.handed = self._step
+        if item.last:  # the frame is all handed out: the server may send another
+            self._send(_pb2.ClientMessage(credit=_pb2.Credit(batches=1)))
+            with self._viewed_lock:
+                viewed = self._viewed.get(item.frame)
+                if viewed is not None:
+                    viewed.handed = self._step
         return item  # type: ignore[no-any-return]
 
     def _finish(self) -> None:
@@ -366,3 +376,23 @@ class EpochStream:
     def close_soon(self) -> None:
         """For finalizers: close on the clean-up thread (a finalizer must not wait)."""
         cleanup.later(self.close)
+
+
+def _payload_bytes(header: _pb2.BatchHeader) -> int:
+    """A frame's payload: as long as the furthest end of its batches' bytes."""
+    return max([header.layout.payload_bytes, *(part.layout.payload_bytes for part in header.more)])
+
+
+def _decode(header: _pb2.BatchHeader, payload: torch.Tensor) -> list[Batch]:
+    """The batches of a frame, as views of its payload (with ``more``, several in order)."""
+    parts = [(header.index, header.layout), *((part.index, part.layout) for part in header.more)]
+    batches = []
+    end = 0
+    for index, layout in parts:
+        nbytes = max(0, layout.payload_bytes - end)
+        end = max(end, layout.payload_bytes)
+        batches.append(
+            Batch(index, _layout.decode(layout, payload), nbytes=nbytes, frame=header.index, last=False)
+        )
+    batches[-1].last = True
+    return batches

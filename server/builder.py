@@ -5,6 +5,11 @@
 again in a larger one (the one place that retry lives). A build nobody wants any
 more is given to :meth:`Builder.drop`: its slot goes back once the worker is done
 writing into it, never before.
+
+Small batches are built several to a task and a slot (a *group*: ``more`` batches
+after the first), so they share one worker round trip, one frame and one release.
+A group whose batch overflows or fails part way comes back as the batches before
+it; the sender builds the rest again (:attr:`Built.count` says how many came).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -27,6 +33,7 @@ from .workers import Result, Task, WorkerPool
 
 __all__ = ["Build", "Builder", "Built", "Counters", "first_built"]
 
+_T = TypeVar("_T")
 _WAIT = 0.2  # seconds between looks at the stream's liveness while waiting for a worker
 
 
@@ -39,35 +46,54 @@ class Counters:
     observe: Callable[[Plan, Result], None] | None = None  # told of every finished build (metrics)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def count(self, result: Result, also: Callable[[], None] | None = None, plan: Plan | None = None) -> None:
-        if result.status == "ok":
+    def count(
+        self, result: Result, also: Callable[[int], None] | None = None, plan: Plan | None = None
+    ) -> None:
+        if result.layouts:  # a group cut short by a later batch delivers those before it
             with self._lock:
-                self.built += 1
+                self.built += len(result.layouts)
                 self.gathered += result.gathered
                 if also is not None:
-                    also()
+                    also(len(result.layouts))
         if self.observe is not None and plan is not None:
             self.observe(plan, result)
 
 
 @dataclass
 class Build:
-    """A batch handed to a worker, writing into ``lease``'s slot."""
+    """Batches handed to a worker, writing into ``lease``'s slot."""
 
-    index: int
+    indices: tuple[int, ...]  # the batch, or a group's batches in order
     lease: Lease
     future: Future[Result]
-    samples: np.ndarray  # int64 sample indices: built again from these if need be
+    samples: np.ndarray  # int64 sample indices of them all: built again from these if need be
+    sizes: tuple[int, ...] = ()  # a group's batch lengths (empty: one batch)
+
+    @property
+    def index(self) -> int:
+        return self.indices[0]
 
 
 @dataclass(frozen=True)
 class Built:
-    """A finished batch: its layout (parsed once here, read by every consumer's frames),
-    and the lease on the slot holding its bytes."""
+    """Finished batches: the first's index and layout, any further ones of its group (each
+    layout parsed once here, read by every consumer's frames), and the lease on the slot
+    holding their bytes."""
 
     index: int
     lease: Lease
     layout: _pb2.Layout
+    more: tuple[tuple[int, _pb2.Layout], ...] = ()
+    seconds: float = 0.0  # the worker's time to build them
+
+    @property
+    def count(self) -> int:
+        return 1 + len(self.more)
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of the slot the batches span (each layout's payload_bytes is its end)."""
+        return max([self.layout.payload_bytes, *(layout.payload_bytes for _, layout in self.more)])
 
 
 class Builder:
@@ -84,7 +110,7 @@ class Builder:
         max_bytes: int,
         acquire_timeout: float,
         ticket: tuple[int, int] = (0, 0),
-        on_built: Callable[[], None] | None = None,
+        on_built: Callable[[int], None] | None = None,
     ) -> None:
         self._ticket = ticket
         self._plan = plan
@@ -100,12 +126,29 @@ class Builder:
         # reports its size, and later builds ask for at least that.
         self.min_bytes = min_bytes
 
-    def start(self, index: int, *, wait: bool, samples: np.ndarray | None = None) -> Build | None:
-        """Lease a slot and submit batch ``index`` (of ``samples``, else of the epoch's order);
-        None when ``wait`` is false and no slot is free."""
+    def start(
+        self, index: int, *, wait: bool, samples: np.ndarray | None = None, more: tuple[int, ...] = ()
+    ) -> Build | None:
+        """Lease a slot and submit batch ``index`` (of ``samples``, else of the epoch's order),
+        and with ``more`` the batches after it in the same slot; None when ``wait`` is false
+        and no slot is free."""
+        plan = self._plan
+        indices = (index, *more)
+        sizes: tuple[int, ...] = ()
+        if samples is None:
+            assert self._order is not None  # streams of the client's own batches pass them
+            parts = [self._order.batch(i, plan.batch_size).numpy() for i in indices]
+            samples = parts[0] if not more else np.concatenate(parts)
+            sizes = tuple(len(p) for p in parts) if more else ()
+        return self._submit(indices, samples, sizes, wait=wait)
+
+    def _submit(
+        self, indices: tuple[int, ...], samples: np.ndarray, sizes: tuple[int, ...], *, wait: bool
+    ) -> Build | None:
+        want = self.min_bytes * len(indices)
         try:
             lease = self._ring.acquire(
-                self.min_bytes, timeout=self._acquire_timeout if wait else 0.0, cancelled=self._gone
+                want, timeout=self._acquire_timeout if wait else 0.0, cancelled=self._gone
             )
         except RingExhausted as exc:
             raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
@@ -116,14 +159,11 @@ class Builder:
                 return None
             raise Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"no shared-memory slot of {self.min_bytes} bytes became free within "
+                f"no shared-memory slot of {want} bytes became free within "
                 f"{self._acquire_timeout:g}s (budget {self._ring.max_bytes} bytes, --shm-bytes): "
                 "other streams hold them",
             )
         plan = self._plan
-        if samples is None:
-            assert self._order is not None  # streams of the client's own batches pass them
-            samples = self._order.batch(index, plan.batch_size).numpy()
         task = Task(
             plan.dataset,
             samples,
@@ -132,6 +172,7 @@ class Builder:
             lease.capacity,
             limit=self._max_bytes,
             ticket=self._ticket,
+            sizes=sizes,
         )
         try:
             future = self._pool.submit(task)
@@ -139,36 +180,47 @@ class Builder:
             lease.release()
             raise Abort(grpc.StatusCode.UNAVAILABLE, f"server is shutting down ({exc})") from exc
         future.add_done_callback(lambda f: self._counters.count(f.result(), self._on_built, plan))
-        return Build(index, lease, future, samples)
+        return Build(indices, lease, future, samples, sizes)
 
     def finish(self, build: Build) -> Built:
-        """The built batch, rebuilt in larger slots while it overflows.
+        """The built batches, rebuilt in larger slots while the first overflows.
 
-        Raises the dataset's error as an Abort, StreamGone when the stream ended
-        meanwhile; either way the slot is taken care of.
+        A group comes back shorter than it was asked (:attr:`Built.count`) when one of
+        its later batches overflowed or failed: the batches before it are good, and
+        the caller builds the rest again. Raises the dataset's error as an Abort,
+        StreamGone when the stream ended meanwhile; either way the slot is taken care of.
         """
         while True:
             result = self._wait(build)
-            if result.status == "ok":
-                return Built(build.index, build.lease, _pb2.Layout.FromString(result.layout))
+            if result.status == "overflow":
+                if result.needed > self._max_bytes:
+                    at = build.indices[len(result.layouts)]
+                    if result.layouts:  # send what was built; the rest fails when built alone
+                        return self._built(build, result)
+                    build.lease.release()
+                    raise Abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"batch {at} needs at least {result.needed} bytes, above the server's "
+                        f"max_batch_bytes={self._max_bytes}; use a smaller batch_size (or shorter pack rows)",
+                    )
+                self.min_bytes = max(self.min_bytes, result.needed)
+            if result.layouts:
+                return self._built(build, result)
             build.lease.release()  # the worker is done with it
-            if result.status == "cancelled":
-                # Started by a stream that has ended (shared mode): build it for this one.
-                build = self._restart(build)
-                continue
             if result.status == "error":
                 raise dataset_failed(self._plan.dataset, build.index, result.error, result.detail)
-            if result.needed > self._max_bytes:
-                raise Abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"batch {build.index} needs at least {result.needed} bytes, above the server's "
-                    f"max_batch_bytes={self._max_bytes}; use a smaller batch_size (or shorter pack rows)",
-                )
-            self.min_bytes = max(self.min_bytes, result.needed)
+            # "cancelled" (started by a stream that has ended, shared mode: build it for
+            # this one) or an overflow: build it again, in a slot of the size now known.
             build = self._restart(build)
 
+    @staticmethod
+    def _built(build: Build, result: Result) -> Built:
+        layouts = [_pb2.Layout.FromString(raw) for raw in result.layouts]
+        more = tuple(zip(build.indices[1 : len(layouts)], layouts[1:], strict=True))
+        return Built(build.index, build.lease, layouts[0], more, result.seconds)
+
     def _restart(self, old: Build) -> Build:
-        build = self.start(old.index, wait=True, samples=old.samples)
+        build = self._submit(old.indices, old.samples, old.sizes, wait=True)
         assert build is not None  # waiting starts return a build or raise
         return build
 
@@ -189,7 +241,7 @@ class Builder:
         return not self._active()
 
 
-def first_built(pending: list[tuple[int, Build]], active: Callable[[], bool]) -> tuple[int, Build]:
+def first_built(pending: list[tuple[_T, Build]], active: Callable[[], bool]) -> tuple[_T, Build]:
     """Take the earliest of ``pending`` whose worker is done, waiting for one if none is."""
     while True:
         done, _ = wait([build.future for _, build in pending], timeout=_WAIT, return_when=FIRST_COMPLETED)

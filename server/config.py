@@ -111,6 +111,12 @@ class ServerConfig:
     chunk_bytes: int = _setting(
         wire.DEFAULT_CHUNK_BYTES, "byte-stream chunk size, e.g. 4MiB", parse=parse_size
     )
+    group_bytes: int = _setting(
+        2 << 20,
+        "small batches are built and sent several at a time, up to this many bytes together "
+        "(0: one at a time), e.g. 2MiB",
+        parse=parse_size,
+    )
     max_streams: int = _setting(128, "concurrent batch streams (a byte-stream loader opens 2 by default)")
     max_streams_per_peer: int = _setting(
         32, "concurrent batch streams of one client (its token, certificate or IP address)"
@@ -169,6 +175,8 @@ class ServerConfig:
             raise ValueError(f"max_streams_per_peer must be >= 1, got {self.max_streams_per_peer}")
         if self.max_jobs < 1:
             raise ValueError(f"max_jobs must be >= 1, got {self.max_jobs}")
+        if not 0 <= self.group_bytes <= 1 << 30:
+            raise ValueError(f"group_bytes must be in [0, 1GiB], got {self.group_bytes}")
         for name in ("max_batch_bytes", "max_index_bytes"):
             if getattr(self, name) < 1 << 20:
                 raise ValueError(f"{name} must be at least 1 MiB, got {getattr(self, name)}")

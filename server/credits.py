@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -25,7 +26,7 @@ from batchferry.v1 import loader_pb2 as _pb2
 __all__ = ["MAX_PENDING_SAMPLES", "ClientMessages", "Held"]
 
 _WAIT = 0.2  # seconds between looks at the call's liveness while blocked
-_MAX_CREDIT = 1 << 20  # batches one credit message may grant
+_MAX_CREDIT = 1 << 20  # batch frames one credit message may grant
 _OPEN_S = 10.0  # a client sends its open message at once: a stream that does not is refused
 MAX_PENDING_SAMPLES = 1 << 22  # sample indices a client may send ahead of its stream's need
 
@@ -52,10 +53,14 @@ class ClientMessages:
         self._heard = time.monotonic()
         self.idle = False
         self._open: _pb2.OpenStream | None = None
-        # Called with the total granted whenever a credit arrives (on the reader thread).
+        # Called with the batches taken so far whenever a credit arrives (on the reader thread).
         self.on_credit: list[Callable[[int], None]] = []
         self._cond = threading.Condition()
-        self.granted = 0
+        self.granted = 0  # batch frames the server may have sent
+        # Batches in each frame sent, oldest first, until the client credits it back: a
+        # credit frees a frame, and this turns frames taken into batches taken.
+        self._frames: deque[int] = deque()
+        self.taken = 0  # batches the client has consumed
         self._held: dict[int, Held] = {}
         self._lists: list[_pb2.BatchIndices] = []  # client_batches: sent, not yet taken
         self._pending_samples = 0
@@ -81,10 +86,15 @@ class ClientMessages:
                 elif kind == "credit" and 1 <= msg.credit.batches <= _MAX_CREDIT:
                     with self._cond:
                         self.granted += msg.credit.batches
-                        granted = self.granted
+                        frames = msg.credit.batches
+                        while frames and self._frames:
+                            self.taken += self._frames.popleft()
+                            frames -= 1
+                        self.taken += frames  # credit ahead of frames sent: a batch each
+                        taken = self.taken
                         self._cond.notify_all()
                     for callback in self.on_credit:
-                        callback(granted)
+                        callback(taken)
                 elif kind == "release":
                     self._take(msg.release.index).release()
                 elif kind == "detach":
@@ -154,6 +164,11 @@ class ClientMessages:
         with self._cond:
             self.granted += credits
             self._cond.notify_all()
+
+    def sending(self, batches: int) -> None:
+        """A frame of ``batches`` batches is about to go out (before the client can credit it)."""
+        with self._cond:
+            self._frames.append(batches)
 
     @property
     def held(self) -> int:

@@ -1,4 +1,4 @@
-"""The frames a stream sends: start, one batch (by slot name, or as raw byte chunks), end."""
+"""The frames a stream sends: start, batches (by slot name, or as raw byte chunks), end."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from batchferry import sampling
 from batchferry.v1 import loader_pb2 as _pb2
 
 from . import compression
-from .ring import Lease
+from .builder import Built
 
 __all__ = ["END", "byte_frames", "shm_frame", "start_frame"]
 
@@ -26,16 +26,20 @@ def start_frame(num_batches: int, order: sampling.EpochOrder, first: int) -> byt
     ).SerializeToString()
 
 
-def shm_frame(index: int, layout: _pb2.Layout, lease: Lease) -> bytes:
+def _header(built: Built) -> _pb2.BatchHeader:
+    more = [_pb2.BatchPart(index=index, layout=layout) for index, layout in built.more]
+    return _pb2.BatchHeader(index=built.index, layout=built.layout, more=more)
+
+
+def shm_frame(built: Built) -> bytes:
     """Same host: the header names the slot; the client maps it."""
-    header = _pb2.BatchHeader(index=index, layout=layout, slot=lease.name)
+    header = _header(built)
+    header.slot = built.lease.name
     return _pb2.ServerFrame(batch=header).SerializeToString()
 
 
 def byte_frames(
-    index: int,
-    layout: _pb2.Layout,
-    lease: Lease,
+    built: Built,
     chunk: int,
     done: Callable[[], None],
     codec: _pb2.Codec = _pb2.CODEC_NONE,
@@ -44,10 +48,12 @@ def byte_frames(
     that pays, see server/compression.py); ``done()`` once the last chunk is out (or the
     stream ends first). Chunks are made as gRPC takes them, so a stream holds one chunk in
     server memory, not a whole batch."""
-    size = layout.payload_bytes
+    size = built.payload_bytes
     try:
-        used, messages = compression.payload_messages(lease.segment.array(size), chunk, codec, layout)
-        header = _pb2.BatchHeader(index=index, layout=layout, num_chunks=-(-size // chunk), codec=used)
+        payload = built.lease.segment.array(size)
+        used, messages = compression.payload_messages(payload, chunk, codec, built.layout)
+        header = _header(built)
+        header.num_chunks, header.codec = -(-size // chunk), used
         yield _pb2.ServerFrame(batch=header).SerializeToString()
         yield from messages
     finally:

@@ -155,9 +155,12 @@ class Metrics:
     # -- hooks -------------------------------------------------------------------------
     def built(self, plan: Plan, result: Result) -> None:
         """A build finished (called on the worker pool's result thread)."""
-        if result.status == "ok":
-            self._built.labels(plan.dataset, plan.mode_name).inc()
-            self._build_seconds.labels(plan.dataset).observe(result.seconds)
+        if result.layouts:
+            self._built.labels(plan.dataset, plan.mode_name).inc(len(result.layouts))
+        if result.status == "ok":  # a group: each of its batches took a share of its time
+            histogram = self._build_seconds.labels(plan.dataset)
+            for _ in result.layouts:
+                histogram.observe(result.seconds / len(result.layouts))
 
     def sends(self, plan: Plan) -> FramesObserver:
         """The frames observer of one stream: counts each batch once its last frame is out."""
@@ -176,10 +179,11 @@ class Metrics:
             sent, wire, payload, seconds = children[transport]
 
             def done(size: int, took: float) -> None:
-                sent.inc()
+                sent.inc(built.count)
                 wire.inc(size)
-                payload.inc(built.layout.payload_bytes)
-                seconds.observe(took)
+                payload.inc(built.payload_bytes)
+                for _ in range(built.count):  # a frame of a group: a share each
+                    seconds.observe(took / built.count)
 
             return _measured(frames, done)
 

@@ -41,7 +41,7 @@ from .orders import Orders
 from .plan import Catalog, Plan, plan
 from .ring import SlotRing
 from .status import Abort, StreamGone, invalid
-from .stream import Stream
+from .stream import GroupSize, Stream
 from .workers import WorkerPool
 
 __all__ = ["LoaderService"]
@@ -280,7 +280,7 @@ class LoaderService:
             consumer.total = the_plan.local_total
             consumer.sent = the_plan.local_start
             taker = consumer
-            messages.on_credit.append(lambda granted: setattr(taker, "taken", granted - the_plan.credits))
+            messages.on_credit.append(lambda taken: setattr(taker, "taken", taken))
         messages.start(the_plan.credits)
         ticket = self._pool.open_stream()
         stream = Stream(
@@ -293,6 +293,7 @@ class LoaderService:
             share=self._share,
             hold_share=self._hold_share,
             workers=max(1, self._pool.num_workers),
+            group=GroupSize(min(self._config.group_bytes, self._ring.max_bytes // self._ring.target_slots)),
             job=job,
             consumer=consumer,
             observe=self.metrics.sends(the_plan),
@@ -347,9 +348,9 @@ class LoaderService:
     def _builder(
         self, the_plan: Plan, order: Any, job: Job | None, active: Any, ticket: tuple[int, int]
     ) -> Builder:
-        def count_for_job() -> None:
+        def count_for_job(batches: int) -> None:
             if job is not None:
-                job.batches_built += 1
+                job.batches_built += batches
 
         return Builder(
             the_plan,

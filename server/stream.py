@@ -9,7 +9,7 @@ and waits for the client's releases), or False when the client stopped early.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from batchferry.sampling import EpochOrder
 
@@ -19,9 +19,38 @@ from .credits import ClientMessages, Held
 from .jobs import Consumer, Job
 from .plan import Plan
 
-__all__ = ["Sender", "Stream"]
+__all__ = ["GroupSize", "Sender", "Stream"]
 
 _HOLD_MARGIN = 4  # slots a same-host client may hold beyond its credits
+
+
+class GroupSize:
+    """How many consecutive small batches to build and send as one group (one worker task,
+    slot, frame, credit and release): enough to share those per-frame costs, which are
+    about a millisecond of CPU, few enough that a group stays within ``max_bytes`` and
+    quick to build. A stream's first batches go one at a time until their size and
+    build time are known, so the first batch comes no later than without groups.
+    """
+
+    MAX_BATCHES = 64
+    MAX_SECONDS = 0.005  # a worker's time to build one group: the latency it adds
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._bytes = 0  # per batch: the largest seen, so a group's slot rarely overflows
+        self._seconds = 0.0  # per batch: a moving average
+
+    def observe(self, built: Built) -> None:
+        count = built.count
+        self._bytes = max(self._bytes, -(-built.payload_bytes // count))
+        seconds = built.seconds / count
+        self._seconds = seconds if not self._seconds else 0.8 * self._seconds + 0.2 * seconds
+
+    def __call__(self) -> int:
+        if not self._bytes or self._max_bytes <= 0:
+            return 1
+        by_time = self.MAX_SECONDS / self._seconds if self._seconds else self.MAX_BATCHES
+        return max(1, min(self.MAX_BATCHES, self._max_bytes // self._bytes, int(by_time)))
 
 
 @dataclass
@@ -40,6 +69,8 @@ class Stream:
     # Slots a same-host client may hold now: few enough that, all streams holding theirs,
     # every stream still finds a slot to build in (so holders cannot starve the ring).
     hold_share: Callable[[int], int] = lambda _bytes: 1 << 30
+    # Batches per group in the modes that build groups (independent and sharded).
+    group: GroupSize = field(default_factory=lambda: GroupSize(0))
     job: Job | None = None
     consumer: Consumer | None = None
     # Sees each batch's frames go out, with the transport that carries them (server/metrics.py).
@@ -64,14 +95,12 @@ class Stream:
         bytes instead: it cannot starve the ring by never letting go.
         """
         held = held or built.lease
-        hold = min(self.plan.credits + _HOLD_MARGIN, self.hold_share(self.builder.min_bytes))
+        hold = min(self.plan.credits + _HOLD_MARGIN, self.hold_share(built.lease.capacity))
+        self.messages.sending(built.count)
         if self.plan.shm and self.messages.held < hold:
             self.messages.hold(built.index, held)
-            frame = framing.shm_frame(built.index, built.layout, built.lease)
-            return self.observe(iter([frame]), "shm", built)
-        frames = framing.byte_frames(
-            built.index, built.layout, built.lease, self.plan.chunk_bytes, held.release, self.plan.codec
-        )
+            return self.observe(iter([framing.shm_frame(built)]), "shm", built)
+        frames = framing.byte_frames(built, self.plan.chunk_bytes, held.release, self.plan.codec)
         return self.observe(frames, "grpc", built)
 
     def progress(self, position: int) -> None:

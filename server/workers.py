@@ -62,6 +62,9 @@ _TICKETS = 4096  # streams whose queued tasks can be cancelled at once
 
 @dataclass(frozen=True)
 class Task:
+    """Build a batch of ``indices`` into a slot; or, with ``sizes``, several consecutive
+    batches (``indices`` split into runs of those lengths) one after another in it."""
+
     dataset: str
     indices: np.ndarray  # int64
     collate: str
@@ -70,18 +73,23 @@ class Task:
     limit: int = 1 << 62  # the largest batch to build (bytes)
     ticket: tuple[int, int] = (0, 0)  # (index, generation) of the stream that wants it
     task_id: int = 0
+    sizes: tuple[int, ...] = ()  # batch lengths of a group (empty: one batch)
 
 
 @dataclass(frozen=True)
 class Result:
+    """What a task built. ``layouts`` are the serialized Layouts of its batches in the slot:
+    all of them when the status is "ok"; otherwise those before the batch that overflowed
+    or failed (a group's batches built before one that fails are still good)."""
+
     task_id: int
     status: Literal["ok", "overflow", "error", "cancelled"]
-    layout: bytes = b""  # serialized Layout, status "ok"
-    needed: int = 0  # bytes the batch needs, status "overflow"
+    layouts: tuple[bytes, ...] = ()
+    needed: int = 0  # bytes the batch that overflowed needs, status "overflow"
     error: str = ""  # status "error": the exception's type and a short message, for the client
     detail: str = ""  # status "error": the whole traceback, for the server's log
-    gathered: bool = False  # built with one gather per field
-    seconds: float = 0.0  # status "ok": the worker's time to fetch, collate and write it
+    gathered: int = 0  # batches built with one gather per field
+    seconds: float = 0.0  # the worker's time to fetch, collate and write them
 
 
 class _TaskRunner:
@@ -125,18 +133,32 @@ class _TaskRunner:
         if index and self._tickets[index] != generation:
             return Result(task.task_id, "cancelled")
         start = time.perf_counter()
+        layouts: list[bytes] = []
+        gathered = 0
         try:
             ds, gather = self.dataset(task.dataset)
             segment, _ = self._mappings.get(task.slot_name)
             writer = SlotWriter(segment.tensor(task.slot_bytes), limit=task.limit)
-            batch, gathered = build_batch(ds, gather, task.indices, self._collates[task.collate], writer)
-            layout = encode(batch, writer).SerializeToString()
+            collate = self._collates[task.collate]
+            sizes = task.sizes or (len(task.indices),)
+            at = 0
+            for size in sizes:
+                # Each batch may take up to ``limit`` bytes past where it starts; the first
+                # that does not fit stops the group (those before it stay good).
+                writer.start_batch(task.limit)
+                batch, was_gathered = build_batch(ds, gather, task.indices[at : at + size], collate, writer)
+                layouts.append(encode(batch, writer).SerializeToString())
+                gathered += was_gathered
+                at += size
             took = time.perf_counter() - start
-            return Result(task.task_id, "ok", layout=layout, gathered=gathered, seconds=took)
+            return Result(task.task_id, "ok", tuple(layouts), gathered=gathered, seconds=took)
         except SlotOverflow as exc:
-            return Result(task.task_id, "overflow", needed=exc.needed)
+            return Result(task.task_id, "overflow", tuple(layouts), needed=exc.needed, gathered=gathered)
         except Exception as exc:
-            return Result(task.task_id, "error", error=short_error(exc), detail=traceback.format_exc())
+            error, detail = short_error(exc), traceback.format_exc()
+            return Result(
+                task.task_id, "error", tuple(layouts), error=error, detail=detail, gathered=gathered
+            )
         finally:
             self.prune()
 

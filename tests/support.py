@@ -278,3 +278,32 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0, every: fl
 # A small synthetic dataset served by ``batchferry serve`` in a process of its own
 # (the ``restartable`` fixture), so tests can kill it and start it again.
 RESTART_SPEC = "synthetic:n=300,shape=6,seed=4"
+
+
+class FailsAt(Dataset[torch.Tensor]):
+    """``n`` one-value samples; sample ``bad`` raises (deep inside a group of small batches)."""
+
+    def __init__(self, n: int = 2000, bad: int = 1203) -> None:
+        self.n, self.bad = n, bad
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i == self.bad:
+            raise KeyError(f"corrupt record {i}")
+        return torch.tensor([i])
+
+
+class Spiky(Dataset[torch.Tensor]):
+    """Short int32 sequences (``pad`` collate), but every ``every``-th holds 64 KiB: a batch in
+    the middle of a group outgrows the slot sized for its small neighbours."""
+
+    def __init__(self, n: int = 600, every: int = 211) -> None:
+        self.n, self.every = n, every
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.full(((1 << 20) if i and i % self.every == 0 else 1 + i % 3,), i, dtype=torch.int32)

@@ -112,7 +112,9 @@ def test_metrics_move_during_a_run(filled: Filled) -> None:
             for r in (0, 1)
         ]  # fmt: skip
         fast, slow = (iter(loader) for loader in ranks)
-        for _ in range(8):
+        # Taken counts whole frames (small batches travel several to one): the fast rank
+        # takes its whole shard (12 batches), the slow one its first (always alone).
+        for _ in range(12):
             next(fast)
         next(slow)
 

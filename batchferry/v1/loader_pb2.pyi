@@ -314,18 +314,28 @@ class StreamStart(_message.Message):
     def __init__(self, num_batches: _Optional[int] = ..., state_after_order: _Optional[bytes] = ..., state_after_epoch: _Optional[bytes] = ..., first_batch: _Optional[int] = ...) -> None: ...
 
 class BatchHeader(_message.Message):
-    __slots__ = ("index", "layout", "num_chunks", "slot", "codec")
+    __slots__ = ("index", "layout", "num_chunks", "slot", "codec", "more")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     index: int
     layout: Layout
     num_chunks: int
     slot: str
     codec: Codec
-    def __init__(self, index: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., num_chunks: _Optional[int] = ..., slot: _Optional[str] = ..., codec: _Optional[_Union[Codec, str]] = ...) -> None: ...
+    more: _containers.RepeatedCompositeFieldContainer[BatchPart]
+    def __init__(self, index: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., num_chunks: _Optional[int] = ..., slot: _Optional[str] = ..., codec: _Optional[_Union[Codec, str]] = ..., more: _Optional[_Iterable[_Union[BatchPart, _Mapping]]] = ...) -> None: ...
+
+class BatchPart(_message.Message):
+    __slots__ = ("index", "layout")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    layout: Layout
+    def __init__(self, index: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ...) -> None: ...
 
 class StreamEnd(_message.Message):
     __slots__ = ()

@@ -9,7 +9,9 @@ build in flight: it never waits on itself.
 
 Batches go out in epoch order, or with ``any_order`` as soon as each is built (a
 slow batch then holds up no other); positions the client already has (``taken``,
-after a reconnect) are skipped.
+after a reconnect) are skipped. Small batches are built and sent in groups of
+consecutive positions (:class:`~batchferry.server.stream.GroupSize`); credits
+count frames, so a group takes one.
 """
 
 from __future__ import annotations
@@ -35,36 +37,60 @@ def send(stream: Stream) -> Generator[bytes, None, bool]:
             position += 1
         return position
 
-    pending: list[tuple[int, Build]] = []  # (position, build), in position order
+    def group_from(position: int) -> list[int]:
+        """The positions of the next group: up to the group size, from ``position`` on."""
+        positions: list[int] = []
+        size = stream.group()
+        while position < plan.local_total and len(positions) < size:
+            positions.append(position)
+            position = after(position + 1)
+        return positions
+
+    def start(positions: list[int], wait: bool) -> Build | None:
+        first, *more = (plan.batch_index(p) for p in positions)
+        return builder.start(first, wait=wait, more=tuple(more))
+
+    pending: list[tuple[list[int], Build]] = []  # (positions, build), in position order
     next_build = after(plan.local_start)
-    sent = 0
+    sent = 0  # frames
+    batches = 0
     yield stream.start_frame(plan.local_start)
     try:
         while next_build < plan.local_total or pending:
             granted = min(messages.granted - sent, plan.credits)
             window = stream.build_window(granted)
             while next_build < plan.local_total and len(pending) < window:
-                build = builder.start(plan.batch_index(next_build), wait=not pending)
+                positions = group_from(next_build)
+                build = start(positions, wait=not pending)
                 if build is None:
                     break
-                pending.append((next_build, build))
-                next_build = after(next_build + 1)
-            position, build = pending.pop(0) if not plan.any_order else first_built(pending, stream.active)
+                pending.append((positions, build))
+                next_build = after(positions[-1] + 1)
+            positions, build = pending.pop(0) if not plan.any_order else first_built(pending, stream.active)
             grown = builder.min_bytes
             built = builder.finish(build)
-            if builder.min_bytes > grown and not plan.any_order:
-                # The batch outgrew its slot: builds made ahead in slots that small
-                # would too. Start them again at the new size.
+            stream.group.observe(built)
+            rest = positions[built.count :]
+            if rest and plan.any_order:
+                # A later batch of the group overflowed or failed: build it and those after
+                # it again (a batch that fails first in its build fails the stream).
+                again = start(rest, wait=True)
+                assert again is not None  # waiting starts return a build or raise
+                pending.append((rest, again))
+            elif (rest or builder.min_bytes > grown) and not plan.any_order:
+                # A batch outgrew its slot: builds made ahead in slots that small would too.
+                # Start them again at the new size, from the first batch not built.
                 for _, ahead in pending:
                     builder.drop(ahead)
                 pending.clear()
-                next_build = after(position + 1)
+                next_build = rest[0] if rest else after(positions[-1] + 1)
             if not messages.wait_for(sent, stream.active):
                 built.lease.release()
                 return False
             yield from stream.frames(built)
             sent += 1
-            stream.progress(plan.local_start + sent)
+            batches += built.count
+            stream.progress(plan.local_start + batches)
         return True
     finally:
         for _, build in pending:

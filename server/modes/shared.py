@@ -249,7 +249,7 @@ def send(stream: Stream) -> Generator[bytes, None, bool]:
     total = plan.local_total
     stream.progress(position)
     # Consumption counts the moment the credit arrives (late joiners start there).
-    messages.on_credit.append(lambda granted: work.consume(consumer.id, first + granted - plan.credits))
+    messages.on_credit.append(lambda taken: work.consume(consumer.id, first + taken))
 
     def ensure(p: int, wait: bool) -> SharedBatch:
         entry, mine = work.claim(p)

@@ -1,0 +1,124 @@
+"""Small batches travel several to a worker task, slot and frame; nothing else changes.
+
+What a loop gets (order, values, errors, exactly-once) is the same as with one batch
+per frame; these tests look at the frames themselves, and at groups cut short by a
+batch that fails or outgrows its slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+
+import grpc
+import pytest
+import torch
+
+from batchferry import errors, layout, wire
+from batchferry.client import DataLoader
+from batchferry.server import Server
+from batchferry.server.ring import SlotState
+from batchferry.server.stream import GroupSize
+from batchferry.v1 import loader_pb2 as pb
+
+from support import FailsAt, Spiky, assert_same, wait_until
+
+
+def _frames(address: str, dataset: str, batch_size: int) -> Iterator[tuple[pb.BatchHeader, torch.Tensor]]:
+    """Every batch frame of a byte stream with all the credits an epoch needs up front,
+    with its payload."""
+    first = pb.OpenStream(dataset=dataset, batch_size=batch_size, credits=64)
+    with grpc.insecure_channel(address) as channel:
+        call = channel.stream_stream(wire.STREAM_BATCHES, request_serializer=None, response_deserializer=None)
+        requests = [pb.ClientMessage(open=first).SerializeToString()]
+        requests += [pb.ClientMessage(credit=pb.Credit(batches=1)).SerializeToString()] * 1000
+        responses = iter(call(iter(requests), timeout=30))
+        for raw in responses:
+            frame = pb.ServerFrame.FromString(raw)
+            if frame.WhichOneof("kind") != "batch":
+                continue
+            header = frame.batch
+            payload = b"".join(next(responses) for _ in range(header.num_chunks))
+            yield header, torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+
+
+def test_small_batches_travel_several_to_a_frame_in_torch_order(tensor_ds) -> None:
+    with Server({"tensor": tensor_ds}, port=0, num_workers=2) as srv:
+        frames = list(_frames(srv.address, "tensor", 2))
+    expected = list(torch.utils.data.DataLoader(tensor_ds, 2))
+    got, sizes = [], []
+    for header, payload in frames:
+        parts = [(header.index, header.layout), *((p.index, p.layout) for p in header.more)]
+        assert [i for i, _ in parts] == list(range(header.index, header.index + len(parts)))
+        assert len(payload) == max(lay.payload_bytes for _, lay in parts)
+        got += [layout.decode(lay, payload) for _, lay in parts]
+        sizes.append(len(parts))
+    assert_same(got, expected)
+    # The first batches go alone (first-batch latency); later ones share frames.
+    assert sizes[0] == 1 and max(sizes) > 1 and len(frames) < len(expected)
+
+
+def test_group_bytes_0_sends_one_batch_per_frame(tensor_ds) -> None:
+    with Server({"tensor": tensor_ds}, port=0, num_workers=2, group_bytes=0) as srv:
+        frames = list(_frames(srv.address, "tensor", 2))
+    assert [h.index for h, _ in frames] == list(range(52))
+    assert not any(h.more for h, _ in frames)
+
+
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
+def test_a_batch_failing_inside_a_group_comes_after_every_batch_before_it(transport: str) -> None:
+    ds = FailsAt()
+    with (
+        Server({"bad": ds}, port=0, num_workers=2) as srv,
+        DataLoader(srv.address, "bad", 4, transport=transport) as loader,
+    ):
+        got = []
+        with pytest.raises(errors.DatasetError, match=r"batch 300: KeyError: .*corrupt record 1203"):
+            for batch in loader:
+                got.append(batch)
+    assert_same(got, [torch.arange(4 * b, 4 * b + 4).view(4, 1) for b in range(300)])
+
+
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
+def test_a_batch_outgrowing_its_group_slot_is_built_again_and_nothing_is_lost(transport: str) -> None:
+    ds = Spiky()
+    with Server({"spiky": ds}, port=0, num_workers=2) as srv:
+        with DataLoader(
+            srv.address, "spiky", 3, shuffle=True, collate_fn="pad", transport=transport
+        ) as loader:
+            loader.generator = torch.Generator().manual_seed(5)
+            got = list(loader)
+    pad = partial(torch.nn.utils.rnn.pad_sequence, batch_first=True)
+    generator = torch.Generator().manual_seed(5)
+    expected = list(torch.utils.data.DataLoader(ds, 3, shuffle=True, collate_fn=pad, generator=generator))
+    assert_same(got, expected)
+
+
+def test_a_loop_that_breaks_mid_group_leaves_nothing_held(tensor_ds) -> None:
+    with Server({"tensor": tensor_ds}, port=0, num_workers=2) as srv:
+        for transport in ("shm", "grpc"):
+            with DataLoader(srv.address, "tensor", 1, transport=transport) as loader:
+                for epoch in range(3):
+                    for i, _ in enumerate(loader):
+                        if i == 37 + epoch:
+                            break
+                assert_same(list(loader), list(torch.utils.data.DataLoader(tensor_ds, 1)))
+        assert wait_until(lambda: srv.ring.stats().slots[SlotState.LEASED] == 0)
+
+
+class _Built:
+    def __init__(self, count: int, payload_bytes: int, seconds: float) -> None:
+        self.count, self.payload_bytes, self.seconds = count, payload_bytes, seconds
+
+
+def test_group_size_starts_at_one_and_stays_within_bytes_and_build_time() -> None:
+    size = GroupSize(1 << 20)
+    assert size() == 1  # nothing known yet: the first batches go alone
+    size.observe(_Built(1, 4096, 1e-5))  # type: ignore[arg-type]
+    assert size() == GroupSize.MAX_BATCHES
+    size.observe(_Built(2, 2 * (256 << 10), 1e-5))  # type: ignore[arg-type]
+    assert size() == 4  # the largest batch seen, 256 KiB, four to 1 MiB
+    slow = GroupSize(1 << 30)
+    slow.observe(_Built(1, 64, 0.002))  # type: ignore[arg-type]
+    assert slow() == 2  # 5 ms of building per group at most
+    assert GroupSize(0)() == 1
