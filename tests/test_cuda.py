@@ -60,3 +60,18 @@ def test_cuda_batches_match_cpu_batches_bytewise(server: Server) -> None:
     ):
         for a, b in zip(cpu, gpu):
             assert_same(b, a)
+
+
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
+def test_grouped_small_batches_reach_the_device_and_pinned_buffers_equal_and_in_order(transport: str) -> None:
+    # 4,000 samples in batches of 4: after the first few, batches travel dozens to a frame,
+    # each copied on its own, the frame's buffer or slot freed after the last copy.
+    ds = torch.utils.data.TensorDataset(torch.arange(16_000.0).view(4000, 4), torch.arange(4000))
+    expected = list(TorchLoader(ds, 4, shuffle=True, generator=torch.Generator().manual_seed(3)))
+    with Server({"t": ds}, port=0, num_workers=2) as srv:
+        for options in ({"device": "cuda"}, {"pin_memory": True}):
+            with DataLoader(
+                srv.address, "t", 4, shuffle=True, seed=3, transport=transport, **options
+            ) as loader:
+                got = [[t.cpu() for t in batch] for batch in loader]  # pinned batches kept: buffers in use
+            assert_same(got, [list(b) for b in expected])
