@@ -65,6 +65,10 @@ _ALIVE_CHECK = 2.0  # seconds a server gets to answer after no batch came within
 _NO_LIMIT = 365 * 24 * 3600.0  # timeout=0, as in torch: wait as long as it takes
 # Byte-stream connections per server by default: one stream moves one message at a time.
 _BYTE_STREAMS = 2
+# The caller's sampler runs this far ahead (batches per replica, and samples in all) when
+# its batches are small, so that the server can build them several at a time.
+_LISTS_AHEAD = 64
+_LISTS_AHEAD_SAMPLES = 1 << 17
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -703,7 +707,8 @@ class _Iterator:
     In order, batch b comes from replica b % R, so the merged epoch is what one
     server sends; dynamic mode (and ``in_order=False``) takes whichever replica has a
     batch ready. With the caller's own sampler, the index lists go to the replica
-    that builds each batch, a credit window ahead. A stream whose server goes away
+    that builds each batch, ahead of need (two credit windows, or up to 64 batches when
+    they are small, so the server can build them in groups). A stream whose server goes away
     is reopened at the next batch not yet yielded (told which it already has).
     """
 
@@ -742,6 +747,7 @@ class _Iterator:
         self._turn = 0
         # The caller's sampler: index lists sent to the servers but not yet yielded.
         self._lists: dict[int, np.ndarray] = {}
+        self._ahead_samples = 0  # samples in ``_lists``
         self._next_list = start if not self._any_order else 0
         try:
             for r in range(count):
@@ -845,9 +851,18 @@ class _Iterator:
         if self.indices is None or self.indices.total is not None:
             return
         replicas = len(self._streams)
-        ahead = self._loader._credits_per_stream() * replicas * 2
+        # Always two credit windows ahead; small batches up to _LISTS_AHEAD batches (and
+        # _LISTS_AHEAD_SAMPLES samples) ahead, so the server can build them in groups, topped
+        # up once half of that is used (one message per many batches, not one per batch).
+        low = self._loader._credits_per_stream() * replicas * 2
+        high = max(low, _LISTS_AHEAD * replicas)
+        done = self.yielded_count()
+        if self._next_list >= done + max(low, high // 2):
+            return
         fresh: dict[int, dict[int, np.ndarray]] = {r: {} for r in range(replicas)}
-        while self._next_list < self.yielded_count() + ahead:
+        while self._next_list < done + low or (
+            self._next_list < done + high and self._ahead_samples < _LISTS_AHEAD_SAMPLES
+        ):
             samples = self.indices.pull()
             if samples is None:
                 break
@@ -855,6 +870,7 @@ class _Iterator:
             if self._is_done(index):
                 continue  # yielded before this iterator (resumed out of order)
             self._lists[index] = samples
+            self._ahead_samples += len(samples)
             fresh[index % replicas][index] = samples
         for r, lists in fresh.items():
             self._send_lists(self._streams[r], lists, self.indices.total)
@@ -957,7 +973,9 @@ class _Iterator:
                 gen.set_state(_state(self._streams[0].start.state_after_epoch))
             raise StopIteration
         self.yielded += 1
-        self._lists.pop(batch.index, None)
+        taken = self._lists.pop(batch.index, None)
+        if taken is not None:
+            self._ahead_samples -= len(taken)
         data = batch.data
         if self._copier is not None and batch.event is not None:
             data = self._copier.hand_over(data, batch.event)

@@ -132,15 +132,22 @@ class Builder:
         """Lease a slot and submit batch ``index`` (of ``samples``, else of the epoch's order),
         and with ``more`` the batches after it in the same slot; None when ``wait`` is false
         and no slot is free."""
-        plan = self._plan
+        if samples is not None:
+            assert not more  # a group of given samples: start_lists
+            return self._submit((index,), samples, (), wait=wait)
+        assert self._order is not None  # streams of the client's own batches pass them
         indices = (index, *more)
-        sizes: tuple[int, ...] = ()
-        if samples is None:
-            assert self._order is not None  # streams of the client's own batches pass them
-            parts = [self._order.batch(i, plan.batch_size).numpy() for i in indices]
-            samples = parts[0] if not more else np.concatenate(parts)
-            sizes = tuple(len(p) for p in parts) if more else ()
-        return self._submit(indices, samples, sizes, wait=wait)
+        return self.start_lists(
+            [(i, self._order.batch(i, self._plan.batch_size).numpy()) for i in indices], wait
+        )
+
+    def start_lists(self, batches: list[tuple[int, np.ndarray]], wait: bool) -> Build | None:
+        """Like :meth:`start`, for (batch index, samples) pairs: one batch, or a group."""
+        indices = tuple(index for index, _ in batches)
+        if len(batches) == 1:
+            return self._submit(indices, batches[0][1], (), wait=wait)
+        sizes = tuple(len(samples) for _, samples in batches)
+        return self._submit(indices, np.concatenate([samples for _, samples in batches]), sizes, wait=wait)
 
     def _submit(
         self, indices: tuple[int, ...], samples: np.ndarray, sizes: tuple[int, ...], *, wait: bool

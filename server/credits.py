@@ -124,7 +124,7 @@ class ClientMessages:
             if self._pending_samples > MAX_PENDING_SAMPLES:
                 raise ValueError(
                     f"batches: more than {MAX_PENDING_SAMPLES} sample indices sent ahead of need; "
-                    "send a credit window ahead at most"
+                    "send fewer ahead"
                 )
             self._lists.append(lists)
             self._cond.notify_all()

@@ -24,15 +24,18 @@ from batchferry.v1 import loader_pb2 as pb
 from support import FailsAt, Spiky, assert_same, wait_until
 
 
-def _frames(address: str, dataset: str, batch_size: int) -> Iterator[tuple[pb.BatchHeader, torch.Tensor]]:
-    """Every batch frame of a byte stream with all the credits an epoch needs up front,
-    with its payload."""
+def _open(dataset: str, batch_size: int) -> list[bytes]:
+    """An open message with all the credits an epoch needs up front."""
     first = pb.OpenStream(dataset=dataset, batch_size=batch_size, credits=64)
+    return [pb.ClientMessage(open=first).SerializeToString()]
+
+
+def _frames(address: str, requests: list[bytes]) -> Iterator[tuple[pb.BatchHeader, torch.Tensor]]:
+    """Every batch frame of a byte stream, with its payload."""
+    credits = [pb.ClientMessage(credit=pb.Credit(batches=1)).SerializeToString()] * 1000
     with grpc.insecure_channel(address) as channel:
         call = channel.stream_stream(wire.STREAM_BATCHES, request_serializer=None, response_deserializer=None)
-        requests = [pb.ClientMessage(open=first).SerializeToString()]
-        requests += [pb.ClientMessage(credit=pb.Credit(batches=1)).SerializeToString()] * 1000
-        responses = iter(call(iter(requests), timeout=30))
+        responses = iter(call(iter(requests + credits), timeout=30))
         for raw in responses:
             frame = pb.ServerFrame.FromString(raw)
             if frame.WhichOneof("kind") != "batch":
@@ -44,7 +47,7 @@ def _frames(address: str, dataset: str, batch_size: int) -> Iterator[tuple[pb.Ba
 
 def test_small_batches_travel_several_to_a_frame_in_torch_order(tensor_ds) -> None:
     with Server({"tensor": tensor_ds}, port=0, num_workers=2) as srv:
-        frames = list(_frames(srv.address, "tensor", 2))
+        frames = list(_frames(srv.address, _open("tensor", 2)))
     expected = list(torch.utils.data.DataLoader(tensor_ds, 2))
     got, sizes = [], []
     for header, payload in frames:
@@ -60,7 +63,7 @@ def test_small_batches_travel_several_to_a_frame_in_torch_order(tensor_ds) -> No
 
 def test_group_bytes_0_sends_one_batch_per_frame(tensor_ds) -> None:
     with Server({"tensor": tensor_ds}, port=0, num_workers=2, group_bytes=0) as srv:
-        frames = list(_frames(srv.address, "tensor", 2))
+        frames = list(_frames(srv.address, _open("tensor", 2)))
     assert [h.index for h, _ in frames] == list(range(52))
     assert not any(h.more for h, _ in frames)
 
@@ -122,3 +125,43 @@ def test_group_size_starts_at_one_and_stays_within_bytes_and_build_time() -> Non
     slow.observe(_Built(1, 64, 0.002))  # type: ignore[arg-type]
     assert slow() == 2  # 5 ms of building per group at most
     assert GroupSize(0)() == 1
+
+
+def test_batches_the_client_chooses_are_grouped_from_what_has_arrived(tensor_ds) -> None:
+    # The caller's sampler: the index lists arrive ahead of need; small ones build in groups.
+    chosen = [torch.randperm(103, generator=torch.Generator().manual_seed(b))[:3] for b in range(40)]
+    lists = pb.BatchIndices(
+        index=list(range(40)), lengths=[3] * 40, samples=torch.cat(chosen).tolist(), end=True, total=40
+    )
+    first = pb.OpenStream(dataset="tensor", batch_size=3, credits=64, client_batches=True)
+    requests = [
+        pb.ClientMessage(open=first).SerializeToString(),
+        pb.ClientMessage(batches=lists).SerializeToString(),
+    ]
+    with Server({"tensor": tensor_ds}, port=0, num_workers=2) as srv:
+        frames = list(_frames(srv.address, requests))
+    got, sizes = [], []
+    for header, payload in frames:
+        parts = [(header.index, header.layout), *((p.index, p.layout) for p in header.more)]
+        assert [i for i, _ in parts] == list(range(header.index, header.index + len(parts)))
+        got += [layout.decode(lay, payload) for _, lay in parts]
+        sizes.append(len(parts))
+    assert_same(got, [[tensor_ds.tensors[0][c], tensor_ds.tensors[1][c]] for c in chosen])
+    assert max(sizes) > 1 and sum(sizes) == 40
+
+
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
+def test_a_batch_sampler_batch_outgrowing_its_group_slot_is_built_again_in_order(transport: str) -> None:
+    ds = Spiky()
+    sampler = torch.utils.data.BatchSampler(
+        torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(9)), 3, drop_last=False
+    )
+    pad = partial(torch.nn.utils.rnn.pad_sequence, batch_first=True)
+    expected = list(torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=pad))
+    sampler.sampler.generator.manual_seed(9)  # type: ignore[attr-defined]
+    with Server({"spiky": ds}, port=0, num_workers=2) as srv:
+        with DataLoader(
+            srv.address, "spiky", batch_sampler=sampler, collate_fn="pad", transport=transport
+        ) as loader:
+            got = list(loader)
+    assert_same(got, expected)

@@ -3,9 +3,10 @@
 The client sends the sample indices of its next batches (``BatchIndices``, a credit
 window ahead of need) and, when its sampler is exhausted, how many batches the
 epoch had. This replica builds and sends the batches it owns (b % R == replica),
-in the order given (or as built, with ``any_order``). Every list is checked before
-anything is built: batch indices increasing and this replica's, sample indices
-within the dataset, batches of at most ``MAX_BATCH`` samples.
+in the order given (or as built, with ``any_order``); small batches several to a
+group, from what has arrived. Every list is checked before anything is built: batch
+indices increasing and this replica's, sample indices within the dataset, batches of
+at most ``MAX_BATCH`` samples.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from batchferry.v1 import loader_pb2 as _pb2
 __all__ = ["MAX_BATCH", "send", "unpack"]
 
 MAX_BATCH = 1 << 20  # samples in one batch the client chooses
+_Batches = list[tuple[int, np.ndarray]]  # (batch index, samples) pairs
 
 
 def unpack(
@@ -65,9 +67,10 @@ def unpack(
 def send(stream: Stream) -> Generator[bytes, None, bool]:
     plan, messages, builder = stream.plan, stream.messages, stream.builder
     waiting: deque[tuple[int, np.ndarray]] = deque()  # received, not yet building
-    pending: list[tuple[int, Build]] = []
+    pending: list[tuple[_Batches, Build]] = []  # (the batches of a group, its build)
     last, total = plan.start_batch - 1, None
-    sent = 0
+    sent = 0  # frames
+    batches = 0
     yield stream.start_frame(plan.local_start)
     try:
         while True:
@@ -80,26 +83,46 @@ def send(stream: Stream) -> Generator[bytes, None, bool]:
             granted = min(messages.granted - sent, plan.credits)
             window = stream.build_window(granted)
             while waiting and len(pending) < window:
-                index, samples = waiting[0]
-                build = builder.start(index, wait=not pending, samples=samples)
+                # A group of what has come (small batches; never waiting for more to fill one).
+                group = [waiting[k] for k in range(min(stream.group(), len(waiting)))]
+                build = builder.start_lists(group, wait=not pending)
                 if build is None:
                     break
-                waiting.popleft()
-                pending.append((index, build))
+                for _ in group:
+                    waiting.popleft()
+                pending.append((group, build))
             if not pending:
                 if total is not None and not waiting:
                     return True
                 if not messages.wait_lists(stream.active):
                     return False
                 continue
-            _, build = pending.pop(0) if not plan.any_order else first_built(pending, stream.active)
+            group, build = pending.pop(0) if not plan.any_order else first_built(pending, stream.active)
+            grown = builder.min_bytes
             built = builder.finish(build)
+            stream.group.observe(built)
+            rest = group[built.count :]
+            if rest and plan.any_order:
+                # A later batch of the group overflowed or failed: build it and those after
+                # it again (a batch that fails first in its build fails the stream).
+                again = builder.start_lists(rest, wait=True)
+                assert again is not None  # waiting starts return a build or raise
+                pending.append((rest, again))
+            elif (rest or builder.min_bytes > grown) and not plan.any_order:
+                # A batch outgrew its slot: builds made ahead in slots that small would too.
+                # Build them again at the new size, from the first batch not built.
+                for ahead, dropped in reversed(pending):
+                    builder.drop(dropped)
+                    waiting.extendleft(reversed(ahead))
+                pending.clear()
+                waiting.extendleft(reversed(rest))
             if not messages.wait_for(sent, stream.active):
                 built.lease.release()
                 return False
             yield from stream.frames(built)
             sent += 1
-            stream.progress(sent)
+            batches += built.count
+            stream.progress(batches)
     finally:
         for _, build in pending:
             builder.drop(build)
