@@ -795,6 +795,7 @@ class _Iterator:
                 chunk_bytes=cfg.chunk_bytes,
                 transport=_pb2.TRANSPORT_SHM if shm else _pb2.TRANSPORT_BYTES,
                 compression=self._compression(r, shm),
+                groups=True,
                 mode=_MODES[cfg.mode],
                 job=cfg.job,
                 rank=cfg.rank,

@@ -23,6 +23,7 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
+from batchferry.layout import ALIGNMENT
 from batchferry.sampling import EpochOrder
 from batchferry.v1 import loader_pb2 as _pb2
 
@@ -68,6 +69,7 @@ class Build:
     future: Future[Result]
     samples: np.ndarray  # int64 sample indices of them all: built again from these if need be
     sizes: tuple[int, ...] = ()  # a group's batch lengths (empty: one batch)
+    batch_bytes: int = 0  # a group's room for each batch after the first
 
     @property
     def index(self) -> int:
@@ -94,6 +96,12 @@ class Built:
     def payload_bytes(self) -> int:
         """Bytes of the slot the batches span (each layout's payload_bytes is its end)."""
         return max([self.layout.payload_bytes, *(layout.payload_bytes for _, layout in self.more)])
+
+    @property
+    def largest_bytes(self) -> int:
+        """Bytes of the largest of the batches (each begins where the one before ends)."""
+        ends = [self.layout.payload_bytes, *(layout.payload_bytes for _, layout in self.more)]
+        return max(end - begin for begin, end in zip([0, *ends[:-1]], ends, strict=True))
 
 
 class Builder:
@@ -127,32 +135,49 @@ class Builder:
         self.min_bytes = min_bytes
 
     def start(
-        self, index: int, *, wait: bool, samples: np.ndarray | None = None, more: tuple[int, ...] = ()
+        self,
+        index: int,
+        *,
+        wait: bool,
+        samples: np.ndarray | None = None,
+        more: tuple[int, ...] = (),
+        batch_bytes: int = 0,
     ) -> Build | None:
         """Lease a slot and submit batch ``index`` (of ``samples``, else of the epoch's order),
-        and with ``more`` the batches after it in the same slot; None when ``wait`` is false
-        and no slot is free."""
+        and with ``more`` the batches after it in the same slot (``batch_bytes`` of room for
+        each of them); None when ``wait`` is false and no slot is free."""
         if samples is not None:
             assert not more  # a group of given samples: start_lists
-            return self._submit((index,), samples, (), wait=wait)
+            return self._submit((index,), samples, (), 0, wait=wait)
         assert self._order is not None  # streams of the client's own batches pass them
-        indices = (index, *more)
-        return self.start_lists(
-            [(i, self._order.batch(i, self._plan.batch_size).numpy()) for i in indices], wait
-        )
+        batches = [(i, self._order.batch(i, self._plan.batch_size).numpy()) for i in (index, *more)]
+        return self.start_lists(batches, wait, batch_bytes)
 
-    def start_lists(self, batches: list[tuple[int, np.ndarray]], wait: bool) -> Build | None:
+    def start_lists(
+        self, batches: list[tuple[int, np.ndarray]], wait: bool, batch_bytes: int = 0
+    ) -> Build | None:
         """Like :meth:`start`, for (batch index, samples) pairs: one batch, or a group."""
         indices = tuple(index for index, _ in batches)
         if len(batches) == 1:
-            return self._submit(indices, batches[0][1], (), wait=wait)
+            return self._submit(indices, batches[0][1], (), 0, wait=wait)
         sizes = tuple(len(samples) for _, samples in batches)
-        return self._submit(indices, np.concatenate([samples for _, samples in batches]), sizes, wait=wait)
+        samples = np.concatenate([samples for _, samples in batches])
+        return self._submit(indices, samples, sizes, batch_bytes, wait=wait)
 
     def _submit(
-        self, indices: tuple[int, ...], samples: np.ndarray, sizes: tuple[int, ...], *, wait: bool
+        self,
+        indices: tuple[int, ...],
+        samples: np.ndarray,
+        sizes: tuple[int, ...],
+        batch_bytes: int,
+        *,
+        wait: bool,
     ) -> Build | None:
-        want = self.min_bytes * len(indices)
+        # Room for the largest batch yet (``min_bytes``) and the typical size for the others:
+        # one rare large batch does not make every later group's slot that many times larger.
+        # A group that does not fit comes back cut short and its rest is built again.
+        room = min(self.min_bytes, max(ALIGNMENT, batch_bytes))
+        want = self.min_bytes + (len(indices) - 1) * room
         try:
             lease = self._ring.acquire(
                 want, timeout=self._acquire_timeout if wait else 0.0, cancelled=self._gone
@@ -187,7 +212,7 @@ class Builder:
             lease.release()
             raise Abort(grpc.StatusCode.UNAVAILABLE, f"server is shutting down ({exc})") from exc
         future.add_done_callback(lambda f: self._counters.count(f.result(), self._on_built, plan))
-        return Build(indices, lease, future, samples, sizes)
+        return Build(indices, lease, future, samples, sizes, batch_bytes)
 
     def finish(self, build: Build) -> Built:
         """The built batches, rebuilt in larger slots while the first overflows.
@@ -227,7 +252,7 @@ class Builder:
         return Built(build.index, build.lease, layouts[0], more, result.seconds)
 
     def _restart(self, old: Build) -> Build:
-        build = self._submit(old.indices, old.samples, old.sizes, wait=True)
+        build = self._submit(old.indices, old.samples, old.sizes, old.batch_bytes, wait=True)
         assert build is not None  # waiting starts return a build or raise
         return build
 

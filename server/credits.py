@@ -60,6 +60,7 @@ class ClientMessages:
         # Batches in each frame sent, oldest first, until the client credits it back: a
         # credit frees a frame, and this turns frames taken into batches taken.
         self._frames: deque[int] = deque()
+        self._ahead = 0  # frames credited before they were sent
         self.taken = 0  # batches the client has consumed
         self._held: dict[int, Held] = {}
         self._lists: list[_pb2.BatchIndices] = []  # client_batches: sent, not yet taken
@@ -90,7 +91,8 @@ class ClientMessages:
                         while frames and self._frames:
                             self.taken += self._frames.popleft()
                             frames -= 1
-                        self.taken += frames  # credit ahead of frames sent: a batch each
+                        self.taken += frames  # credit ahead of frames sent: a batch each,
+                        self._ahead += frames  # the rest counted as those frames go out
                         taken = self.taken
                         self._cond.notify_all()
                     for callback in self.on_credit:
@@ -168,7 +170,11 @@ class ClientMessages:
     def sending(self, batches: int) -> None:
         """A frame of ``batches`` batches is about to go out (before the client can credit it)."""
         with self._cond:
-            self._frames.append(batches)
+            if self._ahead:
+                self._ahead -= 1
+                self.taken += batches - 1
+            else:
+                self._frames.append(batches)
 
     @property
     def held(self) -> int:

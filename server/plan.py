@@ -53,6 +53,7 @@ class Plan:
     shm: bool
     # Codec asked for the payload of batches sent as bytes (each may still go raw).
     codec: _pb2.Codec = _pb2.CODEC_NONE
+    groups: bool = False  # the client takes frames of several batches
     # What the epoch's order is made from (server/orders.py makes and shares it).
     length: int = 0
     shuffle: bool = False
@@ -222,6 +223,7 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
         chunk_bytes=chunk,
         shm=req.transport == _pb2.TRANSPORT_SHM,
         codec=req.compression,
+        groups=req.groups,
         length=length,
         shuffle=req.shuffle,
         drop_last=req.drop_last,

@@ -293,7 +293,11 @@ class LoaderService:
             share=self._share,
             hold_share=self._hold_share,
             workers=max(1, self._pool.num_workers),
-            group=GroupSize(min(self._config.group_bytes, self._ring.max_bytes // self._ring.target_slots)),
+            group=GroupSize(
+                min(self._config.group_bytes, self._ring.max_bytes // self._ring.target_slots)
+                if the_plan.groups
+                else 0
+            ),
             job=job,
             consumer=consumer,
             observe=self.metrics.sends(the_plan),

@@ -8,6 +8,7 @@ and waits for the client's releases), or False when the client stopped early.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
@@ -34,23 +35,29 @@ class GroupSize:
 
     MAX_BATCHES = 64
     MAX_SECONDS = 0.005  # a worker's time to build one group: the latency it adds
+    RECENT = 16  # builds whose largest batch sizes the next groups
 
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes
-        self._bytes = 0  # per batch: the largest seen, so a group's slot rarely overflows
+        self._largest: deque[int] = deque(maxlen=self.RECENT)  # of each recent build
         self._seconds = 0.0  # per batch: a moving average
 
     def observe(self, built: Built) -> None:
-        count = built.count
-        self._bytes = max(self._bytes, -(-built.payload_bytes // count))
-        seconds = built.seconds / count
+        self._largest.append(built.largest_bytes)
+        seconds = built.seconds / built.count
         self._seconds = seconds if not self._seconds else 0.8 * self._seconds + 0.2 * seconds
 
+    @property
+    def batch_bytes(self) -> int:
+        """Room for each batch of a group: the largest of the recent builds (a rare large
+        batch passes; the slot then holds one batch that large besides, see Builder)."""
+        return max(self._largest, default=0)
+
     def __call__(self) -> int:
-        if not self._bytes or self._max_bytes <= 0:
+        if not self._largest or self._max_bytes <= 0:
             return 1
         by_time = self.MAX_SECONDS / self._seconds if self._seconds else self.MAX_BATCHES
-        return max(1, min(self.MAX_BATCHES, self._max_bytes // self._bytes, int(by_time)))
+        return max(1, min(self.MAX_BATCHES, self._max_bytes // max(1, self.batch_bytes), int(by_time)))
 
 
 @dataclass

@@ -26,7 +26,7 @@ from support import FailsAt, Spiky, assert_same, wait_until
 
 def _open(dataset: str, batch_size: int) -> list[bytes]:
     """An open message with all the credits an epoch needs up front."""
-    first = pb.OpenStream(dataset=dataset, batch_size=batch_size, credits=64)
+    first = pb.OpenStream(dataset=dataset, batch_size=batch_size, credits=64, groups=True)
     return [pb.ClientMessage(open=first).SerializeToString()]
 
 
@@ -61,9 +61,14 @@ def test_small_batches_travel_several_to_a_frame_in_torch_order(tensor_ds) -> No
     assert sizes[0] == 1 and max(sizes) > 1 and len(frames) < len(expected)
 
 
-def test_group_bytes_0_sends_one_batch_per_frame(tensor_ds) -> None:
+def test_one_batch_per_frame_with_group_bytes_0_or_a_client_that_does_not_take_groups(tensor_ds) -> None:
     with Server({"tensor": tensor_ds}, port=0, num_workers=2, group_bytes=0) as srv:
         frames = list(_frames(srv.address, _open("tensor", 2)))
+    assert [h.index for h, _ in frames] == list(range(52))
+    assert not any(h.more for h, _ in frames)
+    with Server({"tensor": tensor_ds}, port=0, num_workers=2) as srv:
+        opened = pb.OpenStream(dataset="tensor", batch_size=2, credits=64)  # groups not asked for
+        frames = list(_frames(srv.address, [pb.ClientMessage(open=opened).SerializeToString()]))
     assert [h.index for h, _ in frames] == list(range(52))
     assert not any(h.more for h, _ in frames)
 
@@ -97,6 +102,28 @@ def test_a_batch_outgrowing_its_group_slot_is_built_again_and_nothing_is_lost(tr
     assert_same(got, expected)
 
 
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
+def test_batches_outgrowing_group_slots_out_of_order_arrive_exactly_once(transport: str) -> None:
+    ds = Spiky()
+    with Server({"spiky": ds}, port=0, num_workers=2) as srv:
+        with DataLoader(
+            srv.address, "spiky", 3, collate_fn="pad", in_order=False, transport=transport
+        ) as loader:
+            got = list(loader)
+    firsts = sorted(int(batch[0, 0]) for batch in got)
+    assert firsts == list(range(0, len(ds), 3))
+
+
+def test_one_large_batch_among_small_ones_leaves_later_groups_small() -> None:
+    # A 4 MiB batch among tiny ones: the groups after it must not ask for slots of
+    # (group size x 4 MiB), which a 128 MiB budget cannot hold.
+    ds = Spiky()
+    with Server({"spiky": ds}, port=0, num_workers=2, shm_bytes=128 << 20) as srv:
+        with DataLoader(srv.address, "spiky", 3, collate_fn="pad") as loader:
+            got = list(loader)
+    assert len(got) == 200
+
+
 def test_a_loop_that_breaks_mid_group_leaves_nothing_held(tensor_ds) -> None:
     with Server({"tensor": tensor_ds}, port=0, num_workers=2) as srv:
         for transport in ("shm", "grpc"):
@@ -110,8 +137,8 @@ def test_a_loop_that_breaks_mid_group_leaves_nothing_held(tensor_ds) -> None:
 
 
 class _Built:
-    def __init__(self, count: int, payload_bytes: int, seconds: float) -> None:
-        self.count, self.payload_bytes, self.seconds = count, payload_bytes, seconds
+    def __init__(self, count: int, largest_bytes: int, seconds: float) -> None:
+        self.count, self.largest_bytes, self.seconds = count, largest_bytes, seconds
 
 
 def test_group_size_starts_at_one_and_stays_within_bytes_and_build_time() -> None:
@@ -119,8 +146,11 @@ def test_group_size_starts_at_one_and_stays_within_bytes_and_build_time() -> Non
     assert size() == 1  # nothing known yet: the first batches go alone
     size.observe(_Built(1, 4096, 1e-5))  # type: ignore[arg-type]
     assert size() == GroupSize.MAX_BATCHES
-    size.observe(_Built(2, 2 * (256 << 10), 1e-5))  # type: ignore[arg-type]
-    assert size() == 4  # the largest batch seen, 256 KiB, four to 1 MiB
+    size.observe(_Built(2, 256 << 10, 1e-5))  # type: ignore[arg-type]
+    assert size() == 4 and size.batch_bytes == 256 << 10  # the largest recent batch, four to 1 MiB
+    for _ in range(GroupSize.RECENT):
+        size.observe(_Built(8, 8192, 1e-5))  # type: ignore[arg-type]
+    assert size() == GroupSize.MAX_BATCHES  # the large one has passed
     slow = GroupSize(1 << 30)
     slow.observe(_Built(1, 64, 0.002))  # type: ignore[arg-type]
     assert slow() == 2  # 5 ms of building per group at most
@@ -133,7 +163,7 @@ def test_batches_the_client_chooses_are_grouped_from_what_has_arrived(tensor_ds)
     lists = pb.BatchIndices(
         index=list(range(40)), lengths=[3] * 40, samples=torch.cat(chosen).tolist(), end=True, total=40
     )
-    first = pb.OpenStream(dataset="tensor", batch_size=3, credits=64, client_batches=True)
+    first = pb.OpenStream(dataset="tensor", batch_size=3, credits=64, client_batches=True, groups=True)
     requests = [
         pb.ClientMessage(open=first).SerializeToString(),
         pb.ClientMessage(batches=lists).SerializeToString(),

@@ -209,8 +209,7 @@ def test_an_idle_stream_ends_and_frees_its_slots(tensor_ds) -> None:
 
 
 def test_a_same_host_client_that_never_releases_gets_copies(tensor_ds) -> None:
-    # One batch per frame, so that the epoch's 26 batches make more than 12 frames.
-    with Server({"t": tensor_ds}, port=0, num_workers=0, group_bytes=0) as srv:
+    with Server({"t": tensor_ds}, port=0, num_workers=0) as srv:
         credit = pb.ClientMessage(credit=pb.Credit(batches=1)).SerializeToString()
         go = threading.Event()
 

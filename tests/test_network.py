@@ -198,11 +198,11 @@ def _torch_epochs(epochs: int) -> list[list[str]]:
     ]
 
 
-def _server_and_client(lab: Lab) -> tuple[str, str, str, str]:
+def _server_and_client(lab: Lab, *extra: str) -> tuple[str, str, str, str]:
     """A server host and a client host, linked: (server ns, its address, client ns, client dev)."""
     server_ns, client_ns = lab.host("server"), lab.host("client")
     (_, server_address), (client_dev, _) = lab.link(server_ns, client_ns)
-    lab.serve(server_ns, server_address)
+    lab.serve(server_ns, server_address, *extra)
     return server_ns, server_address, client_ns, client_dev
 
 
@@ -227,7 +227,8 @@ def test_client_on_another_host_reads_the_byte_stream_in_torch_order(lab: Lab) -
 
 
 def test_link_cut_for_less_than_timeout_the_epoch_completes_with_nothing_lost_or_repeated(lab: Lab) -> None:
-    _, server_address, client_ns, client_dev = _server_and_client(lab)
+    # One batch per frame, so that what is in flight is counted in batches (see the end).
+    _, server_address, client_ns, client_dev = _server_and_client(lab, "--group-bytes", "0")
     prefetch, pause_at, timeout, streams = 2, 5, 30, 2
     client = lab.client(client_ns, address=f"{server_address}:{PORT}", batch=BATCH, seed=SEED,
                         timeout=timeout, prefetch=prefetch, pause_at=pause_at, streams=streams)  # fmt: skip

@@ -48,24 +48,28 @@ def send(stream: Stream) -> Generator[bytes, None, bool]:
 
     def start(positions: list[int], wait: bool) -> Build | None:
         first, *more = (plan.batch_index(p) for p in positions)
-        return builder.start(first, wait=wait, more=tuple(more))
+        return builder.start(first, wait=wait, more=tuple(more), batch_bytes=stream.group.batch_bytes)
 
     pending: list[tuple[list[int], Build]] = []  # (positions, build), in position order
+    redo: list[list[int]] = []  # any_order: the rest of groups cut short, built first
     next_build = after(plan.local_start)
     sent = 0  # frames
     batches = 0
     yield stream.start_frame(plan.local_start)
     try:
-        while next_build < plan.local_total or pending:
+        while next_build < plan.local_total or pending or redo:
             granted = min(messages.granted - sent, plan.credits)
             window = stream.build_window(granted)
-            while next_build < plan.local_total and len(pending) < window:
-                positions = group_from(next_build)
+            while (redo or next_build < plan.local_total) and len(pending) < window:
+                positions = redo[0] if redo else group_from(next_build)
                 build = start(positions, wait=not pending)
                 if build is None:
                     break
                 pending.append((positions, build))
-                next_build = after(positions[-1] + 1)
+                if redo:
+                    redo.pop(0)
+                else:
+                    next_build = after(positions[-1] + 1)
             positions, build = pending.pop(0) if not plan.any_order else first_built(pending, stream.active)
             grown = builder.min_bytes
             built = builder.finish(build)
@@ -73,10 +77,8 @@ def send(stream: Stream) -> Generator[bytes, None, bool]:
             rest = positions[built.count :]
             if rest and plan.any_order:
                 # A later batch of the group overflowed or failed: build it and those after
-                # it again (a batch that fails first in its build fails the stream).
-                again = start(rest, wait=True)
-                assert again is not None  # waiting starts return a build or raise
-                pending.append((rest, again))
+                # it again, next (a batch that fails first in its build fails the stream).
+                redo.append(rest)
             elif (rest or builder.min_bytes > grown) and not plan.any_order:
                 # A batch outgrew its slot: builds made ahead in slots that small would too.
                 # Start them again at the new size, from the first batch not built.

@@ -85,7 +85,7 @@ def send(stream: Stream) -> Generator[bytes, None, bool]:
             while waiting and len(pending) < window:
                 # A group of what has come (small batches; never waiting for more to fill one).
                 group = [waiting[k] for k in range(min(stream.group(), len(waiting)))]
-                build = builder.start_lists(group, wait=not pending)
+                build = builder.start_lists(group, not pending, stream.group.batch_bytes)
                 if build is None:
                     break
                 for _ in group:
@@ -104,10 +104,8 @@ def send(stream: Stream) -> Generator[bytes, None, bool]:
             rest = group[built.count :]
             if rest and plan.any_order:
                 # A later batch of the group overflowed or failed: build it and those after
-                # it again (a batch that fails first in its build fails the stream).
-                again = builder.start_lists(rest, wait=True)
-                assert again is not None  # waiting starts return a build or raise
-                pending.append((rest, again))
+                # it again, next (a batch that fails first in its build fails the stream).
+                waiting.extendleft(reversed(rest))
             elif (rest or builder.min_bytes > grown) and not plan.any_order:
                 # A batch outgrew its slot: builds made ahead in slots that small would too.
                 # Build them again at the new size, from the first batch not built.
