@@ -59,6 +59,7 @@ opens = st.builds(
     rank=st.integers(-1, 4),
     world_size=st.integers(-1, 5),
     seed=st.integers(-(2**63), 2**63 - 1),
+    groups=st.booleans(),
 )
 messages = st.one_of(
     opens.map(lambda o: pb.ClientMessage(open=o).SerializeToString()),
