@@ -1,0 +1,73 @@
+"""CPU time per batch in each process of a served workload: the loader's, the server's, its workers'.
+
+Where the time goes once a path is CPU-bound: on two cores, the rate is about
+2 / (the sum of these). Steady state only: the first 50 batches are not counted.
+
+``python -m batchferry.benchmarks.cpu W4T shm [--batches 1400] [--server-flags "--group-bytes 0"]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import time
+
+import psutil
+
+from batchferry.client import DataLoader
+
+from .harness import served
+from .workloads import WORKLOADS
+
+_WARM = 50
+
+
+def _cpu(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+def measure(workload: str, transport: str, batches: int, server_flags: list[str]) -> dict[str, float]:
+    """Batches/s and CPU microseconds per batch by process (``workers`` summed)."""
+    w = WORKLOADS[workload]
+    with served(w, 2, extra=server_flags) as address:
+        server = next(p for p in psutil.Process().children() if "serve" in " ".join(p.cmdline()))
+        with DataLoader(
+            address, workload, w.batch_size, shuffle=True, transport=transport, collate_fn=w.collate
+        ) as dl:
+            it = iter(dl)
+            for _ in range(_WARM):
+                next(it)
+            others = server.children(recursive=True)
+            me = psutil.Process()
+            before = [_cpu(p) for p in (me, server, *others)]
+            start = time.perf_counter()
+            for _ in range(batches):
+                next(it)
+            wall = time.perf_counter() - start
+            after = [_cpu(p) for p in (me, server, *others)]
+    used = [1e6 * (b - a) / batches for a, b in zip(before, after, strict=True)]
+    return {
+        "batches_per_s": batches / wall,
+        "client_us": used[0],
+        "server_us": used[1],
+        "workers_us": sum(used[2:]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("workload", choices=sorted(WORKLOADS))
+    parser.add_argument("transport", choices=["grpc", "shm"])
+    parser.add_argument("--batches", type=int, default=1400, help="batches measured (within one epoch)")
+    parser.add_argument("--server-flags", default="", help="more `batchferry serve` flags")
+    args = parser.parse_args()
+    r = measure(args.workload, args.transport, args.batches, shlex.split(args.server_flags))
+    print(
+        f"{args.workload} {args.transport}: {r['batches_per_s']:,.0f} batches/s; CPU us per batch: "
+        f"loader {r['client_us']:.0f}, server {r['server_us']:.0f}, workers {r['workers_us']:.0f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
