@@ -59,6 +59,19 @@ def test_small_batches_travel_several_to_a_frame_in_torch_order(tensor_ds) -> No
     assert_same(got, expected)
     # The first batches go alone (first-batch latency); later ones share frames.
     assert sizes[0] == 1 and max(sizes) > 1 and len(frames) < len(expected)
+    # Metrics count batches, not frames: each batch of a group, and its share of the time.
+    registry = srv.metrics.registry
+    grpc_sent = {"dataset": "tensor", "mode": "independent", "transport": "grpc"}
+    assert registry.get_sample_value("batchferry_batches_sent_total", grpc_sent) == len(expected)
+    built = registry.get_sample_value(
+        "batchferry_batches_built_total", {"dataset": "tensor", "mode": "independent"}
+    )
+    assert built is not None and built >= len(expected)
+    assert registry.get_sample_value("batchferry_batch_build_seconds_count", {"dataset": "tensor"}) == built
+    sent = registry.get_sample_value(
+        "batchferry_batch_send_seconds_count", {"dataset": "tensor", "transport": "grpc"}
+    )
+    assert sent == len(expected)
 
 
 def test_one_batch_per_frame_with_group_bytes_0_or_a_client_that_does_not_take_groups(tensor_ds) -> None:

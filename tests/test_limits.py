@@ -135,8 +135,15 @@ def test_out_of_range_fields_are_refused_briefly(server: Server, fields: dict[st
 
 
 def test_streams_per_client_are_limited_and_others_are_served(tensor_ds) -> None:
+    # One batch per frame: a held loader's stream stays open (in groups, its 26 small
+    # batches could all be in flight, and its stream over, after one next()).
     with Server(
-        {"t": tensor_ds}, port=0, num_workers=0, max_streams_per_peer=2, tokens=f"{TOKEN_A},{TOKEN_B}"
+        {"t": tensor_ds},
+        port=0,
+        num_workers=0,
+        max_streams_per_peer=2,
+        tokens=f"{TOKEN_A},{TOKEN_B}",
+        group_bytes=0,
     ) as srv:
         held = [DataLoader(srv.address, "t", 4, token=TOKEN_A, transport="grpc", streams=1) for _ in range(2)]
         its = [iter(loader) for loader in held]
@@ -154,7 +161,8 @@ def test_streams_per_client_are_limited_and_others_are_served(tensor_ds) -> None
 
 
 def test_jobs_are_limited_idle_ones_make_room_and_busy_ones_are_kept(tensor_ds) -> None:
-    with Server({"t": tensor_ds}, port=0, num_workers=0, max_jobs=2) as srv:
+    # One batch per frame, so that a busy job's stream stays open after one next().
+    with Server({"t": tensor_ds}, port=0, num_workers=0, max_jobs=2, group_bytes=0) as srv:
 
         def sharded(job: str) -> DataLoader:
             return DataLoader(srv.address, "t", 4, mode="sharded", job=job, world_size=1, streams=1)

@@ -55,7 +55,9 @@ def filled() -> Filled:
 
 def test_metrics_move_during_a_run(filled: Filled) -> None:
     port = free_port()
-    with Server({"f": filled}, port=0, num_workers=1, metrics_port=port) as srv:
+    # One batch per frame, so that streams are still open at the "during" scrapes (grouped
+    # frames are counted in tests/test_groups.py).
+    with Server({"f": filled}, port=0, num_workers=1, metrics_port=port, group_bytes=0) as srv:
         assert srv.metrics_port == port
         before = scrape(port)
         assert value(before, "batchferry_batches_built_total") == 0
