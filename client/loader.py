@@ -233,7 +233,8 @@ class DataLoader:
         pin_memory: land batches in page-locked host buffers (ignored without CUDA).
         device: ``"cuda"`` (or ``"cuda:N"``) to receive batches on that GPU, copied on a
             side stream; ``None`` keeps them on the CPU.
-        prefetch_factor: batches in flight between server and client.
+        prefetch_factor: batch frames in flight between server and client (a frame is one
+            batch, or several small ones the server groups).
         timeout: seconds to wait for the server and for each batch.
         transport: ``"shm"`` maps the server's shared memory (same host, or containers
             sharing IPC and /dev/shm); ``"grpc"`` streams the bytes; ``"auto"`` uses shm
