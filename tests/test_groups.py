@@ -208,3 +208,26 @@ def test_a_batch_sampler_batch_outgrowing_its_group_slot_is_built_again_in_order
         ) as loader:
             got = list(loader)
     assert_same(got, expected)
+
+
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
+@pytest.mark.parametrize("in_order", [True, False])
+def test_a_state_saved_mid_group_resumes_exactly_once(transport: str, in_order: bool) -> None:
+    ds = torch.utils.data.TensorDataset(torch.arange(20_000.0).view(-1, 2), torch.arange(10_000))
+    with Server({"t": ds}, port=0, num_workers=2) as srv:
+        options = {"shuffle": True, "seed": 4, "transport": transport, "in_order": in_order}
+        with DataLoader(srv.address, "t", 8, **options) as first:
+            it = iter(first)
+            head = [next(it)[1] for _ in range(437)]  # deep inside a group of small batches
+            state = first.state_dict()
+        with DataLoader(srv.address, "t", 8, **options) as second:
+            second.load_state_dict(state)
+            rest = [y for _, y in second]
+    ids = torch.cat(head + rest)
+    assert sorted(ids.tolist()) == list(range(10_000))
+    if in_order:
+        generator = torch.Generator().manual_seed(4)
+        torch_ids = torch.cat(
+            [y for _, y in torch.utils.data.DataLoader(ds, 8, shuffle=True, generator=generator)]
+        )
+        assert torch.equal(ids, torch_ids)
