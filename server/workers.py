@@ -153,11 +153,20 @@ class _TaskRunner:
             took = time.perf_counter() - start
             return Result(task.task_id, "ok", tuple(layouts), gathered=gathered, seconds=took)
         except SlotOverflow as exc:
-            return Result(task.task_id, "overflow", tuple(layouts), needed=exc.needed, gathered=gathered)
-        except Exception as exc:
-            error, detail = short_error(exc), traceback.format_exc()
+            took = time.perf_counter() - start
             return Result(
-                task.task_id, "error", tuple(layouts), error=error, detail=detail, gathered=gathered
+                task.task_id, "overflow", tuple(layouts), needed=exc.needed, gathered=gathered, seconds=took
+            )
+        except Exception as exc:
+            error, detail, took = short_error(exc), traceback.format_exc(), time.perf_counter() - start
+            return Result(
+                task.task_id,
+                "error",
+                tuple(layouts),
+                error=error,
+                detail=detail,
+                gathered=gathered,
+                seconds=took,
             )
         finally:
             self.prune()
