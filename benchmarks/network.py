@@ -46,7 +46,7 @@ from batchferry.client import DataLoader
 from . import ceiling, rawtcp
 from .harness import RESULTS, machine, measure, save_report
 from .netns import Hosts, sigterm_unwinds, unavailable
-from .workloads import DATA_ENV, SCALE_ENV, WORKLOADS, data_dir
+from .workloads import DATA_ENV, SCALE_ENV, WORKLOADS, Workload, data_dir
 
 __all__ = ["DEFAULT_RATES", "compression_main", "main"]
 
@@ -140,6 +140,20 @@ def _link_name(rate: float) -> str:
     return "veth" if not rate else f"tbf {rate:g} Gbit/s"
 
 
+def _prepare(name: str, scale: float, *workloads: Workload) -> str | None:
+    """Why ``name`` cannot run here (printed), or None once the workloads' files are made,
+    before any host reads them."""
+    reason = unavailable()
+    if reason is not None:
+        print(f"{name} skipped: {reason}", file=sys.stderr)
+        return reason
+    os.environ[DATA_ENV] = str(data_dir())
+    os.environ[SCALE_ENV] = str(scale)
+    for workload in workloads:
+        workload.factory()
+    return None
+
+
 def main(
     *,
     reps: int = 3,
@@ -150,13 +164,9 @@ def main(
     tcp_seconds: float = 3.0,
 ) -> dict[str, Any]:
     """Measure NET; returns the report (``{"skipped": reason}`` where hosts cannot be made)."""
-    reason = unavailable()
+    reason = _prepare("NET", scale, W2)
     if reason is not None:
-        print(f"NET skipped: {reason}", file=sys.stderr)
         return {"skipped": reason}
-    os.environ[DATA_ENV] = str(data_dir())
-    os.environ[SCALE_ENV] = str(scale)
-    W2.factory()  # the files, made once, before any host reads them
     batches = max(2, int(90 * min(scale, 1.0)))  # 3.5 GB, about 3 epochs
     report: dict[str, Any] = {
         "date": _dt.date.today().isoformat(),
@@ -224,14 +234,9 @@ def compression_main(
 ) -> dict[str, Any]:
     """NETZ: W2 and W4T to another host with and without lz4; ``{"skipped": reason}`` where
     hosts cannot be made."""
-    reason = unavailable()
+    reason = _prepare("NETZ", scale, W2, W4T)
     if reason is not None:
-        print(f"NETZ skipped: {reason}", file=sys.stderr)
         return {"skipped": reason}
-    os.environ[DATA_ENV] = str(data_dir())
-    os.environ[SCALE_ENV] = str(scale)
-    W2.factory()
-    W4T.factory()
     workloads = {
         "W2": {"dataset": "W2", "batch_size": W2.batch_size, "batches": max(2, int(90 * min(scale, 1.0)))},
         "W4T": {"dataset": "W4T", "batch_size": W4T.batch_size, "collate": "pad", "batches": 600},

@@ -224,23 +224,20 @@ class Builder:
         """
         while True:
             result = self._wait(build)
-            if result.status == "overflow":
-                if result.needed > self._max_bytes:
-                    at = build.indices[len(result.layouts)]
-                    if result.layouts:  # send what was built; the rest fails when built alone
-                        return self._built(build, result)
-                    build.lease.release()
-                    raise Abort(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"batch {at} needs at least {result.needed} bytes, above the server's "
-                        f"max_batch_bytes={self._max_bytes}; use a smaller batch_size (or shorter pack rows)",
-                    )
+            too_big = result.status == "overflow" and result.needed > self._max_bytes
+            if result.status == "overflow" and not too_big:
                 self.min_bytes = max(self.min_bytes, result.needed)
-            if result.layouts:
+            if result.layouts:  # what failed or overflowed fails alone when built again
                 return self._built(build, result)
             build.lease.release()  # the worker is done with it
             if result.status == "error":
                 raise dataset_failed(self._plan.dataset, build.index, result.error, result.detail)
+            if too_big:
+                raise Abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"batch {build.index} needs at least {result.needed} bytes, above the server's "
+                    f"max_batch_bytes={self._max_bytes}; use a smaller batch_size (or shorter pack rows)",
+                )
             # "cancelled" (started by a stream that has ended, shared mode: build it for
             # this one) or an overflow: build it again, in a slot of the size now known.
             build = self._restart(build)

@@ -138,7 +138,7 @@ class _TaskRunner:
         try:
             ds, gather = self.dataset(task.dataset)
             segment, _ = self._mappings.get(task.slot_name)
-            writer = SlotWriter(segment.tensor(task.slot_bytes), limit=task.limit)
+            writer = SlotWriter(segment.tensor(task.slot_bytes))
             collate = self._collates[task.collate]
             sizes = task.sizes or (len(task.indices),)
             at = 0

@@ -7,8 +7,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -262,6 +263,30 @@ class ServeProcess:
             assert self.proc.stdout is not None
             self.proc.stdout.close()
             self.proc = None
+
+
+def in_step(loaders: Sequence[Iterable[Any]], batches: int) -> list[list[Any]]:
+    """``batches`` from each loader, taken in turn, so that consumers of one shared job stay
+    inside its window together."""
+    iters = [iter(loader) for loader in loaders]
+    got: list[list[Any]] = [[] for _ in loaders]
+    for _ in range(batches):
+        for seq, it in zip(got, iters, strict=True):
+            seq.append(next(it))
+    return got
+
+
+def read_concurrently(loaders: Sequence[Iterable[Any]], timeout: float = 60.0) -> list[list[Any]]:
+    """Every batch of each loader's epoch, the loaders read at once on threads of their own."""
+    got: list[list[Any]] = [[] for _ in loaders]
+    threads = [
+        threading.Thread(target=seq.extend, args=(loader,)) for seq, loader in zip(got, loaders, strict=True)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    return got
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, every: float = 0.02) -> bool:

@@ -4,7 +4,6 @@ it does not pay, and clear errors for bad values and bad bytes."""
 from __future__ import annotations
 
 import sys
-import threading
 from collections.abc import Iterator
 
 import grpc
@@ -21,7 +20,7 @@ from batchferry.server import Server
 from batchferry.server import compression as server_compression
 from batchferry.v1 import loader_pb2 as pb
 
-from support import Docs, assert_same
+from support import Docs, assert_same, in_step, read_concurrently
 
 CHUNK = wire.MIN_CHUNK_BYTES  # several chunks per batch
 CODECS = ["lz4", "zstd"]
@@ -174,11 +173,7 @@ def test_shared_consumers_get_the_same_batches(srv: Server) -> None:
         _loader(srv, "ints", 16, shuffle=True, seed=5, mode="shared", job="c-shared", compression="lz4")
         for _ in range(2)
     ]
-    iters = [iter(loader) for loader in loaders]
-    got: list[list[object]] = [[], []]
-    for _ in range(len(expected)):
-        for k, it in enumerate(iters):
-            got[k].append(next(it))
+    got = in_step(loaders, len(expected))
     for seq in got:
         assert_same(seq, expected)
     for loader in loaders:
@@ -192,12 +187,7 @@ def test_dynamic_splits_the_epoch_exactly_once_and_resumes(srv: Server) -> None:
         return _loader(srv, "ints", 16, shuffle=True, seed=2, mode="dynamic", job=job, compression="lz4")
 
     loaders = [dynamic("c-dyn") for _ in range(2)]
-    got: list[list[object]] = [[], []]
-    threads = [threading.Thread(target=got[k].extend, args=(loaders[k],)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    got = read_concurrently(loaders)
     assert sorted(_ids(got[0] + got[1])) == all_ids
     for loader in loaders:
         loader.close()

@@ -17,7 +17,7 @@ from batchferry.client import DataLoader
 from batchferry.server import Server
 from batchferry.v1 import loader_pb2 as pb
 
-from support import assert_same
+from support import assert_same, in_step, read_concurrently
 
 
 @pytest.mark.parametrize("drop_last", [False, True])
@@ -193,12 +193,7 @@ def test_dynamic_splits_each_epoch_exactly_once(server: Server, tensor_ds, trans
     loaders = [_dynamic(server.address, f"dyn-{transport}", transport=transport) for _ in range(3)]
     all_ids = sorted(int(x) for x in tensor_ds.tensors[0][:, 0].tolist())
     for _ in range(2):
-        got: list[list[object]] = [[] for _ in loaders]
-        threads = [threading.Thread(target=got[k].extend, args=(loaders[k],)) for k in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
+        got = read_concurrently(loaders)
         assert sorted(_ids([b for seq in got for b in seq])) == all_ids
         assert sum(len(seq) for seq in got) == len(loaders[0])
     for loader in loaders:
@@ -313,12 +308,7 @@ def test_shared_batches_that_outgrow_their_slot_are_rebuilt_for_everyone(transpo
                        timeout=30)
             for _ in range(2)
         ]  # fmt: skip
-        iters = [iter(loader) for loader in loaders]
-        got: list[list[object]] = [[], []]
-        for _ in range(len(expected)):
-            for k, it in enumerate(iters):
-                got[k].append(next(it))
-        for seq in got:
+        for seq in in_step(loaders, len(expected)):
             assert_same(seq, expected)
         (job,) = srv.jobs.jobs()
         assert job.batches_built == len(expected)  # each built once (its overflow rebuilt once)

@@ -18,7 +18,7 @@ from batchferry.client import replicas as replicas_mod
 from batchferry.server import Server, parse_spec
 from batchferry.v1 import loader_pb2 as pb
 
-from support import ServeProcess, assert_same, free_port
+from support import ServeProcess, assert_same, free_port, in_step, read_concurrently
 
 SPEC = "synthetic:n=300,shape=6,seed=4"  # 19 batches of 16: not a multiple of 3
 
@@ -114,11 +114,7 @@ def test_replicas_shared_consumers_get_every_batch(three: list[ServeProcess]) ->
     addresses = [r.address for r in three]
     kw = {"seed": 5, "mode": "shared", "job": "shared-replicas"}
     loaders = [DataLoader(addresses, "syn", 16, True, **kw) for _ in range(2)]  # type: ignore[arg-type]
-    iters = [iter(loader) for loader in loaders]
-    got: list[list[object]] = [[], []]
-    for _ in range(len(loaders[0])):  # in step, so both stay inside the job's window
-        for k, it in enumerate(iters):
-            got[k].append(next(it))
+    got = in_step(loaders, len(loaders[0]))
     expected = _reference_seeded(5, 0, 16)
     for seq in got:
         assert_same(seq, expected)
@@ -136,12 +132,7 @@ def test_replicas_dynamic_splits_the_epoch_exactly_once(three: list[ServeProcess
     addresses = [r.address for r in three]
     kw = {"seed": 2, "mode": "dynamic", "job": f"dyn-replicas-{transport}", "transport": transport}
     loaders = [DataLoader(addresses, "syn", 16, True, **kw) for _ in range(2)]  # type: ignore[arg-type]
-    got: list[list[object]] = [[], []]
-    threads = [threading.Thread(target=got[k].extend, args=(loaders[k],)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    got = read_concurrently(loaders)
     everything = sorted(tuple(row) for row in parse_spec(SPEC).data.tolist())  # type: ignore[attr-defined]
     assert _rows([b for seq in got for b in seq]) == everything
     for loader in loaders:
