@@ -34,10 +34,12 @@ import time
 import weakref
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch only where a tensor is asked for: receiver processes never load it
+    import torch
 
 __all__ = [
     "PREFIX",
@@ -174,6 +176,8 @@ class Segment:
 
     def tensor(self, nbytes: int | None = None) -> torch.Tensor:
         """A uint8 tensor over the first ``nbytes`` of the mapping."""
+        import torch  # noqa: PLC0415 (see the import above)
+
         return torch.from_numpy(self.array(nbytes))
 
     def address(self) -> int:

@@ -7,10 +7,13 @@ opaque INTERNAL, and payload chunks go out as the bytes they are.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TypeVar
 
+import numpy as np
 from google.protobuf.message import DecodeError, Message
 
+from batchferry import codec
 from batchferry.v1 import loader_pb2 as _pb2
 
 __all__ = [
@@ -23,6 +26,8 @@ __all__ = [
     "SERVICE",
     "STREAM_BATCHES",
     "parse",
+    "payload_bytes",
+    "read_payload",
 ]
 
 _SERVICE_DESC = _pb2.DESCRIPTOR.services_by_name["Loader"]
@@ -77,3 +82,37 @@ def parse(cls: type[M], data: bytes) -> M:
         return cls.FromString(data)
     except (DecodeError, RuntimeError) as exc:
         raise ValueError(f"malformed {cls.DESCRIPTOR.name} message ({len(data)} bytes)") from exc
+
+
+def payload_bytes(header: _pb2.BatchHeader) -> int:
+    """A frame's payload: as long as the furthest end of its batches' bytes."""
+    return max([header.layout.payload_bytes, *(part.layout.payload_bytes for part in header.more)])
+
+
+def read_payload(
+    header: _pb2.BatchHeader, chunks: Iterator[bytes], target: np.ndarray, stream_codec: int
+) -> None:
+    """Read a byte-stream frame's ``num_chunks`` payload messages from ``chunks`` straight
+    into ``target`` (uint8, exactly the payload long), decompressing as they come.
+    ValueError naming the batch when the chunks do not make exactly that payload."""
+    size = target.nbytes
+    if header.codec not in (_pb2.CODEC_NONE, stream_codec):
+        raise ValueError(
+            f"batch {header.index}: codec {header.codec}, but the stream asked for {stream_codec}"
+        )
+    offset = 0
+    for _ in range(header.num_chunks):
+        chunk = next(chunks)
+        if header.codec != _pb2.CODEC_NONE:
+            try:
+                offset += codec.decompress_into(chunk, target[offset:])
+            except ValueError as exc:
+                raise ValueError(f"batch {header.index}: {exc}") from None
+            continue
+        end = offset + len(chunk)
+        if end > size:
+            raise ValueError(f"batch {header.index}: chunks exceed the {size}-byte payload")
+        target[offset:end] = np.frombuffer(chunk, dtype=np.uint8)
+        offset = end
+    if offset != size:
+        raise ValueError(f"batch {header.index}: got {offset} of {size} payload bytes")

@@ -39,6 +39,7 @@ from batchferry.v1 import loader_pb2 as _pb2
 
 from .buffers import BufferPool
 from .device import CudaCopier
+from .receivers import Receiver, Receivers
 from .replicas import Replica, ReplicaSet
 from .sampler import ClientSampling, EpochIndices
 from .segments import SegmentCache, probe
@@ -96,6 +97,7 @@ class LoaderConfig:
     in_order: bool = True
     streams: int | None = None  # byte-stream connections per server (None: automatic)
     compression: str = "none"  # byte-stream payload codec (COMPRESSIONS)
+    receive_processes: bool = False  # each byte stream received by a process of its own
 
     def __post_init__(self) -> None:
         def bad(field: str, value: Any, why: str) -> InvalidArgument:
@@ -150,6 +152,8 @@ class LoaderConfig:
                 self.streams,
                 f"must be 1 in {self.mode} mode (the job's consumers share one order)",
             )
+        if not isinstance(self.receive_processes, bool):
+            raise bad("receive_processes", self.receive_processes, "must be a bool")
         if self.chunk_bytes and not wire.MIN_CHUNK_BYTES <= self.chunk_bytes <= wire.MAX_CHUNK_BYTES:
             raise bad(
                 "chunk_bytes",
@@ -244,6 +248,11 @@ class DataLoader:
             ``"auto"``: lz4 to servers on another host, off on this one. The server still
             sends a batch raw when its first chunk does not shrink by 10%. Batches sent by
             shared memory are never compressed. Needs ``pip install 'batchferry[compression]'``.
+        receive_processes: receive each byte stream in a process of its own, which writes
+            the payloads into shared memory that this process maps (as from a server on this
+            host): the bytes never pass through this interpreter, so the training loop's
+            thread does not compete with receiving for it. For fast links to servers on
+            other hosts; no effect on the same host.
         mode: ``"independent"``: this loader gets its own full epochs.
         tls, root_certificates, client_cert, client_key: TLS to the server (on when any
             certificate is given); PEM bytes or file paths. ``root_certificates`` is the CA
@@ -286,6 +295,7 @@ class DataLoader:
         transport: str = "auto",
         streams: int | None = None,
         compression: str | None = None,
+        receive_processes: bool = False,
         mode: str = "independent",
         job: str | None = None,
         rank: int = 0,
@@ -362,6 +372,7 @@ class DataLoader:
             in_order=in_order,
             streams=streams,
             compression="none" if compression is None else compression,
+            receive_processes=receive_processes,
         )
         self._sampling = (
             ClientSampling(sampler, batch_sampler, batch_size, bool(drop_last))
@@ -392,6 +403,7 @@ class DataLoader:
         self._pool = BufferPool(prefetch_factor + 2, pin=pin)
         self._copier = CudaCopier(dev) if dev is not None else None
         self._segments = SegmentCache(register_with_cuda=dev is not None)
+        self._receivers = Receivers(security) if receive_processes else None
         self._stats = Recorder(self.config.log_stats_every)
         self._closed = False
         cleanup.start()
@@ -684,6 +696,8 @@ class DataLoader:
         if self._active is not None:
             self._active.close()
             self._active = None
+        if self._receivers is not None:
+            self._receivers.close()
         self._replicas.close()
         self._segments.close()
         self._pool.close()
@@ -781,8 +795,10 @@ class _Iterator:
         cfg, loader = self._loader.config, self._loader
         r, k = j % self._replicas, j // self._replicas
         shm = loader._use_shm is not None and loader._use_shm[r]
+        credits = loader._credits_per_stream()
+        relay = not shm and loader._receivers is not None
         stream = EpochStream(
-            loader._replicas.stripe_channel(r, k),
+            self._receiver(j, credits) if relay else loader._replicas.stripe_channel(r, k),
             _pb2.OpenStream(
                 dataset=cfg.dataset,
                 batch_size=cfg.batch_size,
@@ -792,7 +808,7 @@ class _Iterator:
                 collate=cfg.collate_fn,
                 epoch=self.epoch,
                 start_batch=start,
-                credits=loader._credits_per_stream(),
+                credits=credits,
                 chunk_bytes=cfg.chunk_bytes,
                 transport=_pb2.TRANSPORT_SHM if shm else _pb2.TRANSPORT_BYTES,
                 compression=self._compression(r, shm),
@@ -812,7 +828,7 @@ class _Iterator:
             ),
             pool=loader._pool,
             copier=self._copier,
-            segments=loader._segments if shm else None,
+            segments=loader._segments if shm or relay else None,
             timeout=timeout,
             metadata=loader._replicas.security.metadata,
         )
@@ -821,6 +837,13 @@ class _Iterator:
             resend = {b: samples for b, samples in self._lists.items() if b % parts == j}
             self._send_lists(stream, resend, self.indices.total)
         return stream
+
+    def _receiver(self, j: int, credits: int) -> Receiver:
+        """Stream ``j``'s receiver process. Its slots: a frame per credit in flight, those
+        the loop still views (two steps) and those queued here, with room to spare."""
+        assert self._loader._receivers is not None
+        address = self._loader._replicas.replicas[j % self._replicas].address
+        return self._loader._receivers.get(j, address, max_slots=2 * credits + 8)
 
     def _compression(self, r: int, shm: bool) -> _pb2.Codec:
         """The codec replica ``r``'s stream asks for: none over shared memory; with "auto",

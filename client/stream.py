@@ -40,13 +40,14 @@ import grpc
 import numpy as np
 import torch
 
-from batchferry import cleanup, codec, shm, wire
+from batchferry import cleanup, shm, wire
 from batchferry import layout as _layout
 from batchferry.errors import BatchTimeout, ProtocolError, from_rpc_error
 from batchferry.v1 import loader_pb2 as _pb2
 
 from .buffers import BufferPool, tracked
 from .device import CudaCopier
+from .receivers import Receiver
 from .segments import SegmentCache
 
 __all__ = ["PENDING", "Batch", "EpochStream"]
@@ -87,7 +88,7 @@ class EpochStream:
 
     def __init__(
         self,
-        channel: grpc.Channel,
+        channel: grpc.Channel | Receiver,
         open_msg: _pb2.OpenStream,
         *,
         pool: BufferPool,
@@ -119,8 +120,15 @@ class EpochStream:
         self._viewed: dict[int, _Viewed] = {}
         self._step = 0
         self._viewed_lock = threading.Lock()
-        call = channel.stream_stream(wire.STREAM_BATCHES, request_serializer=None, response_deserializer=None)
-        self._call = call(iter(self._requests.get, None), wait_for_ready=True, metadata=metadata)
+        requests = iter(self._requests.get, None)
+        self._call: Any
+        if isinstance(channel, Receiver):  # received in a process of its own, into slots there
+            self._call = channel.open(requests)
+        else:
+            call = channel.stream_stream(
+                wire.STREAM_BATCHES, request_serializer=None, response_deserializer=None
+            )
+            self._call = call(requests, wait_for_ready=True, metadata=metadata)
         self._thread = threading.Thread(target=self._receive, name="batchferry-receiver", daemon=True)
         self._thread.start()
         self.start = self._take_start()
@@ -166,30 +174,9 @@ class EpochStream:
             self._ready.put(exc)
 
     def _assemble(self, header: _pb2.BatchHeader, responses: Iterator[bytes]) -> list[Batch]:
-        size = _payload_bytes(header)
-        if header.codec not in (_pb2.CODEC_NONE, self._codec):
-            raise ValueError(
-                f"batch {header.index}: codec {header.codec}, but the stream asked for {self._codec}"
-            )
-        buffer = self._pool.acquire(size)
-        target = buffer.numpy()
-        offset = 0
-        for _ in range(header.num_chunks):
-            chunk = next(responses)
-            if header.codec != _pb2.CODEC_NONE:
-                # Straight into the pooled (pinned) buffer: no copy besides the decompression.
-                try:
-                    offset += codec.decompress_into(chunk, target[offset:])
-                except ValueError as exc:
-                    raise ValueError(f"batch {header.index}: {exc}") from None
-                continue
-            end = offset + len(chunk)
-            if end > size:
-                raise ValueError(f"batch {header.index}: chunks exceed the {size}-byte payload")
-            target[offset:end] = np.frombuffer(chunk, dtype=np.uint8)
-            offset = end
-        if offset != size:
-            raise ValueError(f"batch {header.index}: got {offset} of {size} payload bytes")
+        buffer = self._pool.acquire(wire.payload_bytes(header))
+        # Straight into the pooled (pinned) buffer: no copy besides a decompression.
+        wire.read_payload(header, responses, buffer.numpy(), self._codec)
         return self._from_buffer(header, buffer)
 
     def _from_buffer(self, header: _pb2.BatchHeader, buffer: Any) -> list[Batch]:
@@ -204,7 +191,7 @@ class EpochStream:
     def _from_slot(self, header: _pb2.BatchHeader) -> list[Batch]:
         if self._segments is None:
             raise ValueError("server sent a shared-memory slot on a byte stream")
-        size = _payload_bytes(header)
+        size = wire.payload_bytes(header)
         try:
             mapping = self._segments.map(header.slot)
         except OSError as exc:
@@ -376,11 +363,6 @@ class EpochStream:
     def close_soon(self) -> None:
         """For finalizers: close on the clean-up thread (a finalizer must not wait)."""
         cleanup.later(self.close)
-
-
-def _payload_bytes(header: _pb2.BatchHeader) -> int:
-    """A frame's payload: as long as the furthest end of its batches' bytes."""
-    return max([header.layout.payload_bytes, *(part.layout.payload_bytes for part in header.more)])
 
 
 def _decode(header: _pb2.BatchHeader, payload: torch.Tensor) -> list[Batch]:

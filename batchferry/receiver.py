@@ -1,0 +1,385 @@
+"""A process of its own receiving a loader's byte streams into shared memory.
+
+One process can receive only so much: gRPC-Python turns every payload message into
+Python bytes under the interpreter lock, and a loader's lock is also its training
+loop's. With ``receive_processes=True`` each byte stream is received here instead:
+this process reads a frame's payload chunks straight into a shared-memory slot it
+owns (decompressing them there) and passes the loader only the frame's header, now
+naming the slot. The loader maps the slot as it maps a same-host server's: zero-copy
+on the CPU, page-locked in place for CUDA copies. The loader's releases and detaches
+come back here; its credits, stops and index lists go on to the server unchanged.
+
+Run as ``python -m batchferry.receiver FD`` by :mod:`batchferry.client.receivers`,
+speaking :class:`Link` messages over the inherited socket ``FD``. It loads neither
+torch nor the client. It ends when the socket does (its loader is gone, however it
+ended), and an :class:`~batchferry.shm.Arena` reaper removes its slots however this
+process ends.
+
+Link messages (kind, stream number, body)::
+
+    loader -> here:  INIT settings (JSON), once | START n | MESSAGE n ClientMessage |
+                     HALF_CLOSE n | CANCEL n (the loader is done with stream n)
+    here -> loader:  FRAME n ServerFrame | DONE n | ERROR n status (JSON) |
+                     MALFORMED n text (the server's stream was malformed)
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import queue
+import signal
+import socket
+import struct
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from batchferry import shm, wire
+from batchferry.security import ClientSecurity
+from batchferry.v1 import loader_pb2 as _pb2
+
+__all__ = ["Link", "Settings", "main"]
+
+INIT, START, MESSAGE, HALF_CLOSE, CANCEL = b"I", b"S", b"M", b"H", b"X"
+FRAME, DONE, ERROR, MALFORMED = b"F", b"D", b"E", b"P"
+
+_HEAD = struct.Struct("<IcI")  # body length, kind, stream number
+_MAX_BODY = 256 << 20  # far above any header or index list: a larger length is a broken link
+_SLOT_ROUND = 1 << 20  # slots grow in whole MiB, so batches of varying size reuse them
+_WAIT = 0.1  # seconds between looks at a cancelled stream while waiting for a free slot
+
+
+class Link:
+    """Length-prefixed messages over a stream socket; sending is thread-safe, one reader."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._reader = sock.makefile("rb", buffering=1 << 16)
+        self._lock = threading.Lock()
+
+    def send(self, kind: bytes, stream: int, body: bytes = b"") -> None:
+        """OSError once the other side is gone."""
+        with self._lock:
+            self.sock.sendall(_HEAD.pack(len(body), kind, stream) + body)
+
+    def recv(self) -> tuple[bytes, int, bytes] | None:
+        """The next message, or None once the other side is gone (or sent garbage)."""
+        try:
+            head = self._reader.read(_HEAD.size)
+            if len(head) < _HEAD.size:
+                return None
+            size, kind, stream = _HEAD.unpack(head)
+            if size > _MAX_BODY:
+                return None
+            body = self._reader.read(size) if size else b""
+        except (OSError, ValueError):  # ValueError: read after close
+            return None
+        return (kind, stream, body) if len(body) == size else None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a reader blocked on it
+        with contextlib.suppress(OSError):
+            self._reader.close()
+        self.sock.close()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a receiver needs to reach the server as its loader would."""
+
+    target: str
+    max_slots: int
+    tls: bool = False
+    root_certificates: bytes | None = None
+    client_cert: bytes | None = None
+    client_key: bytes | None = None
+    token: str = ""
+    server_name: str = ""
+
+    def to_json(self) -> bytes:
+        def b64(value: bytes | None) -> str | None:
+            return base64.b64encode(value).decode() if value is not None else None
+
+        return json.dumps(
+            {
+                "target": self.target,
+                "max_slots": self.max_slots,
+                "tls": self.tls,
+                "root_certificates": b64(self.root_certificates),
+                "client_cert": b64(self.client_cert),
+                "client_key": b64(self.client_key),
+                "token": self.token,
+                "server_name": self.server_name,
+            }
+        ).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Settings:
+        data: dict[str, Any] = json.loads(raw)
+        for key in ("root_certificates", "client_cert", "client_key"):
+            if data[key] is not None:
+                data[key] = base64.b64decode(data[key])
+        return cls(**data)
+
+    def security(self) -> ClientSecurity:
+        return ClientSecurity(
+            tls=self.tls,
+            root_certificates=self.root_certificates,
+            client_cert=self.client_cert,
+            client_key=self.client_key,
+            token=self.token,
+            server_name=self.server_name,
+        )
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _Slots:
+    """Owner of this process's slots: one per frame until the loader releases it."""
+
+    def __init__(self, max_slots: int) -> None:
+        self._arena = shm.Arena()
+        self._max = max_slots
+        self._free: list[shm.Segment] = []
+        self._used: dict[tuple[int, int], shm.Segment] = {}  # (stream, frame's first batch)
+        self._cond = threading.Condition()
+
+    def acquire(self, stream: int, index: int, size: int, cancelled: threading.Event) -> shm.Segment:
+        """A slot of at least ``size`` bytes for a frame: a free one that fits, a new one
+        while under ``max_slots``, else the first one the loader gives back."""
+        key = (stream, index)
+        with self._cond:
+            if key in self._used:
+                raise ValueError(f"batch {index} sent twice")
+            while True:
+                fit = min((s for s in self._free if s.size >= size), key=lambda s: s.size, default=None)
+                if fit is not None:
+                    self._free.remove(fit)
+                    break
+                if self._free and len(self._free) + len(self._used) >= self._max:
+                    self._free.remove(small := min(self._free, key=lambda s: s.size))
+                    small.close()  # too small: make room for one that fits
+                if len(self._free) + len(self._used) < self._max:
+                    fit = self._arena.create(max(_SLOT_ROUND, -(-size // _SLOT_ROUND) * _SLOT_ROUND))
+                    break
+                if cancelled.is_set():
+                    raise _Cancelled
+                self._cond.wait(_WAIT)
+            self._used[key] = fit
+            return fit
+
+    def release(self, stream: int, index: int) -> None:
+        with self._cond:
+            seg = self._used.pop((stream, index), None)
+            if seg is not None:
+                self._free.append(seg)
+                self._cond.notify_all()
+
+    def detach(self, stream: int, index: int) -> None:
+        """The loader keeps the frame's memory: the slot leaves the pool (its mapping there
+        keeps the memory alive until the loader drops it)."""
+        with self._cond:
+            seg = self._used.pop((stream, index), None)
+            if seg is not None:
+                seg.close()
+                self._cond.notify_all()
+
+    def reclaim(self, stream: int) -> None:
+        """The loader is done with ``stream``: nothing there views its slots any more."""
+        with self._cond:
+            for key in [k for k in self._used if k[0] == stream]:
+                self._free.append(self._used.pop(key))
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            for seg in [*self._free, *self._used.values()]:
+                seg.close()
+            self._free.clear()
+            self._used.clear()
+        self._arena.close()
+
+
+@dataclass
+class _Stream:
+    number: int
+    requests: queue.SimpleQueue[bytes | None] = field(default_factory=queue.SimpleQueue)
+    codec: int = _pb2.CODEC_NONE
+    call: Any = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    finished: bool = False
+    thread: threading.Thread | None = None
+
+
+class _Receiver:
+    def __init__(self, link: Link, settings: Settings) -> None:
+        self._link = link
+        security = settings.security()
+        self._metadata = security.metadata
+        self._channel = security.channel(settings.target)
+        self._slots = _Slots(settings.max_slots)
+        self._streams: dict[int, _Stream] = {}
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        """Serve the loader's messages until its socket closes."""
+        while (message := self._link.recv()) is not None:
+            kind, number, body = message
+            if kind == START:
+                self._start(number)
+                continue
+            stream = self._streams.get(number)
+            if stream is None:
+                continue  # a stream already reclaimed: its late messages mean nothing now
+            if kind == MESSAGE:
+                self._forward(stream, body)
+            elif kind == HALF_CLOSE:
+                stream.requests.put(None)
+            elif kind == CANCEL:
+                self._cancel(stream)
+
+    def _start(self, number: int) -> None:
+        stream = self._streams[number] = _Stream(number)
+        stream.thread = threading.Thread(
+            target=self._pump, args=(stream,), name=f"receive-{number}", daemon=True
+        )
+        stream.thread.start()
+
+    def _forward(self, stream: _Stream, raw: bytes) -> None:
+        """Releases and detaches are for this process's slots; the rest goes to the server."""
+        try:
+            msg = wire.parse(_pb2.ClientMessage, raw)
+        except ValueError:
+            stream.requests.put(raw)  # the server names what is wrong with it
+            return
+        kind = msg.WhichOneof("kind")
+        if kind == "release":
+            self._slots.release(stream.number, msg.release.index)
+        elif kind == "detach":
+            self._slots.detach(stream.number, msg.detach.index)
+        else:
+            if kind == "open":
+                stream.codec = msg.open.compression
+            stream.requests.put(raw)
+
+    def _cancel(self, stream: _Stream) -> None:
+        with self._lock:
+            stream.cancelled.set()
+            stream.requests.put(None)
+            if stream.call is not None:
+                stream.call.cancel()
+            done = stream.finished
+        if done:
+            self._forget(stream)
+
+    def _forget(self, stream: _Stream) -> None:
+        self._slots.reclaim(stream.number)
+        self._streams.pop(stream.number, None)
+
+    def _pump(self, stream: _Stream) -> None:
+        """One StreamBatches call: frames on to the loader, payloads into slots."""
+        number = stream.number
+        try:
+            call = self._channel.stream_stream(
+                wire.STREAM_BATCHES, request_serializer=None, response_deserializer=None
+            )(iter(stream.requests.get, None), wait_for_ready=True, metadata=self._metadata)
+            with self._lock:
+                stream.call = call
+                if stream.cancelled.is_set():
+                    call.cancel()
+            responses = iter(call)
+            for raw in responses:
+                frame = wire.parse(_pb2.ServerFrame, raw)
+                batch = frame.WhichOneof("kind") == "batch"
+                self._link.send(FRAME, number, self._into_slot(stream, frame, responses) if batch else raw)
+            self._link.send(DONE, number)
+        except grpc.RpcError as exc:
+            self._report(number, exc)
+        except (ValueError, StopIteration) as exc:
+            if stream.call is not None:
+                stream.call.cancel()
+            self._send(MALFORMED, number, f"malformed stream from server: {exc}".encode())
+        except _Cancelled:
+            pass
+        except OSError as exc:  # no room for a slot (a full /dev/shm), or the loader is gone
+            details = f"receiver process: no shared memory for a slot ({exc})"
+            self._send(ERROR, number, json.dumps({"code": "RESOURCE_EXHAUSTED", "details": details}).encode())
+            if stream.call is not None:
+                stream.call.cancel()
+        finally:
+            with self._lock:
+                stream.finished = True
+                cancelled = stream.cancelled.is_set()
+            if cancelled:
+                self._forget(stream)
+
+    def _into_slot(self, stream: _Stream, frame: _pb2.ServerFrame, responses: Any) -> bytes:
+        header = frame.batch
+        if header.slot:
+            raise ValueError("server sent a shared-memory slot on a byte stream")
+        size = wire.payload_bytes(header)
+        seg = self._slots.acquire(stream.number, header.index, size, stream.cancelled)
+        try:
+            wire.read_payload(header, responses, seg.array(size), stream.codec)
+        except BaseException:
+            self._slots.release(stream.number, header.index)
+            raise
+        header.slot = seg.name
+        header.num_chunks = 0
+        header.codec = _pb2.CODEC_NONE
+        return frame.SerializeToString()
+
+    def _report(self, number: int, exc: grpc.RpcError) -> None:
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+        status = {
+            "code": code.name,
+            "details": exc.details() if hasattr(exc, "details") else str(exc),
+            "trailing": [[k, v] for k, v in trailing or () if isinstance(v, str)],
+        }
+        self._send(ERROR, number, json.dumps(status).encode())
+
+    def _send(self, kind: bytes, number: int, body: bytes) -> None:
+        with contextlib.suppress(OSError):  # the loader is gone; run() ends at once
+            self._link.send(kind, number, body)
+
+    def close(self) -> None:
+        for stream in list(self._streams.values()):
+            stream.cancelled.set()
+            stream.requests.put(None)
+            if stream.call is not None:
+                stream.call.cancel()
+        for stream in list(self._streams.values()):
+            if stream.thread is not None:
+                stream.thread.join(timeout=5)
+        self._channel.close()
+        self._slots.close()
+
+
+def main(argv: list[str]) -> int:
+    # Ctrl-C in a terminal reaches the whole process group: the loader decides, and this
+    # process ends when the loader's socket does.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    link = Link(socket.socket(fileno=int(argv[0])))
+    first = link.recv()
+    if first is None or first[0] != INIT:
+        return 1
+    receiver = _Receiver(link, Settings.from_json(first[2]))
+    try:
+        receiver.run()
+    finally:
+        receiver.close()
+        link.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,262 @@
+"""Receiver processes: byte streams received outside the loader's interpreter.
+
+Owner: one DataLoader (``receive_processes=True``) owns a :class:`Receivers`, one
+process per byte stream it opens at once (per replica and stripe), kept across
+epochs so their slots stay mapped (and page-locked for CUDA) here. Each process
+(:mod:`batchferry.receiver`) runs the StreamBatches call and writes payloads into
+shared-memory slots of its own; :class:`RelayedCall` gives :class:`EpochStream`
+what it uses of a gRPC call (the responses, ``cancel()``), now with frames that name
+those slots, so the stream takes its same-host path: zero-copy views, releases.
+
+A receiver that dies (kill -9, OOM) fails its stream as UNAVAILABLE: the loader
+reconnects as after a cut link, and a fresh process takes the stream over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from batchferry import receiver as _r
+from batchferry.errors import InvalidArgument
+from batchferry.security import ClientSecurity
+
+__all__ = ["Receiver", "Receivers", "RelayedCall"]
+
+_DONE = object()
+_STOP_WAIT = 5.0  # seconds a receiver gets to end once its socket closes
+
+
+class _StatusError(grpc.RpcError):  # type: ignore[misc]  # grpc has no type hints
+    """A status the receiver process got (or a loss of it), as the call would raise it."""
+
+    def __init__(
+        self, code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details, self._trailing = code, details, trailing
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._trailing
+
+
+class RelayedCall:
+    """One stream through a receiver: iterate for the server's frames; ``cancel()`` when done."""
+
+    def __init__(self, receiver: Receiver, number: int) -> None:
+        self._receiver = receiver
+        self.number = number
+        self._frames: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._cancelled = False
+
+    def start(self, requests: Iterator[bytes]) -> None:
+        """Send the loader's messages on (after the receiver knows the stream)."""
+        threading.Thread(
+            target=self._write, args=(requests,), name="batchferry-relay-writer", daemon=True
+        ).start()
+
+    def _write(self, requests: Iterator[bytes]) -> None:
+        try:
+            for raw in requests:
+                self._receiver.send(_r.MESSAGE, self.number, raw)
+            self._receiver.send(_r.HALF_CLOSE, self.number)
+        except OSError:
+            pass  # the receiver is gone: the frames' side reports it
+
+    def deliver(self, item: Any) -> None:
+        self._frames.put(item)
+
+    def __iter__(self) -> RelayedCall:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._cancelled:
+            raise _StatusError(grpc.StatusCode.CANCELLED, "stream closed by the loader")
+        item = self._frames.get()
+        if item is _DONE:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item  # type: ignore[no-any-return]
+
+    def cancel(self) -> None:
+        """The loader is done with this stream (ended or not): the receiver may reuse its slots."""
+        if self._cancelled:
+            return
+        self._cancelled = True
+        self._frames.put(_StatusError(grpc.StatusCode.CANCELLED, "stream closed by the loader"))
+        with contextlib.suppress(OSError):
+            self._receiver.send(_r.CANCEL, self.number)
+        self._receiver.forget(self.number)
+
+
+class Receiver:
+    """One receiver process and its socket."""
+
+    def __init__(self, settings: _r.Settings) -> None:
+        self.target = settings.target
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        # Find batchferry where this process found it (a checkout, a virtualenv).
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "batchferry.receiver", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # a terminal's Ctrl-C goes to the loader, which decides
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._link = _r.Link(ours)
+        self._calls: dict[int, RelayedCall] = {}
+        self._lock = threading.Lock()
+        self._next = 0
+        self._gone = False
+        self._link.send(_r.INIT, 0, settings.to_json())
+        self._reader = threading.Thread(target=self._read, name="batchferry-relay-reader", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def alive(self) -> bool:
+        return not self._gone and self._proc.poll() is None
+
+    def open(self, requests: Iterator[bytes]) -> RelayedCall:
+        with self._lock:
+            self._next += 1
+            call = self._calls[self._next] = RelayedCall(self, self._next)
+        try:
+            self.send(_r.START, call.number)
+        except OSError:
+            call.deliver(self._lost())
+        call.start(requests)
+        return call
+
+    def send(self, kind: bytes, number: int, body: bytes = b"") -> None:
+        self._link.send(kind, number, body)
+
+    def forget(self, number: int) -> None:
+        with self._lock:
+            self._calls.pop(number, None)
+
+    def _read(self) -> None:
+        while (message := self._link.recv()) is not None:
+            kind, number, body = message
+            with self._lock:
+                call = self._calls.get(number)
+            if call is None:
+                continue  # a stream the loader closed: what was still coming means nothing
+            if kind == _r.FRAME:
+                call.deliver(body)
+            elif kind == _r.DONE:
+                call.deliver(_DONE)
+            elif kind == _r.ERROR:
+                call.deliver(_status(body))
+            elif kind == _r.MALFORMED:
+                call.deliver(ValueError(body.decode(errors="replace")))
+        self._gone = True
+        with self._lock:
+            calls, self._calls = list(self._calls.values()), {}
+        for call in calls:
+            call.deliver(self._lost())
+
+    def _lost(self) -> _StatusError:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=0.5)
+        how = "is gone" if self._proc.returncode is None else f"ended (exit status {self._proc.returncode})"
+        return _StatusError(grpc.StatusCode.UNAVAILABLE, f"receiver process {self._proc.pid} {how}")
+
+    def close(self) -> None:
+        """End the process (it unlinks its slots; mappings here stay valid while viewed)."""
+        self._link.close()
+        try:
+            self._proc.wait(timeout=_STOP_WAIT)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._reader.join(timeout=_STOP_WAIT)
+
+
+def _status(body: bytes) -> BaseException:
+    try:
+        status = json.loads(body)
+        code = grpc.StatusCode[status["code"]]
+        trailing = tuple((str(k), str(v)) for k, v in status.get("trailing", ()))
+        return _StatusError(code, str(status["details"]), trailing)
+    except (ValueError, KeyError, TypeError):
+        return ValueError("receiver process sent a malformed status")
+
+
+class Receivers:
+    """A loader's receiver processes, one per concurrent byte stream, made on first use."""
+
+    def __init__(self, security: ClientSecurity) -> None:
+        if security.credentials is not None:
+            raise InvalidArgument(
+                "receive_processes=True cannot hand a grpc.ChannelCredentials object to its processes: "
+                "give root_certificates/client_cert/client_key (bytes or paths) instead"
+            )
+        self._security = security
+        self._receivers: dict[int, Receiver] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def get(self, stream: int, target: str, max_slots: int) -> Receiver:
+        """The receiver for the loader's ``stream``-th stream to ``target`` (a fresh one if
+        the last died or served another target)."""
+        with self._lock:
+            if self._closed:
+                raise InvalidArgument("the DataLoader is closed")
+            current = self._receivers.get(stream)
+            if current is not None and current.alive() and current.target == target:
+                return current
+            if current is not None:
+                current.close()
+            sec = self._security
+            settings = _r.Settings(
+                target=target,
+                max_slots=max_slots,
+                tls=sec.tls,
+                root_certificates=sec.root_certificates,
+                client_cert=sec.client_cert,
+                client_key=sec.client_key,
+                token=sec.token,
+                server_name=sec.server_name,
+            )
+            receiver = self._receivers[stream] = Receiver(settings)
+            return receiver
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [r.pid for r in self._receivers.values() if r.alive()]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            receivers, self._receivers = list(self._receivers.values()), {}
+        for receiver in receivers:
+            receiver.close()
