@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from torch.utils.data import Dataset
 
@@ -181,6 +182,15 @@ def sum_collate(samples: list[Any]) -> dict[str, torch.Tensor]:
 def leaked_segments() -> list[str]:
     """Segments whose owner is gone (other test sessions may own live ones meanwhile)."""
     return shm.stale()
+
+
+def receivers_running() -> list[psutil.Process]:
+    """Receiver processes (``receive_processes=True``) of any loader on this machine."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if "batchferry.receiver" in (proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
 
 
 def own_segments(pid: int | None = None) -> list[str]:

@@ -16,7 +16,7 @@ import pytest
 
 from batchferry import shm
 
-from support import ServeProcess
+from support import ServeProcess, receivers_running, wait_until
 
 SCRIPT = textwrap.dedent(
     """
@@ -26,7 +26,10 @@ SCRIPT = textwrap.dedent(
     address, transport, pattern = sys.argv[1:4]
 
     def make():
-        return DataLoader(address, "syn", 16, shuffle=True, seed=0, transport=transport)
+        kind, _, receivers = transport.partition("+")  # "grpc+receivers": receive_processes=True
+        return DataLoader(
+            address, "syn", 16, shuffle=True, seed=0, transport=kind, receive_processes=bool(receivers)
+        )
 
     def leave_early(loader):
         for i, batch in enumerate(loader):
@@ -110,7 +113,7 @@ def _gone_within(proc: subprocess.Popen[str], seconds: float) -> tuple[int, str]
         pytest.fail(f"process still running {seconds}s later; stderr: {err[-2000:]}")
 
 
-@pytest.mark.parametrize("transport", ["grpc", "shm"])
+@pytest.mark.parametrize("transport", ["grpc", "shm", "grpc+receivers"])
 @pytest.mark.parametrize("pattern", ["break", "del", "return"])
 def test_script_that_leaves_an_epoch_early_exits(
     served: str, tmp_path: Path, transport: str, pattern: str
@@ -120,6 +123,7 @@ def test_script_that_leaves_an_epoch_early_exits(
         code, err = _gone_within(proc, 10)
     assert code == 0, err
     assert not shm.stale()
+    assert wait_until(lambda: not receivers_running(), 10)
 
 
 def test_script_with_an_embedded_server_and_no_close_exits(tmp_path: Path) -> None:
@@ -130,7 +134,7 @@ def test_script_with_an_embedded_server_and_no_close_exits(tmp_path: Path) -> No
     assert not shm.owned_by(proc.pid)  # the server was closed at exit
 
 
-@pytest.mark.parametrize("transport", ["grpc", "shm"])
+@pytest.mark.parametrize("transport", ["grpc", "shm", "grpc+receivers"])
 def test_ctrl_c_interrupts_a_training_loop_promptly(served: str, tmp_path: Path, transport: str) -> None:
     with _run(tmp_path, served, transport, "sigint") as proc:
         assert _line(proc, 60) == "iterating"
@@ -142,3 +146,4 @@ def test_ctrl_c_interrupts_a_training_loop_promptly(served: str, tmp_path: Path,
         code, err = _gone_within(proc, 10)
     assert interrupted < 2.0, f"KeyboardInterrupt took {interrupted:.2f}s"
     assert code != 0 and "KeyboardInterrupt" in err
+    assert wait_until(lambda: not receivers_running(), 10)

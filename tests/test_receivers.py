@@ -1,0 +1,149 @@
+"""Byte streams received by processes of their own (receive_processes=True)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from torch.utils.data import DataLoader as TorchLoader
+
+from batchferry import codec, errors
+from batchferry.client import DataLoader
+from batchferry.server import Server, parse_spec
+
+from support import (
+    RESTART_SPEC,
+    FailsAt,
+    Nested,
+    ServeProcess,
+    assert_same,
+    no_new_segments,
+    receivers_running,
+    wait_until,
+)
+
+
+@pytest.fixture(autouse=True)
+def _none_left() -> Iterator[None]:
+    yield
+    assert wait_until(lambda: not receivers_running(), 10), "receiver processes left running"
+
+
+def _loader(address: str, *args: Any, **kw: Any) -> DataLoader:
+    return DataLoader(address, *args, transport="grpc", receive_processes=True, **kw)
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_torch_order_resume_and_a_second_epoch(server: Server, tensor_ds, streams: int) -> None:
+    ref = TorchLoader(tensor_ds, 8, shuffle=True, generator=torch.Generator().manual_seed(5))
+    expected = [list(ref) for _ in range(2)]
+    with no_new_segments():
+        loader = _loader(server.address, "tensor", 8, True, seed=5, streams=streams)
+        it = iter(loader)
+        head = [next(it) for _ in range(5)]
+        state = loader.state_dict()
+        assert len(loader._receivers.pids()) == streams  # type: ignore[union-attr]
+        loader.close()
+        with _loader(server.address, "tensor", 8, True, seed=1, streams=streams) as again:
+            again.load_state_dict(state)
+            got = [head + list(again), list(again)]
+            pids = again._receivers.pids()  # type: ignore[union-attr]
+            assert len(pids) == streams and os.getpid() not in pids
+            assert again.stats().batches == len(got[0]) - len(head) + len(got[1])
+    for epoch in range(2):
+        assert_same(got[epoch], expected[epoch])
+
+
+def test_kept_batches_stay_intact_while_slots_are_reused(server: Server) -> None:
+    """Batches the loop keeps (three epochs of them) are copied out of their slots in place,
+    so the receiver reuses the slots and the kept values do not change."""
+    torch_loader = TorchLoader(Nested(), 4, shuffle=True, generator=torch.Generator().manual_seed(2))
+    refs = [list(torch_loader) for _ in range(3)]
+    with _loader(server.address, "nested", 4, True, seed=2) as loader:
+        kept = [list(loader) for _ in range(3)]
+    for got, ref in zip(kept, refs, strict=True):
+        assert_same(got, ref)
+
+
+def test_groups_with_many_small_batches(server: Server, tensor_ds) -> None:
+    ref = list(TorchLoader(tensor_ds, 2, shuffle=True, generator=torch.Generator().manual_seed(8)))
+    with _loader(server.address, "tensor", 2, True, seed=8) as loader:
+        got = list(loader)
+        frames = loader.stats().batches
+    assert frames == len(ref)
+    assert_same(got, ref)
+
+
+@pytest.mark.skipif(not codec.available(), reason="blosc2 not installed")
+def test_compressed_stream_is_decompressed_in_the_receiver(server: Server, tensor_ds) -> None:
+    ref = list(TorchLoader(tensor_ds, 16, shuffle=True, generator=torch.Generator().manual_seed(4)))
+    with _loader(server.address, "tensor", 16, True, seed=4, compression="lz4") as loader:
+        assert_same(list(loader), ref)
+
+
+def test_dataset_errors_reach_the_loop_and_the_loader_goes_on() -> None:
+    with (
+        Server({"f": FailsAt(200, bad=77)}, port=0, num_workers=1) as srv,
+        _loader(srv.address, "f", 10) as loader,
+    ):
+        got = []
+        with pytest.raises(errors.DatasetError, match="corrupt record 77"):
+            for batch in loader:
+                got.append(batch)
+        assert [int(b[0]) for b in got] == list(range(0, 70, 10))
+        with pytest.raises(errors.DatasetError):
+            list(loader)  # the next epoch fails at the same batch, through a fresh stream
+
+
+def test_break_mid_epoch_then_a_full_epoch(server: Server, tensor_ds) -> None:
+    ref = list(TorchLoader(tensor_ds, 8, shuffle=True, generator=torch.Generator().manual_seed(3)))
+    with no_new_segments(), _loader(server.address, "tensor", 8, True, seed=3, streams=2) as loader:
+        for i, _ in enumerate(loader):
+            if i == 2:
+                break
+        loader.set_epoch(0)
+        assert_same(list(loader), ref)
+
+
+def test_a_receiver_killed_mid_epoch_is_replaced_and_nothing_is_lost(server: Server, tensor_ds) -> None:
+    ref = list(TorchLoader(tensor_ds, 4, shuffle=True, generator=torch.Generator().manual_seed(6)))
+    with _loader(server.address, "tensor", 4, True, seed=6, streams=2, timeout=30) as loader:
+        it = iter(loader)
+        got = [next(it) for _ in range(5)]
+        victims = loader._receivers.pids()  # type: ignore[union-attr]
+        os.kill(victims[0], signal.SIGKILL)
+        got += list(it)
+        assert loader.stats().reconnects >= 1
+        assert set(loader._receivers.pids()) != set(victims)  # type: ignore[union-attr]
+    assert_same(got, ref)
+
+
+def test_server_restart_mid_epoch(restartable: ServeProcess) -> None:
+    ds = parse_spec(RESTART_SPEC)
+    expected = list(TorchLoader(ds, 16, shuffle=True, generator=torch.Generator().manual_seed(9)))
+    with _loader(f"127.0.0.1:{restartable.port}", "syn", 16, True, seed=9, timeout=30) as loader:
+        it = iter(loader)
+        got = [next(it) for _ in range(5)]
+        restartable.kill()
+        restartable.start()
+        got += list(it)
+    assert_same(got, expected)
+
+
+def test_arguments_are_checked(server: Server) -> None:
+    with pytest.raises(errors.InvalidArgument, match="receive_processes must be a bool"):
+        DataLoader(server.address, "tensor", 4, receive_processes="yes")  # type: ignore[arg-type]
+    creds = grpc.ssl_channel_credentials()
+    with pytest.raises(errors.InvalidArgument, match="ChannelCredentials"):
+        DataLoader(server.address, "tensor", 4, receive_processes=True, credentials=creds)
+
+
+def test_same_host_shared_memory_needs_no_receivers(server: Server) -> None:
+    with DataLoader(server.address, "tensor", 8, transport="shm", receive_processes=True) as loader:
+        assert len(list(loader)) == 13
+        assert loader._receivers.pids() == []  # type: ignore[union-attr]
