@@ -50,7 +50,7 @@ FRAME, DONE, ERROR, MALFORMED = b"F", b"D", b"E", b"P"
 
 _HEAD = struct.Struct("<IcI")  # body length, kind, stream number
 _MAX_BODY = 256 << 20  # far above any header or index list: a larger length is a broken link
-_SLOT_ROUND = 1 << 20  # slots grow in whole MiB, so batches of varying size reuse them
+_SLOT_ROUND = 1 << 20  # slots grow in whole MiB (powers of two below), so frames of varying size reuse them
 _WAIT = 0.1  # seconds between looks at a cancelled stream while waiting for a free slot
 
 
@@ -168,7 +168,7 @@ class _Slots:
                     self._free.remove(small := min(self._free, key=lambda s: s.size))
                     small.close()  # too small: make room for one that fits
                 if len(self._free) + len(self._used) < self._max:
-                    fit = self._arena.create(max(_SLOT_ROUND, -(-size // _SLOT_ROUND) * _SLOT_ROUND))
+                    fit = self._arena.create(_slot_size(size))
                     break
                 if cancelled.is_set():
                     raise _Cancelled
@@ -206,6 +206,12 @@ class _Slots:
             self._free.clear()
             self._used.clear()
         self._arena.close()
+
+
+def _slot_size(size: int) -> int:
+    if size <= _SLOT_ROUND:
+        return max(4096, 1 << (size - 1).bit_length())
+    return -(-size // _SLOT_ROUND) * _SLOT_ROUND
 
 
 @dataclass

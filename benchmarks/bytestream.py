@@ -1,8 +1,10 @@
 """BYTES: W2 over the byte stream from one server to one loader, by stripe count.
 
 Each loader stream can be striped over several HTTP/2 connections (``streams=``);
-this sweeps that count and sets it beside the raw gRPC-Python ceiling (prebuilt
-4 MiB messages, no batchferry code) over as many connections, same run.
+this sweeps that count, received in the loader's process and in receiver processes
+(``receive_processes=True``), and sets it beside the raw gRPC-Python ceiling
+(prebuilt 4 MiB messages, no batchferry code, one process) over as many
+connections, same run.
 
 ``batchferry bench BYTES [--reps 3] [--num-workers N]``
 """
@@ -41,14 +43,18 @@ def main(*, reps: int = 3, num_workers: int = 2, stripes: tuple[int, ...] = (1, 
             f"raw gRPC ceiling, {n} connection(s): {report['ceiling'][f'streams={n}']:.2f} GB/s", flush=True
         )
     with served(workload, num_workers) as address:
-        for n in stripes:
-            rates = []
-            for rep in range(reps):
-                with DataLoader(address, "W2", workload.batch_size, shuffle=True, seed=rep,
-                                transport="grpc", streams=n) as loader:  # fmt: skip
-                    rates.append(measure(loader.__iter__, batches).gb_per_s)
-            report["batchferry"][f"streams={n}"] = statistics.median(rates)
-            print(f"W2 byte stream, streams={n}: {statistics.median(rates):.2f} GB/s", flush=True)
+        for receivers in (False, True):
+            for n in stripes:
+                rates = []
+                for rep in range(reps):
+                    with DataLoader(
+                        address, "W2", workload.batch_size, shuffle=True, seed=rep,
+                        transport="grpc", streams=n, receive_processes=receivers,
+                    ) as loader:  # fmt: skip
+                        rates.append(measure(loader.__iter__, batches).gb_per_s)
+                key = f"streams={n}" + (" receive_processes" if receivers else "")
+                report["batchferry"][key] = statistics.median(rates)
+                print(f"W2 byte stream, {key}: {statistics.median(rates):.2f} GB/s", flush=True)
     single = report["ceiling"]["streams=1"]
     best_name, best = max(report["batchferry"].items(), key=lambda kv: kv[1])
     report["best"] = best_name

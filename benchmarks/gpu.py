@@ -113,7 +113,8 @@ def main(*, compute_ms: float = 6.0, steps: int = 28, worker_counts: tuple[int, 
         print("torch", nw, report["torch"][f"num_workers={nw}"], flush=True)
     for nw in worker_counts:
         with served(workload, nw) as address:
-            for transport, streams in (("shm", None), ("grpc", None), ("grpc", 4)):
+            variants = (("shm", None, False), ("grpc", None, False), ("grpc", 4, False), ("grpc", 4, True))
+            for transport, streams, receivers in variants:
                 with DataLoader(
                     address,
                     "W2",
@@ -123,8 +124,10 @@ def main(*, compute_ms: float = 6.0, steps: int = 28, worker_counts: tuple[int, 
                     device=device,
                     transport=transport,
                     streams=streams,
+                    receive_processes=receivers,
                 ) as bl:
                     key = f"{transport} num_workers={nw}" + (f" streams={streams}" if streams else "")
+                    key += " receive_processes" if receivers else ""
                     report["batchferry"][key] = _run(bl.__iter__, step, steps, lambda x: x, bl.stats)
                     print("batchferry", key, report["batchferry"][key], flush=True)
     best_torch = max(r["samples_per_s"] for r in report["torch"].values())

@@ -147,3 +147,13 @@ def test_ctrl_c_interrupts_a_training_loop_promptly(served: str, tmp_path: Path,
     assert interrupted < 2.0, f"KeyboardInterrupt took {interrupted:.2f}s"
     assert code != 0 and "KeyboardInterrupt" in err
     assert wait_until(lambda: not receivers_running(), 10)
+
+
+def test_kill_9_of_a_loader_ends_its_receivers(served: str, tmp_path: Path) -> None:
+    with _run(tmp_path, served, "grpc+receivers", "sigint") as proc:
+        assert _line(proc, 60) == "iterating"
+        assert wait_until(lambda: len(receivers_running()) == 2, 30)  # its two stripes
+        proc.kill()
+        proc.wait()
+    assert wait_until(lambda: not receivers_running(), 10)
+    assert wait_until(lambda: not shm.stale(), 10)

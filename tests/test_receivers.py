@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -133,6 +138,51 @@ def test_server_restart_mid_epoch(restartable: ServeProcess) -> None:
         restartable.start()
         got += list(it)
     assert_same(got, expected)
+
+
+FULL_SHM = textwrap.dedent(
+    """
+    import json, sys
+    from batchferry import errors
+    from batchferry.client import DataLoader
+
+    out = {"got": 0}
+    # 10 MiB frames, several in flight: more than this /dev/shm (16 MiB) holds.
+    kw = {"transport": "grpc", "receive_processes": True, "streams": 1}
+    with DataLoader(sys.argv[1], "big", 40, **kw) as loader:
+        try:
+            for batch in loader:
+                out["got"] += 1
+        except errors.ResourceExhausted as exc:
+            out["error"] = str(exc)
+    with DataLoader(sys.argv[1], "big", 1, prefetch_factor=1, **kw) as loader:
+        out["after"] = len(list(loader))  # frames of a few MiB fit
+    print(json.dumps(out))
+    """
+)
+
+
+def test_a_full_dev_shm_fails_the_stream_clearly(tmp_path: Path) -> None:
+    server = ServeProcess("big=synthetic:n=96,shape=65536,seed=1")
+    server.start()
+    try:
+        script = tmp_path / "full.py"
+        script.write_text(FULL_SHM)
+        run = f"exec {sys.executable} {script} {server.address}"
+        cmd = ["unshare", "--mount", "sh", "-c", f"mount -t tmpfs -o size=16m tmpfs /dev/shm && {run}"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except FileNotFoundError:
+            pytest.skip("unshare is not installed")
+    finally:
+        server.stop()
+    if out.returncode != 0 and ("Operation not permitted" in out.stderr or "unshare failed" in out.stderr):
+        pytest.skip(f"cannot create a mount namespace here: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "RESOURCE_EXHAUSTED: receiver process: no shared memory for a slot" in result["error"]
+    assert result["got"] < 2
+    assert result["after"] == 96
 
 
 def test_arguments_are_checked(server: Server) -> None:
