@@ -27,7 +27,7 @@ step() {
   echo "== $*" | tee -a "$log"; timeout "$limit" "$@" 2>&1 | tee -a "$log" | tail -9
 }
 step "${TESTS_S:-120}" python3 -m pytest -p no:cacheprovider -q -rs -x \
-  tests/test_cuda.py tests/test_groups.py tests/test_stripes.py tests/test_transports.py tests/test_stats.py
+  tests/test_cuda.py tests/test_receivers.py tests/test_groups.py tests/test_stripes.py tests/test_transports.py tests/test_stats.py
 step "${BYTES_S:-110}" python3 -c "$pre; from batchferry.benchmarks.bytestream import main; main(reps=2, num_workers=8, out=out)"
 step "${G1_S:-150}" python3 -c "$pre; from batchferry.benchmarks.gpu import main; main(worker_counts=(8,), out=out)"
 step "${G2_S:-110}" python3 -c "$pre; from batchferry.benchmarks.offload import main; main(seconds=8, out=out)"

@@ -62,7 +62,7 @@ def test_cuda_batches_match_cpu_batches_bytewise(server: Server) -> None:
             assert_same(b, a)
 
 
-@pytest.mark.parametrize("transport", ["grpc", "shm"])
+@pytest.mark.parametrize("transport", ["grpc", "shm", "grpc+receivers"])
 def test_grouped_small_batches_reach_the_device_and_pinned_buffers_equal_and_in_order(transport: str) -> None:
     # 4,000 samples in batches of 4: after the first few, batches travel dozens to a frame,
     # each copied on its own, the frame's buffer or slot freed after the last copy.
@@ -70,8 +70,30 @@ def test_grouped_small_batches_reach_the_device_and_pinned_buffers_equal_and_in_
     expected = list(TorchLoader(ds, 4, shuffle=True, generator=torch.Generator().manual_seed(3)))
     with Server({"t": ds}, port=0, num_workers=2) as srv:
         for options in ({"device": "cuda"}, {"pin_memory": True}):
+            kind, _, receivers = transport.partition("+")
             with DataLoader(
-                srv.address, "t", 4, shuffle=True, seed=3, transport=transport, **options
-            ) as loader:
+                srv.address, "t", 4, shuffle=True, seed=3, transport=kind, receive_processes=bool(receivers),
+                **options,
+            ) as loader:  # fmt: skip
                 got = [[t.cpu() for t in batch] for batch in loader]  # pinned batches kept: buffers in use
             assert_same(got, [list(b) for b in expected])
+
+
+def test_receiver_slots_are_page_locked_in_place_and_copies_complete_before_reuse() -> None:
+    """With receive_processes the device copies read the receiver's slots directly (each
+    registered once): a slot goes back to the receiver, to be refilled, only after its
+    copies have completed, so every batch on the device equals torch's."""
+    ds = torch.utils.data.TensorDataset(torch.randn(512, 64, 256), torch.arange(512))
+    ref = TorchLoader(ds, 32, shuffle=True, generator=torch.Generator().manual_seed(1))
+    expected = [[list(b) for b in ref] for _ in range(2)]
+    with Server({"t": ds}, port=0, num_workers=2) as srv, DataLoader(
+        srv.address, "t", 32, shuffle=True, seed=1, transport="grpc", receive_processes=True, device="cuda"
+    ) as loader:  # fmt: skip
+        big = torch.randn(2048, 2048, device="cuda")
+        for epoch in range(2):
+            got = []
+            for x, y in loader:
+                big = big @ big.T / 2048  # the consumer stream lags the copies
+                got.append([x.cpu(), y.cpu()])
+            assert_same(got, expected[epoch])
+        assert loader._segments._mapped.registered  # the slots, page-locked once
