@@ -9,9 +9,10 @@ default ``offsets.npy`` beside the token file): document ``i`` is
 A sample is a 1-D tensor of the file's dtype, a document; with ``lengths=true`` it
 is ``(tokens, length)``, so that ``pad`` batches also carry each row's length
 (``[padded, lengths]``). Batches with the ``pad`` and ``pack`` collates (and any
-made by ``pad_collate``/``pack_collate``) are built in one vectorised pass from
-the offsets straight into the slot: one index computation, one take from the
-memory map, no loop over documents.
+made by ``pad_collate``/``pack_collate``) are built straight into the slot from the
+offsets: one slice copy per document from the memory map into its place (a row, or
+the packed sequence). Contiguous slice copies beat one fancy-indexed take of every
+token: for W4's batches of 64 documents (16..512 tokens), 55 against 97 us.
 """
 
 from __future__ import annotations
@@ -117,9 +118,9 @@ class TokenDataset:
         return (doc, stop - start) if self.lengths else doc
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
-        # One take for every document of the batch, then views of it.
+        # One copy of the batch's documents, then views of it.
         starts, lens = self._spans(np.asarray(indices, dtype=np.int64))
-        flat = torch.from_numpy(self._take(starts, lens))
+        flat = torch.from_numpy(self._concat(starts, lens, np.empty(int(lens.sum()), self.tokens.dtype)))
         docs = list(torch.split(flat, lens.tolist()))
         return list(zip(docs, lens.tolist(), strict=True)) if self.lengths else docs
 
@@ -137,15 +138,13 @@ class TokenDataset:
         starts = self.offsets[idx]
         return starts, ends - starts
 
-    def _source_index(self, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-        """Indices into ``tokens`` of the documents' tokens, concatenated."""
-        before = np.cumsum(lens) - lens  # where each document starts in the concatenation
-        return np.repeat(starts - before, lens) + np.arange(int(lens.sum()), dtype=np.int64)
-
-    def _take(self, starts: np.ndarray, lens: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        src = self._source_index(starts, lens)
-        # mode="clip": with the default "raise", numpy stages `out` in a temporary.
-        return np.take(self.tokens, src, out=out, mode="clip")
+    def _concat(self, starts: np.ndarray, lens: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """The documents' tokens one after another in ``out``."""
+        tokens, at = self.tokens, 0
+        for start, n in zip(starts.tolist(), lens.tolist(), strict=True):
+            out[at : at + n] = tokens[start : start + n]
+            at += n
+        return out
 
     def _with_lengths(self, batch: torch.Tensor, lens: np.ndarray, writer: SlotWriter) -> Any:
         if not self.lengths:
@@ -158,16 +157,11 @@ class TokenDataset:
         starts, lens = self._spans(idx)
         longest = int(lens.max()) if len(lens) else 0
         out = writer.alloc((len(idx), longest), self.dtype)
-        flat = out.view(-1)
-        src = self._source_index(starts, lens)
-        if len(src) == out.numel():  # every document as long as the longest: a plain stack
-            np.take(self.tokens, src, out=flat.numpy(), mode="clip")
-        else:
-            flat.fill_(padding_value)
-            # Each token's place in the padded rows: its source index moved from its
-            # document's start to its row's start.
-            dst = src + np.repeat(np.arange(0, len(lens) * longest, longest) - starts, lens)
-            flat.numpy()[dst] = np.take(self.tokens, src, mode="clip")
+        if len(lens) and int(lens.min()) < longest:
+            out.fill_(padding_value)
+        tokens = self.tokens
+        for row, start, n in zip(out.numpy(), starts.tolist(), lens.tolist(), strict=True):
+            row[:n] = tokens[start : start + n]
         return self._with_lengths(out, lens, writer)
 
     def _stack(self, idx: np.ndarray, writer: SlotWriter) -> Any:
@@ -182,7 +176,7 @@ class TokenDataset:
     def _pack(self, idx: np.ndarray, writer: SlotWriter, recipe: PackRecipe) -> Any:
         starts, lens = self._spans(idx)
         return pack_rows(
-            lens, self.dtype, recipe, writer.alloc, lambda flat: self._take(starts, lens, out=flat.numpy())
+            lens, self.dtype, recipe, writer.alloc, lambda flat: self._concat(starts, lens, flat.numpy())
         )
 
     def batch_gatherer(self) -> Gather:
