@@ -4,7 +4,11 @@ Reports GB/s, each side's CPU seconds per GB moved, and (with py-spy on PATH) th
 share of wall time each process holds the interpreter lock, with the frames that
 hold it most. A process whose lock share nears 1 is bound by its interpreter.
 
-``python -m batchferry.benchmarks.profile [--streams 4] [--seconds 8] [--num-workers 8]``
+With ``--receive-processes`` the loader receives through receiver processes, and the
+first of them is profiled too (``receiver_gil``, ``receivers_cpu_s_per_gb``).
+
+``python -m batchferry.benchmarks.profile [--streams 4] [--seconds 8] [--num-workers 8]
+[--receive-processes]``
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ from .workloads import DATA_ENV, WORKLOADS, data_dir
 _RATE = 250  # py-spy samples per second
 
 
-def _client(address: str, streams: int, seconds: float) -> None:
+def _client(address: str, streams: int, seconds: float, receivers: bool) -> None:
     nbytes, start = 0, time.perf_counter()
-    with DataLoader(address, "W2", 256, shuffle=True, transport="grpc", streams=streams) as loader:
+    with DataLoader(
+        address, "W2", 256, shuffle=True, transport="grpc", streams=streams, receive_processes=receivers
+    ) as loader:
         while time.perf_counter() - start < seconds:
             for x, _y in loader:
                 nbytes += x.numel()
@@ -42,7 +48,9 @@ def _client(address: str, streams: int, seconds: float) -> None:
                     break
     elapsed = time.perf_counter() - start
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({"gb": nbytes / 1e9, "seconds": elapsed, "cpu_s": usage.ru_utime + usage.ru_stime}))
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # the receivers, ended with the loader
+    print(json.dumps({"gb": nbytes / 1e9, "seconds": elapsed, "cpu_s": usage.ru_utime + usage.ru_stime,
+                      "children_cpu_s": kids.ru_utime + kids.ru_stime}))  # fmt: skip
 
 
 def _gil(pid: int, seconds: float) -> dict[str, Any] | None:
@@ -68,30 +76,38 @@ def _gil(pid: int, seconds: float) -> dict[str, Any] | None:
     }
 
 
-def main(*, streams: int = 4, seconds: float = 8.0, num_workers: int = 8) -> dict[str, Any]:
+def main(
+    *, streams: int = 4, seconds: float = 8.0, num_workers: int = 8, receivers: bool = False
+) -> dict[str, Any]:
     os.environ[DATA_ENV] = str(data_dir())
     workload = WORKLOADS["W2"]
     workload.factory()
-    report: dict[str, Any] = {"streams": streams, "num_workers": num_workers}
+    report: dict[str, Any] = {"streams": streams, "num_workers": num_workers, "receive_processes": receivers}
     with served(workload, num_workers) as address:
         server = next(p for p in psutil.Process().children() if "serve" in " ".join(p.cmdline()))
         before = sum(p.cpu_times().user + p.cpu_times().system for p in [server, *server.children(True)])
         main_before = server.cpu_times().user + server.cpu_times().system
         client = subprocess.Popen(
             [sys.executable, "-m", "batchferry.benchmarks.profile", "--client", address,
-             "--streams", str(streams), "--seconds", str(seconds)],
+             "--streams", str(streams), "--seconds", str(seconds),
+             *(["--receive-processes"] if receivers else [])],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         time.sleep(min(2.0, seconds / 4))  # past the first batches
         window = max(1.0, seconds / 2 - 1)
         report["server_gil"] = _gil(server.pid, window)
         report["client_gil"] = _gil(client.pid, window)
+        relays = [p for p in psutil.Process(client.pid).children() if "batchferry.receiver" in p.cmdline()]
+        if relays:
+            report["receiver_gil"] = _gil(relays[0].pid, window)
         out, _ = client.communicate(timeout=seconds + 120)
         moved = json.loads(out.strip().splitlines()[-1])
         after = sum(p.cpu_times().user + p.cpu_times().system for p in [server, *server.children(True)])
         main_after = server.cpu_times().user + server.cpu_times().system
     report["gb_per_s"] = moved["gb"] / moved["seconds"]
     report["client_cpu_s_per_gb"] = moved["cpu_s"] / moved["gb"]
+    if receivers:
+        report["receivers_cpu_s_per_gb"] = moved["children_cpu_s"] / moved["gb"]
     report["server_cpu_s_per_gb"] = (main_after - main_before) / moved["gb"]
     report["server_and_workers_cpu_s_per_gb"] = (after - before) / moved["gb"]
     print(json.dumps(report, indent=2))
@@ -104,8 +120,10 @@ if __name__ == "__main__":
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--num-workers", type=int, default=8)
+    parser.add_argument("--receive-processes", action="store_true")
     args = parser.parse_args()
     if args.client:
-        _client(args.client, args.streams, args.seconds)
+        _client(args.client, args.streams, args.seconds, args.receive_processes)
     else:
-        main(streams=args.streams, seconds=args.seconds, num_workers=args.num_workers)
+        main(streams=args.streams, seconds=args.seconds, num_workers=args.num_workers,
+             receivers=args.receive_processes)  # fmt: skip
