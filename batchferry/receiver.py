@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import json
 import queue
 import signal
@@ -142,6 +143,10 @@ class _Cancelled(Exception):
     pass
 
 
+class _NoSlot(Exception):
+    """/dev/shm cannot hold the frame, even with every other slot given back."""
+
+
 class _Slots:
     """Owner of this process's slots: one per frame until the loader releases it."""
 
@@ -154,7 +159,9 @@ class _Slots:
 
     def acquire(self, stream: int, index: int, size: int, cancelled: threading.Event) -> shm.Segment:
         """A slot of at least ``size`` bytes for a frame: a free one that fits, a new one
-        while under ``max_slots``, else the first one the loader gives back."""
+        while under ``max_slots`` and /dev/shm has room, else the first one the loader gives
+        back. So a small /dev/shm means fewer frames in flight, not a failed stream; only a
+        frame larger than all of it fails (:class:`_NoSlot`)."""
         key = (stream, index)
         with self._cond:
             if key in self._used:
@@ -165,16 +172,39 @@ class _Slots:
                     self._free.remove(fit)
                     break
                 if self._free and len(self._free) + len(self._used) >= self._max:
-                    self._free.remove(small := min(self._free, key=lambda s: s.size))
-                    small.close()  # too small: make room for one that fits
+                    self._drop_smallest_free()  # too small: make room for one that fits
                 if len(self._free) + len(self._used) < self._max:
-                    fit = self._arena.create(_slot_size(size))
-                    break
+                    fit = self._create(size)
+                    if fit is not None:
+                        break
                 if cancelled.is_set():
                     raise _Cancelled
                 self._cond.wait(_WAIT)
             self._used[key] = fit
             return fit
+
+    def _create(self, size: int) -> shm.Segment | None:
+        """A new slot, or None when /dev/shm is full but slots in use will come back."""
+        while True:
+            try:
+                return self._arena.create(_slot_size(size))
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise _NoSlot(str(exc)) from exc
+            if self._free:
+                self._drop_smallest_free()  # none fits: their room may let one that fits exist
+                continue
+            if self._used:
+                return None  # wait for the loader to give one back
+            try:  # nothing else held: the frame's own bytes, not rounded up, are the last try
+                return self._arena.create(max(size, 1))
+            except OSError as exc:
+                free = shm.capacity()
+                raise _NoSlot(f"{exc}; a frame of {size} bytes, /dev/shm holds {free} in all") from exc
+
+    def _drop_smallest_free(self) -> None:
+        self._free.remove(small := min(self._free, key=lambda s: s.size))
+        small.close()
 
     def release(self, stream: int, index: int) -> None:
         with self._cond:
@@ -315,11 +345,12 @@ class _Receiver:
             self._send(MALFORMED, number, f"malformed stream from server: {exc}".encode())
         except _Cancelled:
             pass
-        except OSError as exc:  # no room for a slot (a full /dev/shm), or the loader is gone
-            details = f"receiver process: no shared memory for a slot ({exc})"
-            self._send(ERROR, number, json.dumps({"code": "RESOURCE_EXHAUSTED", "details": details}).encode())
-            if stream.call is not None:
-                stream.call.cancel()
+        except _NoSlot as exc:
+            self._fail(stream, "RESOURCE_EXHAUSTED", f"receiver process: no shared memory for a slot ({exc})")
+        except OSError:
+            pass  # the loader's socket is gone: run() ends and closes everything
+        except Exception as exc:  # anything else still reaches the loop, never a silent stall
+            self._fail(stream, "INTERNAL", f"receiver process: {type(exc).__name__}: {exc}")
         finally:
             with self._lock:
                 stream.finished = True
@@ -331,17 +362,22 @@ class _Receiver:
         header = frame.batch
         if header.slot:
             raise ValueError("server sent a shared-memory slot on a byte stream")
-        size = wire.payload_bytes(header)
+        size = wire.stream_payload_bytes(header)
         seg = self._slots.acquire(stream.number, header.index, size, stream.cancelled)
         try:
             wire.read_payload(header, responses, seg.array(size), stream.codec)
         except BaseException:
-            self._slots.release(stream.number, header.index)
+            self._slots.detach(stream.number, header.index)  # not pooled: it may be far too large
             raise
         header.slot = seg.name
         header.num_chunks = 0
         header.codec = _pb2.CODEC_NONE
         return frame.SerializeToString()
+
+    def _fail(self, stream: _Stream, code: str, details: str) -> None:
+        if stream.call is not None:
+            stream.call.cancel()
+        self._send(ERROR, stream.number, json.dumps({"code": code, "details": details}).encode())
 
     def _report(self, number: int, exc: grpc.RpcError) -> None:
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN

@@ -28,6 +28,7 @@ __all__ = [
     "parse",
     "payload_bytes",
     "read_payload",
+    "stream_payload_bytes",
 ]
 
 _SERVICE_DESC = _pb2.DESCRIPTOR.services_by_name["Loader"]
@@ -87,6 +88,17 @@ def parse(cls: type[M], data: bytes) -> M:
 def payload_bytes(header: _pb2.BatchHeader) -> int:
     """A frame's payload: as long as the furthest end of its batches' bytes."""
     return max([header.layout.payload_bytes, *(part.layout.payload_bytes for part in header.more)])
+
+
+def stream_payload_bytes(header: _pb2.BatchHeader) -> int:
+    """A byte-stream frame's payload size, checked against what its chunks can carry (each
+    at most MAX_CHUNK_BYTES, compressed or not) before anything is allocated for it."""
+    size = payload_bytes(header)
+    if not 0 <= size <= header.num_chunks * MAX_CHUNK_BYTES:
+        raise ValueError(
+            f"batch {header.index}: {size} payload bytes cannot come in {header.num_chunks} chunks"
+        )
+    return size
 
 
 def read_payload(

@@ -51,6 +51,7 @@ __all__ = ["DataLoader", "LoaderConfig"]
 log = logging.getLogger("batchferry.client")
 
 _STATE_VERSION = 1
+_SEGMENTS = 256  # mapped segments besides receivers' slots (a server's ring, with room)
 TRANSPORTS = ("auto", "grpc", "shm")
 COMPRESSIONS = ("none", "lz4", "zstd", "auto")
 MODES = ("independent", "sharded", "shared", "dynamic")
@@ -403,7 +404,8 @@ class DataLoader:
         self._pool = BufferPool(prefetch_factor + 2, pin=pin)
         self._copier = CudaCopier(dev) if dev is not None else None
         self._segments = SegmentCache(register_with_cuda=dev is not None)
-        self._receivers = Receivers(security) if receive_processes else None
+        # The replicas' settings: with a dns:/// name they check certificates against it.
+        self._receivers = Receivers(replicas.security) if receive_processes else None
         self._stats = Recorder(self.config.log_stats_every)
         self._closed = False
         cleanup.start()
@@ -843,7 +845,9 @@ class _Iterator:
         the loop still views (two steps) and those queued here, with room to spare."""
         assert self._loader._receivers is not None
         address = self._loader._replicas.replicas[j % self._replicas].address
-        return self._loader._receivers.get(j, address, max_slots=2 * credits + 8)
+        max_slots = 2 * credits + 8
+        self._loader._segments.reserve(_SEGMENTS + self._replicas * self._stripes * max_slots)
+        return self._loader._receivers.get(j, address, max_slots=max_slots)
 
     def _compression(self, r: int, shm: bool) -> _pb2.Codec:
         """The codec replica ``r``'s stream asks for: none over shared memory; with "auto",

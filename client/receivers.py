@@ -15,6 +15,7 @@ reconnects as after a cut link, and a fresh process takes the stream over.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import queue
@@ -22,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,6 +66,8 @@ class RelayedCall:
         self.number = number
         self._frames: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._cancelled = False
+        self._lock = threading.Lock()
+        self._written = False  # every message the loader queued has gone to the receiver
 
     def start(self, requests: Iterator[bytes]) -> None:
         """Send the loader's messages on (after the receiver knows the stream)."""
@@ -76,6 +80,11 @@ class RelayedCall:
             for raw in requests:
                 self._receiver.send(_r.MESSAGE, self.number, raw)
             self._receiver.send(_r.HALF_CLOSE, self.number)
+            with self._lock:
+                self._written = True
+                cancelled = self._cancelled
+            if cancelled:
+                self._receiver.send(_r.CANCEL, self.number)
         except OSError:
             pass  # the receiver is gone: the frames' side reports it
 
@@ -97,12 +106,17 @@ class RelayedCall:
 
     def cancel(self) -> None:
         """The loader is done with this stream (ended or not): the receiver may reuse its slots."""
-        if self._cancelled:
-            return
-        self._cancelled = True
+        with self._lock:
+            if self._cancelled:
+                return
+            self._cancelled = True
+            written = self._written
         self._frames.put(_StatusError(grpc.StatusCode.CANCELLED, "stream closed by the loader"))
-        with contextlib.suppress(OSError):
-            self._receiver.send(_r.CANCEL, self.number)
+        # After the releases and detaches still queued (else the receiver could reuse a slot the
+        # loader keeps): by the writer once it has sent them, else now.
+        if written:
+            with contextlib.suppress(OSError):
+                self._receiver.send(_r.CANCEL, self.number)
         self._receiver.forget(self.number)
 
 
@@ -130,6 +144,9 @@ class Receiver:
         finally:
             theirs.close()
         self._link = _r.Link(ours)
+        # A process forked from the loader must not hold the socket open: the receiver would
+        # outlive a loader killed outright.
+        os.register_at_fork(after_in_child=functools.partial(_drop_link, weakref.ref(self)))
         self._calls: dict[int, RelayedCall] = {}
         self._lock = threading.Lock()
         self._next = 0
@@ -199,6 +216,13 @@ class Receiver:
             self._proc.kill()
             self._proc.wait()
         self._reader.join(timeout=_STOP_WAIT)
+
+
+def _drop_link(ref: weakref.ref[Receiver]) -> None:
+    receiver = ref()
+    if receiver is not None:
+        with contextlib.suppress(OSError):
+            os.close(receiver._link.sock.detach())
 
 
 def _status(body: bytes) -> BaseException:

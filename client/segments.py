@@ -61,6 +61,12 @@ class SegmentCache:
         self._lock = threading.Lock()
         self._pruned = time.monotonic()
 
+    def reserve(self, segments: int) -> None:
+        """Keep at least ``segments`` mapped (receiver processes add their slots to the
+        server's): a slot evicted while in use would be mapped, and registered, again."""
+        with self._lock:
+            self._mapped.max_segments = max(self._mapped.max_segments, segments)
+
     def is_registered(self, name: str) -> bool:
         """Whether the segment is page-locked for CUDA (else copies go through pinned buffers)."""
         return name in self._mapped.registered

@@ -42,7 +42,7 @@ import torch
 
 from batchferry import cleanup, shm, wire
 from batchferry import layout as _layout
-from batchferry.errors import BatchTimeout, ProtocolError, from_rpc_error
+from batchferry.errors import BatchTimeout, ProtocolError, ServerUnavailable, from_rpc_error
 from batchferry.v1 import loader_pb2 as _pb2
 
 from .buffers import BufferPool, tracked
@@ -56,8 +56,15 @@ _END = object()
 # next(wait=...) found no batch within ``wait`` seconds (the stream is fine).
 PENDING = object()
 _POLL = 0.05  # seconds between looks for dropped batches while waiting
+# A receiver process with little /dev/shm may hold just one slot, which the batch the loop
+# still holds views: after this long waiting, kept batches are copied out to free it.
+_STARVED = 0.25
 _CLOSE_GRACE = 2.0  # seconds the server gets to end a stream we close early
 _JOIN = 5.0
+
+
+class _ReceiverLost(Exception):
+    pass
 
 
 @dataclass
@@ -122,6 +129,7 @@ class EpochStream:
         self._viewed_lock = threading.Lock()
         requests = iter(self._requests.get, None)
         self._call: Any
+        self._relayed = isinstance(channel, Receiver)
         if isinstance(channel, Receiver):  # received in a process of its own, into slots there
             self._call = channel.open(requests)
         else:
@@ -166,6 +174,10 @@ class EpochStream:
         except grpc.RpcError as exc:
             if not self._closed:
                 self._ready.put(from_rpc_error(exc))
+        except _ReceiverLost as exc:
+            if not self._closed:
+                self._ready.put(ServerUnavailable(str(exc)))
+                self._call.cancel()
         except (ValueError, StopIteration, _layout.LayoutError) as exc:
             if not self._closed:
                 self._ready.put(ProtocolError(f"malformed stream from server: {exc}"))
@@ -174,7 +186,7 @@ class EpochStream:
             self._ready.put(exc)
 
     def _assemble(self, header: _pb2.BatchHeader, responses: Iterator[bytes]) -> list[Batch]:
-        buffer = self._pool.acquire(wire.payload_bytes(header))
+        buffer = self._pool.acquire(wire.stream_payload_bytes(header))
         # Straight into the pooled (pinned) buffer: no copy besides a decompression.
         wire.read_payload(header, responses, buffer.numpy(), self._codec)
         return self._from_buffer(header, buffer)
@@ -195,6 +207,8 @@ class EpochStream:
         try:
             mapping = self._segments.map(header.slot)
         except OSError as exc:
+            if self._relayed:  # the receiver ended, and its slots went with it: reconnect
+                raise _ReceiverLost(f"cannot map slot {header.slot} of the receiver process: {exc}") from exc
             raise ValueError(f"cannot map slot {header.slot}: {exc}") from exc
         if size > mapping.nbytes:
             raise ValueError(f"batch {header.index} spans {size} bytes of a {mapping.nbytes}-byte slot")
@@ -284,7 +298,8 @@ class EpochStream:
 
     # -- consumer side ------------------------------------------------------------------
     def _get(self, wait: float | None = None) -> Any:
-        deadline = time.monotonic() + (self._timeout if wait is None else wait)
+        began = time.monotonic()
+        deadline = began + (self._timeout if wait is None else wait)
         while True:
             try:
                 # Wake now and then to give back slots the caller has dropped meanwhile:
@@ -298,7 +313,8 @@ class EpochStream:
                         return PENDING
                     self.close()
                     raise BatchTimeout(f"no batch from the server within timeout={self._timeout}s") from None
-                self._settle(kept_after=2)
+                starved = self._relayed and now - began >= _STARVED
+                self._settle(kept_after=0 if starved else 2)
                 if self._segments is not None:
                     self._segments.prune()
         if isinstance(item, BaseException):

@@ -56,7 +56,8 @@ class Authority:
         self.pem = folder / f"{name.replace(' ', '-')}.pem"
         self.pem.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, name: str, *, server: bool, expired: bool = False) -> Pair:
+    def issue(self, name: str, *, server: bool, expired: bool = False, names: tuple[str, ...] = ()) -> Pair:
+        """A certificate for ``name``; a server's names ``names`` (default: localhost and 127.0.0.1)."""
         key = _key()
         now = dt.datetime.now(dt.timezone.utc)
         start, end = (now - dt.timedelta(days=10), now - dt.timedelta(days=1)) if expired else (
@@ -77,10 +78,9 @@ class Authority:
             )
         )
         if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
+            alternatives: list[x509.GeneralName] = [x509.DNSName(n) for n in names] or [
+                x509.DNSName("localhost"),
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            ]
+            builder = builder.add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
         return _write(self.folder, name, builder.sign(self.key, hashes.SHA256()), key)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +20,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader as TorchLoader
 
-from batchferry import codec, errors
+from batchferry import codec, errors, wire
 from batchferry.client import DataLoader
+from batchferry.client.segments import SegmentCache
 from batchferry.server import Server, parse_spec
+from batchferry.v1 import loader_pb2 as _pb2
 
 from support import (
     RESTART_SPEC,
@@ -128,6 +133,28 @@ def test_a_receiver_killed_mid_epoch_is_replaced_and_nothing_is_lost(server: Ser
     assert_same(got, ref)
 
 
+def test_a_slot_gone_with_its_receiver_is_a_reconnect_not_an_error(
+    server: Server, tensor_ds, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receiver that dies may have sent frames whose slots its reaper removes before the
+    loader maps them: the loader takes that as the receiver lost and reconnects, where a
+    server's missing slot would be a malformed stream."""
+    ref = list(TorchLoader(tensor_ds, 4, shuffle=True, generator=torch.Generator().manual_seed(7)))
+    real_map, calls = SegmentCache.map, [0]
+
+    def map_once_gone(self: SegmentCache, name: str) -> Any:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise FileNotFoundError(2, "No such file or directory")
+        return real_map(self, name)
+
+    monkeypatch.setattr(SegmentCache, "map", map_once_gone)
+    with _loader(server.address, "tensor", 4, True, seed=7, timeout=30) as loader:
+        got = list(loader)
+        assert loader.stats().reconnects == 1
+    assert_same(got, ref)
+
+
 def test_server_restart_mid_epoch(restartable: ServeProcess) -> None:
     ds = parse_spec(RESTART_SPEC)
     expected = list(TorchLoader(ds, 16, shuffle=True, generator=torch.Generator().manual_seed(9)))
@@ -147,22 +174,23 @@ FULL_SHM = textwrap.dedent(
     from batchferry.client import DataLoader
 
     out = {"got": 0}
-    # 10 MiB frames, several in flight: more than this /dev/shm (16 MiB) holds.
     kw = {"transport": "grpc", "receive_processes": True, "streams": 1}
-    with DataLoader(sys.argv[1], "big", 40, **kw) as loader:
+    # 20 MiB frames: more than this /dev/shm (16 MiB) holds at all.
+    with DataLoader(sys.argv[1], "big", 80, **kw) as loader:
         try:
             for batch in loader:
                 out["got"] += 1
         except errors.ResourceExhausted as exc:
             out["error"] = str(exc)
-    with DataLoader(sys.argv[1], "big", 1, prefetch_factor=1, **kw) as loader:
-        out["after"] = len(list(loader))  # frames of a few MiB fit
+    # 10 MiB frames: one at a time fits, so fewer travel at once.
+    with DataLoader(sys.argv[1], "big", 40, **kw) as loader:
+        out["after"] = [len(x) for x, y in loader]
     print(json.dumps(out))
     """
 )
 
 
-def test_a_full_dev_shm_fails_the_stream_clearly(tmp_path: Path) -> None:
+def test_a_small_dev_shm_slows_receiving_and_a_frame_larger_than_it_fails_clearly(tmp_path: Path) -> None:
     server = ServeProcess("big=synthetic:n=96,shape=65536,seed=1")
     server.start()
     try:
@@ -181,8 +209,71 @@ def test_a_full_dev_shm_fails_the_stream_clearly(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert "RESOURCE_EXHAUSTED: receiver process: no shared memory for a slot" in result["error"]
-    assert result["got"] < 2
-    assert result["after"] == 96
+    assert "a frame of 209" in result["error"] and "/dev/shm holds 16777216" in result["error"]
+    assert result["got"] == 0
+    assert result["after"] == [40, 40, 16]
+
+
+@pytest.fixture
+def hostile(server: Server) -> Iterator[tuple[str, list[_pb2.BatchHeader]]]:
+    """A server that answers ListDatasets as ``server`` does, then streams the headers the
+    test puts in the list, each followed by one 64-byte chunk."""
+    listing = grpc.insecure_channel(server.address).unary_unary(
+        wire.LIST_DATASETS, request_serializer=None, response_deserializer=None
+    )(b"")
+    headers: list[_pb2.BatchHeader] = []
+
+    def stream(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        next(requests)  # the open
+        yield _pb2.ServerFrame(start=_pb2.StreamStart(num_batches=26)).SerializeToString()
+        for header in headers:
+            yield _pb2.ServerFrame(batch=header).SerializeToString()
+            yield bytes(64)
+        time.sleep(30)
+
+    handler = grpc.method_handlers_generic_handler(
+        wire.SERVICE,
+        {
+            "ListDatasets": grpc.unary_unary_rpc_method_handler(lambda req, ctx: listing),
+            "StreamBatches": grpc.stream_stream_rpc_method_handler(stream),
+        },
+    )
+    fake = grpc.server(concurrent.futures.ThreadPoolExecutor(4), handlers=[handler])
+    port = fake.add_insecure_port("127.0.0.1:0")
+    fake.start()
+    try:
+        yield f"127.0.0.1:{port}", headers
+    finally:
+        fake.stop(0)
+
+
+@pytest.mark.parametrize("receivers", [False, True])
+@pytest.mark.parametrize("size", [1 << 40, (1 << 64) - 1])
+def test_a_hostile_payload_size_is_refused_before_anything_is_allocated(
+    hostile: tuple[str, list[_pb2.BatchHeader]], receivers: bool, size: int
+) -> None:
+    address, headers = hostile
+    headers.append(_pb2.BatchHeader(index=0, num_chunks=1, layout=_pb2.Layout(payload_bytes=size)))
+    before = shutil.disk_usage("/dev/shm").used
+    with DataLoader(
+        address, "tensor", 4, transport="grpc", receive_processes=receivers, timeout=20
+    ) as loader:
+        with pytest.raises(
+            errors.ProtocolError, match=f"batch 0: {size} payload bytes cannot come in 1 chunks"
+        ):
+            next(iter(loader))
+    assert shutil.disk_usage("/dev/shm").used - before < 1 << 20
+
+
+def test_whatever_fails_in_a_receiver_reaches_the_loop(hostile: tuple[str, list[_pb2.BatchHeader]]) -> None:
+    """A failure the receiver does not foresee (here: a slot size past what the OS takes)
+    fails the stream at once, naming it, instead of leaving the loop to time out."""
+    address, headers = hostile
+    huge = _pb2.BatchHeader(index=0, num_chunks=1 << 62, layout=_pb2.Layout(payload_bytes=(1 << 64) - 1))
+    headers.append(huge)
+    with _loader(address, "tensor", 4, timeout=20) as loader:  # not a BatchTimeout after 20 s
+        with pytest.raises(errors.BatchferryError, match="INTERNAL: receiver process: OverflowError"):
+            next(iter(loader))
 
 
 def test_arguments_are_checked(server: Server) -> None:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader as TorchLoader
 
 from batchferry import cli, errors, wire
 from batchferry.client import DataLoader
+from batchferry.client import replicas as replicas_mod
 from batchferry.server import Server
 from batchferry.server.auth import Tokens
 
@@ -34,6 +35,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         "client": ca.issue("client", server=False),
         "expired": ca.issue("expired", server=False, expired=True),
         "rogue": rogue.issue("rogue-client", server=False),
+        "named": ca.issue("named", server=True, names=("loader.example",)),  # a Service's name only
     }
 
 
@@ -67,6 +69,25 @@ def test_tls_serves_a_client_that_trusts_the_ca(
 ) -> None:
     with DataLoader(tls_server.address, "t", 10, root_certificates=pki["ca"], transport="grpc") as loader:
         assert_same(list(loader), _expected(tensor_ds))
+
+
+@pytest.mark.parametrize("receivers", [False, True])
+def test_replicas_found_by_name_are_checked_against_that_name(
+    tensor_ds, pki: dict[str, object], monkeypatch: pytest.MonkeyPatch, receivers: bool
+) -> None:
+    """Pods are reached by address, but their certificate names the Service: the loader and
+    its receiver processes check it against the name."""
+    named = pki["named"]
+    assert isinstance(named, Pair)
+    with Server(
+        {"t": tensor_ds}, port=0, num_workers=0, tls_cert=str(named.cert), tls_key=str(named.key)
+    ) as srv:
+        monkeypatch.setattr(replicas_mod, "resolve", lambda name, port: [f"127.0.0.1:{port}"])
+        with DataLoader(
+            f"dns:///loader.example:{srv.port}", "t", 10, root_certificates=pki["ca"], transport="grpc",
+            receive_processes=receivers, timeout=20,
+        ) as loader:  # fmt: skip
+            assert_same(list(loader), _expected(tensor_ds))
 
 
 @pytest.mark.parametrize("how", ["plaintext", "untrusted CA"])
