@@ -20,7 +20,8 @@ Link messages (kind, stream number, body)::
     loader -> here:  INIT settings (JSON), once | START n | MESSAGE n ClientMessage |
                      HALF_CLOSE n | CANCEL n (the loader is done with stream n)
     here -> loader:  FRAME n ServerFrame | DONE n | ERROR n status (JSON) |
-                     MALFORMED n text (the server's stream was malformed)
+                     MALFORMED n text (the server's stream was malformed) |
+                     NOTE 0 text (for the loader's log)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import socket
 import struct
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +49,7 @@ from batchferry.v1 import loader_pb2 as _pb2
 __all__ = ["Link", "Settings", "main"]
 
 INIT, START, MESSAGE, HALF_CLOSE, CANCEL = b"I", b"S", b"M", b"H", b"X"
-FRAME, DONE, ERROR, MALFORMED = b"F", b"D", b"E", b"P"
+FRAME, DONE, ERROR, MALFORMED, NOTE = b"F", b"D", b"E", b"P", b"N"
 
 _HEAD = struct.Struct("<IcI")  # body length, kind, stream number
 _MAX_BODY = 256 << 20  # far above any header or index list: a larger length is a broken link
@@ -150,7 +152,9 @@ class _NoSlot(Exception):
 class _Slots:
     """Owner of this process's slots: one per frame until the loader releases it."""
 
-    def __init__(self, max_slots: int) -> None:
+    def __init__(self, max_slots: int, note: Callable[[str], None]) -> None:
+        self._note = note
+        self._short = False  # /dev/shm found full once (said once)
         self._arena = shm.Arena()
         self._max = max_slots
         self._free: list[shm.Segment] = []
@@ -195,6 +199,13 @@ class _Slots:
                 self._drop_smallest_free()  # none fits: their room may let one that fits exist
                 continue
             if self._used:
+                if not self._short:
+                    self._short = True
+                    self._note(
+                        f"/dev/shm ({shm.capacity() >> 20} MiB) holds only {len(self._used)} of this receiver's "
+                        f"frames of {size} bytes: fewer travel at once (a container needs a larger --shm-size, "
+                        "or receive_processes=False)"
+                    )
                 return None  # wait for the loader to give one back
             try:  # nothing else held: the frame's own bytes, not rounded up, are the last try
                 return self._arena.create(max(size, 1))
@@ -261,7 +272,7 @@ class _Receiver:
         security = settings.security()
         self._metadata = security.metadata
         self._channel = security.channel(settings.target)
-        self._slots = _Slots(settings.max_slots)
+        self._slots = _Slots(settings.max_slots, lambda text: self._send(NOTE, 0, text.encode()))
         self._streams: dict[int, _Stream] = {}
         self._lock = threading.Lock()
 

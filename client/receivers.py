@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import queue
 import socket
@@ -34,6 +35,8 @@ from batchferry.errors import InvalidArgument
 from batchferry.security import ClientSecurity
 
 __all__ = ["Receiver", "Receivers", "RelayedCall"]
+
+log = logging.getLogger("batchferry.client")
 
 _DONE = object()
 _STOP_WAIT = 5.0  # seconds a receiver gets to end once its socket closes
@@ -183,6 +186,9 @@ class Receiver:
     def _read(self) -> None:
         while (message := self._link.recv()) is not None:
             kind, number, body = message
+            if kind == _r.NOTE:
+                log.warning("receiver process %d: %s", self._proc.pid, body.decode(errors="replace"))
+                continue
             with self._lock:
                 call = self._calls.get(number)
             if call is None:

@@ -169,11 +169,14 @@ def test_server_restart_mid_epoch(restartable: ServeProcess) -> None:
 
 FULL_SHM = textwrap.dedent(
     """
-    import json, sys
+    import json, logging, sys
     from batchferry import errors
     from batchferry.client import DataLoader
 
-    out = {"got": 0}
+    out = {"got": 0, "notes": []}
+    handler = logging.Handler()
+    handler.emit = lambda record: out["notes"].append(record.getMessage())
+    logging.getLogger("batchferry.client").addHandler(handler)
     kw = {"transport": "grpc", "receive_processes": True, "streams": 1}
     # 20 MiB frames: more than this /dev/shm (16 MiB) holds at all.
     with DataLoader(sys.argv[1], "big", 80, **kw) as loader:
@@ -212,6 +215,10 @@ def test_a_small_dev_shm_slows_receiving_and_a_frame_larger_than_it_fails_clearl
     assert "a frame of 209" in result["error"] and "/dev/shm holds 16777216" in result["error"]
     assert result["got"] == 0
     assert result["after"] == [40, 40, 16]
+    assert (
+        len(result["notes"]) == 1
+        and "/dev/shm (16 MiB) holds only 1 of this receiver's" in result["notes"][0]
+    )
 
 
 @pytest.fixture
