@@ -203,8 +203,9 @@ class _Slots:
                     self._short = True
                     held, mib = len(self._used), shm.capacity() >> 20
                     self._note(
-                        f"/dev/shm ({mib} MiB) holds only {held} of this receiver's frames of {size} bytes: fewer "
-                        "travel at once (a container needs a larger --shm-size, or receive_processes=False)"
+                        f"/dev/shm ({mib} MiB) holds only {held} of this receiver's frames of {size} "
+                        "bytes: fewer travel at once (a container needs a larger --shm-size, or "
+                        "receive_processes=False)"
                     )
                 return None  # wait for the loader to give one back
             try:  # nothing else held: the frame's own bytes, not rounded up, are the last try
