@@ -18,10 +18,10 @@ process ends.
 Link messages (kind, stream number, body)::
 
     loader -> here:  INIT settings (JSON), once | START n | MESSAGE n ClientMessage |
-                     HALF_CLOSE n | CANCEL n (the loader is done with stream n)
+                     HALF_CLOSE n | CANCEL n (the loader is done with stream n) | PING n
     here -> loader:  FRAME n ServerFrame | DONE n | ERROR n status (JSON) |
                      MALFORMED n text (the server's stream was malformed) |
-                     NOTE 0 text (for the loader's log)
+                     NOTE 0 text (for the loader's log) | PONG n (to PING n)
 """
 
 from __future__ import annotations
@@ -31,11 +31,13 @@ import contextlib
 import errno
 import json
 import queue
+import select
 import signal
 import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,8 +50,8 @@ from batchferry.v1 import loader_pb2 as _pb2
 
 __all__ = ["Link", "Settings", "main"]
 
-INIT, START, MESSAGE, HALF_CLOSE, CANCEL = b"I", b"S", b"M", b"H", b"X"
-FRAME, DONE, ERROR, MALFORMED, NOTE = b"F", b"D", b"E", b"P", b"N"
+INIT, START, MESSAGE, HALF_CLOSE, CANCEL, PING = b"I", b"S", b"M", b"H", b"X", b"?"
+FRAME, DONE, ERROR, MALFORMED, NOTE, PONG = b"F", b"D", b"E", b"P", b"N", b"!"
 
 _HEAD = struct.Struct("<IcI")  # body length, kind, stream number
 _MAX_BODY = 256 << 20  # far above any header or index list: a larger length is a broken link
@@ -65,10 +67,26 @@ class Link:
         self._reader = sock.makefile("rb", buffering=1 << 16)
         self._lock = threading.Lock()
 
-    def send(self, kind: bytes, stream: int, body: bytes = b"") -> None:
-        """OSError once the other side is gone."""
-        with self._lock:
-            self.sock.sendall(_HEAD.pack(len(body), kind, stream) + body)
+    def send(self, kind: bytes, stream: int, body: bytes = b"", timeout: float | None = None) -> None:
+        """OSError once the other side is gone; TimeoutError (an OSError) when it has not read
+        for ``timeout`` seconds (None: wait as long as it takes). After a timeout the link is
+        unusable (a message may be cut short)."""
+        data = _HEAD.pack(len(body), kind, stream) + body
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError(f"link busy for {timeout}s")
+        try:
+            if timeout is None:
+                self.sock.sendall(data)
+                return
+            deadline, view = time.monotonic() + timeout, memoryview(data)
+            while view:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([], [self.sock], [], left)[1]:
+                    raise TimeoutError(f"the other side has not read for {timeout}s")
+                with contextlib.suppress(BlockingIOError):
+                    view = view[self.sock.send(view, socket.MSG_DONTWAIT) :]
+        finally:
+            self._lock.release()
 
     def recv(self) -> tuple[bytes, int, bytes] | None:
         """The next message, or None once the other side is gone (or sent garbage)."""
@@ -283,6 +301,9 @@ class _Receiver:
             kind, number, body = message
             if kind == START:
                 self._start(number)
+                continue
+            if kind == PING:
+                self._send(PONG, number, b"")
                 continue
             stream = self._streams.get(number)
             if stream is None:

@@ -52,6 +52,8 @@ log = logging.getLogger("batchferry.client")
 
 _STATE_VERSION = 1
 _SEGMENTS = 256  # mapped segments besides receivers' slots (a server's ring, with room)
+_RECEIVER_TRIES = 3  # opens of one stream at iter() while receiver processes keep dying
+_CLOSE_GRACE = 2.0  # seconds an iterator's streams get, together, to end when closed
 TRANSPORTS = ("auto", "grpc", "shm")
 COMPRESSIONS = ("none", "lz4", "zstd", "auto")
 MODES = ("independent", "sharded", "shared", "dynamic")
@@ -794,6 +796,19 @@ class _Iterator:
         return np.packbits(bits[j::parts], bitorder="little").tobytes()
 
     def _open(self, j: int, start: int, timeout: float) -> EpochStream:
+        """Stream ``j`` from batch ``start``; a receiver process that dies meanwhile is
+        replaced (a few times), as it is mid-epoch."""
+        for _ in range(_RECEIVER_TRIES - 1):
+            receivers = self._loader._receivers
+            try:
+                return self._open_once(j, start, timeout)
+            except ServerUnavailable:
+                receiver = receivers.current(j) if receivers is not None else None
+                if receiver is None or receiver.alive():
+                    raise  # the server's doing, not a receiver's
+        return self._open_once(j, start, timeout)
+
+    def _open_once(self, j: int, start: int, timeout: float) -> EpochStream:
         cfg, loader = self._loader.config, self._loader
         r, k = j % self._replicas, j // self._replicas
         shm = loader._use_shm is not None and loader._use_shm[r]
@@ -951,6 +966,18 @@ class _Iterator:
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(2 * delay, 2.0)
 
+    def _replace_stuck_receiver(self, j: int) -> bool:
+        """Whether stream ``j`` was silent because its receiver process is stuck (it does
+        not answer a ping): it is then killed, and the stream reopened on a fresh one."""
+        receivers = self._loader._receivers
+        receiver = receivers.current(j) if receivers is not None else None
+        if receiver is None or receiver.responsive(_ALIVE_CHECK):
+            return False
+        receiver.kill()
+        log.warning("receiver process %d stopped answering: replacing it", receiver.pid)
+        self._reconnect(j, ServerUnavailable(f"receiver process {receiver.pid} stopped answering"))
+        return True
+
     def _next_from(self, j: int, wait: float | None = None) -> Batch | object | None:
         """Stream ``j``'s next batch (None at its end, PENDING after ``wait``), reconnecting."""
         while True:
@@ -959,8 +986,10 @@ class _Iterator:
             except ServerUnavailable as exc:
                 self._reconnect(j, exc)
             except BatchTimeout as exc:
-                # Nothing for ``timeout``: a slow server, or a dead link that keepalive has
-                # not reported yet. Tell them apart with one quick question.
+                # Nothing for ``timeout``: a slow server, a stuck receiver process, or a dead
+                # link that keepalive has not reported yet. Tell them apart with quick questions.
+                if self._replace_stuck_receiver(j):
+                    continue
                 if self._loader._replicas.refresh(j % self._replicas, _ALIVE_CHECK) is None:
                     timeout = self._loader.config.timeout
                     raise ServerUnavailable(
@@ -1070,6 +1099,9 @@ class _Iterator:
                 return item
             else:
                 if time.monotonic() >= deadline:
+                    if any([self._replace_stuck_receiver(r) for r in live]):
+                        deadline = time.monotonic() + self._loader.config.timeout
+                        continue
                     raise BatchTimeout(
                         f"no batch from any of {len(live)} replicas within "
                         f"timeout={self._loader.config.timeout}s"
@@ -1079,8 +1111,10 @@ class _Iterator:
         return len(self._loader)
 
     def close(self) -> None:
+        # One grace period for all the streams, not one each (stuck ones are cut off at its end).
+        deadline = time.monotonic() + _CLOSE_GRACE
         for stream in self._streams:
-            stream.close()
+            stream.close(deadline)
 
     def __del__(self) -> None:
         # A finalizer must not wait: the streams close on the clean-up thread.

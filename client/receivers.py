@@ -15,7 +15,6 @@ reconnects as after a cut link, and a fresh process takes the stream over.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 
 from batchferry import receiver as _r
+from batchferry import shm
 from batchferry.errors import InvalidArgument
 from batchferry.security import ClientSecurity
 
@@ -39,7 +40,11 @@ __all__ = ["Receiver", "Receivers", "RelayedCall"]
 log = logging.getLogger("batchferry.client")
 
 _DONE = object()
-_STOP_WAIT = 5.0  # seconds a receiver gets to end once its socket closes
+_STOP_WAIT = 5.0  # seconds the receivers get, together, to end once their sockets close
+# A receiver reads what the loader sends at once; one that has not for this long is stuck
+# (stopped, swapped out): it is killed and replaced.
+_SEND_TIMEOUT = 10.0
+_ALL: weakref.WeakSet[Receiver] = weakref.WeakSet()  # for the fork hook below
 
 
 class _StatusError(grpc.RpcError):  # type: ignore[misc]  # grpc has no type hints
@@ -147,14 +152,13 @@ class Receiver:
         finally:
             theirs.close()
         self._link = _r.Link(ours)
-        # A process forked from the loader must not hold the socket open: the receiver would
-        # outlive a loader killed outright.
-        os.register_at_fork(after_in_child=functools.partial(_drop_link, weakref.ref(self)))
+        _ALL.add(self)
         self._calls: dict[int, RelayedCall] = {}
         self._lock = threading.Lock()
         self._next = 0
         self._gone = False
-        self._link.send(_r.INIT, 0, settings.to_json())
+        self._pongs: dict[int, threading.Event] = {}
+        self.send(_r.INIT, 0, settings.to_json())
         self._reader = threading.Thread(target=self._read, name="batchferry-relay-reader", daemon=True)
         self._reader.start()
 
@@ -177,7 +181,35 @@ class Receiver:
         return call
 
     def send(self, kind: bytes, number: int, body: bytes = b"") -> None:
-        self._link.send(kind, number, body)
+        """OSError when the receiver is gone, or stuck: then it is killed (and replaced by
+        the next open), so its streams fail as UNAVAILABLE and reconnect."""
+        try:
+            self._link.send(kind, number, body, timeout=_SEND_TIMEOUT)
+        except TimeoutError:
+            self.kill()
+            raise
+
+    def responsive(self, timeout: float) -> bool:
+        """Whether the receiver answers a ping within ``timeout`` seconds (a stopped or
+        stuck one does not; its stream's silence is then its own, not the server's)."""
+        with self._lock:
+            self._next += 1
+            number, answered = self._next, threading.Event()
+            self._pongs[number] = answered
+        try:
+            self._link.send(_r.PING, number, timeout=timeout)
+            return answered.wait(timeout)
+        except OSError:
+            return False
+        finally:
+            with self._lock:
+                self._pongs.pop(number, None)
+
+    def kill(self) -> None:
+        """End a stuck receiver now (its reaper removes its slots)."""
+        self._gone = True
+        with contextlib.suppress(OSError):
+            self._proc.kill()
 
     def forget(self, number: int) -> None:
         with self._lock:
@@ -188,6 +220,12 @@ class Receiver:
             kind, number, body = message
             if kind == _r.NOTE:
                 log.warning("receiver process %d: %s", self._proc.pid, body.decode(errors="replace"))
+                continue
+            if kind == _r.PONG:
+                with self._lock:
+                    pong = self._pongs.get(number)
+                if pong is not None:
+                    pong.set()
                 continue
             with self._lock:
                 call = self._calls.get(number)
@@ -213,22 +251,29 @@ class Receiver:
         how = "is gone" if self._proc.returncode is None else f"ended (exit status {self._proc.returncode})"
         return _StatusError(grpc.StatusCode.UNAVAILABLE, f"receiver process {self._proc.pid} {how}")
 
-    def close(self) -> None:
-        """End the process (it unlinks its slots; mappings here stay valid while viewed)."""
+    def close(self, deadline: float | None = None) -> None:
+        """End the process (it unlinks its slots; mappings here stay valid while viewed):
+        closing its socket ends it; one still running at ``deadline`` is killed."""
         self._link.close()
+        if deadline is None:
+            deadline = time.monotonic() + _STOP_WAIT
         try:
-            self._proc.wait(timeout=_STOP_WAIT)
+            self._proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
-        self._reader.join(timeout=_STOP_WAIT)
+        self._reader.join(timeout=max(0.1, deadline - time.monotonic()))
 
 
-def _drop_link(ref: weakref.ref[Receiver]) -> None:
-    receiver = ref()
-    if receiver is not None:
+def _drop_links() -> None:
+    # A process forked from the loader must not hold the receivers' sockets open: they would
+    # outlive a loader killed outright.
+    for receiver in list(_ALL):
         with contextlib.suppress(OSError):
             os.close(receiver._link.sock.detach())
+
+
+os.register_at_fork(after_in_child=_drop_links)
 
 
 def _status(body: bytes) -> BaseException:
@@ -265,7 +310,10 @@ class Receivers:
             if current is not None and current.alive() and current.target == target:
                 return current
             if current is not None:
+                dead = not current.alive()
                 current.close()
+                if dead:  # one killed while starting may have left its owner file behind
+                    shm.remove_stale()
             sec = self._security
             settings = _r.Settings(
                 target=target,
@@ -280,13 +328,21 @@ class Receivers:
             receiver = self._receivers[stream] = Receiver(settings)
             return receiver
 
+    def current(self, stream: int) -> Receiver | None:
+        with self._lock:
+            return self._receivers.get(stream)
+
     def pids(self) -> list[int]:
         with self._lock:
             return [r.pid for r in self._receivers.values() if r.alive()]
 
     def close(self) -> None:
+        """End every receiver: all are told at once, then waited for together (bounded)."""
         with self._lock:
             self._closed = True
             receivers, self._receivers = list(self._receivers.values()), {}
+        deadline = time.monotonic() + _STOP_WAIT
         for receiver in receivers:
-            receiver.close()
+            receiver._link.close()
+        for receiver in receivers:
+            receiver.close(deadline)

@@ -348,18 +348,20 @@ class EpochStream:
         self._thread.join(timeout=self._timeout)
         self.close()
 
-    def close(self) -> None:
+    def close(self, deadline: float | None = None) -> None:
         """End the stream: ask the server to stop, give back every slot (batches in flight
         included), half-close, and cancel only if the server does not end the call
-        promptly. Bounded: a few seconds at most."""
+        by ``deadline`` (default: a couple of seconds from now). Bounded."""
         if self._closed:
             return
+        if deadline is None:
+            deadline = time.monotonic() + _CLOSE_GRACE
         if threading.current_thread() is not self._thread and not self._half_closed:
             if not self._saw_end and self._thread.is_alive():
                 self._send(_pb2.ClientMessage(stop=_pb2.Stop()))
-                self._drain_until_end(time.monotonic() + _CLOSE_GRACE)
+                self._drain_until_end(deadline)
             self._half_close()
-            self._thread.join(timeout=_CLOSE_GRACE)
+            self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self._closed = True
         self._call.cancel()
         self._requests.put(None)

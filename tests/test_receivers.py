@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -131,6 +132,37 @@ def test_a_receiver_killed_mid_epoch_is_replaced_and_nothing_is_lost(server: Ser
         assert loader.stats().reconnects >= 1
         assert set(loader._receivers.pids()) != set(victims)  # type: ignore[union-attr]
     assert_same(got, ref)
+
+
+def test_a_stuck_receiver_is_replaced_and_the_epoch_completes(server: Server, tensor_ds) -> None:
+    """A receiver that stops (SIGSTOP: swapped out, a debugger) leaves its stream silent;
+    after timeout= the loader pings it, gets no answer, kills it and goes on with a fresh one."""
+    ref = list(TorchLoader(tensor_ds, 4, shuffle=True, generator=torch.Generator().manual_seed(8)))
+    with _loader(server.address, "tensor", 4, True, seed=8, streams=2, timeout=3) as loader:
+        it = iter(loader)
+        got = [next(it) for _ in range(3)]
+        stuck = loader._receivers.pids()[1]  # type: ignore[union-attr]
+        os.kill(stuck, signal.SIGSTOP)
+        try:
+            got += list(it)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stuck, signal.SIGCONT)
+        assert stuck not in loader._receivers.pids()  # type: ignore[union-attr]
+        assert loader.stats().reconnects >= 1
+    assert_same(got, ref)
+
+
+def test_receivers_dead_before_an_epoch_starts_are_replaced(server: Server, tensor_ds) -> None:
+    torch_loader = TorchLoader(tensor_ds, 8, shuffle=True, generator=torch.Generator().manual_seed(9))
+    refs = [list(torch_loader) for _ in range(2)]
+    with _loader(server.address, "tensor", 8, True, seed=9, streams=2) as loader:
+        got = [list(loader)]
+        for pid in loader._receivers.pids():  # type: ignore[union-attr]
+            os.kill(pid, signal.SIGKILL)
+        got.append(list(loader))  # opened on receivers dying or dead: replaced, not an error
+    for epoch, ref in zip(got, refs, strict=True):
+        assert_same(epoch, ref)
 
 
 def test_a_slot_gone_with_its_receiver_is_a_reconnect_not_an_error(
