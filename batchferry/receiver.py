@@ -81,7 +81,11 @@ class Link:
             deadline, view = time.monotonic() + timeout, memoryview(data)
             while view:
                 left = deadline - time.monotonic()
-                if left <= 0 or not select.select([], [self.sock], [], left)[1]:
+                try:
+                    writable = left > 0 and select.select([], [self.sock], [], left)[1]
+                except ValueError:  # closed meanwhile (fileno -1)
+                    raise OSError(errno.EBADF, "link closed") from None
+                if not writable:
                     raise TimeoutError(f"the other side has not read for {timeout}s")
                 with contextlib.suppress(BlockingIOError):
                     view = view[self.sock.send(view, socket.MSG_DONTWAIT) :]
