@@ -1,9 +1,12 @@
 """CPU time per batch in each process of a served workload: the loader's, the server's, its workers'.
 
 Where the time goes once a path is CPU-bound: on two cores, the rate is about
-2 / (the sum of these). Steady state only: the first 50 batches are not counted.
+2 / (the sum of these). Steady state only: the first 50 batches (or what the epoch has
+left beyond ``--batches``) are not counted.
 
-``python -m batchferry.benchmarks.cpu W4T shm [--batches 1400] [--server-flags "--group-bytes 0"]``
+``python -m batchferry.benchmarks.cpu W4T shm [--batches 1400] [--server-flags "--group-bytes 0"]``;
+``python -m batchferry.benchmarks.cpu W2 grpc --batches 80 --receive-processes`` adds the
+receiver processes' share.
 """
 
 from __future__ import annotations
@@ -27,31 +30,38 @@ def _cpu(proc: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-def measure(workload: str, transport: str, batches: int, server_flags: list[str]) -> dict[str, float]:
-    """Batches/s and CPU microseconds per batch by process (``workers`` summed)."""
+def measure(
+    workload: str, transport: str, batches: int, server_flags: list[str], receivers: bool = False
+) -> dict[str, float]:
+    """Batches/s and CPU microseconds per batch by process (``workers`` and ``receivers`` summed)."""
     w = WORKLOADS[workload]
     with served(w, 2, extra=server_flags) as address:
         server = next(p for p in psutil.Process().children() if "serve" in " ".join(p.cmdline()))
         with DataLoader(
-            address, workload, w.batch_size, shuffle=True, transport=transport, collate_fn=w.collate
-        ) as dl:
+            address, workload, w.batch_size, shuffle=True, transport=transport, collate_fn=w.collate,
+            receive_processes=receivers,
+        ) as dl:  # fmt: skip
+            if batches >= len(dl):
+                raise SystemExit(f"--batches {batches}: an epoch of {workload} has only {len(dl)}")
             it = iter(dl)
-            for _ in range(_WARM):
+            for _ in range(min(_WARM, len(dl) - batches)):  # W2's epochs are short
                 next(it)
             others = server.children(recursive=True)
             me = psutil.Process()
-            before = [_cpu(p) for p in (me, server, *others)]
+            relays = [p for p in me.children() if "batchferry.receiver" in p.cmdline()]
+            before = [_cpu(p) for p in (me, server, *others, *relays)]
             start = time.perf_counter()
             for _ in range(batches):
                 next(it)
             wall = time.perf_counter() - start
-            after = [_cpu(p) for p in (me, server, *others)]
+            after = [_cpu(p) for p in (me, server, *others, *relays)]
     used = [1e6 * (b - a) / batches for a, b in zip(before, after, strict=True)]
     return {
         "batches_per_s": batches / wall,
         "client_us": used[0],
         "server_us": used[1],
-        "workers_us": sum(used[2:]),
+        "workers_us": sum(used[2 : 2 + len(others)]),
+        "receivers_us": sum(used[2 + len(others) :]),
     }
 
 
@@ -61,11 +71,17 @@ def main() -> None:
     parser.add_argument("transport", choices=["grpc", "shm"])
     parser.add_argument("--batches", type=int, default=1400, help="batches measured (within one epoch)")
     parser.add_argument("--server-flags", default="", help="more `batchferry serve` flags")
+    parser.add_argument(
+        "--receive-processes", action="store_true", help="the loader's receive_processes=True"
+    )
     args = parser.parse_args()
-    r = measure(args.workload, args.transport, args.batches, shlex.split(args.server_flags))
+    r = measure(
+        args.workload, args.transport, args.batches, shlex.split(args.server_flags), args.receive_processes
+    )
+    relayed = f", receivers {r['receivers_us']:.0f}" if args.receive_processes else ""
     print(
         f"{args.workload} {args.transport}: {r['batches_per_s']:,.0f} batches/s; CPU us per batch: "
-        f"loader {r['client_us']:.0f}, server {r['server_us']:.0f}, workers {r['workers_us']:.0f}"
+        f"loader {r['client_us']:.0f}, server {r['server_us']:.0f}, workers {r['workers_us']:.0f}{relayed}"
     )
 
 
