@@ -183,7 +183,7 @@ def render(report: dict[str, Any]) -> str:
         if "in_process" in res:
             p = res["in_process"]
             lines.append(
-                f"{wid}: one batch built in-process: {p['batchferry_gather_us']:.0f} us vectorised, "
+                f"{wid}: one batch built in-process: {p['batchferry_gather_us']:.0f} us from the offsets, "
                 f"{p['torch_fetch_collate_us']:.0f} us torch fetch + collate ({p['ratio']:.2f}x)"
             )
     if "ceiling" in report:
