@@ -30,6 +30,7 @@ import base64
 import contextlib
 import errno
 import json
+import os
 import queue
 import select
 import signal
@@ -57,6 +58,9 @@ _HEAD = struct.Struct("<IcI")  # body length, kind, stream number
 _MAX_BODY = 256 << 20  # far above any header or index list: a larger length is a broken link
 _SLOT_ROUND = 1 << 20  # slots grow in whole MiB (powers of two below), so frames of varying size reuse them
 _WAIT = 0.1  # seconds between looks at a cancelled stream while waiting for a free slot
+# With none of its own slots to wait for, how long a receiver waits for /dev/shm to make
+# room (other receivers of the loader giving theirs back) before failing the stream.
+_SHM_WAIT = 10.0
 
 
 class Link:
@@ -81,11 +85,12 @@ class Link:
             deadline, view = time.monotonic() + timeout, memoryview(data)
             while view:
                 left = deadline - time.monotonic()
-                try:
-                    writable = left > 0 and select.select([], [self.sock], [], left)[1]
-                except ValueError:  # closed meanwhile (fileno -1)
-                    raise OSError(errno.EBADF, "link closed") from None
-                if not writable:
+                fd = self.sock.fileno()
+                if fd < 0:
+                    raise OSError(errno.EBADF, "link closed")
+                poller = select.poll()  # not select(): a loader may hold descriptors past 1024
+                poller.register(fd, select.POLLOUT)
+                if left <= 0 or not poller.poll(left * 1000):
                     raise TimeoutError(f"the other side has not read for {timeout}s")
                 with contextlib.suppress(BlockingIOError):
                     view = view[self.sock.send(view, socket.MSG_DONTWAIT) :]
@@ -177,6 +182,7 @@ class _Slots:
     def __init__(self, max_slots: int, note: Callable[[str], None]) -> None:
         self._note = note
         self._short = False  # /dev/shm found full once (said once)
+        self._full_since: float | None = None  # waiting for room, holding no slot of its own
         self._arena = shm.Arena()
         self._max = max_slots
         self._free: list[shm.Segment] = []
@@ -210,31 +216,39 @@ class _Slots:
             return fit
 
     def _create(self, size: int) -> shm.Segment | None:
-        """A new slot, or None when /dev/shm is full but slots in use will come back."""
+        """A new slot, or None when /dev/shm is full for now: slots in use here, or other
+        receivers', will come back. _NoSlot when they cannot make room for this frame."""
         while True:
-            try:
-                return self._arena.create(_slot_size(size))
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise _NoSlot(str(exc)) from exc
-            if self._free:
-                self._drop_smallest_free()  # none fits: their room may let one that fits exist
-                continue
-            if self._used:
-                if not self._short:
-                    self._short = True
-                    held, mib = len(self._used), shm.capacity() >> 20
-                    self._note(
-                        f"/dev/shm ({mib} MiB) holds only {held} of this receiver's frames of {size} "
-                        "bytes: fewer travel at once (a container needs a larger --shm-size, or "
-                        "receive_processes=False)"
-                    )
-                return None  # wait for the loader to give one back
-            try:  # nothing else held: the frame's own bytes, not rounded up, are the last try
-                return self._arena.create(max(size, 1))
-            except OSError as exc:
-                free = shm.capacity()
-                raise _NoSlot(f"{exc}; a frame of {size} bytes, /dev/shm holds {free} in all") from exc
+            for nbytes in (_slot_size(size), max(size, 1)):  # rounded up, then exactly
+                try:
+                    seg = self._arena.create(nbytes)
+                    self._full_since = None
+                    return seg
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise _NoSlot(str(exc)) from exc
+            if not self._free:
+                break
+            self._drop_smallest_free()  # none fits: their room may let one that fits exist
+        capacity = shm.capacity()
+        if size > capacity:
+            raise _NoSlot(f"a frame of {size} bytes, /dev/shm holds {capacity} in all")
+        if not self._short:
+            self._short = True
+            mib = capacity >> 20
+            self._note(
+                f"/dev/shm ({mib} MiB) is full: this receiver holds {len(self._used)} frames of {size} "
+                "bytes, so fewer travel at once (a container needs a larger --shm-size, or "
+                "receive_processes=False)"
+            )
+        if not self._used:  # only other receivers' slots (or other programs) can make room
+            now = time.monotonic()
+            self._full_since = self._full_since or now
+            if now - self._full_since >= _SHM_WAIT:
+                raise _NoSlot(
+                    f"/dev/shm ({capacity} bytes) stayed full for {_SHM_WAIT:.0f}s; a frame of {size}"
+                )
+        return None
 
     def _drop_smallest_free(self) -> None:
         self._free.remove(small := min(self._free, key=lambda s: s.size))
@@ -244,7 +258,10 @@ class _Slots:
         with self._cond:
             seg = self._used.pop((stream, index), None)
             if seg is not None:
-                self._free.append(seg)
+                if _room() < seg.size:  # /dev/shm is tight: give the room back, for any receiver
+                    seg.close()
+                else:
+                    self._free.append(seg)
                 self._cond.notify_all()
 
     def detach(self, stream: int, index: int) -> None:
@@ -270,6 +287,12 @@ class _Slots:
             self._free.clear()
             self._used.clear()
         self._arena.close()
+
+
+def _room() -> int:
+    """Bytes /dev/shm has free."""
+    stat = os.statvfs(shm.SHM_DIR)
+    return stat.f_bavail * stat.f_frsize
 
 
 def _slot_size(size: int) -> int:

@@ -802,10 +802,15 @@ class _Iterator:
             receivers = self._loader._receivers
             try:
                 return self._open_once(j, start, timeout)
-            except ServerUnavailable:
+            except (ServerUnavailable, BatchTimeout) as exc:
                 receiver = receivers.current(j) if receivers is not None else None
-                if receiver is None or receiver.alive():
+                if receiver is None:
+                    raise
+                if receiver.alive() and (
+                    isinstance(exc, ServerUnavailable) or receiver.responsive(_ALIVE_CHECK)
+                ):
                     raise  # the server's doing, not a receiver's
+                receiver.kill()  # dead, or stuck (stopped between epochs): a fresh one next
         return self._open_once(j, start, timeout)
 
     def _open_once(self, j: int, start: int, timeout: float) -> EpochStream:
@@ -849,6 +854,8 @@ class _Iterator:
             timeout=timeout,
             metadata=loader._replicas.security.metadata,
         )
+        if relay:
+            stream.on_starved = self._copy_out_kept
         if self.indices is not None:  # a reopened stream needs the lists it had not built yet
             parts = self._replicas * self._stripes
             resend = {b: samples for b, samples in self._lists.items() if b % parts == j}
@@ -863,6 +870,11 @@ class _Iterator:
         max_slots = 2 * credits + 8
         self._loader._segments.reserve(_SEGMENTS + self._replicas * self._stripes * max_slots)
         return self._loader._receivers.get(j, address, max_slots=max_slots)
+
+    def _copy_out_kept(self) -> None:
+        """A receiver waits for room in /dev/shm that kept batches of any stream may hold."""
+        for stream in self._streams:
+            stream.copy_out_kept()
 
     def _compression(self, r: int, shm: bool) -> _pb2.Codec:
         """The codec replica ``r``'s stream asks for: none over shared memory; with "auto",
@@ -1113,6 +1125,8 @@ class _Iterator:
     def close(self) -> None:
         # One grace period for all the streams, not one each (stuck ones are cut off at its end).
         deadline = time.monotonic() + _CLOSE_GRACE
+        for stream in self._streams:
+            stream.stop()  # all at once: their ends come back together
         for stream in self._streams:
             stream.close(deadline)
 

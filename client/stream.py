@@ -121,7 +121,12 @@ class EpochStream:
         self._requests.put(_pb2.ClientMessage(open=open_msg).SerializeToString())
         self._ready: queue.Queue[Any] = queue.Queue()
         self._closed = False
+        self._stopped = False
         self._half_closed = False
+        self._starved_since: float | None = None  # waiting for a batch since (relayed streams)
+        # What frees a starved receiver's slots: this stream's kept batches copied out; the
+        # loader makes it every stream's (a receiver may wait for room another one holds).
+        self.on_starved: Callable[[], None] = self.copy_out_kept
         self._saw_end = False
         # Zero-copy slots by batch index, until nothing views their batch.
         self._viewed: dict[int, _Viewed] = {}
@@ -298,8 +303,7 @@ class EpochStream:
 
     # -- consumer side ------------------------------------------------------------------
     def _get(self, wait: float | None = None) -> Any:
-        began = time.monotonic()
-        deadline = began + (self._timeout if wait is None else wait)
+        deadline = time.monotonic() + (self._timeout if wait is None else wait)
         while True:
             try:
                 # Wake now and then to give back slots the caller has dropped meanwhile:
@@ -313,10 +317,14 @@ class EpochStream:
                         return PENDING
                     self.close()
                     raise BatchTimeout(f"no batch from the server within timeout={self._timeout}s") from None
-                starved = self._relayed and now - began >= _STARVED
-                self._settle(kept_after=0 if starved else 2)
+                # Across calls: a loader polling several streams asks each for a moment only.
+                self._starved_since = self._starved_since or now
+                if self._relayed and now - self._starved_since >= _STARVED:
+                    self.on_starved()
+                self._settle(kept_after=2)
                 if self._segments is not None:
                     self._segments.prune()
+        self._starved_since = None
         if isinstance(item, BaseException):
             self.close()
             raise item
@@ -358,7 +366,7 @@ class EpochStream:
             deadline = time.monotonic() + _CLOSE_GRACE
         if threading.current_thread() is not self._thread and not self._half_closed:
             if not self._saw_end and self._thread.is_alive():
-                self._send(_pb2.ClientMessage(stop=_pb2.Stop()))
+                self.stop()
                 self._drain_until_end(deadline)
             self._half_close()
             self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -367,6 +375,16 @@ class EpochStream:
         self._requests.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=_JOIN)
+
+    def copy_out_kept(self) -> None:
+        """Copy out every batch handed out and still viewed, giving back its slot now."""
+        self._settle(kept_after=0)
+
+    def stop(self) -> None:
+        """Ask the server to send no more (once); :meth:`close` then drains to the end."""
+        if not self._stopped and not self._saw_end and not self._closed:
+            self._stopped = True
+            self._send(_pb2.ClientMessage(stop=_pb2.Stop()))
 
     def _drain_until_end(self, deadline: float) -> None:
         """After a stop: drop what is still in flight (never handed out) until the end frame."""
