@@ -157,6 +157,20 @@ class Settings:
                 data[key] = base64.b64decode(data[key])
         return cls(**data)
 
+    @classmethod
+    def of(cls, target: str, max_slots: int, security: ClientSecurity) -> Settings:
+        """A loader's security, as far as another process can take it (not ``credentials``)."""
+        return cls(
+            target=target,
+            max_slots=max_slots,
+            tls=security.tls,
+            root_certificates=security.root_certificates,
+            client_cert=security.client_cert,
+            client_key=security.client_key,
+            token=security.token,
+            server_name=security.server_name,
+        )
+
     def security(self) -> ClientSecurity:
         return ClientSecurity(
             tls=self.tls,

@@ -314,18 +314,7 @@ class Receivers:
                 current.close()
                 if dead:  # one killed while starting may have left its owner file behind
                     shm.remove_stale()
-            sec = self._security
-            settings = _r.Settings(
-                target=target,
-                max_slots=max_slots,
-                tls=sec.tls,
-                root_certificates=sec.root_certificates,
-                client_cert=sec.client_cert,
-                client_key=sec.client_key,
-                token=sec.token,
-                server_name=sec.server_name,
-            )
-            receiver = self._receivers[stream] = Receiver(settings)
+            receiver = self._receivers[stream] = Receiver(_r.Settings.of(target, max_slots, self._security))
             return receiver
 
     def current(self, stream: int) -> Receiver | None:
