@@ -44,7 +44,7 @@ from .replicas import Replica, ReplicaSet
 from .sampler import ClientSampling, EpochIndices
 from .segments import SegmentCache, probe
 from .stats import LoaderStats, Recorder, log_interval
-from .stream import PENDING, Batch, EpochStream
+from .stream import CLOSE_GRACE, PENDING, Batch, EpochStream
 
 __all__ = ["DataLoader", "LoaderConfig"]
 
@@ -53,7 +53,6 @@ log = logging.getLogger("batchferry.client")
 _STATE_VERSION = 1
 _SEGMENTS = 256  # mapped segments besides receivers' slots (a server's ring, with room)
 _RECEIVER_TRIES = 3  # opens of one stream at iter() while receiver processes keep dying
-_CLOSE_GRACE = 2.0  # seconds an iterator's streams get, together, to end when closed
 TRANSPORTS = ("auto", "grpc", "shm")
 COMPRESSIONS = ("none", "lz4", "zstd", "auto")
 MODES = ("independent", "sharded", "shared", "dynamic")
@@ -798,8 +797,8 @@ class _Iterator:
     def _open(self, j: int, start: int, timeout: float) -> EpochStream:
         """Stream ``j`` from batch ``start``; a receiver process that dies meanwhile is
         replaced (a few times), as it is mid-epoch."""
+        receivers = self._loader._receivers
         for _ in range(_RECEIVER_TRIES - 1):
-            receivers = self._loader._receivers
             try:
                 return self._open_once(j, start, timeout)
             except (ServerUnavailable, BatchTimeout) as exc:
@@ -1124,7 +1123,7 @@ class _Iterator:
 
     def close(self) -> None:
         # One grace period for all the streams, not one each (stuck ones are cut off at its end).
-        deadline = time.monotonic() + _CLOSE_GRACE
+        deadline = time.monotonic() + CLOSE_GRACE
         for stream in self._streams:
             stream.stop()  # all at once: their ends come back together
         for stream in self._streams:

@@ -59,7 +59,7 @@ _POLL = 0.05  # seconds between looks for dropped batches while waiting
 # A receiver process with little /dev/shm may hold just one slot, which the batch the loop
 # still holds views: after this long waiting, kept batches are copied out to free it.
 _STARVED = 0.25
-_CLOSE_GRACE = 2.0  # seconds the server gets to end a stream we close early
+CLOSE_GRACE = 2.0  # seconds the server gets to end a stream we close early
 _JOIN = 5.0
 
 
@@ -363,7 +363,7 @@ class EpochStream:
         if self._closed:
             return
         if deadline is None:
-            deadline = time.monotonic() + _CLOSE_GRACE
+            deadline = time.monotonic() + CLOSE_GRACE
         if threading.current_thread() is not self._thread and not self._half_closed:
             if not self._saw_end and self._thread.is_alive():
                 self.stop()
