@@ -92,14 +92,18 @@ class EpochOrder:
 
     def batch(self, index: int, batch_size: int) -> torch.Tensor:
         """Sample indices (int64) of batch ``index``."""
-        lo = index * batch_size
-        hi = min(lo + batch_size, self.count)
+        return self.batches(index, 1, batch_size)
+
+    def batches(self, first: int, count: int, batch_size: int) -> torch.Tensor:
+        """Sample indices (int64) of ``count`` consecutive batches from ``first``, one after another."""
+        lo = first * batch_size
+        hi = min(lo + count * batch_size, self.count)
         if hi <= lo:
             return torch.empty(0, dtype=torch.int64)
-        first, last = self.offset + self.stride * lo, self.offset + self.stride * (hi - 1)
+        start, last = self.offset + self.stride * lo, self.offset + self.stride * (hi - 1)
         if self.stride == 1 and last < self.n:
-            positions = slice(first, last + 1)  # no wrap: a plain slice
-            return self.base[positions].long() if self.base is not None else torch.arange(first, last + 1)
+            positions = slice(start, last + 1)  # no wrap: a plain slice
+            return self.base[positions].long() if self.base is not None else torch.arange(start, last + 1)
         pos = torch.arange(lo, hi, dtype=torch.int64).mul_(self.stride).add_(self.offset).remainder_(self.n)
         return self.base[pos].long() if self.base is not None else pos
 

@@ -29,6 +29,7 @@ States: OPEN -> STARTED (StreamStart received) -> RECEIVING -> ENDED | FAILED | 
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
@@ -119,7 +120,9 @@ class EpochStream:
             self._releaser.start()
         self._requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._requests.put(_pb2.ClientMessage(open=open_msg).SerializeToString())
-        self._ready: queue.Queue[Any] = queue.Queue()
+        # A frame's batches arrive as one list: one hand-over per frame, not per batch.
+        self._ready: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._unread: collections.deque[Batch] = collections.deque()  # of the frame taken last
         self._closed = False
         self._stopped = False
         self._half_closed = False
@@ -171,9 +174,7 @@ class EpochStream:
                 if kind != "batch" or self._saw_end:
                     raise ValueError("expected a batch header frame")
                 header = frame.batch
-                batches = self._from_slot(header) if header.slot else self._assemble(header, responses)
-                for batch in batches:
-                    self._ready.put(batch)
+                self._ready.put(self._from_slot(header) if header.slot else self._assemble(header, responses))
             if not self._saw_end and not self._closed:
                 raise ValueError("stream ended without an end frame")
         except grpc.RpcError as exc:
@@ -295,6 +296,7 @@ class EpochStream:
 
     def _drain_ready(self) -> None:
         """Drop batches received but never handed out (their views go with them)."""
+        self._unread.clear()
         while True:
             try:
                 self._ready.get_nowait()
@@ -303,6 +305,8 @@ class EpochStream:
 
     # -- consumer side ------------------------------------------------------------------
     def _get(self, wait: float | None = None) -> Any:
+        if self._unread:
+            return self._unread.popleft()
         deadline = time.monotonic() + (self._timeout if wait is None else wait)
         while True:
             try:
@@ -328,6 +332,9 @@ class EpochStream:
         if isinstance(item, BaseException):
             self.close()
             raise item
+        if isinstance(item, list):
+            self._unread.extend(item)
+            return self._unread.popleft()
         return item
 
     def next(self, wait: float | None = None) -> Batch | object | None:
@@ -388,6 +395,7 @@ class EpochStream:
 
     def _drain_until_end(self, deadline: float) -> None:
         """After a stop: drop what is still in flight (never handed out) until the end frame."""
+        self._unread.clear()
         while not self._saw_end and self._thread.is_alive() and time.monotonic() < deadline:
             try:
                 item = self._ready.get(timeout=_POLL)

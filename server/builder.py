@@ -150,7 +150,14 @@ class Builder:
             assert not more  # a group of given samples: start_lists
             return self._submit((index,), samples, (), 0, wait=wait)
         assert self._order is not None  # streams of the client's own batches pass them
-        batches = [(i, self._order.batch(i, self._plan.batch_size).numpy()) for i in (index, *more)]
+        size = self._plan.batch_size
+        if more and more == tuple(range(index + 1, index + 1 + len(more))):
+            # Consecutive batches (no replicas): one slice of the order for the group.
+            samples = self._order.batches(index, 1 + len(more), size).numpy()
+            sizes = tuple(min(size, len(samples) - k * size) for k in range(1 + len(more)))
+            if sizes[-1] > 0:
+                return self._submit((index, *more), samples, sizes, batch_bytes, wait=wait)
+        batches = [(i, self._order.batch(i, size).numpy()) for i in (index, *more)]
         return self.start_lists(batches, wait, batch_bytes)
 
     def start_lists(

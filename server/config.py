@@ -112,9 +112,9 @@ class ServerConfig:
         wire.DEFAULT_CHUNK_BYTES, "byte-stream chunk size, e.g. 4MiB", parse=parse_size
     )
     group_bytes: int = _setting(
-        2 << 20,
+        4 << 20,
         "small batches are built and sent several at a time, up to this many bytes together "
-        "(0: one at a time), e.g. 2MiB",
+        "(0: one at a time), e.g. 4MiB",
         parse=parse_size,
     )
     max_streams: int = _setting(128, "concurrent batch streams (a byte-stream loader opens 2 by default)")

@@ -65,6 +65,27 @@ def test_sharded_order_equals_distributed_sampler(
         assert sampling.shard_length(n, world, drop_last) == len(sampler)
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(1, 200),
+    world=st.integers(1, 5),
+    batch_size=st.integers(1, 16),
+    shuffle=st.booleans(),
+    data=st.data(),
+)
+def test_a_run_of_batches_is_those_batches_one_after_another(
+    n: int, world: int, batch_size: int, shuffle: bool, data: st.DataObject
+) -> None:
+    # What a group of consecutive batches is built from: one slice of the order.
+    rank = data.draw(st.integers(0, world - 1))
+    order = sampling.sharded_order(n, shuffle, 7, 0, rank, world, False)
+    total = sampling.num_batches(order.count, batch_size, False)
+    first = data.draw(st.integers(0, max(0, total - 1)))
+    count = data.draw(st.integers(1, max(1, total - first)))
+    joined = [i for b in range(first, first + count) for i in order.batch(b, batch_size).tolist()]
+    assert order.batches(first, count, batch_size).tolist() == joined
+
+
 @settings(max_examples=200, deadline=None)
 @given(batches=st.integers(0, 500), replicas=st.integers(1, 12), data=st.data())
 def test_replicas_split_every_epoch_exactly_once(batches: int, replicas: int, data: st.DataObject) -> None:
