@@ -305,8 +305,10 @@ class EpochStream:
 
     # -- consumer side ------------------------------------------------------------------
     def _get(self, wait: float | None = None) -> Any:
-        if self._unread:
+        try:  # the rest of the frame taken last (close() may empty it from another thread)
             return self._unread.popleft()
+        except IndexError:
+            pass
         deadline = time.monotonic() + (self._timeout if wait is None else wait)
         while True:
             try:
@@ -333,8 +335,9 @@ class EpochStream:
             self.close()
             raise item
         if isinstance(item, list):
-            self._unread.extend(item)
-            return self._unread.popleft()
+            if not self._closed:
+                self._unread.extend(item[1:])
+            return item[0]
         return item
 
     def next(self, wait: float | None = None) -> Batch | object | None:

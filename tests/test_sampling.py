@@ -71,15 +71,20 @@ def test_sharded_order_equals_distributed_sampler(
     world=st.integers(1, 5),
     batch_size=st.integers(1, 16),
     shuffle=st.booleans(),
+    drop_last=st.booleans(),
     data=st.data(),
 )
 def test_a_run_of_batches_is_those_batches_one_after_another(
-    n: int, world: int, batch_size: int, shuffle: bool, data: st.DataObject
+    n: int, world: int, batch_size: int, shuffle: bool, drop_last: bool, data: st.DataObject
 ) -> None:
     # What a group of consecutive batches is built from: one slice of the order.
     rank = data.draw(st.integers(0, world - 1))
-    order = sampling.sharded_order(n, shuffle, 7, 0, rank, world, False)
-    total = sampling.num_batches(order.count, batch_size, False)
+    if data.draw(st.booleans()):
+        order = sampling.sharded_order(n, shuffle, 7, 0, rank, world, drop_last)
+    else:
+        state = sampling.begin_iteration(torch.Generator().manual_seed(7), shuffle)
+        order = sampling.epoch_order(n, shuffle, state)
+    total = sampling.num_batches(order.count, batch_size, drop_last)
     first = data.draw(st.integers(0, max(0, total - 1)))
     count = data.draw(st.integers(1, max(1, total - first)))
     joined = [i for b in range(first, first + count) for i in order.batch(b, batch_size).tolist()]
