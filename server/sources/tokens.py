@@ -12,7 +12,9 @@ is ``(tokens, length)``, so that ``pad`` batches also carry each row's length
 made by ``pad_collate``/``pack_collate``) are built straight into the slot from the
 offsets: one slice copy per document from the memory map into its place (a row, or
 the packed sequence). Contiguous slice copies beat one fancy-indexed take of every
-token: for W4's batches of 64 documents (16..512 tokens), 55 against 97 us.
+token: for W4's batches of 64 documents (16..512 tokens), 55 against 97 us. They are
+copies between byte memoryviews, which cost less per document than numpy's slicing and
+item assignment (a W4 ``pad`` batch in 60 instead of 71 us).
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class TokenDataset:
         self.tokens = np.asarray(_open_tokens(self.tokens_path, self.dtype_name))
         self.offsets = _open_offsets(self.offsets_path, len(self.tokens))
         self.dtype = torch_dtype(self.tokens.dtype)
+        self._token_bytes = memoryview(self.tokens).cast("B")
 
     # Pickle by path: a memmap would otherwise be pickled with all its data.
     def __reduce__(self) -> tuple[Any, ...]:
@@ -140,10 +143,10 @@ class TokenDataset:
 
     def _concat(self, starts: np.ndarray, lens: np.ndarray, out: np.ndarray) -> np.ndarray:
         """The documents' tokens one after another in ``out``."""
-        tokens, at = self.tokens, 0
+        src, dst, size, at = self._token_bytes, memoryview(out).cast("B"), self.tokens.itemsize, 0
         for start, n in zip(starts.tolist(), lens.tolist(), strict=True):
-            out[at : at + n] = tokens[start : start + n]
-            at += n
+            dst[at : at + n * size] = src[start * size : (start + n) * size]
+            at += n * size
         return out
 
     def _with_lengths(self, batch: torch.Tensor, lens: np.ndarray, writer: SlotWriter) -> Any:
@@ -160,9 +163,11 @@ class TokenDataset:
         out = writer.alloc((len(idx), longest), self.dtype)
         if sizes and min(sizes) < longest:
             out.fill_(padding_value)
-        tokens = self.tokens
-        for row, start, n in zip(out.numpy(), starts.tolist(), sizes, strict=True):
-            row[:n] = tokens[start : start + n]
+        src, dst, size = self._token_bytes, memoryview(out.numpy()).cast("B"), self.tokens.itemsize
+        at, row = 0, longest * size
+        for start, n in zip(starts.tolist(), sizes, strict=True):
+            dst[at : at + n * size] = src[start * size : (start + n) * size]
+            at += row
         return self._with_lengths(out, lens, writer)
 
     def _stack(self, idx: np.ndarray, writer: SlotWriter) -> Any:
