@@ -146,6 +146,15 @@ def test_pad_gather_equals_the_pad_collate(tmp_path: Path, dtype: str, lengths: 
             encode(batch, _writer())
 
 
+@pytest.mark.parametrize("docs", [[[], [], []], [[], [1, 2], []]], ids=["no-tokens-at-all", "some-empty"])
+def test_batches_of_empty_documents(tmp_path: Path, docs: list[list[int]]) -> None:
+    ds = TokenDataset(_write(tmp_path, docs))
+    for collate in (get_collate("pad"), get_collate("pack")):
+        for indices in ([0], [0, 2], [2, 1, 0]):
+            assert_same(_vectorised(ds, indices, collate), _per_sample(ds, indices, collate))
+    assert [d.tolist() for d in ds.__getitems__([2, 0, 1])] == [docs[2], docs[0], docs[1]]
+
+
 def test_pad_of_documents_of_one_length_is_a_stack(tmp_path: Path) -> None:
     ds = TokenDataset(_write(tmp_path, [[1, 2], [3, 4], [5, 6]]))
     assert_same(_vectorised(ds, [2, 0], get_collate("pad")), torch.tensor([[5, 6], [1, 2]]))

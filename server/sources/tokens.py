@@ -102,7 +102,7 @@ class TokenDataset:
         self.tokens = np.asarray(_open_tokens(self.tokens_path, self.dtype_name))
         self.offsets = _open_offsets(self.offsets_path, len(self.tokens))
         self.dtype = torch_dtype(self.tokens.dtype)
-        self._token_bytes = memoryview(self.tokens).cast("B")
+        self._token_bytes = _bytes_of(self.tokens)
 
     # Pickle by path: a memmap would otherwise be pickled with all its data.
     def __reduce__(self) -> tuple[Any, ...]:
@@ -143,7 +143,7 @@ class TokenDataset:
 
     def _concat(self, starts: np.ndarray, lens: np.ndarray, out: np.ndarray) -> np.ndarray:
         """The documents' tokens one after another in ``out``."""
-        src, dst, size, at = self._token_bytes, memoryview(out).cast("B"), self.tokens.itemsize, 0
+        src, dst, size, at = self._token_bytes, _bytes_of(out), self.tokens.itemsize, 0
         for start, n in zip(starts.tolist(), lens.tolist(), strict=True):
             dst[at : at + n * size] = src[start * size : (start + n) * size]
             at += n * size
@@ -163,7 +163,7 @@ class TokenDataset:
         out = writer.alloc((len(idx), longest), self.dtype)
         if sizes and min(sizes) < longest:
             out.fill_(padding_value)
-        src, dst, size = self._token_bytes, memoryview(out.numpy()).cast("B"), self.tokens.itemsize
+        src, dst, size = self._token_bytes, _bytes_of(out.numpy()), self.tokens.itemsize
         at, row = 0, longest * size
         for start, n in zip(starts.tolist(), sizes, strict=True):
             dst[at : at + n * size] = src[start * size : (start + n) * size]
@@ -195,6 +195,11 @@ class TokenDataset:
         if isinstance(recipe, PackRecipe) and not self.lengths:
             return lambda idx, w: self._pack(idx, w, recipe)
         return None  # pack with lengths=true: the collate itself says what it needs
+
+
+def _bytes_of(array: np.ndarray) -> memoryview:
+    """A C-contiguous array's bytes, writable where it is (memoryview refuses to cast an empty one)."""
+    return array.data.cast("B") if array.size else memoryview(bytearray())
 
 
 def from_spec(rest: str) -> TokenDataset:
