@@ -6,7 +6,7 @@ left beyond ``--batches``) are not counted.
 
 ``python -m batchferry.benchmarks.cpu W4T shm [--batches 1400] [--server-flags "--group-bytes 0"]``;
 ``python -m batchferry.benchmarks.cpu W2 grpc --batches 80 --receive-processes`` adds the
-receiver processes' share.
+receiver processes' share; ``--compression lz4`` sets the loader's ``compression=``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,12 @@ def _cpu(proc: psutil.Process) -> float:
 
 
 def measure(
-    workload: str, transport: str, batches: int, server_flags: list[str], receivers: bool = False
+    workload: str,
+    transport: str,
+    batches: int,
+    server_flags: list[str],
+    receivers: bool = False,
+    compression: str | None = None,
 ) -> dict[str, float]:
     """Batches/s and CPU microseconds per batch by process (``workers`` and ``receivers`` summed)."""
     w = WORKLOADS[workload]
@@ -39,7 +44,7 @@ def measure(
         server = next(p for p in psutil.Process().children() if "serve" in " ".join(p.cmdline()))
         with DataLoader(
             address, workload, w.batch_size, shuffle=True, transport=transport, collate_fn=w.collate,
-            receive_processes=receivers,
+            receive_processes=receivers, compression=compression,
         ) as dl:  # fmt: skip
             if batches >= len(dl):
                 raise SystemExit(f"--batches {batches}: an epoch of {workload} has only {len(dl)}")
@@ -74,9 +79,15 @@ def main() -> None:
     parser.add_argument(
         "--receive-processes", action="store_true", help="the loader's receive_processes=True"
     )
+    parser.add_argument("--compression", default=None, help="the loader's compression= (byte stream)")
     args = parser.parse_args()
     r = measure(
-        args.workload, args.transport, args.batches, shlex.split(args.server_flags), args.receive_processes
+        args.workload,
+        args.transport,
+        args.batches,
+        shlex.split(args.server_flags),
+        args.receive_processes,
+        args.compression,
     )
     relayed = f", receivers {r['receivers_us']:.0f}" if args.receive_processes else ""
     print(
