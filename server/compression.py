@@ -4,7 +4,10 @@ A stream asks for a codec (OpenStream.compression); each batch then goes compres
 only if it pays: its first chunk is compressed as a trial, and when that does not
 shrink by :data:`MIN_RATIO` the whole batch goes raw (BatchHeader.codec says which),
 so incompressible payloads (images, float noise) cost one chunk's compression per
-batch, not a slower stream. Payloads sent by slot (same host) are never compressed.
+batch, not a slower stream. After a trial that does not pay, a stream's next batches
+go raw without one (1, then 2, 4, ... up to :data:`MAX_SKIP`), so a stream of them
+spends about a sixteenth of that; a trial that pays starts over. Payloads sent by slot
+(same host) are never compressed.
 
 Cost: compression runs in the thread that hands the stream's messages to gRPC, one
 chunk at a time as gRPC takes them (so a stream still holds one chunk in memory);
@@ -23,25 +26,51 @@ from batchferry import codec
 from batchferry import layout as _layout
 from batchferry.v1 import loader_pb2 as _pb2
 
-__all__ = ["MIN_RATIO", "payload_messages"]
+__all__ = ["MAX_SKIP", "MIN_RATIO", "Trials", "payload_messages"]
 
 log = logging.getLogger("batchferry.server")
 
 # A batch goes compressed only if its first chunk shrinks at least this much.
 MIN_RATIO = 1.1
+# The most batches sent raw without a trial after trials that did not pay.
+MAX_SKIP = 16
 _warned = False
 
 
+class Trials:
+    """One stream's trials: which batches try compression (one thread, the stream's)."""
+
+    def __init__(self) -> None:
+        self._skip = 0  # batches to send raw after the next trial that does not pay, halved
+        self._left = 0  # batches still to send raw without a trial
+
+    def due(self) -> bool:
+        if self._left:
+            self._left -= 1
+            return False
+        return True
+
+    def record(self, paid: bool) -> None:
+        self._skip = 0 if paid else min(MAX_SKIP, max(1, 2 * self._skip))
+        self._left = self._skip
+
+
 def payload_messages(
-    payload: np.ndarray, chunk: int, wanted: _pb2.Codec, layout: _pb2.Layout
+    payload: np.ndarray, chunk: int, wanted: _pb2.Codec, layout: _pb2.Layout, trials: Trials | None = None
 ) -> tuple[_pb2.Codec, Iterator[bytes]]:
     """The codec this batch goes with, and its payload (uint8, contiguous) as messages of
-    ``chunk`` bytes before compression."""
+    ``chunk`` bytes before compression. ``trials``: the stream's, to skip trials after
+    some that did not pay."""
     if wanted == _pb2.CODEC_NONE or payload.nbytes == 0 or not _can_compress():
+        return _pb2.CODEC_NONE, _raw(payload, chunk)
+    if trials is not None and not trials.due():
         return _pb2.CODEC_NONE, _raw(payload, chunk)
     typesize = _layout.element_size(layout)
     first = codec.compress(payload[:chunk], wanted, typesize)
-    if len(first) * MIN_RATIO > min(chunk, payload.nbytes):
+    paid = len(first) * MIN_RATIO <= min(chunk, payload.nbytes)
+    if trials is not None:
+        trials.record(paid)
+    if not paid:
         return _pb2.CODEC_NONE, _raw(payload, chunk)
     return wanted, _compressed(payload, chunk, wanted, typesize, first)
 

@@ -43,6 +43,7 @@ def byte_frames(
     chunk: int,
     done: Callable[[], None],
     codec: _pb2.Codec = _pb2.CODEC_NONE,
+    trials: compression.Trials | None = None,
 ) -> Iterator[bytes]:
     """Byte stream: the header, then the payload in chunks (compressed with ``codec`` when
     that pays, see server/compression.py); ``done()`` once the last chunk is out (or the
@@ -51,7 +52,7 @@ def byte_frames(
     size = built.payload_bytes
     try:
         payload = built.lease.segment.array(size)
-        used, messages = compression.payload_messages(payload, chunk, codec, built.layout)
+        used, messages = compression.payload_messages(payload, chunk, codec, built.layout, trials)
         header = _header(built)
         header.num_chunks, header.codec = -(-size // chunk), used
         yield _pb2.ServerFrame(batch=header).SerializeToString()

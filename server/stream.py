@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from batchferry.sampling import EpochOrder
 
-from . import framing
+from . import compression, framing
 from .builder import Builder, Built
 from .credits import ClientMessages, Held
 from .jobs import Consumer, Job
@@ -78,6 +78,8 @@ class Stream:
     hold_share: Callable[[int], int] = lambda _bytes: 1 << 30
     # Batches per group in the modes that build groups (independent and sharded).
     group: GroupSize = field(default_factory=lambda: GroupSize(0))
+    # Which byte-stream batches try compression (server/compression.py).
+    trials: compression.Trials = field(default_factory=compression.Trials)
     job: Job | None = None
     consumer: Consumer | None = None
     # Sees each batch's frames go out, with the transport that carries them (server/metrics.py).
@@ -107,7 +109,9 @@ class Stream:
         if self.plan.shm and self.messages.held < hold:
             self.messages.hold(built.index, held)
             return self.observe(iter([framing.shm_frame(built)]), "shm", built)
-        frames = framing.byte_frames(built, self.plan.chunk_bytes, held.release, self.plan.codec)
+        frames = framing.byte_frames(
+            built, self.plan.chunk_bytes, held.release, self.plan.codec, self.trials
+        )
         return self.observe(frames, "grpc", built)
 
     def progress(self, position: int) -> None:

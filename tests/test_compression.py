@@ -229,6 +229,34 @@ def test_invalid_compression_values_are_refused(srv: Server, value: object) -> N
         DataLoader(srv.address, "ints", 4, compression=value)  # type: ignore[arg-type]
 
 
+def test_after_trials_that_do_not_pay_batches_go_raw_without_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = codec.compress
+    monkeypatch.setattr(codec, "compress", lambda *a: calls.append(1) or real(*a))
+    noise = np.random.default_rng(2).integers(0, 256, 3 * CHUNK, np.uint8)
+    tokens = (np.arange(3 * CHUNK // 8, dtype=np.int64) % 900).view(np.uint8)
+    layout = pb.Layout(root=pb.Node(tensor=pb.TensorSpec(dtype=pb.INT64, shape=[3 * CHUNK // 8])))
+    trials = server_compression.Trials()
+
+    def send(payload: np.ndarray) -> tuple[int, int]:
+        """The codec a batch went with, and the chunks compressed for it."""
+        before = len(calls)
+        used, messages = server_compression.payload_messages(payload, CHUNK, pb.CODEC_LZ4, layout, trials)
+        list(messages)
+        return used, len(calls) - before
+
+    tried = [send(noise) for _ in range(64)]
+    assert all(used == pb.CODEC_NONE for used, _ in tried)
+    # Trials at batches 0, 2, 5, 10, 19, 36, 53: then one in MAX_SKIP + 1.
+    assert [i for i, (_, n) in enumerate(tried) if n] == [0, 2, 5, 10, 19, 36, 53]
+    assert all(n in (0, 1) for _, n in tried)
+    # Compressible data again: raw until the next trial (batch 70: 53 + MAX_SKIP + 1),
+    # compressed from then on.
+    after = [send(tokens) for _ in range(20)]
+    assert after[:6] == [(pb.CODEC_NONE, 0)] * 6
+    assert after[6:] == [(pb.CODEC_LZ4, 3)] * 14
+
+
 def test_a_missing_blosc2_names_the_extra(srv: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     codec.load.cache_clear()
     monkeypatch.setitem(sys.modules, "blosc2", None)  # import blosc2 -> ImportError
