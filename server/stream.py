@@ -109,9 +109,7 @@ class Stream:
         if self.plan.shm and self.messages.held < hold:
             self.messages.hold(built.index, held)
             return self.observe(iter([framing.shm_frame(built)]), "shm", built)
-        frames = framing.byte_frames(
-            built, self.plan.chunk_bytes, held.release, self.plan.codec, self.trials
-        )
+        frames = framing.byte_frames(built, self.plan.chunk_bytes, held.release, self.plan.codec, self.trials)
         return self.observe(frames, "grpc", built)
 
     def progress(self, position: int) -> None:
