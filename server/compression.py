@@ -6,7 +6,7 @@ shrink by :data:`MIN_RATIO` the whole batch goes raw (BatchHeader.codec says whi
 so incompressible payloads (images, float noise) cost one chunk's compression per
 batch, not a slower stream. After a trial that does not pay, a stream's next batches
 go raw without one (1, then 2, 4, ... up to :data:`MAX_SKIP`), so a stream of them
-spends about a sixteenth of that; a trial that pays starts over. Payloads sent by slot
+spends about a seventeenth of that; a trial that pays starts over. Payloads sent by slot
 (same host) are never compressed.
 
 Cost: compression runs in the thread that hands the stream's messages to gRPC, one
