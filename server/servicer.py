@@ -41,7 +41,7 @@ from .orders import Orders
 from .plan import Catalog, Plan, plan
 from .ring import SlotRing
 from .status import Abort, StreamGone, invalid
-from .stream import GroupSize, Stream
+from .stream import GroupHistory, GroupSize, Stream
 from .workers import WorkerPool
 
 __all__ = ["LoaderService"]
@@ -93,6 +93,7 @@ class LoaderService:
         self._per_peer: Counter[str] = Counter()
         self._closing = threading.Event()
         self._samples = {name: _first_sample(ds) for name, ds in datasets.items()}
+        self._groups = GroupHistory()
         self._infos = [
             _pb2.DatasetInfo(
                 name=name,
@@ -283,6 +284,7 @@ class LoaderService:
             messages.on_credit.append(lambda taken: setattr(taker, "taken", taken))
         messages.start(the_plan.credits)
         ticket = self._pool.open_stream()
+        group_key = (the_plan.dataset, the_plan.collate, the_plan.batch_size)
         stream = Stream(
             plan=the_plan,
             order=order,
@@ -296,7 +298,8 @@ class LoaderService:
             group=GroupSize(
                 min(self._config.group_bytes, self._ring.max_bytes // self._ring.target_slots)
                 if the_plan.groups
-                else 0
+                else 0,
+                seed=self._groups.get(group_key),
             ),
             job=job,
             consumer=consumer,
@@ -315,6 +318,7 @@ class LoaderService:
             self._check_client(messages)
         finally:
             self._pool.close_stream(ticket)  # its builds not yet started are skipped
+            self._groups.put(group_key, stream.group.state())
             if job is not None and consumer is not None:
                 self._jobs.leave(job, consumer)
 

@@ -8,7 +8,8 @@ and waits for the client's releases), or False when the client stopped early.
 
 from __future__ import annotations
 
-from collections import deque
+import threading
+from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from .credits import ClientMessages, Held
 from .jobs import Consumer, Job
 from .plan import Plan
 
-__all__ = ["GroupSize", "Sender", "Stream"]
+__all__ = ["GroupHistory", "GroupSize", "Sender", "Stream"]
 
 _HOLD_MARGIN = 4  # slots a same-host client may hold beyond its credits
 
@@ -29,18 +30,24 @@ class GroupSize:
     """How many consecutive small batches to build and send as one group (one worker task,
     slot, frame, credit and release): enough to share those per-frame costs, which are
     about a millisecond of CPU, few enough that a group stays within ``max_bytes`` and
-    quick to build. A stream's first batches go one at a time until their size and
-    build time are known, so the first batch comes no later than without groups.
+    quick to build. A stream's first batch goes alone, so it comes no later than without
+    groups. Later batches go one at a time until their size and build time are known,
+    from this stream's builds or, with ``seed``, from an earlier stream of the same
+    batches (:class:`GroupHistory`).
     """
 
     MAX_BATCHES = 64
     MAX_SECONDS = 0.005  # a worker's time to build one group: the latency it adds
     RECENT = 16  # builds whose largest batch sizes the next groups
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, seed: tuple[int, float] | None = None) -> None:
         self._max_bytes = max_bytes
         self._largest: deque[int] = deque(maxlen=self.RECENT)  # of each recent build
         self._seconds = 0.0  # per batch: a moving average
+        self._first = True
+        if seed is not None:
+            self._largest.append(seed[0])
+            self._seconds = seed[1]
 
     def observe(self, built: Built) -> None:
         self._largest.append(built.largest_bytes)
@@ -53,11 +60,40 @@ class GroupSize:
         batch passes; the slot then holds one batch that large besides, see Builder)."""
         return max(self._largest, default=0)
 
+    def state(self) -> tuple[int, float] | None:
+        """What an estimate for a later stream of the same batches starts from (None: nothing seen)."""
+        return (self.batch_bytes, self._seconds) if self._largest and self._seconds else None
+
     def __call__(self) -> int:
-        if not self._largest or self._max_bytes <= 0:
+        first, self._first = self._first, False
+        if first or not self._largest or self._max_bytes <= 0:
             return 1
         by_time = self.MAX_SECONDS / self._seconds if self._seconds else self.MAX_BATCHES
         return max(1, min(self.MAX_BATCHES, self._max_bytes // max(1, self.batch_bytes), int(by_time)))
+
+
+class GroupHistory:
+    """The last group estimate per (dataset, collate, batch size), so that a stream of
+    batches served before (the next epoch, a reconnect, another trainer) builds groups
+    from its second build on. Shared by the server's streams; at most ``size`` entries."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[str, str, int], tuple[int, float]] = OrderedDict()
+
+    def get(self, key: tuple[str, str, int]) -> tuple[int, float] | None:
+        with self._lock:
+            return self._entries.get(key)
+
+    def put(self, key: tuple[str, str, int], state: tuple[int, float] | None) -> None:
+        if state is None:
+            return
+        with self._lock:
+            self._entries[key] = state
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
 
 
 @dataclass

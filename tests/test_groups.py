@@ -18,7 +18,7 @@ from batchferry import errors, layout, wire
 from batchferry.client import DataLoader
 from batchferry.server import Server
 from batchferry.server.ring import SlotState
-from batchferry.server.stream import GroupSize
+from batchferry.server.stream import GroupHistory, GroupSize
 from batchferry.v1 import loader_pb2 as pb
 
 from support import FailsAt, Spiky, assert_same, wait_until
@@ -165,9 +165,35 @@ def test_group_size_starts_at_one_and_stays_within_bytes_and_build_time() -> Non
         size.observe(_Built(8, 8192, 1e-5))  # type: ignore[arg-type]
     assert size() == GroupSize.MAX_BATCHES  # the large one has passed
     slow = GroupSize(1 << 30)
+    assert slow() == 1
     slow.observe(_Built(1, 64, 0.002))  # type: ignore[arg-type]
     assert slow() == 2  # 5 ms of building per group at most
     assert GroupSize(0)() == 1
+
+
+def test_a_seeded_group_size_sends_the_first_batch_alone_then_groups() -> None:
+    size = GroupSize(1 << 20, seed=(256 << 10, 1e-5))
+    assert [size() for _ in range(3)] == [1, 4, 4]  # the first batch's latency is unchanged
+    assert size.state() == (256 << 10, 1e-5)
+    assert GroupSize(1 << 20).state() is None  # nothing seen: nothing to pass on
+    history = GroupHistory(size=2)
+    for key in [("a", "c", 1), ("b", "c", 1), ("c", "c", 1)]:
+        history.put(key, (1, 1.0))
+    history.put(("d", "c", 1), None)
+    assert history.get(("a", "c", 1)) is None and history.get(("c", "c", 1)) == (1, 1.0)
+    assert history.get(("d", "c", 1)) is None
+
+
+def test_a_later_stream_of_the_same_batches_groups_from_its_second_build(tensor_ds) -> None:
+    with Server({"tensor": tensor_ds}, port=0, num_workers=2) as srv:
+        first = [1 + len(h.more) for h, _ in _frames(srv.address, _open("tensor", 2))]
+        again = [1 + len(h.more) for h, _ in _frames(srv.address, _open("tensor", 2))]
+        other = [1 + len(h.more) for h, _ in _frames(srv.address, _open("tensor", 3))]
+    # The first stream builds several batches ahead before any has told it their size.
+    assert first[:2] == [1, 1] and max(first) > 1
+    assert again[0] == 1 and again[1] > 1
+    assert other[:2] == [1, 1]  # another batch size: another estimate
+    assert sum(first) == sum(again) == -(-len(tensor_ds) // 2)
 
 
 def test_batches_the_client_chooses_are_grouped_from_what_has_arrived(tensor_ds) -> None:
