@@ -4,10 +4,10 @@ A stream asks for a codec (OpenStream.compression); each batch then goes compres
 only if it pays: its first chunk is compressed as a trial, and when that does not
 shrink by :data:`MIN_RATIO` the whole batch goes raw (BatchHeader.codec says which),
 so incompressible payloads (images, float noise) cost one chunk's compression per
-batch, not a slower stream. After a trial that does not pay, a stream's next batches
-go raw without one (1, then 2, 4, ... up to :data:`MAX_SKIP`), so a stream of them
-spends about a seventeenth of that; a trial that pays starts over. Payloads sent by slot
-(same host) are never compressed.
+batch, not a slower stream. After a trial that does not pay, a stream's next frames
+(a frame: one batch, or a group of small ones) go raw without one (1, then 2, 4, ... up
+to :data:`MAX_SKIP`), so a stream of them spends about a seventeenth of that; a trial
+that pays starts over. Payloads sent by slot (same host) are never compressed.
 
 Cost: compression runs in the thread that hands the stream's messages to gRPC, one
 chunk at a time as gRPC takes them (so a stream still holds one chunk in memory);
@@ -32,17 +32,17 @@ log = logging.getLogger("batchferry.server")
 
 # A batch goes compressed only if its first chunk shrinks at least this much.
 MIN_RATIO = 1.1
-# The most batches sent raw without a trial after trials that did not pay.
+# The most frames sent raw without a trial after trials that did not pay.
 MAX_SKIP = 16
 _warned = False
 
 
 class Trials:
-    """One stream's trials: which batches try compression (one thread, the stream's)."""
+    """One stream's trials: which frames try compression (one thread, the stream's)."""
 
     def __init__(self) -> None:
-        self._skip = 0  # batches to send raw after the next trial that does not pay, halved
-        self._left = 0  # batches still to send raw without a trial
+        self._skip = 0  # frames to send raw after the next trial that does not pay, halved
+        self._left = 0  # frames still to send raw without a trial
 
     def due(self) -> bool:
         if self._left:

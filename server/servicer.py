@@ -284,7 +284,8 @@ class LoaderService:
             messages.on_credit.append(lambda taken: setattr(taker, "taken", taken))
         messages.start(the_plan.credits)
         ticket = self._pool.open_stream()
-        group_key = (the_plan.dataset, the_plan.collate, the_plan.batch_size)
+        # Client-chosen batches (a batch_sampler) come with batch_size 1 but are any size.
+        group_key = (the_plan.dataset, the_plan.collate, the_plan.batch_size, the_plan.client_batches)
         stream = Stream(
             plan=the_plan,
             order=order,

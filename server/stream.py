@@ -45,11 +45,16 @@ class GroupSize:
         self._largest: deque[int] = deque(maxlen=self.RECENT)  # of each recent build
         self._seconds = 0.0  # per batch: a moving average
         self._first = True
+        self._seeded = seed is not None  # until this stream's own first build replaces it
         if seed is not None:
             self._largest.append(seed[0])
             self._seconds = seed[1]
 
     def observe(self, built: Built) -> None:
+        if self._seeded:  # another stream's estimate only stands in until this one's own
+            self._seeded = False
+            self._largest.clear()
+            self._seconds = 0.0
         self._largest.append(built.largest_bytes)
         seconds = built.seconds / built.count
         self._seconds = seconds if not self._seconds else 0.8 * self._seconds + 0.2 * seconds
@@ -61,8 +66,11 @@ class GroupSize:
         return max(self._largest, default=0)
 
     def state(self) -> tuple[int, float] | None:
-        """What an estimate for a later stream of the same batches starts from (None: nothing seen)."""
-        return (self.batch_bytes, self._seconds) if self._largest and self._seconds else None
+        """What a later stream of the same batches starts from: this stream's own builds
+        (None when it saw none, so an estimate is never passed on unconfirmed)."""
+        if self._seeded or not self._largest or not self._seconds:
+            return None
+        return self.batch_bytes, self._seconds
 
     def __call__(self) -> int:
         first, self._first = self._first, False
@@ -73,20 +81,20 @@ class GroupSize:
 
 
 class GroupHistory:
-    """The last group estimate per (dataset, collate, batch size), so that a stream of
+    """The last group estimate per (dataset, collate, batch size, client-chosen batches), so that a stream of
     batches served before (the next epoch, a reconnect, another trainer) builds groups
     from its second build on. Shared by the server's streams; at most ``size`` entries."""
 
     def __init__(self, size: int = 256) -> None:
         self._size = size
         self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple[str, str, int], tuple[int, float]] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str, int, bool], tuple[int, float]] = OrderedDict()
 
-    def get(self, key: tuple[str, str, int]) -> tuple[int, float] | None:
+    def get(self, key: tuple[str, str, int, bool]) -> tuple[int, float] | None:
         with self._lock:
             return self._entries.get(key)
 
-    def put(self, key: tuple[str, str, int], state: tuple[int, float] | None) -> None:
+    def put(self, key: tuple[str, str, int, bool], state: tuple[int, float] | None) -> None:
         if state is None:
             return
         with self._lock:

@@ -132,11 +132,12 @@ class _TaskRunner:
         index, generation = task.ticket
         if index and self._tickets[index] != generation:
             return Result(task.task_id, "cancelled")
-        start = time.perf_counter()
         layouts: list[bytes] = []
         gathered = 0
+        start = time.perf_counter()
         try:
             ds, gather = self.dataset(task.dataset)
+            start = time.perf_counter()  # the build, not a first task's loading the dataset
             segment, _ = self._mappings.get(task.slot_name)
             writer = SlotWriter(segment.tensor(task.slot_bytes))
             collate = self._collates[task.collate]

@@ -174,14 +174,16 @@ def test_group_size_starts_at_one_and_stays_within_bytes_and_build_time() -> Non
 def test_a_seeded_group_size_sends_the_first_batch_alone_then_groups() -> None:
     size = GroupSize(1 << 20, seed=(256 << 10, 1e-5))
     assert [size() for _ in range(3)] == [1, 4, 4]  # the first batch's latency is unchanged
-    assert size.state() == (256 << 10, 1e-5)
-    assert GroupSize(1 << 20).state() is None  # nothing seen: nothing to pass on
+    assert size.state() is None  # nothing of its own yet: a seed is never passed on unconfirmed
+    size.observe(_Built(2, 8192, 6e-5))  # type: ignore[arg-type]
+    assert size.batch_bytes == 8192 and size.state() == (8192, 3e-5)  # its own build replaces the seed
+    assert GroupSize(1 << 20).state() is None
     history = GroupHistory(size=2)
-    for key in [("a", "c", 1), ("b", "c", 1), ("c", "c", 1)]:
+    for key in [("a", "c", 1, False), ("b", "c", 1, False), ("c", "c", 1, False)]:
         history.put(key, (1, 1.0))
-    history.put(("d", "c", 1), None)
-    assert history.get(("a", "c", 1)) is None and history.get(("c", "c", 1)) == (1, 1.0)
-    assert history.get(("d", "c", 1)) is None
+    history.put(("d", "c", 1, False), None)
+    assert history.get(("a", "c", 1, False)) is None and history.get(("c", "c", 1, False)) == (1, 1.0)
+    assert history.get(("d", "c", 1, False)) is None
 
 
 def test_a_later_stream_of_the_same_batches_groups_from_its_second_build(tensor_ds) -> None:

@@ -122,9 +122,19 @@ def test_break_mid_epoch_then_a_full_epoch(server: Server, tensor_ds) -> None:
         assert_same(list(loader), ref)
 
 
-def test_a_receiver_killed_mid_epoch_is_replaced_and_nothing_is_lost(server: Server, tensor_ds) -> None:
-    ref = list(TorchLoader(tensor_ds, 4, shuffle=True, generator=torch.Generator().manual_seed(6)))
-    with _loader(server.address, "tensor", 4, True, seed=6, streams=2, timeout=30) as loader:
+@pytest.fixture(scope="module")
+def long_epoch() -> Iterator[tuple[Server, torch.utils.data.TensorDataset]]:
+    """An epoch of 1,000 small batches: far more than a stream has in flight, so a receiver
+    killed or stopped a few batches in still has most of its stream to carry."""
+    ds = torch.utils.data.TensorDataset(torch.arange(8000, dtype=torch.float32).reshape(4000, 2))
+    with Server({"long": ds}, port=0, num_workers=1) as srv:
+        yield srv, ds
+
+
+def test_a_receiver_killed_mid_epoch_is_replaced_and_nothing_is_lost(long_epoch) -> None:
+    server, dataset = long_epoch
+    ref = list(TorchLoader(dataset, 4, shuffle=True, generator=torch.Generator().manual_seed(6)))
+    with _loader(server.address, "long", 4, True, seed=6, streams=2, timeout=30) as loader:
         it = iter(loader)
         got = [next(it) for _ in range(5)]
         victims = loader._receivers.pids()  # type: ignore[union-attr]
@@ -135,11 +145,12 @@ def test_a_receiver_killed_mid_epoch_is_replaced_and_nothing_is_lost(server: Ser
     assert_same(got, ref)
 
 
-def test_a_stuck_receiver_is_replaced_and_the_epoch_completes(server: Server, tensor_ds) -> None:
+def test_a_stuck_receiver_is_replaced_and_the_epoch_completes(long_epoch) -> None:
     """A receiver that stops (SIGSTOP: swapped out, a debugger) leaves its stream silent;
     after timeout= the loader pings it, gets no answer, kills it and goes on with a fresh one."""
-    ref = list(TorchLoader(tensor_ds, 4, shuffle=True, generator=torch.Generator().manual_seed(8)))
-    with _loader(server.address, "tensor", 4, True, seed=8, streams=2, timeout=3) as loader:
+    server, dataset = long_epoch
+    ref = list(TorchLoader(dataset, 4, shuffle=True, generator=torch.Generator().manual_seed(8)))
+    with _loader(server.address, "long", 4, True, seed=8, streams=2, timeout=3) as loader:
         it = iter(loader)
         got = [next(it) for _ in range(3)]
         stuck = loader._receivers.pids()[1]  # type: ignore[union-attr]
