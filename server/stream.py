@@ -51,10 +51,9 @@ class GroupSize:
             self._seconds = seed[1]
 
     def observe(self, built: Built) -> None:
-        if self._seeded:  # another stream's estimate only stands in until this one's own
+        if self._seeded:  # sizes: this stream's own replace the seed's; times: averaged in
             self._seeded = False
             self._largest.clear()
-            self._seconds = 0.0
         self._largest.append(built.largest_bytes)
         seconds = built.seconds / built.count
         self._seconds = seconds if not self._seconds else 0.8 * self._seconds + 0.2 * seconds
