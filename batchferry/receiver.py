@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import grpc
@@ -119,6 +119,11 @@ class Link:
         self.sock.close()
 
 
+# The fields Settings shares with ClientSecurity: what crosses to a receiver process.
+_SECURITY = ("tls", "root_certificates", "client_cert", "client_key", "token", "server_name")
+_PEM = ("root_certificates", "client_cert", "client_key")  # bytes: base64 in JSON
+
+
 @dataclass(frozen=True)
 class Settings:
     """What a receiver needs to reach the server as its loader would."""
@@ -133,26 +138,16 @@ class Settings:
     server_name: str = ""
 
     def to_json(self) -> bytes:
-        def b64(value: bytes | None) -> str | None:
-            return base64.b64encode(value).decode() if value is not None else None
-
-        return json.dumps(
-            {
-                "target": self.target,
-                "max_slots": self.max_slots,
-                "tls": self.tls,
-                "root_certificates": b64(self.root_certificates),
-                "client_cert": b64(self.client_cert),
-                "client_key": b64(self.client_key),
-                "token": self.token,
-                "server_name": self.server_name,
-            }
-        ).encode()
+        data: dict[str, Any] = asdict(self)
+        for key in _PEM:
+            if data[key] is not None:
+                data[key] = base64.b64encode(data[key]).decode()
+        return json.dumps(data).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Settings:
         data: dict[str, Any] = json.loads(raw)
-        for key in ("root_certificates", "client_cert", "client_key"):
+        for key in _PEM:
             if data[key] is not None:
                 data[key] = base64.b64decode(data[key])
         return cls(**data)
@@ -160,26 +155,10 @@ class Settings:
     @classmethod
     def of(cls, target: str, max_slots: int, security: ClientSecurity) -> Settings:
         """A loader's security, as far as another process can take it (not ``credentials``)."""
-        return cls(
-            target=target,
-            max_slots=max_slots,
-            tls=security.tls,
-            root_certificates=security.root_certificates,
-            client_cert=security.client_cert,
-            client_key=security.client_key,
-            token=security.token,
-            server_name=security.server_name,
-        )
+        return cls(target, max_slots, **{name: getattr(security, name) for name in _SECURITY})
 
     def security(self) -> ClientSecurity:
-        return ClientSecurity(
-            tls=self.tls,
-            root_certificates=self.root_certificates,
-            client_cert=self.client_cert,
-            client_key=self.client_key,
-            token=self.token,
-            server_name=self.server_name,
-        )
+        return ClientSecurity(**{name: getattr(self, name) for name in _SECURITY})
 
 
 class _Cancelled(Exception):

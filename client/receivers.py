@@ -314,8 +314,8 @@ class Receivers:
                 current.close()
                 if dead:  # one killed while starting may have left its owner file behind
                     shm.remove_stale()
-            receiver = self._receivers[stream] = Receiver(_r.Settings.of(target, max_slots, self._security))
-            return receiver
+            self._receivers[stream] = Receiver(_r.Settings.of(target, max_slots, self._security))
+            return self._receivers[stream]
 
     def current(self, stream: int) -> Receiver | None:
         with self._lock:

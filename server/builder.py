@@ -151,14 +151,14 @@ class Builder:
             return self._submit((index,), samples, (), 0, wait=wait)
         assert self._order is not None  # streams of the client's own batches pass them
         size = self._plan.batch_size
-        if more and more == tuple(range(index + 1, index + 1 + len(more))):
-            # Consecutive batches (no replicas): one slice of the order for the group.
-            samples = self._order.batches(index, 1 + len(more), size).numpy()
-            sizes = tuple(min(size, len(samples) - k * size) for k in range(1 + len(more)))
-            if sizes[-1] > 0:
-                return self._submit((index, *more), samples, sizes, batch_bytes, wait=wait)
-        batches = [(i, self._order.batch(i, size).numpy()) for i in (index, *more)]
-        return self.start_lists(batches, wait, batch_bytes)
+        if more != tuple(range(index + 1, index + 1 + len(more))):  # replicas': strided
+            return self.start_lists(
+                [(i, self._order.batch(i, size).numpy()) for i in (index, *more)], wait, batch_bytes
+            )
+        # Consecutive batches: one slice of the order for all of them.
+        samples = self._order.batches(index, 1 + len(more), size).numpy()
+        sizes = tuple(min(size, len(samples) - k * size) for k in range(1 + len(more))) if more else ()
+        return self._submit((index, *more), samples, sizes, batch_bytes if more else 0, wait=wait)
 
     def start_lists(
         self, batches: list[tuple[int, np.ndarray]], wait: bool, batch_bytes: int = 0
