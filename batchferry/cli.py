@@ -143,13 +143,14 @@ def _datasets(args: argparse.Namespace) -> int:
 def _jobs(args: argparse.Namespace) -> int:
     import json
 
+    from batchferry import protocol
     from batchferry.v1 import loader_pb2 as _pb2
 
     raw = _ask(args, wire.LIST_JOBS)
     if raw is None:
         return 1
     jobs = _pb2.ListJobsResponse.FromString(raw).jobs
-    modes = {job.name: _pb2.Mode.Name(job.mode).removeprefix("MODE_").lower() for job in jobs}
+    modes = {job.name: protocol.MODE_NAMES.get(job.mode, "unknown") for job in jobs}
     if args.json:
         print(json.dumps({"jobs": [
             {

@@ -18,6 +18,7 @@ from batchferry.v1 import loader_pb2 as _pb2
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "GET_SAMPLE",
     "LIST_DATASETS",
     "LIST_JOBS",
     "MAX_CHUNK_BYTES",
@@ -36,6 +37,7 @@ SERVICE = _SERVICE_DESC.full_name
 LIST_DATASETS = f"/{SERVICE}/{_SERVICE_DESC.methods_by_name['ListDatasets'].name}"
 STREAM_BATCHES = f"/{SERVICE}/{_SERVICE_DESC.methods_by_name['StreamBatches'].name}"
 LIST_JOBS = f"/{SERVICE}/{_SERVICE_DESC.methods_by_name['ListJobs'].name}"
+GET_SAMPLE = f"/{SERVICE}/{_SERVICE_DESC.methods_by_name['GetSample'].name}"
 
 # gRPC-Python moves messages of a few MiB far faster than tens of MiB.
 DEFAULT_CHUNK_BYTES = 4 << 20

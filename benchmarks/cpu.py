@@ -53,7 +53,7 @@ def measure(
                 next(it)
             others = server.children(recursive=True)
             me = psutil.Process()
-            relays = [p for p in me.children() if "batchferry.receiver" in p.cmdline()]
+            relays = [p for p in me.children() if "batchferry.relay.child" in p.cmdline()]
             before = [_cpu(p) for p in (me, server, *others, *relays)]
             start = time.perf_counter()
             for _ in range(batches):

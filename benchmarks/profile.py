@@ -97,7 +97,7 @@ def main(
         window = max(1.0, seconds / 2 - 1)
         report["server_gil"] = _gil(server.pid, window)
         report["client_gil"] = _gil(client.pid, window)
-        relays = [p for p in psutil.Process(client.pid).children() if "batchferry.receiver" in p.cmdline()]
+        relays = [p for p in psutil.Process(client.pid).children() if "batchferry.relay.child" in p.cmdline()]
         if relays:
             report["receiver_gil"] = _gil(relays[0].pid, window)
         out, _ = client.communicate(timeout=seconds + 120)

@@ -1,6 +1,8 @@
 """The batchferry client (``batchferry.client``): a DataLoader fed by a loader server."""
 
-from .loader import DataLoader, LoaderConfig
+from .dataset import RemoteDataset
+from .loader import DataLoader
+from .options import LoaderConfig
 from .stats import LoaderStats
 
-__all__ = ["DataLoader", "LoaderConfig", "LoaderStats"]
+__all__ = ["DataLoader", "LoaderConfig", "LoaderStats", "RemoteDataset"]

@@ -1,6 +1,6 @@
-"""One epoch's batch stream from a server, received on a background thread.
+"""One epoch's batch stream from a server, read on a background thread.
 
-The receiver reads a batch header and then its payload: raw chunks written
+The reading thread reads a batch header and then its payload: raw chunks written
 straight into a pooled buffer (byte stream), or the server's shared-memory slot
 mapped in place (same host). It decodes the layout into tensors viewing that
 memory and, with a CUDA device, issues the copies to the GPU at once. Up to
@@ -44,11 +44,11 @@ import torch
 from batchferry import cleanup, shm, wire
 from batchferry import layout as _layout
 from batchferry.errors import BatchTimeout, ProtocolError, ServerUnavailable, from_rpc_error
+from batchferry.relay.parent import ReceiverProcess
 from batchferry.v1 import loader_pb2 as _pb2
 
 from .buffers import BufferPool, tracked
 from .device import CudaCopier
-from .receivers import Receiver
 from .segments import SegmentCache
 
 __all__ = ["PENDING", "Batch", "EpochStream"]
@@ -92,11 +92,11 @@ class _Viewed:
 
 
 class EpochStream:
-    """Owns one StreamBatches call and its receiver thread; close() ends both."""
+    """Owns one StreamBatches call and its frame-reading thread; close() ends both."""
 
     def __init__(
         self,
-        channel: grpc.Channel | Receiver,
+        channel: grpc.Channel | ReceiverProcess,
         open_msg: _pb2.OpenStream,
         *,
         pool: BufferPool,
@@ -137,15 +137,15 @@ class EpochStream:
         self._viewed_lock = threading.Lock()
         requests = iter(self._requests.get, None)
         self._call: Any
-        self._relayed = isinstance(channel, Receiver)
-        if isinstance(channel, Receiver):  # received in a process of its own, into slots there
+        self._relayed = isinstance(channel, ReceiverProcess)
+        if isinstance(channel, ReceiverProcess):  # received in a process of its own, into slots there
             self._call = channel.open(requests)
         else:
             call = channel.stream_stream(
                 wire.STREAM_BATCHES, request_serializer=None, response_deserializer=None
             )
             self._call = call(requests, wait_for_ready=True, metadata=metadata)
-        self._thread = threading.Thread(target=self._receive, name="batchferry-receiver", daemon=True)
+        self._thread = threading.Thread(target=self._read_frames, name="batchferry-frame-reader", daemon=True)
         self._thread.start()
         self.start = self._take_start()
 
@@ -156,8 +156,8 @@ class EpochStream:
             raise ProtocolError("server did not begin the stream with a start frame")
         return item
 
-    # -- receiver thread ----------------------------------------------------------------
-    def _receive(self) -> None:
+    # -- frame-reading thread ----------------------------------------------------------------
+    def _read_frames(self) -> None:
         responses: Iterator[bytes] = iter(self._call)
         try:
             first = wire.parse(_pb2.ServerFrame, next(responses))

@@ -38,7 +38,7 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .plan import MODE_NAMES
+from batchferry import protocol
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -273,7 +273,7 @@ def _job_families(registry: JobRegistry) -> Iterator[Metric]:
             per_epoch = max((c.total for c in members), default=0)
             positions = [c.epoch * per_epoch + c.taken for c in members]
             built_count = job.batches_built
-        mode = MODE_NAMES.get(job.settings.mode, "unknown")
+        mode = protocol.MODE_NAMES.get(job.settings.mode, "unknown")
         consumers.add_metric([job.name, mode, job.settings.dataset], len(members))
         built.add_metric([job.name], built_count)
         front = max(positions, default=0)

@@ -10,24 +10,18 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from batchferry import sampling, wire
+from batchferry import protocol, sampling, wire
 from batchferry.v1 import loader_pb2 as _pb2
 
 from .jobs import JobSettings
 from .status import Abort, invalid
 
-__all__ = ["MAX_CREDITS", "MAX_WORLD_SIZE", "MODE_NAMES", "Catalog", "Plan", "plan"]
+__all__ = ["MAX_CREDITS", "MAX_WORLD_SIZE", "Catalog", "Plan", "plan"]
 
 MAX_CREDITS = 64
 MAX_WORLD_SIZE = 1 << 16
 MAX_NAME = 256  # characters in a dataset, collate or job name
 MAX_STRIPES = 16  # streams one client may split a replica's part of an epoch into
-MODE_NAMES: dict[int, str] = {
-    _pb2.MODE_INDEPENDENT: "independent",
-    _pb2.MODE_SHARDED: "sharded",
-    _pb2.MODE_SHARED: "shared",
-    _pb2.MODE_DYNAMIC: "dynamic",
-}
 
 
 @dataclass(frozen=True)
@@ -77,7 +71,7 @@ class Plan:
 
     @property
     def mode_name(self) -> str:
-        return MODE_NAMES[self.mode]
+        return protocol.mode_name(self.mode)
 
     @property
     def local_total(self) -> int:
@@ -94,8 +88,7 @@ class Plan:
 
     def taken_positions(self) -> np.ndarray:
         """The positions ``taken`` marks (sent before this stream opened)."""
-        bits = np.unpackbits(np.frombuffer(self.taken, dtype=np.uint8), bitorder="little")
-        return np.flatnonzero(bits[: self.local_total])
+        return protocol.Bitmap(self.taken).positions(self.local_total)
 
     def batch_index(self, position: int) -> int:
         """Epoch batch index of this replica's ``position``-th batch (num_batches past the end)."""
@@ -138,7 +131,7 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
             f"chunk_bytes must be 0 or in [{wire.MIN_CHUNK_BYTES}, {wire.MAX_CHUNK_BYTES}], "
             f"got {req.chunk_bytes}"
         )
-    if req.mode not in MODE_NAMES:
+    if req.mode not in protocol.MODE_NAMES:
         raise invalid(f"mode: unknown value {req.mode}")
     if req.transport not in (_pb2.TRANSPORT_BYTES, _pb2.TRANSPORT_SHM):
         raise invalid(f"transport: unknown value {req.transport}")
@@ -179,7 +172,7 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
             except ValueError as exc:
                 raise invalid(f"sampler_state: {exc}") from None
     else:
-        mode = MODE_NAMES[req.mode]
+        mode = protocol.mode_name(req.mode)
         if not req.job:
             raise invalid(f"job: required in {mode} mode")
         if not 1 <= req.world_size <= MAX_WORLD_SIZE:

@@ -188,7 +188,7 @@ def receivers_running() -> list[psutil.Process]:
     """Receiver processes (``receive_processes=True``) of any loader on this machine."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
-        if "batchferry.receiver" in (proc.info["cmdline"] or []):
+        if "batchferry.relay.child" in (proc.info["cmdline"] or []):
             found.append(proc)
     return found
 

@@ -15,7 +15,7 @@ from torch.utils.data import DistributedSampler, Subset, TensorDataset
 
 from batchferry import codec, errors, wire
 from batchferry.client import DataLoader
-from batchferry.client import loader as loader_module
+from batchferry.client import connection as loader_module
 from batchferry.server import Server
 from batchferry.server import compression as server_compression
 from batchferry.v1 import loader_pb2 as pb

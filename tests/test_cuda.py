@@ -44,13 +44,13 @@ def test_pinned_pool_is_reused_and_pinned(server: Server) -> None:
         for _ in range(3):
             for batch in loader:
                 del batch
-        assert loader._pool.pin and loader._pool.allocations <= loader._pool.max_buffers
+        assert loader._connection.pool.pin and loader._connection.pool.allocations <= loader._connection.pool.max_buffers
     with DataLoader(server.address, "tensor", 10, device="cuda", prefetch_factor=2) as loader:
         for _ in range(3):
             for batch in loader:
                 del batch
         torch.cuda.synchronize()
-        assert loader._pool.allocations <= loader._pool.max_buffers
+        assert loader._connection.pool.allocations <= loader._connection.pool.max_buffers
 
 
 def test_cuda_batches_match_cpu_batches_bytewise(server: Server) -> None:
@@ -96,4 +96,4 @@ def test_receiver_slots_are_page_locked_in_place_and_copies_complete_before_reus
                 big = big @ big.T / 2048  # the consumer stream lags the copies
                 got.append([x.cpu(), y.cpu()])
             assert_same(got, expected[epoch])
-        assert loader._segments._mapped.registered  # the slots, page-locked once
+        assert loader._connection.segments._mapped.registered  # the slots, page-locked once

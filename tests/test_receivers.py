@@ -59,12 +59,12 @@ def test_torch_order_resume_and_a_second_epoch(server: Server, tensor_ds, stream
         it = iter(loader)
         head = [next(it) for _ in range(5)]
         state = loader.state_dict()
-        assert len(loader._receivers.pids()) == streams  # type: ignore[union-attr]
+        assert len(loader._connection.receivers.pids()) == streams  # type: ignore[union-attr]
         loader.close()
         with _loader(server.address, "tensor", 8, True, seed=1, streams=streams) as again:
             again.load_state_dict(state)
             got = [head + list(again), list(again)]
-            pids = again._receivers.pids()  # type: ignore[union-attr]
+            pids = again._connection.receivers.pids()  # type: ignore[union-attr]
             assert len(pids) == streams and os.getpid() not in pids
             assert again.stats().batches == len(got[0]) - len(head) + len(got[1])
     for epoch in range(2):
@@ -137,11 +137,11 @@ def test_a_receiver_killed_mid_epoch_is_replaced_and_nothing_is_lost(long_epoch)
     with _loader(server.address, "long", 4, True, seed=6, streams=2, timeout=30) as loader:
         it = iter(loader)
         got = [next(it) for _ in range(5)]
-        victims = loader._receivers.pids()  # type: ignore[union-attr]
+        victims = loader._connection.receivers.pids()  # type: ignore[union-attr]
         os.kill(victims[0], signal.SIGKILL)
         got += list(it)
         assert loader.stats().reconnects >= 1
-        assert set(loader._receivers.pids()) != set(victims)  # type: ignore[union-attr]
+        assert set(loader._connection.receivers.pids()) != set(victims)  # type: ignore[union-attr]
     assert_same(got, ref)
 
 
@@ -153,14 +153,14 @@ def test_a_stuck_receiver_is_replaced_and_the_epoch_completes(long_epoch) -> Non
     with _loader(server.address, "long", 4, True, seed=8, streams=2, timeout=3) as loader:
         it = iter(loader)
         got = [next(it) for _ in range(3)]
-        stuck = loader._receivers.pids()[1]  # type: ignore[union-attr]
+        stuck = loader._connection.receivers.pids()[1]  # type: ignore[union-attr]
         os.kill(stuck, signal.SIGSTOP)
         try:
             got += list(it)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(stuck, signal.SIGCONT)
-        assert stuck not in loader._receivers.pids()  # type: ignore[union-attr]
+        assert stuck not in loader._connection.receivers.pids()  # type: ignore[union-attr]
         assert loader.stats().reconnects >= 1
     assert_same(got, ref)
 
@@ -170,14 +170,14 @@ def test_a_receiver_stuck_between_epochs_is_replaced(server: Server, tensor_ds) 
     refs = [list(torch_loader) for _ in range(2)]
     with _loader(server.address, "tensor", 8, True, seed=5, timeout=3) as loader:
         got = [list(loader)]
-        stuck = loader._receivers.pids()[0]  # type: ignore[union-attr]
+        stuck = loader._connection.receivers.pids()[0]  # type: ignore[union-attr]
         os.kill(stuck, signal.SIGSTOP)
         try:
             got.append(list(loader))
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(stuck, signal.SIGCONT)
-        assert stuck not in loader._receivers.pids()  # type: ignore[union-attr]
+        assert stuck not in loader._connection.receivers.pids()  # type: ignore[union-attr]
     for epoch, ref in zip(got, refs, strict=True):
         assert_same(epoch, ref)
 
@@ -204,7 +204,7 @@ def test_receivers_dead_before_an_epoch_starts_are_replaced(server: Server, tens
     refs = [list(torch_loader) for _ in range(2)]
     with _loader(server.address, "tensor", 8, True, seed=9, streams=2) as loader:
         got = [list(loader)]
-        for pid in loader._receivers.pids():  # type: ignore[union-attr]
+        for pid in loader._connection.receivers.pids():  # type: ignore[union-attr]
             os.kill(pid, signal.SIGKILL)
         got.append(list(loader))  # opened on receivers dying or dead: replaced, not an error
     for epoch, ref in zip(got, refs, strict=True):
@@ -375,4 +375,4 @@ def test_arguments_are_checked(server: Server) -> None:
 def test_same_host_shared_memory_needs_no_receivers(server: Server) -> None:
     with DataLoader(server.address, "tensor", 8, transport="shm", receive_processes=True) as loader:
         assert len(list(loader)) == 13
-        assert loader._receivers.pids() == []  # type: ignore[union-attr]
+        assert loader._connection.receivers.pids() == []  # type: ignore[union-attr]

@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 
 from batchferry import errors, layout
 from batchferry.client import DataLoader, LoaderStats
-from batchferry.client import loader as loader_mod
+from batchferry.client import connection as loader_mod
 from batchferry.client.stats import LOG_STATS_ENV
 from batchferry.server import Server
 
@@ -222,7 +222,7 @@ def test_two_replicas_list_a_transport_each(monkeypatch: pytest.MonkeyPatch) -> 
         # Replica 1 as if on another host: its shared memory is not visible from here.
         with DataLoader([a.address, b.address], "exact", 16) as loader:
             assert len(loader) == BATCHES  # finds the replicas
-            hidden = loader._replicas.replicas[1].info.shm_probe
+            hidden = loader._connection.replicas.replicas[1].info.shm_probe
             real = loader_mod.probe
             monkeypatch.setattr(loader_mod, "probe", lambda name, token: name != hidden and real(name, token))
             got = list(loader)

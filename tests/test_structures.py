@@ -48,7 +48,7 @@ def test_buffers_are_reused_when_batches_are_dropped(server: Server) -> None:
         for _ in range(3):
             for batch in loader:
                 del batch
-        assert loader._pool.allocations <= loader._pool.max_buffers
+        assert loader._connection.pool.allocations <= loader._connection.pool.max_buffers
 
 
 @pytest.mark.parametrize("pin_memory", [True, False])

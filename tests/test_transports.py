@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader as TorchLoader
 
 from batchferry import errors, shm, wire
 from batchferry.client import DataLoader
-from batchferry.client import loader as loader_module
+from batchferry.client import connection as loader_module
 from batchferry.server import Server
 from batchferry.server.ring import SlotState
 from batchferry.v1 import loader_pb2 as pb

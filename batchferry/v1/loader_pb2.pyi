@@ -69,6 +69,22 @@ UINT16: DType
 UINT32: DType
 UINT64: DType
 
+class GetSampleRequest(_message.Message):
+    __slots__ = ("dataset", "index")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    index: int
+    def __init__(self, dataset: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
+
+class GetSampleResponse(_message.Message):
+    __slots__ = ("layout", "payload")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    layout: Layout
+    payload: bytes
+    def __init__(self, layout: _Optional[_Union[Layout, _Mapping]] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
 class ListJobsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -1,9 +1,9 @@
-"""Receiver processes: byte streams received outside the loader's interpreter.
+"""ReceiverProcess processes: byte streams received outside the loader's interpreter.
 
-Owner: one DataLoader (``receive_processes=True``) owns a :class:`Receivers`, one
+Owner: one DataLoader (``receive_processes=True``) owns a :class:`ReceiverProcesses`, one
 process per byte stream it opens at once (per replica and stripe), kept across
 epochs so their slots stay mapped (and page-locked for CUDA) here. Each process
-(:mod:`batchferry.receiver`) runs the StreamBatches call and writes payloads into
+(:mod:`batchferry.relay.child`) runs the StreamBatches call and writes payloads into
 shared-memory slots of its own; :class:`RelayedCall` gives :class:`EpochStream`
 what it uses of a gRPC call (the responses, ``cancel()``), now with frames that name
 those slots, so the stream takes its same-host path: zero-copy views, releases.
@@ -30,12 +30,13 @@ from typing import Any
 
 import grpc
 
-from batchferry import receiver as _r
 from batchferry import shm
 from batchferry.errors import InvalidArgument
 from batchferry.security import ClientSecurity
 
-__all__ = ["Receiver", "Receivers", "RelayedCall"]
+from . import link as _r
+
+__all__ = ["ReceiverProcess", "ReceiverProcesses", "RelayedCall"]
 
 log = logging.getLogger("batchferry.client")
 
@@ -44,7 +45,7 @@ _STOP_WAIT = 5.0  # seconds the receivers get, together, to end once their socke
 # A receiver reads what the loader sends at once; one that has not for this long is stuck
 # (stopped, swapped out): it is killed and replaced.
 _SEND_TIMEOUT = 10.0
-_ALL: weakref.WeakSet[Receiver] = weakref.WeakSet()  # for the fork hook below
+_ALL: weakref.WeakSet[ReceiverProcess] = weakref.WeakSet()  # for the fork hook below
 
 
 class _StatusError(grpc.RpcError):  # type: ignore[misc]  # grpc has no type hints
@@ -69,7 +70,7 @@ class _StatusError(grpc.RpcError):  # type: ignore[misc]  # grpc has no type hin
 class RelayedCall:
     """One stream through a receiver: iterate for the server's frames; ``cancel()`` when done."""
 
-    def __init__(self, receiver: Receiver, number: int) -> None:
+    def __init__(self, receiver: ReceiverProcess, number: int) -> None:
         self._receiver = receiver
         self.number = number
         self._frames: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -128,7 +129,7 @@ class RelayedCall:
         self._receiver.forget(self.number)
 
 
-class Receiver:
+class ReceiverProcess:
     """One receiver process and its socket."""
 
     def __init__(self, settings: _r.Settings) -> None:
@@ -139,7 +140,7 @@ class Receiver:
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "batchferry.receiver", str(theirs.fileno())],
+                [sys.executable, "-m", "batchferry.relay.child", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -251,10 +252,18 @@ class Receiver:
         how = "is gone" if self._proc.returncode is None else f"ended (exit status {self._proc.returncode})"
         return _StatusError(grpc.StatusCode.UNAVAILABLE, f"receiver process {self._proc.pid} {how}")
 
+    def hang_up(self) -> None:
+        """Close the socket: the process ends once it sees that (:meth:`close` waits for it)."""
+        self._link.close()
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: drop this process's copy of the socket without closing it."""
+        self._link.detach()
+
     def close(self, deadline: float | None = None) -> None:
         """End the process (it unlinks its slots; mappings here stay valid while viewed):
         closing its socket ends it; one still running at ``deadline`` is killed."""
-        self._link.close()
+        self.hang_up()
         if deadline is None:
             deadline = time.monotonic() + _STOP_WAIT
         try:
@@ -269,8 +278,7 @@ def _drop_links() -> None:
     # A process forked from the loader must not hold the receivers' sockets open: they would
     # outlive a loader killed outright.
     for receiver in list(_ALL):
-        with contextlib.suppress(OSError):
-            os.close(receiver._link.sock.detach())
+        receiver.forget_after_fork()
 
 
 os.register_at_fork(after_in_child=_drop_links)
@@ -286,7 +294,7 @@ def _status(body: bytes) -> BaseException:
         return ValueError("receiver process sent a malformed status")
 
 
-class Receivers:
+class ReceiverProcesses:
     """A loader's receiver processes, one per concurrent byte stream, made on first use."""
 
     def __init__(self, security: ClientSecurity) -> None:
@@ -296,11 +304,11 @@ class Receivers:
                 "give root_certificates/client_cert/client_key (bytes or paths) instead"
             )
         self._security = security
-        self._receivers: dict[int, Receiver] = {}
+        self._receivers: dict[int, ReceiverProcess] = {}
         self._lock = threading.Lock()
         self._closed = False
 
-    def get(self, stream: int, target: str, max_slots: int) -> Receiver:
+    def get(self, stream: int, target: str, max_slots: int) -> ReceiverProcess:
         """The receiver for the loader's ``stream``-th stream to ``target`` (a fresh one if
         the last died or served another target)."""
         with self._lock:
@@ -314,10 +322,10 @@ class Receivers:
                 current.close()
                 if dead:  # one killed while starting may have left its owner file behind
                     shm.remove_stale()
-            self._receivers[stream] = Receiver(_r.Settings.of(target, max_slots, self._security))
+            self._receivers[stream] = ReceiverProcess(_r.Settings.of(target, max_slots, self._security))
             return self._receivers[stream]
 
-    def current(self, stream: int) -> Receiver | None:
+    def current(self, stream: int) -> ReceiverProcess | None:
         with self._lock:
             return self._receivers.get(stream)
 
@@ -332,6 +340,6 @@ class Receivers:
             receivers, self._receivers = list(self._receivers.values()), {}
         deadline = time.monotonic() + _STOP_WAIT
         for receiver in receivers:
-            receiver._link.close()
+            receiver.hang_up()
         for receiver in receivers:
             receiver.close(deadline)

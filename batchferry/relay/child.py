@@ -9,156 +9,58 @@ naming the slot. The loader maps the slot as it maps a same-host server's: zero-
 on the CPU, page-locked in place for CUDA copies. The loader's releases and detaches
 come back here; its credits, stops and index lists go on to the server unchanged.
 
-Run as ``python -m batchferry.receiver FD`` by :mod:`batchferry.client.receivers`,
-speaking :class:`Link` messages over the inherited socket ``FD``. It loads neither
+Run as ``python -m batchferry.relay.child FD`` by :mod:`batchferry.relay.parent`,
+speaking :class:`~batchferry.relay.link.Link` messages over the inherited socket ``FD``. It loads neither
 torch nor the client. It ends when the socket does (its loader is gone, however it
 ended), and an :class:`~batchferry.shm.Arena` reaper removes its slots however this
 process ends.
-
-Link messages (kind, stream number, body)::
-
-    loader -> here:  INIT settings (JSON), once | START n | MESSAGE n ClientMessage |
-                     HALF_CLOSE n | CANCEL n (the loader is done with stream n) | PING n
-    here -> loader:  FRAME n ServerFrame | DONE n | ERROR n status (JSON) |
-                     MALFORMED n text (the server's stream was malformed) |
-                     NOTE 0 text (for the loader's log) | PONG n (to PING n)
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import errno
 import json
 import os
 import queue
-import select
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
 from batchferry import shm, wire
-from batchferry.security import ClientSecurity
 from batchferry.v1 import loader_pb2 as _pb2
 
-__all__ = ["Link", "Settings", "main"]
+from .link import (
+    CANCEL,
+    DONE,
+    ERROR,
+    FRAME,
+    HALF_CLOSE,
+    INIT,
+    MALFORMED,
+    MESSAGE,
+    NOTE,
+    PING,
+    PONG,
+    START,
+    Link,
+    Settings,
+)
 
-INIT, START, MESSAGE, HALF_CLOSE, CANCEL, PING = b"I", b"S", b"M", b"H", b"X", b"?"
-FRAME, DONE, ERROR, MALFORMED, NOTE, PONG = b"F", b"D", b"E", b"P", b"N", b"!"
+__all__ = ["main"]
 
-_HEAD = struct.Struct("<IcI")  # body length, kind, stream number
-_MAX_BODY = 256 << 20  # far above any header or index list: a larger length is a broken link
 _SLOT_ROUND = 1 << 20  # slots grow in whole MiB (powers of two below), so frames of varying size reuse them
 _WAIT = 0.1  # seconds between looks at a cancelled stream while waiting for a free slot
 # With none of its own slots to wait for, how long a receiver waits for /dev/shm to make
 # room (other receivers of the loader giving theirs back) before failing the stream.
 _SHM_WAIT = 10.0
-
-
-class Link:
-    """Length-prefixed messages over a stream socket; sending is thread-safe, one reader."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._reader = sock.makefile("rb", buffering=1 << 16)
-        self._lock = threading.Lock()
-
-    def send(self, kind: bytes, stream: int, body: bytes = b"", timeout: float | None = None) -> None:
-        """OSError once the other side is gone; TimeoutError (an OSError) when it has not read
-        for ``timeout`` seconds (None: wait as long as it takes). After a timeout the link is
-        unusable (a message may be cut short)."""
-        data = _HEAD.pack(len(body), kind, stream) + body
-        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
-            raise TimeoutError(f"link busy for {timeout}s")
-        try:
-            if timeout is None:
-                self.sock.sendall(data)
-                return
-            deadline, view = time.monotonic() + timeout, memoryview(data)
-            while view:
-                left = deadline - time.monotonic()
-                fd = self.sock.fileno()
-                if fd < 0:
-                    raise OSError(errno.EBADF, "link closed")
-                poller = select.poll()  # not select(): a loader may hold descriptors past 1024
-                poller.register(fd, select.POLLOUT)
-                if left <= 0 or not poller.poll(left * 1000):
-                    raise TimeoutError(f"the other side has not read for {timeout}s")
-                with contextlib.suppress(BlockingIOError):
-                    view = view[self.sock.send(view, socket.MSG_DONTWAIT) :]
-        finally:
-            self._lock.release()
-
-    def recv(self) -> tuple[bytes, int, bytes] | None:
-        """The next message, or None once the other side is gone (or sent garbage)."""
-        try:
-            head = self._reader.read(_HEAD.size)
-            if len(head) < _HEAD.size:
-                return None
-            size, kind, stream = _HEAD.unpack(head)
-            if size > _MAX_BODY:
-                return None
-            body = self._reader.read(size) if size else b""
-        except (OSError, ValueError):  # ValueError: read after close
-            return None
-        return (kind, stream, body) if len(body) == size else None
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a reader blocked on it
-        with contextlib.suppress(OSError):
-            self._reader.close()
-        self.sock.close()
-
-
-# The fields Settings shares with ClientSecurity: what crosses to a receiver process.
-_SECURITY = ("tls", "root_certificates", "client_cert", "client_key", "token", "server_name")
-_PEM = ("root_certificates", "client_cert", "client_key")  # bytes: base64 in JSON
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What a receiver needs to reach the server as its loader would."""
-
-    target: str
-    max_slots: int
-    tls: bool = False
-    root_certificates: bytes | None = None
-    client_cert: bytes | None = None
-    client_key: bytes | None = None
-    token: str = ""
-    server_name: str = ""
-
-    def to_json(self) -> bytes:
-        data: dict[str, Any] = asdict(self)
-        for key in _PEM:
-            if data[key] is not None:
-                data[key] = base64.b64encode(data[key]).decode()
-        return json.dumps(data).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> Settings:
-        data: dict[str, Any] = json.loads(raw)
-        for key in _PEM:
-            if data[key] is not None:
-                data[key] = base64.b64decode(data[key])
-        return cls(**data)
-
-    @classmethod
-    def of(cls, target: str, max_slots: int, security: ClientSecurity) -> Settings:
-        """A loader's security, as far as another process can take it (not ``credentials``)."""
-        return cls(target, max_slots, **{name: getattr(security, name) for name in _SECURITY})
-
-    def security(self) -> ClientSecurity:
-        return ClientSecurity(**{name: getattr(self, name) for name in _SECURITY})
 
 
 class _Cancelled(Exception):

@@ -1,0 +1,264 @@
+"""One epoch of a DataLoader: its streams, the merge, the caller's index lists, the loop's side.
+
+An :class:`Epoch` is what ``iter(loader)`` returns. It opens the epoch's streams
+(:class:`~.streams.StreamSet`), takes their batches through a merge (in order or
+any order, :mod:`.merge`), and hands each to the loop: on the GPU once its copy is
+done, through ``batch_transform``, counted in the loader's statistics. With the
+caller's own sampler it sends the index lists to the streams that build each batch,
+ahead of need (two credit windows, or up to 64 batches when they are small, so the
+server can build them in groups).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from batchferry.v1 import loader_pb2 as _pb2
+
+from .connection import Connection
+from .merge import AnyOrder, InOrder, Merge
+from .options import open_request
+from .sampler import EpochIndices
+from .stats import Recorder
+from .stream import EpochStream
+from .streams import StreamSet
+
+__all__ = ["Epoch", "EpochStart"]
+
+# The caller's sampler runs this far ahead (batches per stream, and samples in all) when
+# its batches are small, so that the server can build them several at a time.
+_LISTS_AHEAD = 64
+_LISTS_AHEAD_SAMPLES = 1 << 17
+
+
+@dataclass(frozen=True)
+class EpochStart:
+    """Where an epoch begins: its number, the batch (in order) or the batches taken (any
+    order), the generator state its order is drawn from, and the caller's index lists."""
+
+    epoch: int
+    batch: int = 0
+    sampler_state: bytes = b""
+    done: bytes = b""
+    indices: EpochIndices | None = None
+
+
+class Epoch:
+    """The iterator over one epoch's batches (``iter(loader)``)."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        start: EpochStart,
+        *,
+        stats: Recorder,
+        generator: torch.Generator | None,
+        transform: Callable[[Any], Any] | None,
+        length: Callable[[], int],
+        log_stats: Callable[[float], None],
+        began: float | None = None,
+    ) -> None:
+        config = connection.config
+        self._config = config
+        self._connection = connection
+        self._stats = stats
+        self._generator = generator
+        self._transform = transform
+        self._length = length
+        self._log_stats = log_stats
+        self._began: float | None = began  # the iter() call, until the first batch is handed out
+        self.epoch = start.epoch
+        self.sampler_state = start.sampler_state
+        self.indices = start.indices
+        self.finished = False
+        self._merge: Merge = (
+            AnyOrder(start.done, config.timeout)
+            if config.any_order
+            else InOrder(start.batch, self._epoch_length, self._sampler_total)
+        )
+        # The caller's sampler: index lists sent to the servers but not yet taken.
+        self._lists: dict[int, np.ndarray] = {}
+        self._ahead_samples = 0  # samples in ``_lists``
+        self._next_list = 0 if config.any_order else start.batch
+        self._num_batches = 0
+        self._streams = StreamSet(
+            connection, stats, self._request, on_open=self._resend_lists, describe=self._where
+        )
+        try:
+            self._feed()
+        except BaseException:
+            self.close()
+            raise
+        first = self._streams.start
+        self._num_batches = int(first.num_batches)
+        # torch's RandomSampler draws the permutation from the generator on the
+        # first batch; leave the generator where that draw would.
+        if generator is not None and first.state_after_order:
+            generator.set_state(_state(first.state_after_order))
+
+    # -- where the epoch is -------------------------------------------------------------
+    @property
+    def taken(self) -> int:
+        """Batches handed to the loop (in order: also the next batch's index)."""
+        return self._merge.taken
+
+    @property
+    def done(self) -> bytes:
+        """Out of order: which batches were taken (empty in order)."""
+        return bytes(self._merge.done)
+
+    def _where(self) -> str:
+        return f"epoch {self.epoch}, after batch {self.taken}"
+
+    def _epoch_length(self) -> float:
+        if self.indices is not None:
+            return self.indices.total if self.indices.total is not None else float("inf")
+        return self._num_batches
+
+    def _sampler_total(self) -> int | None:
+        return self.indices.total if self.indices is not None else None
+
+    def _request(self, j: int) -> _pb2.OpenStream:
+        c = self._connection
+        r, k = j % c.size, j // c.size
+        return open_request(
+            self._config,
+            sampler_state=self.sampler_state,
+            epoch=self.epoch,
+            start_batch=self._merge.resume_point,
+            credits=c.credits_per_stream,
+            transport=_pb2.TRANSPORT_SHM if c.use_shm(r) else _pb2.TRANSPORT_BYTES,
+            compression=c.codec(r),
+            groups=True,
+            replica_index=r,
+            num_replicas=c.size,
+            stripe=k,
+            stripes=c.stripes,
+            taken=self._merge.stream_taken(j, c.parts),
+            any_order=not self._config.in_order and self._config.mode != "dynamic",
+            client_batches=self.indices is not None,
+        )
+
+    # -- the caller's index lists ---------------------------------------------------------
+    def _resend_lists(self, j: int, stream: EpochStream) -> None:
+        """A (re)opened stream needs the lists it has not built yet."""
+        if self.indices is not None:
+            parts = self._connection.parts
+            lists = {b: samples for b, samples in self._lists.items() if b % parts == j}
+            _send_lists(stream, lists, self.indices.total)
+
+    def _feed(self) -> None:
+        """Send the index lists of the next batches (a window ahead) to their streams."""
+        if self.indices is None or self.indices.total is not None:
+            return
+        parts = len(self._streams)
+        # Always two credit windows ahead; small batches up to _LISTS_AHEAD batches (and
+        # _LISTS_AHEAD_SAMPLES samples) ahead, so the server can build them in groups, topped
+        # up once half of that is used (one message per many batches, not one per batch).
+        low = self._connection.credits_per_stream * parts * 2
+        high = max(low, _LISTS_AHEAD * parts)
+        taken = self.taken
+        if self._next_list >= taken + max(low, high // 2):
+            return
+        fresh: dict[int, dict[int, np.ndarray]] = {j: {} for j in range(parts)}
+        while self._next_list < taken + low or (
+            self._next_list < taken + high and self._ahead_samples < _LISTS_AHEAD_SAMPLES
+        ):
+            samples = self.indices.pull()
+            if samples is None:
+                break
+            index, self._next_list = self._next_list, self._next_list + 1
+            if self._merge.is_taken(index):
+                continue  # taken before this iterator (resumed out of order)
+            self._lists[index] = samples
+            self._ahead_samples += len(samples)
+            fresh[index % parts][index] = samples
+        for j, lists in fresh.items():
+            _send_lists(self._streams.streams[j], lists, self.indices.total)
+
+    # -- the loop's side ------------------------------------------------------------------
+    def __iter__(self) -> Epoch:
+        return self
+
+    def __len__(self) -> int:
+        return self._length()
+
+    def __next__(self) -> Any:
+        stats = self._stats
+        began = time.perf_counter()
+        try:
+            data = self._take()
+        except BaseException:  # the end of the epoch too: its last frames were waited for
+            stats.wait_s += time.perf_counter() - began
+            raise
+        now = time.perf_counter()
+        stats.wait_s += now - began
+        if self._began is not None:
+            stats.first_batch_s, self._began = now - self._began, None
+        if now >= stats.log_at:
+            self._log_stats(now)
+        return data
+
+    def _take(self) -> Any:
+        """The next batch as the loop gets it; StopIteration at the end of the epoch."""
+        if self.finished:
+            raise StopIteration
+        self._feed()
+        batch = self._merge.next(self._streams)
+        if batch is None:
+            self.finished = True
+            after = self._streams.start.state_after_epoch
+            if self._generator is not None and after:
+                self._generator.set_state(_state(after))
+            raise StopIteration
+        taken = self._lists.pop(batch.index, None)
+        if taken is not None:
+            self._ahead_samples -= len(taken)
+        data = batch.data
+        copier = self._connection.copier
+        if copier is not None and batch.event is not None:
+            data = copier.hand_over(data, batch.event)
+        if self._transform is not None:
+            began = time.perf_counter()
+            try:
+                data = self._transform(data)
+            finally:
+                self._stats.transform_s += time.perf_counter() - began
+        # Counted once the loop has it: a batch_transform that raised handed it nothing.
+        self._stats.batches += 1
+        self._stats.bytes += batch.nbytes
+        return data
+
+    def close(self) -> None:
+        self._streams.close()
+
+    def __del__(self) -> None:
+        # A finalizer must not wait: the streams close on the clean-up thread.
+        streams = getattr(self, "_streams", None)
+        if streams is not None:
+            streams.close_soon()
+
+
+def _send_lists(stream: EpochStream, lists: dict[int, np.ndarray], total: int | None) -> None:
+    if not lists and total is None:
+        return
+    order = sorted(lists)
+    stream.send_batches(
+        _pb2.BatchIndices(
+            index=order,
+            lengths=[len(lists[b]) for b in order],
+            samples=np.concatenate([lists[b] for b in order]).tolist() if order else [],
+            end=total is not None,
+            total=total or 0,
+        )
+    )
+
+
+def _state(raw: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)

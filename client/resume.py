@@ -1,0 +1,127 @@
+"""A loader's saved state: what ``state_dict()`` writes and ``load_state_dict()`` accepts.
+
+The state is small and plain (ints, strings, bytes): the loader's settings it must
+match, the epoch, the generator's state, and within an epoch where it got to (the
+batches taken: a count in order, a bitmap in any order), the order's generator state
+and, with the caller's own sampler, the RNG states the epoch began from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeGuard
+
+import numpy as np
+
+from batchferry import protocol, sampling
+from batchferry.errors import InvalidArgument
+from batchferry.protocol import Bitmap
+
+from .options import LoaderConfig
+
+__all__ = ["Resume", "check_state", "state_of"]
+
+# Settings a state must agree with: the batches it counts are those batches.
+_MATCH = ("dataset", "batch_size", "shuffle", "drop_last")
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where the next ``iter()`` starts within a saved epoch."""
+
+    epoch: int
+    batch: int
+    sampler_state: bytes
+    done: bytes = b""
+    epoch_start: dict[str, Any] | None = None  # the caller's sampler: the RNG states to replay
+
+
+def state_of(
+    config: LoaderConfig, epoch: int, generator_state: bytes, resume: Resume | None
+) -> dict[str, Any]:
+    """The state_dict of a loader at ``epoch`` (``resume``: within it)."""
+    state: dict[str, Any] = {
+        "version": protocol.STATE_VERSION,
+        **{key: getattr(config, key) for key in _MATCH},
+        "epoch": epoch,
+        # True while an epoch has begun (its draws made) and not ended.
+        "in_epoch": False,
+        "batch": 0,
+        "sampler_state": b"",
+        "generator_state": generator_state,
+    }
+    if resume is not None:
+        state["epoch"], state["batch"], state["sampler_state"] = (
+            resume.epoch,
+            resume.batch,
+            resume.sampler_state,
+        )
+        # Out of order (in_order=False, dynamic mode): which batches were taken.
+        state["done"] = resume.done
+        if resume.epoch_start is not None:
+            state["epoch_start"] = resume.epoch_start
+        state["in_epoch"] = True
+    return state
+
+
+def check_state(config: LoaderConfig, state: Any, client_sampler: bool) -> tuple[int, bytes, Resume | None]:
+    """``state`` checked against this loader: its epoch, generator state and resume point.
+    Every problem raises an InvalidArgument naming the key."""
+    if not isinstance(state, dict) or state.get("version") != protocol.STATE_VERSION:
+        got = state.get("version") if isinstance(state, dict) else type(state).__name__
+        raise InvalidArgument(f"state_dict version must be {protocol.STATE_VERSION}, got {got!r}")
+    for key in _MATCH:
+        if state.get(key) != getattr(config, key):
+            raise InvalidArgument(
+                f"state_dict {key} is {state.get(key)!r} but this loader has {getattr(config, key)!r}"
+            )
+    epoch, batch = state.get("epoch"), state.get("batch")
+    if not _count(epoch) or not _count(batch):
+        raise InvalidArgument(
+            f"state_dict epoch and batch must be non-negative ints, got {epoch!r}, {batch!r}"
+        )
+    gen_state = state.get("generator_state", b"")
+    sampler_state = state.get("sampler_state", b"")
+    done = state.get("done", b"")
+    for key, value in (("generator_state", gen_state), ("sampler_state", sampler_state), ("done", done)):
+        if not isinstance(value, bytes):
+            raise InvalidArgument(f"state_dict {key} must be bytes, got {type(value).__name__}")
+    in_epoch = state.get("in_epoch", False)
+    if not isinstance(in_epoch, bool):
+        raise InvalidArgument(f"state_dict in_epoch must be a bool, got {in_epoch!r}")
+    if gen_state:
+        try:
+            sampling.generator_from_state(gen_state)
+        except ValueError as exc:
+            raise InvalidArgument(f"state_dict generator_state: {exc}") from exc
+    epoch_start = state.get("epoch_start")
+    if epoch_start is not None and (not isinstance(epoch_start, dict) or not client_sampler):
+        raise InvalidArgument("state_dict epoch_start belongs to a loader with a sampler or batch_sampler")
+    if in_epoch and client_sampler and epoch_start is None:
+        raise InvalidArgument("state_dict has no epoch_start: it was not saved by a loader with a sampler")
+    if not in_epoch:
+        return epoch, gen_state, None
+    batch, done = _in_terms_of(batch, done, config.any_order)
+    return epoch, gen_state, Resume(epoch, batch, sampler_state, done, epoch_start)
+
+
+def _count(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _in_terms_of(batch: int, done: bytes, any_order: bool) -> tuple[int, bytes]:
+    """A saved resume point (``batch`` taken; out of order, ``done`` says which) in the
+    terms of a loader that takes batches ``any_order`` or not, whichever saved it."""
+    taken = Bitmap(done)
+    if any_order:
+        if not taken and batch:  # saved in order: the first ``batch`` were taken
+            taken = Bitmap.from_bits(np.ones(batch, dtype=bool))
+        return len(taken), bytes(taken)
+    prefix = taken.prefix()
+    if len(taken) > prefix:
+        raise InvalidArgument(
+            f"state_dict was saved mid-epoch by a loader that took batches out of order (in_order=False "
+            f"or dynamic mode): {len(taken)} taken, not the first {len(taken)}; resume it with "
+            "in_order=False, or at an epoch's end"
+        )
+    return (prefix if taken else batch), b""
