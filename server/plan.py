@@ -16,7 +16,7 @@ from batchferry.v1 import loader_pb2 as _pb2
 from .jobs import JobSettings
 from .status import Abort, invalid
 
-__all__ = ["MAX_CREDITS", "MAX_WORLD_SIZE", "Catalog", "Plan", "plan"]
+__all__ = ["MAX_CREDITS", "MAX_WORLD_SIZE", "Catalog", "Plan", "plan", "shown"]
 
 MAX_CREDITS = 64
 MAX_WORLD_SIZE = 1 << 16
@@ -95,7 +95,7 @@ class Plan:
         return min(position * self.replicas + self.replica, self.num_batches)
 
 
-def _shown(name: str) -> str:
+def shown(name: str) -> str:
     """A client's string as an error message quotes it: never all of a huge one."""
     return repr(name) if len(name) <= 64 else repr(name[:61] + "...")
 
@@ -111,7 +111,7 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
     if length is None:
         raise Abort(
             grpc.StatusCode.NOT_FOUND,
-            f"dataset {_shown(req.dataset)} not found; this server has: {', '.join(sorted(catalog.lengths))}",
+            f"dataset {shown(req.dataset)} not found; this server has: {', '.join(sorted(catalog.lengths))}",
         )
     if req.batch_size < 1:
         raise invalid(f"batch_size must be >= 1, got {req.batch_size}")
@@ -119,7 +119,7 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
     if collate not in catalog.collates:
         raise Abort(
             grpc.StatusCode.NOT_FOUND,
-            f"collate {_shown(collate)} not found; registered: {', '.join(sorted(catalog.collates))}",
+            f"collate {shown(collate)} not found; registered: {', '.join(sorted(catalog.collates))}",
         )
     if req.epoch < 0:
         raise invalid(f"epoch must be >= 0, got {req.epoch}")

@@ -38,8 +38,9 @@ from .jobs import Consumer, Job, JobConflict, JobRegistry, TooManyJobs
 from .metrics import Metrics
 from .modes import sender_for
 from .orders import Orders
-from .plan import Catalog, Plan, plan
+from .plan import MAX_NAME, Catalog, Plan, plan
 from .ring import SlotRing
+from .samples import sample_plan, take_sample
 from .status import Abort, StreamGone, invalid
 from .stream import GroupHistory, GroupSize, Stream
 from .workers import WorkerPool
@@ -127,6 +128,7 @@ class LoaderService:
                 "ListDatasets": grpc.unary_unary_rpc_method_handler(self.list_datasets),
                 "StreamBatches": grpc.stream_stream_rpc_method_handler(self.stream_batches),
                 "ListJobs": grpc.unary_unary_rpc_method_handler(self.list_jobs),
+                "GetSample": grpc.unary_unary_rpc_method_handler(self.get_sample),
             },
         )
 
@@ -184,6 +186,24 @@ class LoaderService:
                 )
             )
         return _pb2.ListJobsResponse(jobs=infos).SerializeToString()
+
+    def get_sample(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            req = wire.parse(_pb2.GetSampleRequest, request)
+            if len(req.dataset) > MAX_NAME:
+                raise invalid(f"dataset: at most {MAX_NAME} characters, got {len(req.dataset)}")
+            the_plan = sample_plan(req, self.catalog.lengths)
+            builder = self._builder(the_plan, None, None, lambda: bool(context.is_active()), (0, 0))
+            return take_sample(builder, req.index).SerializeToString()
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Abort as exc:
+            if exc.dataset_error:
+                context.set_trailing_metadata(((DATASET_ERROR_KEY, "1"),))
+            context.abort(exc.code, exc.details)
+        except StreamGone:
+            context.abort(grpc.StatusCode.CANCELLED, "the call ended before its sample was built")
+        raise AssertionError("unreachable: context.abort raises")
 
     # -- StreamBatches ----------------------------------------------------------------
     def stream_batches(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:

@@ -44,7 +44,10 @@ def test_pinned_pool_is_reused_and_pinned(server: Server) -> None:
         for _ in range(3):
             for batch in loader:
                 del batch
-        assert loader._connection.pool.pin and loader._connection.pool.allocations <= loader._connection.pool.max_buffers
+        assert (
+            loader._connection.pool.pin
+            and loader._connection.pool.allocations <= loader._connection.pool.max_buffers
+        )
     with DataLoader(server.address, "tensor", 10, device="cuda", prefetch_factor=2) as loader:
         for _ in range(3):
             for batch in loader:

@@ -1,0 +1,60 @@
+"""GetSample: one sample of a dataset, for a loader's ``dataset[i]``.
+
+A sample is built as a batch of one is: by a worker, into a ring slot, with the
+``convert`` collate (torch's ``default_convert``: no batch dimension), so the
+dataset's code never runs in the server's own process, and the same limits hold as
+for batches (the ring's budget and ``slot_timeout_s``, ``max_batch_bytes``). The
+payload is copied out of the slot into the answer and the slot goes back at once.
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+
+from batchferry.v1 import loader_pb2 as _pb2
+
+from .builder import Builder
+from .plan import Plan, shown
+from .status import Abort, invalid
+
+__all__ = ["CONVERT", "sample_plan", "take_sample"]
+
+CONVERT = "convert"  # the collate a sample is built with
+
+
+def sample_plan(request: _pb2.GetSampleRequest, lengths: dict[str, int]) -> Plan:
+    """The plan of a batch of sample ``request.index``, or an Abort naming the field."""
+    length = lengths.get(request.dataset)
+    if length is None:
+        raise Abort(
+            grpc.StatusCode.NOT_FOUND,
+            f"dataset {shown(request.dataset)} not found; this server has: {', '.join(sorted(lengths))}",
+        )
+    if not 0 <= request.index < length:
+        raise invalid(
+            f"index must be in [0, {length}) for dataset {shown(request.dataset)}, got {request.index}"
+        )
+    return Plan(
+        dataset=request.dataset,
+        collate=CONVERT,
+        batch_size=1,
+        num_batches=1,
+        start_batch=0,
+        credits=1,
+        chunk_bytes=0,
+        shm=False,
+        length=length,
+    )
+
+
+def take_sample(builder: Builder, index: int) -> _pb2.GetSampleResponse:
+    """Build sample ``index`` and copy it out of its slot (the slot goes back here)."""
+    build = builder.start(0, wait=True, samples=np.array([index], dtype=np.int64))
+    assert build is not None  # a waiting start returns a build or raises
+    built = builder.finish(build)
+    try:
+        payload = built.lease.segment.array(built.payload_bytes).tobytes()
+    finally:
+        built.lease.release()
+    return _pb2.GetSampleResponse(layout=built.layout, payload=payload)
