@@ -173,8 +173,20 @@ class NoneValue(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class NodeNamed(_message.Message):
+    __slots__ = ("module", "qualname", "fields", "items")
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    QUALNAME_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    module: str
+    qualname: str
+    fields: _containers.RepeatedScalarFieldContainer[str]
+    items: _containers.RepeatedCompositeFieldContainer[Node]
+    def __init__(self, module: _Optional[str] = ..., qualname: _Optional[str] = ..., fields: _Optional[_Iterable[str]] = ..., items: _Optional[_Iterable[_Union[Node, _Mapping]]] = ...) -> None: ...
+
 class Node(_message.Message):
-    __slots__ = ("tensor", "list", "tuple", "dict", "str", "int", "float", "bool", "none")
+    __slots__ = ("tensor", "list", "tuple", "dict", "str", "int", "float", "bool", "none", "namedtuple")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     LIST_FIELD_NUMBER: _ClassVar[int]
     TUPLE_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +196,7 @@ class Node(_message.Message):
     FLOAT_FIELD_NUMBER: _ClassVar[int]
     BOOL_FIELD_NUMBER: _ClassVar[int]
     NONE_FIELD_NUMBER: _ClassVar[int]
+    NAMEDTUPLE_FIELD_NUMBER: _ClassVar[int]
     tensor: TensorSpec
     list: NodeList
     tuple: NodeList
@@ -193,7 +206,8 @@ class Node(_message.Message):
     float: float
     bool: bool
     none: NoneValue
-    def __init__(self, tensor: _Optional[_Union[TensorSpec, _Mapping]] = ..., list: _Optional[_Union[NodeList, _Mapping]] = ..., tuple: _Optional[_Union[NodeList, _Mapping]] = ..., dict: _Optional[_Union[NodeMap, _Mapping]] = ..., str: _Optional[str] = ..., int: _Optional[int] = ..., float: _Optional[float] = ..., bool: _Optional[bool] = ..., none: _Optional[_Union[NoneValue, _Mapping]] = ...) -> None: ...
+    namedtuple: NodeNamed
+    def __init__(self, tensor: _Optional[_Union[TensorSpec, _Mapping]] = ..., list: _Optional[_Union[NodeList, _Mapping]] = ..., tuple: _Optional[_Union[NodeList, _Mapping]] = ..., dict: _Optional[_Union[NodeMap, _Mapping]] = ..., str: _Optional[str] = ..., int: _Optional[int] = ..., float: _Optional[float] = ..., bool: _Optional[bool] = ..., none: _Optional[_Union[NoneValue, _Mapping]] = ..., namedtuple: _Optional[_Union[NodeNamed, _Mapping]] = ...) -> None: ...
 
 class Layout(_message.Message):
     __slots__ = ("root", "payload_bytes")
