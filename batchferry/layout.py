@@ -315,6 +315,8 @@ def _walk(node: _pb2.Node, tensor: Callable[[_pb2.TensorSpec], torch.Tensor]) ->
     if kind == "dict":
         if len(node.dict.keys) != len(node.dict.values):
             raise LayoutError("dict node has different numbers of keys and values")
+        if any(k.WhichOneof("kind") not in ("str", "int") for k in node.dict.keys):
+            raise LayoutError("dict node has a key that is not a str or an int")
         return {
             _walk(k, tensor): _walk(v, tensor) for k, v in zip(node.dict.keys, node.dict.values, strict=True)
         }

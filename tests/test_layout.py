@@ -242,3 +242,10 @@ def test_encode_refuses_a_tuple_with_bogus_fields() -> None:
 
     with pytest.raises(layout.LayoutError, match="2 fields but 1 items"):
         layout.encode(Odd((1,)), layout.SlotWriter(torch.zeros(1024, dtype=torch.uint8)))
+
+
+def test_decode_refuses_dict_keys_that_are_not_str_or_int() -> None:
+    keys = [pb.Node(list=pb.NodeList())]
+    msg = pb.Layout(root=pb.Node(dict=pb.NodeMap(keys=keys, values=[pb.Node(int=1)])))
+    with pytest.raises(layout.LayoutError, match="not a str or an int"):
+        layout.decode(msg, torch.zeros(0, dtype=torch.uint8))
