@@ -9,9 +9,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import psutil
@@ -342,3 +343,45 @@ class Spiky(Dataset[torch.Tensor]):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return torch.full(((1 << 20) if i and i % self.every == 0 else 1 + i % 3,), i, dtype=torch.int32)
+
+
+class Point(NamedTuple):
+    """A namedtuple sample type, imported wherever this module is."""
+
+    x: torch.Tensor
+    y: int
+
+
+class Points(Dataset[Point]):
+    """``Point(x=float32[3], y=int)`` samples, one ``__getitem__`` each."""
+
+    def __init__(self, n: int = 30) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Point:
+        return Point(torch.arange(3, dtype=torch.float32) * i, i % 4)
+
+
+class PointsAtOnce(Points):
+    """The same samples, read several at a time through ``__getitems__``."""
+
+    def __getitems__(self, indices: list[int]) -> list[Point]:
+        return [self[i] for i in indices]
+
+
+# A namedtuple class whose module no client ever imports (it exists only where the
+# samples are made): a client gets an equivalent class, not this one.
+Reading = namedtuple("Reading", ["value", "where"], module="batchferry_tests_server_side")
+
+
+class Readings(Dataset[Any]):
+    """``Reading(value=int64[2], where=str)`` samples, of a class only the server has."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> Any:
+        return Reading(torch.tensor([i, -i]), f"r{i}")
