@@ -100,6 +100,7 @@ class LoaderConfig:
     streams: int | None = None  # byte-stream connections per server (None: automatic)
     compression: str = "none"  # byte-stream payload codec (COMPRESSIONS)
     receive_processes: bool = False  # each byte stream received by a process of its own
+    unbatched: bool = False  # torch's batch_size=None: batches of one sample, no batch dimension
 
     def __post_init__(self) -> None:
         def bad(field: str, value: Any, why: str) -> InvalidArgument:
@@ -192,17 +193,16 @@ def _torch_batching(
         batch_size = 1
     if sampler is not None and shuffle:
         raise InvalidArgument("sampler option is mutually exclusive with shuffle")
-    if batch_size is None:
+    if batch_size is None and drop_last:
         raise InvalidArgument(
-            "batch_size=None (samples one by one, no batch dimension) is not supported: the server "
-            "builds batches; use batch_size=1 and take batch[0]"
+            "batch_size=None option disables auto-batching and is mutually exclusive with drop_last"
         )
     if (sampler is not None or batch_sampler is not None) and mode != "independent":
         raise InvalidArgument(
             f"sampler and batch_sampler choose one loader's batches: not in {mode} mode, where the "
             "job's consumers share one order (use mode='independent', or DistributedSampler as sampler=)"
         )
-    return batch_size, bool(shuffle)
+    return (1 if batch_size is None else batch_size), bool(shuffle)
 
 
 def _device(device: str | torch.device | None) -> torch.device | None:
@@ -324,6 +324,7 @@ class DataLoader:
                 f"{mode} mode orders epoch e by seed + e, as DistributedSampler does: "
                 "pass seed=, not generator="
             )
+        self._batch_size_given, unbatched = batch_size, batch_size is None and batch_sampler is None
         batch_size, shuffle = _torch_batching(batch_size, shuffle, sampler, batch_sampler, drop_last, mode)
         if callable(collate_fn):
             raise InvalidArgument(
@@ -353,6 +354,8 @@ class DataLoader:
             credentials=credentials,
         )
         replicas = ReplicaSet(address, security)  # checks the address's form; connects lazily
+        if unbatched and collate_fn in (None, "default"):
+            collate_fn = "convert"  # torch's collate without batching: default_convert, per sample
         self.config = LoaderConfig(
             address=replicas.description,
             dataset=dataset,
@@ -375,6 +378,7 @@ class DataLoader:
             streams=streams,
             compression="none" if compression is None else compression,
             receive_processes=receive_processes,
+            unbatched=unbatched,
         )
         self._sampling = (
             ClientSampling(sampler, batch_sampler, batch_size, bool(drop_last))
@@ -846,6 +850,7 @@ class _Iterator:
                 taken=self._local_done(j),
                 any_order=not cfg.in_order and cfg.mode != "dynamic",
                 client_batches=self.indices is not None,
+                unbatched=cfg.unbatched,
             ),
             pool=loader._pool,
             copier=self._copier,

@@ -385,3 +385,37 @@ class Readings(Dataset[Any]):
 
     def __getitem__(self, i: int) -> Any:
         return Reading(torch.tensor([i, -i]), f"r{i}")
+
+
+class Arrays(Dataset[dict[str, Any]]):
+    """numpy samples: arrays, a numpy scalar, Python numbers and a string (``default_convert``
+    turns the arrays and the numpy scalar into tensors and leaves the rest)."""
+
+    def __len__(self) -> int:
+        return 20
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {
+            "image": np.full((2, 3), i, dtype=np.uint8),
+            "weights": np.linspace(0, 1, 4, dtype=np.float32) * i,
+            "np_scalar": np.int16(i),
+            "label": i % 3,
+            "score": i / 4,
+            "pair": (np.arange(2, dtype=np.int64) + i, i),
+            "name": f"s{i}",
+        }
+
+
+class Ints(Dataset[int]):
+    """Samples that are plain Python ints."""
+
+    def __len__(self) -> int:
+        return 17
+
+    def __getitem__(self, i: int) -> int:
+        return i * 3
+
+
+def double_first(sample: Any) -> dict[str, Any]:
+    """A user collate made for ``batch_size=None`` (torch gives it one sample)."""
+    return {"double": sample[0] * 2, "label": sample[1]}

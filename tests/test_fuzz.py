@@ -50,7 +50,7 @@ opens = st.builds(
     shuffle=st.booleans(),
     sampler_state=st.sampled_from([b"", b"\x00\x01", _STATE]),
     drop_last=st.booleans(),
-    collate=st.sampled_from(["", "default", "pad", "x"]),
+    collate=st.sampled_from(["", "default", "pad", "convert", "x"]),
     epoch=st.integers(-2, 3),
     start_batch=st.integers(-3, 40),
     credits=st.integers(-1, 70),
@@ -62,6 +62,7 @@ opens = st.builds(
     world_size=st.integers(-1, 5),
     seed=st.integers(-(2**63), 2**63 - 1),
     groups=st.booleans(),
+    unbatched=st.booleans(),
 )
 messages = st.one_of(
     opens.map(lambda o: pb.ClientMessage(open=o).SerializeToString()),
