@@ -1,8 +1,8 @@
 """The batch memory layout, shared by server and client.
 
 A collated batch is a tree: tensors at the leaves (plus plain ``str``/``int``/
-``float``/``bool``/``None`` values), inside ``list``/``tuple``/``dict`` nodes. On the
-wire and in shared memory it is two parts:
+``float``/``bool``/``None`` values), inside ``list``/``tuple``/``dict`` and namedtuple
+nodes. On the wire and in shared memory it is two parts:
 
 * a :class:`~batchferry.v1.loader_pb2.Layout` message: the tree, each tensor as
   (dtype, shape, byte offset into the payload);
@@ -12,11 +12,24 @@ wire and in shared memory it is two parts:
 The server encodes a tree whose tensors already lie in a slot (collates write
 there directly) without copying them; the client decodes a payload buffer into
 tensors that are views of it, again without copying.
+
+A namedtuple travels as its class's module and qualified name, its fields and its
+items. The receiver rebuilds the dataset's own class when that class is already
+there to find (its module in ``sys.modules``: nothing is imported, since importing
+a module the peer names would run code the peer chose) and has the same fields;
+otherwise an equivalent ``collections.namedtuple`` of the same name and fields, one
+class per (module, qualified name, fields), so attribute access works either way.
 """
 
 from __future__ import annotations
 
+import collections
+import inspect
+import keyword
 import math
+import sys
+import threading
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,6 +40,7 @@ from batchferry.v1 import loader_pb2 as _pb2
 
 __all__ = [
     "ALIGNMENT",
+    "MAX_FIELDS",
     "LayoutError",
     "SlotOverflow",
     "SlotWriter",
@@ -39,6 +53,9 @@ __all__ = [
 ]
 
 ALIGNMENT = 64
+MAX_FIELDS = 1024  # fields of a namedtuple
+_MAX_NAME = 1024  # characters of a namedtuple's module, qualified name or field name
+_MAX_MADE = 1024  # equivalent namedtuple classes kept (a peer may name any number)
 
 _DTYPES: dict[torch.dtype, _pb2.DType] = {
     torch.float32: _pb2.FLOAT32,
@@ -175,10 +192,54 @@ def _node(obj: Any, writer: SlotWriter) -> _pb2.Node:
             keys.append(_node(key, writer))
         return _pb2.Node(dict=_pb2.NodeMap(keys=keys, values=[_node(v, writer) for v in obj.values()]))
     if isinstance(obj, tuple):
+        fields = getattr(type(obj), "_fields", None)  # a namedtuple, as torch's collate tells
+        if fields is not None:
+            return _pb2.Node(namedtuple=_named(obj, fields, writer))
         return _pb2.Node(tuple=_pb2.NodeList(items=[_node(v, writer) for v in obj]))
     if isinstance(obj, list):
         return _pb2.Node(list=_pb2.NodeList(items=[_node(v, writer) for v in obj]))
     raise LayoutError(f"cannot send a value of type {type(obj).__name__} in a batch")
+
+
+def _named(obj: tuple[Any, ...], fields: Any, writer: SlotWriter) -> _pb2.NodeNamed:
+    cls = type(obj)
+    module, qualname = getattr(cls, "__module__", ""), getattr(cls, "__qualname__", cls.__name__)
+    if (
+        not isinstance(fields, tuple)
+        or not all(isinstance(f, str) for f in fields)
+        or not isinstance(module, str)
+        or not isinstance(qualname, str)
+    ):
+        raise LayoutError(f"cannot send a {cls.__name__}: its _fields are not a tuple of names")
+    _check_named(module, qualname, fields, len(obj))
+    return _pb2.NodeNamed(
+        module=module, qualname=qualname, fields=fields, items=[_node(v, writer) for v in obj]
+    )
+
+
+def _check_named(module: str, qualname: str, fields: tuple[str, ...], items: int) -> None:
+    """LayoutError unless these describe a namedtuple ``collections.namedtuple`` can make."""
+    if len(module) > _MAX_NAME or len(qualname) > _MAX_NAME:
+        raise LayoutError(f"namedtuple module and qualified name: at most {_MAX_NAME} characters each")
+    if len(fields) > MAX_FIELDS:
+        raise LayoutError(f"namedtuple {qualname[:64]!r} has {len(fields)} fields; at most {MAX_FIELDS}")
+    if len(fields) != items:
+        raise LayoutError(f"namedtuple {qualname[:64]!r} has {len(fields)} fields but {items} items")
+    name = qualname.rpartition(".")[2]
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise LayoutError(f"namedtuple class name {name[:64]!r} is not an identifier")
+    for i, field in enumerate(fields):
+        # What namedtuple accepts: identifiers, not keywords; a leading underscore only as
+        # rename=True makes it, "_" and the field's position.
+        if (
+            len(field) > _MAX_NAME
+            or not field.isidentifier()
+            or keyword.iskeyword(field)
+            or (field.startswith("_") and field != f"_{i}")
+        ):
+            raise LayoutError(f"namedtuple {name!r}: field {i} {field[:64]!r} is not a field name")
+    if len(set(fields)) != len(fields):
+        raise LayoutError(f"namedtuple {name!r}: field names repeat")
 
 
 def _tensor_spec(tensor: torch.Tensor, writer: SlotWriter) -> _pb2.TensorSpec:
@@ -231,7 +292,7 @@ def element_size(layout: _pb2.Layout) -> int:
                 nbytes = math.prod(node.tensor.shape) * dtype.itemsize
                 if nbytes > best:
                     best, size = nbytes, dtype.itemsize
-        elif kind in ("list", "tuple"):
+        elif kind in ("list", "tuple", "namedtuple"):
             stack.extend(getattr(node, kind).items)
         elif kind == "dict":
             stack.extend(node.dict.values)
@@ -246,9 +307,16 @@ def _walk(node: _pb2.Node, tensor: Callable[[_pb2.TensorSpec], torch.Tensor]) ->
         return [_walk(n, tensor) for n in node.list.items]
     if kind == "tuple":
         return tuple(_walk(n, tensor) for n in node.tuple.items)
+    if kind == "namedtuple":
+        named = node.namedtuple
+        cls = _named_class(named.module, named.qualname, tuple(named.fields), len(named.items))
+        # tuple.__new__, as namedtuple's own _make: no __new__ of the class runs on the values.
+        return tuple.__new__(cls, [_walk(n, tensor) for n in named.items])
     if kind == "dict":
         if len(node.dict.keys) != len(node.dict.values):
             raise LayoutError("dict node has different numbers of keys and values")
+        if any(k.WhichOneof("kind") not in ("str", "int") for k in node.dict.keys):
+            raise LayoutError("dict node has a key that is not a str or an int")
         return {
             _walk(k, tensor): _walk(v, tensor) for k, v in zip(node.dict.keys, node.dict.values, strict=True)
         }
@@ -257,6 +325,50 @@ def _walk(node: _pb2.Node, tensor: Callable[[_pb2.TensorSpec], torch.Tensor]) ->
     if kind == "none":
         return None
     raise LayoutError("layout node has no kind")
+
+
+_made: collections.OrderedDict[tuple[str, str, tuple[str, ...]], type[tuple[Any, ...]]] = (
+    collections.OrderedDict()
+)
+_made_lock = threading.Lock()
+
+
+def _named_class(module: str, qualname: str, fields: tuple[str, ...], items: int) -> type[tuple[Any, ...]]:
+    """The class a namedtuple node decodes to (see the module's docstring); LayoutError
+    when the node could not describe a namedtuple."""
+    _check_named(module, qualname, fields, items)
+    known = _imported_class(module, qualname, fields)
+    if known is not None:
+        return known
+    key = (module, qualname, fields)
+    with _made_lock:
+        cached = _made.get(key)
+        if cached is not None:
+            return cached
+        made: type[tuple[Any, ...]] = collections.namedtuple(  # type: ignore[misc]
+            qualname.rpartition(".")[2], fields, rename=True
+        )
+        if len(_made) >= _MAX_MADE:
+            _made.popitem(last=False)
+        _made[key] = made
+        return made
+
+
+def _imported_class(module: str, qualname: str, fields: tuple[str, ...]) -> type[tuple[Any, ...]] | None:
+    """``module.qualname`` if already imported and a tuple class with these ``_fields``.
+
+    Only dictionaries are read (no ``getattr``: a module's ``__getattr__`` or a descriptor
+    would run code, and could import).
+    """
+    obj: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        if not isinstance(obj, (types.ModuleType, type)):
+            return None  # not imported, or a part that is no class ("<locals>")
+        obj = vars(obj).get(part)
+    if not isinstance(obj, type) or not issubclass(obj, tuple):
+        return None
+    own = inspect.getattr_static(obj, "_fields", None)
+    return obj if type(own) is tuple and own == fields else None
 
 
 def batch_bytes_hint(sample: Any, batch_size: int) -> int:
@@ -289,6 +401,10 @@ def describe(obj: Any) -> str:
     if isinstance(obj, Mapping):
         return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in obj.items()) + "}"
     if isinstance(obj, tuple):
+        fields = getattr(type(obj), "_fields", None)
+        if isinstance(fields, tuple) and len(fields) == len(obj):
+            inner = ", ".join(f"{f}={describe(v)}" for f, v in zip(fields, obj, strict=True))
+            return f"{type(obj).__name__}({inner})"
         return "(" + ", ".join(describe(v) for v in obj) + ("," if len(obj) == 1 else "") + ")"
     if isinstance(obj, list):
         return "[" + ", ".join(describe(v) for v in obj) + "]"

@@ -14,10 +14,13 @@ import numpy as np
 
 from batchferry.v1 import loader_pb2 as _pb2
 
-__all__ = ["MODES", "MODE_NAMES", "MODE_VALUES", "STATE_VERSION", "Bitmap", "mode_name"]
+__all__ = ["CONVERT_COLLATE", "MODES", "MODE_NAMES", "MODE_VALUES", "STATE_VERSION", "Bitmap", "mode_name"]
 
 # Version of DataLoader.state_dict(); a loader refuses any other.
 STATE_VERSION = 1
+# The built-in collate of torch's batch_size=None (default_convert; no batch dimension),
+# which a loader asks for by this name and GetSample builds samples with.
+CONVERT_COLLATE = "convert"
 
 MODE_VALUES: dict[str, int] = {name.removeprefix("MODE_").lower(): value for name, value in _pb2.Mode.items()}
 MODE_NAMES: dict[int, str] = {value: name for name, value in MODE_VALUES.items()}

@@ -67,6 +67,8 @@ class LoaderConfig:
     streams: int | None = None  # byte-stream connections per server (None: automatic)
     compression: str = "none"  # byte-stream payload codec (COMPRESSIONS)
     receive_processes: bool = False  # each byte stream received by a process of its own
+    # torch's batch_size=None: batches of one sample, collated by itself (no batch dimension).
+    unbatched: bool = field(default=False, metadata=_wire("unbatched"))
 
     @property
     def any_order(self) -> bool:
@@ -95,6 +97,7 @@ class LoaderConfig:
                 f"{mode} mode orders epoch e by seed + e, as DistributedSampler does: "
                 "pass seed=, not generator="
             )
+        unbatched = a["batch_size"] is None and a["batch_sampler"] is None
         batch_size, shuffle = torch_batching(
             a["batch_size"], a["shuffle"], a["sampler"], a["batch_sampler"], a["drop_last"], mode
         )
@@ -107,6 +110,10 @@ class LoaderConfig:
             )
         if collate is not None and (not isinstance(collate, str) or not collate):
             raise _bad("collate_fn", collate, "must be the name of a collate registered on the server")
+        if unbatched and collate in (None, "default"):
+            collate = (
+                protocol.CONVERT_COLLATE
+            )  # torch's collate without batching: default_convert, per sample
         transform = a["batch_transform"]
         if transform is not None and not callable(transform):
             raise InvalidArgument(f"batch_transform must be callable, got {type(transform).__name__}")
@@ -178,6 +185,7 @@ class LoaderConfig:
             streams=streams,
             compression=compression,
             receive_processes=a["receive_processes"],
+            unbatched=unbatched,
         )
 
 
@@ -210,11 +218,12 @@ def torch_batching(
         batch_size = 1
     if sampler is not None and shuffle:
         raise InvalidArgument("sampler option is mutually exclusive with shuffle")
-    if batch_size is None:
+    if batch_size is None and drop_last:
         raise InvalidArgument(
-            "batch_size=None (samples one by one, no batch dimension) is not supported: the server "
-            "builds batches; use batch_size=1 and take batch[0]"
+            "batch_size=None option disables auto-batching and is mutually exclusive with drop_last"
         )
+    if batch_size is None:
+        batch_size = 1  # each "batch" is one sample, converted without a batch dimension
     if not _is_int(batch_size) or batch_size < 1:
         raise _bad("batch_size", batch_size, "must be a positive integer")
     if (sampler is not None or batch_sampler is not None) and mode != "independent":

@@ -21,8 +21,15 @@ from .options import LoaderConfig
 
 __all__ = ["Resume", "check_state", "state_of"]
 
-# Settings a state must agree with: the batches it counts are those batches.
-_MATCH = ("dataset", "batch_size", "shuffle", "drop_last")
+# Settings a state must agree with (the batches it counts are those batches), and what a
+# state saved before a setting existed stands for.
+_MATCH: dict[str, object] = {
+    "dataset": None,
+    "batch_size": None,
+    "shuffle": None,
+    "drop_last": None,
+    "unbatched": False,
+}
 
 
 @dataclass(frozen=True)
@@ -70,10 +77,10 @@ def check_state(config: LoaderConfig, state: Any, client_sampler: bool) -> tuple
     if not isinstance(state, dict) or state.get("version") != protocol.STATE_VERSION:
         got = state.get("version") if isinstance(state, dict) else type(state).__name__
         raise InvalidArgument(f"state_dict version must be {protocol.STATE_VERSION}, got {got!r}")
-    for key in _MATCH:
-        if state.get(key) != getattr(config, key):
+    for key, absent in _MATCH.items():
+        if state.get(key, absent) != getattr(config, key):
             raise InvalidArgument(
-                f"state_dict {key} is {state.get(key)!r} but this loader has {getattr(config, key)!r}"
+                f"state_dict {key} is {state.get(key, absent)!r} but this loader has {getattr(config, key)!r}"
             )
     epoch, batch = state.get("epoch"), state.get("batch")
     if not _count(epoch) or not _count(batch):

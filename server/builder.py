@@ -212,6 +212,7 @@ class Builder:
             limit=self._max_bytes,
             ticket=self._ticket,
             sizes=sizes,
+            unbatched=plan.unbatched,
         )
         try:
             future = self._pool.submit(task)

@@ -7,7 +7,16 @@ Built in:
 * ``pad``: the same, but tensors of different shapes are padded to the largest
   size in each dimension with ``padding_value`` (0), for variable-length sequences;
 * ``pack``: 1-D samples (token documents) packed into rows of ``seq_len`` (2048)
-  tokens with their document boundaries (:func:`pack_collate`).
+  tokens with their document boundaries (:func:`pack_collate`);
+* ``convert``: torch's ``default_convert`` (numpy arrays to tensors, through any
+  containers; nothing stacked, plain values kept). A stream without batching (torch's
+  ``batch_size=None``, OpenStream.unbatched) gives it each sample by itself, as torch
+  does; with batches it makes a list of converted samples, as torch's
+  ``collate_fn=default_convert`` does.
+
+Without batching every collate is called with one sample, not a list (as torch calls
+its ``collate_fn`` with ``batch_size=None``); the loader asks for ``convert`` where
+torch would use its default.
 
 Register more with :func:`register_collate` before the server starts. A plain
 function ``fn(samples) -> batch`` works as with torch; its output tensors are
@@ -30,8 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data._utils.collate import collate as _torch_collate
-from torch.utils.data._utils.collate import default_collate_fn_map
+from torch.utils.data._utils.collate import default_collate_fn_map, default_convert
 
+from batchferry import protocol
 from batchferry.layout import SlotWriter
 
 __all__ = [
@@ -240,6 +250,7 @@ def pack_collate(seq_len: int = DEFAULT_SEQ_LEN, padding_value: int = 0) -> Slot
 DEFAULT = SlotCollate(_default)
 
 _REGISTRY: dict[str, SlotCollate | CollateFn] = {
+    protocol.CONVERT_COLLATE: default_convert,
     "default": DEFAULT,
     "pack": pack_collate(),
     "pad": pad_collate(0),
@@ -273,7 +284,8 @@ def get_collate(name: str) -> SlotCollate | CollateFn:
         raise KeyError(f"unknown collate {name!r}; registered: {', '.join(collate_names())}") from None
 
 
-def run_collate(fn: SlotCollate | CollateFn, samples: Sequence[Any], writer: SlotWriter) -> Any:
+def run_collate(fn: SlotCollate | CollateFn, samples: Any, writer: SlotWriter) -> Any:
+    """``fn`` on ``samples``: a list of samples, or without batching one sample by itself."""
     if isinstance(fn, SlotCollate):
         return fn(samples, writer)
     return fn(samples)

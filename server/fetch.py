@@ -17,6 +17,9 @@ dataset's samples. Same subclass rule.
 
 Everything else goes through ``__getitems__`` when the dataset has it, else one
 ``__getitem__`` per sample, then the collate.
+
+Without batching (``unbatched``, torch's ``batch_size=None``) a batch is one sample,
+read with ``__getitem__`` and given to the collate by itself, as torch does.
 """
 
 from __future__ import annotations
@@ -75,8 +78,14 @@ def build_batch(
     indices: np.ndarray,
     collate: SlotCollate | CollateFn,
     writer: SlotWriter,
+    *,
+    unbatched: bool = False,
 ) -> tuple[Any, bool]:
     """The batch, and whether it was gathered vectorised."""
+    if unbatched:
+        if len(indices) != 1:  # the plan and the client's lists are checked for it
+            raise ValueError(f"a stream without batching builds one sample at a time, not {len(indices)}")
+        return run_collate(collate, ds[int(indices[0])], writer), False
     # Equality, not identity: worker processes receive the registry by pickle.
     if gather is not None and collate == DEFAULT:
         return gather(indices, writer), True

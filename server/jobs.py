@@ -51,6 +51,7 @@ class JobSettings:
     collate: str
     seed: int
     world_size: int
+    unbatched: bool = False
 
 
 @dataclass

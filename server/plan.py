@@ -48,6 +48,7 @@ class Plan:
     # Codec asked for the payload of batches sent as bytes (each may still go raw).
     codec: _pb2.Codec = _pb2.CODEC_NONE
     groups: bool = False  # the client takes frames of several batches
+    unbatched: bool = False  # batches of one sample, collated by itself (torch's batch_size=None)
     # What the epoch's order is made from (server/orders.py makes and shares it).
     length: int = 0
     shuffle: bool = False
@@ -115,6 +116,8 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
         )
     if req.batch_size < 1:
         raise invalid(f"batch_size must be >= 1, got {req.batch_size}")
+    if req.unbatched and req.batch_size != 1:
+        raise invalid(f"batch_size must be 1 when unbatched (one sample at a time), got {req.batch_size}")
     collate = req.collate or "default"
     if collate not in catalog.collates:
         raise Abort(
@@ -188,6 +191,7 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
             collate=collate,
             seed=req.seed,
             world_size=req.world_size,
+            unbatched=req.unbatched,
         )
         if req.mode == _pb2.MODE_SHARDED:
             count = sampling.shard_length(length, req.world_size, req.drop_last)
@@ -217,6 +221,7 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
         shm=req.transport == _pb2.TRANSPORT_SHM,
         codec=req.compression,
         groups=req.groups,
+        unbatched=req.unbatched,
         length=length,
         shuffle=req.shuffle,
         drop_last=req.drop_last,

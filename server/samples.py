@@ -12,15 +12,14 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
+from batchferry import protocol
 from batchferry.v1 import loader_pb2 as _pb2
 
 from .builder import Builder
 from .plan import Plan, shown
 from .status import Abort, invalid
 
-__all__ = ["CONVERT", "sample_plan", "take_sample"]
-
-CONVERT = "convert"  # the collate a sample is built with
+__all__ = ["sample_plan", "take_sample"]
 
 
 def sample_plan(request: _pb2.GetSampleRequest, lengths: dict[str, int]) -> Plan:
@@ -37,13 +36,14 @@ def sample_plan(request: _pb2.GetSampleRequest, lengths: dict[str, int]) -> Plan
         )
     return Plan(
         dataset=request.dataset,
-        collate=CONVERT,
+        collate=protocol.CONVERT_COLLATE,
         batch_size=1,
         num_batches=1,
         start_batch=0,
         credits=1,
         chunk_bytes=0,
         shm=False,
+        unbatched=True,  # the collate gets the sample itself: no batch dimension
         length=length,
     )
 

@@ -74,6 +74,7 @@ class Task:
     ticket: tuple[int, int] = (0, 0)  # (index, generation) of the stream that wants it
     task_id: int = 0
     sizes: tuple[int, ...] = ()  # batch lengths of a group (empty: one batch)
+    unbatched: bool = False  # each batch is one sample, collated by itself (batch_size=None)
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,9 @@ class _TaskRunner:
                 # Each batch may take up to ``limit`` bytes past where it starts; the first
                 # that does not fit stops the group (those before it stay good).
                 writer.start_batch(task.limit)
-                batch, was_gathered = build_batch(ds, gather, task.indices[at : at + size], collate, writer)
+                batch, was_gathered = build_batch(
+                    ds, gather, task.indices[at : at + size], collate, writer, unbatched=task.unbatched
+                )
                 layouts.append(encode(batch, writer).SerializeToString())
                 gathered += was_gathered
                 at += size

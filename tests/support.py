@@ -9,9 +9,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import psutil
@@ -342,3 +343,79 @@ class Spiky(Dataset[torch.Tensor]):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return torch.full(((1 << 20) if i and i % self.every == 0 else 1 + i % 3,), i, dtype=torch.int32)
+
+
+class Point(NamedTuple):
+    """A namedtuple sample type, imported wherever this module is."""
+
+    x: torch.Tensor
+    y: int
+
+
+class Points(Dataset[Point]):
+    """``Point(x=float32[3], y=int)`` samples, one ``__getitem__`` each."""
+
+    def __init__(self, n: int = 30) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Point:
+        return Point(torch.arange(3, dtype=torch.float32) * i, i % 4)
+
+
+class PointsAtOnce(Points):
+    """The same samples, read several at a time through ``__getitems__``."""
+
+    def __getitems__(self, indices: list[int]) -> list[Point]:
+        return [self[i] for i in indices]
+
+
+# A namedtuple class whose module no client ever imports (it exists only where the
+# samples are made): a client gets an equivalent class, not this one.
+Reading = namedtuple("Reading", ["value", "where"], module="batchferry_tests_server_side")
+
+
+class Readings(Dataset[Any]):
+    """``Reading(value=int64[2], where=str)`` samples, of a class only the server has."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> Any:
+        return Reading(torch.tensor([i, -i]), f"r{i}")
+
+
+class Arrays(Dataset[dict[str, Any]]):
+    """numpy samples: arrays, a numpy scalar, Python numbers and a string (``default_convert``
+    turns the arrays and the numpy scalar into tensors and leaves the rest)."""
+
+    def __len__(self) -> int:
+        return 20
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {
+            "image": np.full((2, 3), i, dtype=np.uint8),
+            "weights": np.linspace(0, 1, 4, dtype=np.float32) * i,
+            "np_scalar": np.int16(i),
+            "label": i % 3,
+            "score": i / 4,
+            "pair": (np.arange(2, dtype=np.int64) + i, i),
+            "name": f"s{i}",
+        }
+
+
+class Ints(Dataset[int]):
+    """Samples that are plain Python ints."""
+
+    def __len__(self) -> int:
+        return 17
+
+    def __getitem__(self, i: int) -> int:
+        return i * 3
+
+
+def double_first(sample: Any) -> dict[str, Any]:
+    """A user collate made for ``batch_size=None`` (torch gives it one sample)."""
+    return {"double": sample[0] * 2, "label": sample[1]}

@@ -246,7 +246,7 @@ def test_batch_transform_runs_in_the_trainer_on_every_batch(server: Server, tens
     ("kwargs", "needle"),
     [
         ({"collate_fn": lambda b: b}, "register_collate.*batch_transform"),
-        ({"batch_size": None}, "batch_size=None"),
+        ({"batch_size": None, "drop_last": True}, "batch_size=None.*mutually exclusive with drop_last"),
         ({"sampler": [1, 2], "shuffle": True}, "mutually exclusive with shuffle"),
         ({"batch_sampler": [[1]], "batch_size": 4}, "mutually exclusive"),
         ({"batch_sampler": [[1]], "drop_last": True}, "mutually exclusive"),

@@ -3,21 +3,23 @@ status codes its contract names, and stays within its budgets."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import grpc
 import pytest
 import torch
+from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchferry import sampling, wire
+from batchferry import layout, sampling, wire
 from batchferry.client import DataLoader
 from batchferry.server import Server
 from batchferry.server.ring import SlotState
 from batchferry.v1 import loader_pb2 as pb
 
-from support import VarLen, wait_until
+from support import Point, VarLen, wait_until
 
 EXPECTED = {
     grpc.StatusCode.OK,
@@ -48,7 +50,7 @@ opens = st.builds(
     shuffle=st.booleans(),
     sampler_state=st.sampled_from([b"", b"\x00\x01", _STATE]),
     drop_last=st.booleans(),
-    collate=st.sampled_from(["", "default", "pad", "x"]),
+    collate=st.sampled_from(["", "default", "pad", "convert", "x"]),
     epoch=st.integers(-2, 3),
     start_batch=st.integers(-3, 40),
     credits=st.integers(-1, 70),
@@ -60,6 +62,7 @@ opens = st.builds(
     world_size=st.integers(-1, 5),
     seed=st.integers(-(2**63), 2**63 - 1),
     groups=st.booleans(),
+    unbatched=st.booleans(),
 )
 messages = st.one_of(
     opens.map(lambda o: pb.ClientMessage(open=o).SerializeToString()),
@@ -107,3 +110,47 @@ def test_after_the_fuzzing_the_server_serves_and_holds_nothing(target: Server) -
     with DataLoader(target.address, "t", 10, shuffle=True, seed=1) as loader:
         assert len(list(loader)) == 11
     assert target.ring.stats().total_bytes <= BUDGET
+
+
+# Namedtuple nodes as a peer may send them: names that are and are not fields or classes,
+# of modules imported here and not, counts that do and do not match.
+_names = st.one_of(
+    st.sampled_from(["x", "y", "_0", "_1", "_", "class", "Point", "support", "a.b", "<locals>", ""]),
+    st.text(max_size=8),
+    st.just("n" * 1100),
+)
+_named_nodes = st.builds(
+    pb.NodeNamed,
+    module=st.one_of(st.sampled_from(["support", "collections", "sys", "batchferry.layout", "nope"]), _names),
+    qualname=st.one_of(st.sampled_from(["Point", "Point.x", "OrderedDict", "modules"]), _names),
+    fields=st.lists(_names, max_size=5),
+    items=st.lists(st.integers(-5, 5).map(lambda i: pb.Node(int=i)), max_size=5),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(node=_named_nodes)
+def test_random_namedtuple_nodes_decode_or_are_refused(node: pb.NodeNamed) -> None:
+    msg = pb.Layout(root=pb.Node(namedtuple=node))
+    try:
+        out = layout.decode(msg, torch.zeros(0, dtype=torch.uint8))
+    except layout.LayoutError:
+        return
+    assert isinstance(out, tuple) and type(out)._fields == tuple(node.fields)
+    assert list(out) == [n.int for n in node.items]
+
+
+@settings(max_examples=300, deadline=None)
+@given(flips=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), min_size=1, max_size=4))
+def test_damaged_layouts_decode_or_are_refused(flips: list[tuple[int, int]]) -> None:
+    slot = torch.zeros(1 << 12, dtype=torch.uint8)
+    tree = {"p": Point(torch.arange(4), 3), "q": [Point(Point(1, "a"), None)], 5: (1.5, True)}
+    raw = bytearray(layout.encode(tree, layout.SlotWriter(slot)).SerializeToString())
+    for at, value in flips:
+        raw[at % len(raw)] = value
+    try:
+        msg = pb.Layout.FromString(bytes(raw))
+    except DecodeError:
+        return
+    with contextlib.suppress(layout.LayoutError):
+        layout.decode(msg, slot)

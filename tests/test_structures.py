@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +15,18 @@ from batchferry.client import DataLoader
 from batchferry.errors import DatasetError
 from batchferry.server import Server, pad_collate
 
-from support import Nested, Plain, VarLen, assert_same, sum_collate
+from support import (
+    Nested,
+    Plain,
+    Point,
+    Points,
+    PointsAtOnce,
+    Reading,
+    Readings,
+    VarLen,
+    assert_same,
+    sum_collate,
+)
 
 
 def test_nested_structures_and_dtypes(server: Server) -> None:
@@ -145,3 +159,37 @@ def test_worker_processes_gather_array_datasets_vectorised(tensor_ds) -> None:
         with DataLoader(srv.address, "p", 10) as loader:
             list(loader)
         assert srv.service.batches_gathered == 11 and srv.service.batches_built == 13
+
+
+@pytest.fixture(scope="module")
+def named() -> Iterator[Server]:
+    datasets = {"points": Points(), "at_once": PointsAtOnce(), "readings": Readings()}
+    with Server(datasets, port=0, num_workers=2) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("dataset", ["points", "at_once"])
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
+def test_namedtuple_samples_collate_to_their_class(named: Server, dataset: str, transport: str) -> None:
+    ds = Points() if dataset == "points" else PointsAtOnce()
+    theirs = list(TorchLoader(ds, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(2)))
+    with DataLoader(named.address, dataset, 8, shuffle=True, seed=2, transport=transport) as loader:
+        ours = list(loader)
+    assert_same(ours, theirs)  # the same class, not a tuple
+    assert all(type(b) is Point for b in ours)
+    assert torch.equal(ours[0].x, theirs[0].x) and ours[0].y.tolist() == theirs[0].y.tolist()
+    assert ours[-1].x.shape == (6, 3)
+
+
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
+def test_a_namedtuple_class_the_client_lacks_comes_back_equivalent(named: Server, transport: str) -> None:
+    theirs = list(TorchLoader(Readings(), batch_size=5))
+    with DataLoader(named.address, "readings", 5, transport=transport) as loader:
+        ours = list(loader)
+    assert Reading.__module__ not in sys.modules  # the server's class: not found here, not imported
+    assert len(ours) == len(theirs) == 3
+    for a, b in zip(ours, theirs, strict=True):
+        assert type(a) is not Reading and type(a).__name__ == "Reading" and a._fields == b._fields
+        assert_same(list(a), list(b))
+        assert a.where == b.where and torch.equal(a.value, b.value)
+    assert len({type(b) for b in ours}) == 1  # one class for the stream's batches

@@ -189,8 +189,20 @@ class NoneValue(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class NodeNamed(_message.Message):
+    __slots__ = ("module", "qualname", "fields", "items")
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    QUALNAME_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    module: str
+    qualname: str
+    fields: _containers.RepeatedScalarFieldContainer[str]
+    items: _containers.RepeatedCompositeFieldContainer[Node]
+    def __init__(self, module: _Optional[str] = ..., qualname: _Optional[str] = ..., fields: _Optional[_Iterable[str]] = ..., items: _Optional[_Iterable[_Union[Node, _Mapping]]] = ...) -> None: ...
+
 class Node(_message.Message):
-    __slots__ = ("tensor", "list", "tuple", "dict", "str", "int", "float", "bool", "none")
+    __slots__ = ("tensor", "list", "tuple", "dict", "str", "int", "float", "bool", "none", "namedtuple")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     LIST_FIELD_NUMBER: _ClassVar[int]
     TUPLE_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +212,7 @@ class Node(_message.Message):
     FLOAT_FIELD_NUMBER: _ClassVar[int]
     BOOL_FIELD_NUMBER: _ClassVar[int]
     NONE_FIELD_NUMBER: _ClassVar[int]
+    NAMEDTUPLE_FIELD_NUMBER: _ClassVar[int]
     tensor: TensorSpec
     list: NodeList
     tuple: NodeList
@@ -209,7 +222,8 @@ class Node(_message.Message):
     float: float
     bool: bool
     none: NoneValue
-    def __init__(self, tensor: _Optional[_Union[TensorSpec, _Mapping]] = ..., list: _Optional[_Union[NodeList, _Mapping]] = ..., tuple: _Optional[_Union[NodeList, _Mapping]] = ..., dict: _Optional[_Union[NodeMap, _Mapping]] = ..., str: _Optional[str] = ..., int: _Optional[int] = ..., float: _Optional[float] = ..., bool: _Optional[bool] = ..., none: _Optional[_Union[NoneValue, _Mapping]] = ...) -> None: ...
+    namedtuple: NodeNamed
+    def __init__(self, tensor: _Optional[_Union[TensorSpec, _Mapping]] = ..., list: _Optional[_Union[NodeList, _Mapping]] = ..., tuple: _Optional[_Union[NodeList, _Mapping]] = ..., dict: _Optional[_Union[NodeMap, _Mapping]] = ..., str: _Optional[str] = ..., int: _Optional[int] = ..., float: _Optional[float] = ..., bool: _Optional[bool] = ..., none: _Optional[_Union[NoneValue, _Mapping]] = ..., namedtuple: _Optional[_Union[NodeNamed, _Mapping]] = ...) -> None: ...
 
 class Layout(_message.Message):
     __slots__ = ("root", "payload_bytes")
@@ -220,7 +234,7 @@ class Layout(_message.Message):
     def __init__(self, root: _Optional[_Union[Node, _Mapping]] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class OpenStream(_message.Message):
-    __slots__ = ("dataset", "batch_size", "shuffle", "sampler_state", "drop_last", "collate", "epoch", "start_batch", "credits", "chunk_bytes", "transport", "mode", "job", "rank", "world_size", "seed", "replica_index", "num_replicas", "taken", "any_order", "client_batches", "stripe", "stripes", "compression", "groups")
+    __slots__ = ("dataset", "batch_size", "shuffle", "sampler_state", "drop_last", "collate", "epoch", "start_batch", "credits", "chunk_bytes", "transport", "mode", "job", "rank", "world_size", "seed", "replica_index", "num_replicas", "taken", "any_order", "client_batches", "stripe", "stripes", "compression", "groups", "unbatched")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHUFFLE_FIELD_NUMBER: _ClassVar[int]
@@ -246,6 +260,7 @@ class OpenStream(_message.Message):
     STRIPES_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
+    UNBATCHED_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     batch_size: int
     shuffle: bool
@@ -271,7 +286,8 @@ class OpenStream(_message.Message):
     stripes: int
     compression: Codec
     groups: bool
-    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., sampler_state: _Optional[bytes] = ..., drop_last: _Optional[bool] = ..., collate: _Optional[str] = ..., epoch: _Optional[int] = ..., start_batch: _Optional[int] = ..., credits: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., seed: _Optional[int] = ..., replica_index: _Optional[int] = ..., num_replicas: _Optional[int] = ..., taken: _Optional[bytes] = ..., any_order: _Optional[bool] = ..., client_batches: _Optional[bool] = ..., stripe: _Optional[int] = ..., stripes: _Optional[int] = ..., compression: _Optional[_Union[Codec, str]] = ..., groups: _Optional[bool] = ...) -> None: ...
+    unbatched: bool
+    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., sampler_state: _Optional[bytes] = ..., drop_last: _Optional[bool] = ..., collate: _Optional[str] = ..., epoch: _Optional[int] = ..., start_batch: _Optional[int] = ..., credits: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., seed: _Optional[int] = ..., replica_index: _Optional[int] = ..., num_replicas: _Optional[int] = ..., taken: _Optional[bytes] = ..., any_order: _Optional[bool] = ..., client_batches: _Optional[bool] = ..., stripe: _Optional[int] = ..., stripes: _Optional[int] = ..., compression: _Optional[_Union[Codec, str]] = ..., groups: _Optional[bool] = ..., unbatched: _Optional[bool] = ...) -> None: ...
 
 class BatchIndices(_message.Message):
     __slots__ = ("index", "lengths", "samples", "end", "total")

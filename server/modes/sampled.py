@@ -6,7 +6,7 @@ epoch had. This replica builds and sends the batches it owns (b % R == replica),
 in the order given (or as built, with ``any_order``); small batches several to a
 group, from what has arrived. Every list is checked before anything is built: batch
 indices increasing and this replica's, sample indices within the dataset, batches of
-at most ``MAX_BATCH`` samples.
+at most ``MAX_BATCH`` samples (one sample without batching).
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ def unpack(
     samples = np.asarray(lists.samples, dtype=np.int64)
     if index.size != lengths.size:
         raise invalid(f"batches: {index.size} batch indices but {lengths.size} lengths")
-    if index.size and (lengths.min() < 1 or lengths.max() > MAX_BATCH):
-        raise invalid(f"batches: every batch needs 1 to {MAX_BATCH} samples")
+    most = 1 if plan.unbatched else MAX_BATCH
+    if index.size and (lengths.min() < 1 or lengths.max() > most):
+        raise invalid(f"batches: every batch needs 1 to {most} samples")
     if int(lengths.sum()) != samples.size:
         raise invalid(f"batches: lengths add up to {int(lengths.sum())}, but {samples.size} samples came")
     if samples.size and (samples.min() < 0 or samples.max() >= plan.length):
