@@ -193,6 +193,7 @@ class LoaderService:
             if len(req.dataset) > MAX_NAME:
                 raise invalid(f"dataset: at most {MAX_NAME} characters, got {len(req.dataset)}")
             the_plan = sample_plan(req, self.catalog.lengths)
+            self._check_size(the_plan)
             builder = self._builder(the_plan, None, None, lambda: bool(context.is_active()), (0, 0))
             return take_sample(builder, req.index).SerializeToString()
         except ValueError as exc:
