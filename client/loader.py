@@ -33,6 +33,7 @@ from batchferry.errors import (
     ProtocolError,
     ServerSideWarning,
     ServerUnavailable,
+    TLSError,
 )
 from batchferry.security import ClientSecurity
 from batchferry.v1 import loader_pb2 as _pb2
@@ -972,6 +973,8 @@ class _Iterator:
                     self._stats.reconnects += 1
                     log.info("reconnected to %s at batch %d", self._where(j), self.yielded)
                     return
+            except TLSError:
+                raise  # it refuses this client: waiting does not help
             except (ServerUnavailable, BatchTimeout):
                 pass
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
