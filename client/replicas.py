@@ -11,7 +11,9 @@ Owner of one gRPC channel per replica. A DNS set is resolved again when a
 replica is lost (a restarted pod comes back with a new address).
 
 Waiting for a server: a server that is not up yet is asked again until ``timeout``;
-one that refuses this client (its TLS settings, its token) is an error at once.
+one that refuses this client (its TLS settings, its token) is an error at once. A
+wait that fails leaves no channel behind, so the next one connects at once rather
+than after gRPC's reconnect backoff.
 """
 
 from __future__ import annotations
@@ -255,22 +257,29 @@ class ReplicaSet:
         return None
 
     def discover(self, dataset: str, timeout: float) -> list[Replica]:
-        """Every replica, by index, checked to form one complete set serving ``dataset``."""
+        """Every replica, by index, checked to form one complete set serving ``dataset``
+        (before any stream: a failed discover closes every channel it opened)."""
         deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            targets = self._targets()
-            # A DNS name may not list every pod yet (one is restarting): look again shortly.
-            wait = min(remaining, _RESOLVE_EVERY) if self._dns else remaining
-            try:
-                self.replicas = self._check(self._ask(targets, wait), dataset)
-                return self.replicas
-            except TLSError:
-                raise
-            except ServerUnavailable:
-                if not self._dns or time.monotonic() + _RESOLVE_EVERY >= deadline:
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                targets = self._targets()
+                # A DNS name may not list every pod yet (one is restarting): look again shortly.
+                wait = min(remaining, _RESOLVE_EVERY) if self._dns else remaining
+                try:
+                    self.replicas = self._check(self._ask(targets, wait), dataset)
+                    return self.replicas
+                except TLSError:
                     raise
-            time.sleep(_RESOLVE_EVERY / 5)
+                except ServerUnavailable:
+                    if not self._dns or time.monotonic() + _RESOLVE_EVERY >= deadline:
+                        raise
+                time.sleep(_RESOLVE_EVERY / 5)
+        except BaseException:
+            # gRPC keeps a channel's reconnect backoff (which grows while the server is away):
+            # the next discover starts on fresh channels and finds a server up at once.
+            self.close()
+            raise
 
     def _check(self, answers: dict[str, _Answer], dataset: str) -> list[Replica]:
         if not answers:
