@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +36,7 @@ from batchferry.errors import (
 )
 from batchferry.security import ClientSecurity
 from batchferry.v1 import loader_pb2 as _pb2
+from batchferry.warn import warn
 
 from .buffers import BufferPool
 from .device import CudaCopier
@@ -432,7 +432,7 @@ class DataLoader:
         self._warned = True
         given = self._server_side
         notes = []
-        if given["num_workers"] is not None and given["num_workers"] != server_workers:
+        if (given["num_workers"] or 0) > 0 and given["num_workers"] != server_workers:  # 0: torch's default
             notes.append(
                 f"num_workers={given['num_workers']}: the server builds batches with its own "
                 f"{server_workers} worker process(es) (batchferry serve --num-workers)"
@@ -445,7 +445,7 @@ class DataLoader:
         if given["multiprocessing_context"] is not None:
             notes.append("multiprocessing_context: the server's workers are always spawned processes")
         if notes:
-            warnings.warn("; ".join(notes), ServerSideWarning, stacklevel=4)
+            warn("; ".join(notes), ServerSideWarning)  # at the caller's line, whichever call got here
 
     @property
     def stripes(self) -> int:
