@@ -9,16 +9,22 @@
     ├── Unauthenticated        (also PermissionError) no token, or not one the server accepts
     ├── DatasetError           the dataset or collate raised on the server
     ├── ServerUnavailable      (also ConnectionError) cannot reach the server
+    │   └── TLSError           the TLS handshake failed: this client's TLS settings do not fit the server's
     ├── BatchTimeout           (also TimeoutError) no batch within ``timeout``
     └── ProtocolError          the peer sent bytes that break the wire contract
 
 Every exception raised from ``grpc.RpcError`` keeps it as ``__cause__`` and carries
-the status code name in ``code``.
+the status code name in ``code``. A ``TLSError`` names the server, what failed and
+the setting to change; it never carries a token or key material.
 """
 
 from __future__ import annotations
 
+import re
+
 import grpc
+
+from batchferry.handshake import ClientTLS, ServerTLS
 
 __all__ = [
     "BatchTimeout",
@@ -30,8 +36,12 @@ __all__ = [
     "ResourceExhausted",
     "ServerSideWarning",
     "ServerUnavailable",
+    "TLSError",
     "Unauthenticated",
+    "closed_in_handshake",
     "from_rpc_error",
+    "refused_at_handshake",
+    "unreachable",
 ]
 
 # Trailing-metadata key the server sets when user code (dataset, collate) failed,
@@ -86,6 +96,12 @@ class ServerUnavailable(BatchferryError, ConnectionError):
     code = "UNAVAILABLE"
 
 
+class TLSError(ServerUnavailable):
+    """The TLS handshake with the server failed: a plaintext client at a TLS server (or
+    the other way round), a server certificate the client does not trust, a client
+    certificate the server requires or refuses. Waiting does not help: it is raised at once."""
+
+
 class BatchTimeout(BatchferryError, TimeoutError):
     """No batch arrived within the loader's ``timeout``."""
 
@@ -118,12 +134,115 @@ _BY_CODE: dict[grpc.StatusCode, type[BatchferryError]] = {
 }
 
 
-def from_rpc_error(exc: grpc.RpcError) -> BatchferryError:
-    """The batchferry exception for a failed call (raise it ``from exc``)."""
-    code: grpc.StatusCode = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = exc.details() if hasattr(exc, "details") else str(exc)
+def from_rpc_error(
+    exc: grpc.RpcError, *, server: str = "", client: ClientTLS | None = None
+) -> BatchferryError:
+    """The batchferry exception for a failed call (raise it ``from exc``); with the
+    ``server``'s address and the ``client``'s TLS settings, a TLSError for a handshake
+    that failed on this side."""
+    code, details = _status(exc)
     trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
     if any(key == DATASET_ERROR_KEY for key, _ in trailing or ()):
         return DatasetError(details or "dataset raised", code=code.name)
+    if code == grpc.StatusCode.UNAVAILABLE and client is not None:
+        failed = _handshake_failure(server, client, details)
+        if failed is not None:
+            return failed
     cls = _BY_CODE.get(code, BatchferryError)
     return cls(f"{code.name}: {details}", code=code.name)
+
+
+def _status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    code: grpc.StatusCode = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    return code, (exc.details() if hasattr(exc, "details") else str(exc)) or ""
+
+
+# What gRPC says of the last connection attempt, after "last error: " (grpcio 1.6x-1.8x):
+# a status name, the address, then the reason.
+_LAST_ERROR = re.compile(r"last error: (?:[A-Z_]+: )?(?:(?:ipv4|ipv6|unix):\S+?: )?(.*)")
+_VERIFY = re.compile(r"CERTIFICATE_VERIFY_FAILED(?:: ([^:]+))?")
+
+
+def _reason(details: str) -> str:
+    """The reason of gRPC's last connection attempt, without its status name and address."""
+    match = _LAST_ERROR.search(details)
+    return (match.group(1) if match else details).removesuffix(": OK").strip()
+
+
+def _handshake_failure(server: str, client: ClientTLS, details: str) -> TLSError | None:
+    """A TLSError for a handshake that gRPC reports failed on this side, else None."""
+    reason = _reason(details)
+    if "WRONG_VERSION_NUMBER" in details:
+        return TLSError(
+            f"server {server} does not speak TLS (it answered this loader's TLS handshake in "
+            "plaintext): connect without tls=, root_certificates= and client_cert=, or start the server "
+            "with --tls-cert and --tls-key"
+        )
+    verify = _VERIFY.search(details)
+    if verify is not None:
+        why = verify.group(1) or "verification failed"
+        if "expired" in why:
+            return TLSError(f"server {server}'s TLS certificate has expired ({why}): renew its --tls-cert")
+        if client.credentials:
+            trusted = "the root certificates in credentials="
+        elif client.root_certificates:
+            trusted = "root_certificates="
+        else:
+            trusted = "this system's CAs"
+        return TLSError(
+            f"server {server}'s TLS certificate is not signed by {trusted} ({why}): pass the CA that "
+            "signed the server's --tls-cert as root_certificates="
+        )
+    if "Hostname Verification" in details or "Peer name" in details:
+        host = server.rpartition(":")[0] or server
+        return TLSError(
+            f"server {server}'s TLS certificate does not name {host}: connect by a name the "
+            "certificate carries, or give the server a certificate for this one"
+        )
+    if "andshake failed" in details or "SSL_ERROR" in details:
+        return TLSError(
+            f"TLS handshake with server {server} failed ({reason}): check tls=, "
+            "root_certificates= and client_cert= against the server's --tls-* settings"
+        )
+    return None
+
+
+def closed_in_handshake(exc: grpc.RpcError) -> bool:
+    """Whether the server closed the connection before it was set up: it may have refused
+    this client's TLS (or lack of it), which only :func:`refused_at_handshake` can tell."""
+    code, details = _status(exc)
+    return code == grpc.StatusCode.UNAVAILABLE and "Socket closed" in details
+
+
+def refused_at_handshake(server: str, client: ClientTLS, seen: ServerTLS) -> TLSError | None:
+    """A TLSError if how the server answers a TLS client (:func:`~batchferry.handshake.probe`)
+    explains why it closed this client's connection, else None (a restart, say)."""
+    if not client.tls and seen in (ServerTLS.TLS, ServerTLS.CLIENT_CERT):
+        also = ", and client_cert= and client_key= (it requires a client certificate)"
+        return TLSError(
+            f"server {server} speaks TLS and this loader connected in plaintext: pass root_certificates= "
+            f"(the CA that signed the server's certificate) or tls=True (this system's CAs)"
+            f"{also if seen is ServerTLS.CLIENT_CERT else ''}"
+        )
+    if client.tls and seen is ServerTLS.CLIENT_CERT:
+        if client.client_cert:
+            return TLSError(
+                f"server {server} refused this loader's client certificate: client_cert= must be signed "
+                "by the CA the server trusts (its --tls-client-ca) and be valid now (not expired)"
+            )
+        if client.credentials:
+            return TLSError(
+                f"server {server} requires a client certificate (mutual TLS) and refused the one in "
+                "credentials=, if any: it must be signed by the CA the server trusts (its --tls-client-ca)"
+            )
+        return TLSError(
+            f"server {server} requires a client certificate (mutual TLS) and this loader presented none: "
+            "pass client_cert= and client_key=, signed by the CA the server trusts (its --tls-client-ca)"
+        )
+    return None
+
+
+def unreachable(server: str, timeout: float, last: grpc.RpcError | None = None) -> ServerUnavailable:
+    """No answer from ``server`` within ``timeout``; ``last``: the last attempt's error."""
+    why = f" ({_reason(_status(last)[1])})" if last is not None else ""
+    return ServerUnavailable(f"server {server} not reachable within {timeout:.3g}s{why}")

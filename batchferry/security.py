@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from batchferry import wire
+from batchferry import handshake, wire
 from batchferry.errors import InvalidArgument
 
 __all__ = ["TOKEN_ENV", "ClientSecurity", "read_token"]
@@ -85,6 +85,20 @@ class ClientSecurity:
             credentials=credentials,
             server_name=server_name or "",
         )
+
+    @property
+    def settings(self) -> handshake.ClientTLS:
+        """Which TLS settings this client gives, for errors that name the one to change."""
+        return handshake.ClientTLS(
+            tls=self.tls,
+            root_certificates=self.root_certificates is not None,
+            client_cert=self.client_cert is not None,
+            credentials=self.credentials is not None,
+        )
+
+    def probe(self, target: str, timeout: float) -> handshake.ServerTLS:
+        """How the server at ``target`` answers a TLS client (see :mod:`batchferry.handshake`)."""
+        return handshake.probe(target, server_name=self.server_name, timeout=timeout)
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:

@@ -56,11 +56,13 @@ _MESSAGES = [
 KEEPALIVE_S = 10
 CHANNEL_OPTIONS = [
     *_MESSAGES,
-    # A restarted server (a rolling update) is found again within a fraction of a
-    # second, not after gRPC's default backoff of up to two minutes.
+    # A restarted server (a rolling update) is found again within a second, not after
+    # gRPC's default backoff of up to two minutes: attempts 0.1 s apart, growing 1.6x to 1 s.
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    # Not a backoff: the least time one connection attempt (TCP, TLS, HTTP/2 settings) is
+    # given. gRPC's default; at 100 ms, a link of 200 ms round trip took 1.1 s to connect, not 0.6.
+    ("grpc.min_reconnect_backoff_ms", 20000),
     ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
     ("grpc.keepalive_timeout_ms", KEEPALIVE_S * 1000),
     ("grpc.http2.max_pings_without_data", 0),  # a stream waiting for a slow batch carries none

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic
 
@@ -31,6 +30,7 @@ from typing_extensions import TypeVar
 from batchferry import cleanup, sampling
 from batchferry.errors import ServerSideWarning
 from batchferry.security import ClientSecurity
+from batchferry.warn import warn
 
 from .connection import Connection
 from .dataset import RemoteDataset
@@ -263,7 +263,7 @@ class DataLoader(Generic[_T_co]):
         if self.multiprocessing_context is not None:
             notes.append("multiprocessing_context: the server's workers are always spawned processes")
         if notes:
-            warnings.warn("; ".join(notes), ServerSideWarning, stacklevel=4)
+            warn("; ".join(notes), ServerSideWarning)  # at the caller's line, whichever call got here
 
     @property
     def stripes(self) -> int:
@@ -280,6 +280,7 @@ class DataLoader(Generic[_T_co]):
     @property
     def num_replicas(self) -> int:
         """Servers sharing each epoch (1 for a single server)."""
+        self._warn_server_side()
         return self._connection.size
 
     def __len__(self) -> int:

@@ -9,12 +9,18 @@ names one twice, or disagrees on R or on the dataset is refused before any batch
 
 Owner of one gRPC channel per replica. A DNS set is resolved again when a
 replica is lost (a restarted pod comes back with a new address).
+
+Waiting for a server: a server that is not up yet is asked again until ``timeout``;
+one that refuses this client (its TLS settings, its token) is an error at once. A
+wait that fails leaves no channel behind, so the next one connects at once rather
+than after gRPC's reconnect backoff.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import ipaddress
+import math
 import socket
 import threading
 import time
@@ -30,7 +36,11 @@ from batchferry.errors import (
     NotFound,
     ProtocolError,
     ServerUnavailable,
+    TLSError,
+    closed_in_handshake,
     from_rpc_error,
+    refused_at_handshake,
+    unreachable,
 )
 from batchferry.security import ClientSecurity
 from batchferry.v1 import loader_pb2 as _pb2
@@ -40,9 +50,33 @@ __all__ = ["Replica", "ReplicaSet", "parse_address", "resolve"]
 _DNS = "dns:"
 _RESOLVE_EVERY = 0.5  # seconds between DNS lookups while a replica is missing
 _RESOLVE_TIMEOUT = 5.0
+# A server not up yet is asked again after this pause, doubled each time up to _RETRY_MAX
+# (while gRPC waits out its reconnect backoff, an ask fails at once and costs nothing).
+_RETRY_FIRST = 0.02
+_RETRY_MAX = 0.25
+# A look at a server's TLS when it closed a connection being set up, at most every
+# _PROBE_EVERY seconds while it keeps doing so.
+_PROBE_TIMEOUT = 2.0
+_PROBE_EVERY = 1.0
+# Each channel has its own connection and its own reconnect backoff: a fresh one after a
+# failed wait is not held back by another loader's channel to the same server.
+_OPTIONS = [*wire.CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
 
 
 _Answer = _pb2.ListDatasetsResponse | BatchferryError
+
+
+@dataclass
+class _Tries:
+    """One target's failed calls within one wait."""
+
+    last: grpc.RpcError | None = None  # the last connection attempt's error
+    suspect: TLSError | None = None  # what a look at the server's TLS says, until confirmed
+    probed: float = -math.inf
+
+    def verdict(self, target: str, timeout: float) -> ServerUnavailable:
+        """The error when time is up: a suspected refusal rather than nothing at all."""
+        return self.suspect or unreachable(target, timeout, self.last)
 
 
 @dataclass
@@ -136,8 +170,14 @@ class ReplicaSet:
     def _channel(self, target: str) -> grpc.Channel:
         channel = self._channels.get(target)
         if channel is None:
-            channel = self._channels[target] = self.security.channel(target)
+            channel = self._channels[target] = self.security.channel(target, _OPTIONS)
         return channel
+
+    def _drop(self, target: str) -> None:
+        """Close ``target``'s channel (one with no connection): the next is a fresh one."""
+        channel = self._channels.pop(target, None)
+        if channel is not None:
+            channel.close()
 
     def stripe_channel(self, index: int, stripe: int) -> grpc.Channel:
         """The channel of replica ``index`` for stripe ``stripe``: each stripe on a connection of
@@ -148,51 +188,98 @@ class ReplicaSet:
         key = f"{target}#{stripe}"
         channel = self._channels.get(key)
         if channel is None:
-            options = [*wire.CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
-            channel = self._channels[key] = self.security.channel(target, options)
+            channel = self._channels[key] = self.security.channel(target, _OPTIONS)
         return channel
 
     def _targets(self) -> list[str]:
         return resolve(*self._dns) if self._dns else list(self._static)
 
     def _ask(self, targets: list[str], timeout: float) -> dict[str, _Answer]:
-        """ListDatasets on every target at once; each answer or the error it gave."""
-        calls = {}
-        for target in targets:
-            stub = self._channel(target).unary_unary(
-                wire.LIST_DATASETS, request_serializer=None, response_deserializer=None
-            )
-            calls[target] = stub.future(
-                b"", timeout=max(timeout, 0.01), wait_for_ready=True, metadata=self.security.metadata
-            )
+        """ListDatasets on every target at once; each answer or the error it gave. A target
+        not up yet is asked again until ``timeout``; a refusal is its answer at once."""
+        deadline = time.monotonic() + timeout
         answers: dict[str, _Answer] = {}
-        for target, call in calls.items():
-            try:
-                answers[target] = wire.parse(_pb2.ListDatasetsResponse, call.result())
-            except grpc.RpcError as exc:
-                err = from_rpc_error(exc)
-                if err.code == "DEADLINE_EXCEEDED":
-                    err = ServerUnavailable(f"server {target} not reachable within {timeout:.3g}s")
-                answers[target] = err
-            except (ValueError, concurrent.futures.CancelledError) as exc:
-                answers[target] = InvalidArgument(f"server {target} sent a malformed dataset list: {exc}")
+        tries = {target: _Tries() for target in targets}
+        pending, pause = list(targets), _RETRY_FIRST
+        while pending:
+            calls = {target: self._list_datasets(target, deadline) for target in pending}
+            pending = []
+            for target, call in calls.items():
+                try:
+                    answers[target] = wire.parse(_pb2.ListDatasetsResponse, call.result())
+                except grpc.RpcError as exc:
+                    err = self._refusal(target, exc, tries[target], deadline)
+                    if err is None and time.monotonic() < deadline:
+                        pending.append(target)
+                    else:
+                        answers[target] = err or tries[target].verdict(target, timeout)
+                except (ValueError, concurrent.futures.CancelledError) as exc:
+                    answers[target] = InvalidArgument(f"server {target} sent a malformed dataset list: {exc}")
+            if pending:
+                time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+                pause = min(2 * pause, _RETRY_MAX)
         return answers
 
+    def _list_datasets(self, target: str, deadline: float) -> grpc.Future:
+        stub = self._channel(target).unary_unary(
+            wire.LIST_DATASETS, request_serializer=None, response_deserializer=None
+        )
+        # Not wait_for_ready: a failed connection attempt ends the call with gRPC's reason,
+        # which tells a server not up yet from one that refuses this client's TLS.
+        timeout = max(deadline - time.monotonic(), 0.01)
+        return stub.future(b"", timeout=timeout, metadata=self.security.metadata)
+
+    def _refusal(
+        self, target: str, exc: grpc.RpcError, tries: _Tries, deadline: float
+    ) -> BatchferryError | None:
+        """The error ``target``'s failed call is final with, or None to ask again."""
+        err = from_rpc_error(exc, server=target, client=self.security.settings)
+        if err.code == "DEADLINE_EXCEEDED":
+            return None  # no answer in the time left: unreachable
+        if not isinstance(err, ServerUnavailable) or isinstance(err, TLSError):
+            return err
+        tries.last = exc
+        if not closed_in_handshake(exc):
+            tries.suspect = None
+            return None  # not up yet, or restarting
+        # The server closed the connection while it was set up: as a server that refuses this
+        # client's TLS does, or one that restarts. A look at its TLS tells which, and a second
+        # attempt on a fresh connection confirms it.
+        if tries.suspect is not None:
+            return tries.suspect
+        now = time.monotonic()
+        if now - tries.probed >= _PROBE_EVERY:
+            tries.probed = now
+            seen = self.security.probe(target, min(_PROBE_TIMEOUT, max(deadline - now, 0.01)))
+            tries.suspect = refused_at_handshake(target, self.security.settings, seen)
+            if tries.suspect is not None:
+                self._drop(target)
+        return None
+
     def discover(self, dataset: str, timeout: float) -> list[Replica]:
-        """Every replica, by index, checked to form one complete set serving ``dataset``."""
+        """Every replica, by index, checked to form one complete set serving ``dataset``
+        (before any stream: a failed discover closes every channel it opened)."""
         deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            targets = self._targets()
-            # A DNS name may not list every pod yet (one is restarting): look again shortly.
-            wait = min(remaining, _RESOLVE_EVERY) if self._dns else remaining
-            try:
-                self.replicas = self._check(self._ask(targets, wait), dataset)
-                return self.replicas
-            except ServerUnavailable:
-                if not self._dns or time.monotonic() + _RESOLVE_EVERY >= deadline:
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                targets = self._targets()
+                # A DNS name may not list every pod yet (one is restarting): look again shortly.
+                wait = min(remaining, _RESOLVE_EVERY) if self._dns else remaining
+                try:
+                    self.replicas = self._check(self._ask(targets, wait), dataset)
+                    return self.replicas
+                except TLSError:
                     raise
-            time.sleep(_RESOLVE_EVERY / 5)
+                except ServerUnavailable:
+                    if not self._dns or time.monotonic() + _RESOLVE_EVERY >= deadline:
+                        raise
+                time.sleep(_RESOLVE_EVERY / 5)
+        except BaseException:
+            # gRPC keeps a channel's reconnect backoff (which grows while the server is away):
+            # the next discover starts on fresh channels and finds a server up at once.
+            self.close()
+            raise
 
     def _check(self, answers: dict[str, _Answer], dataset: str) -> list[Replica]:
         if not answers:
@@ -226,7 +313,8 @@ class ReplicaSet:
         count = next(iter(counts.values()), 0)
         missing = [i for i in range(count) if i not in by_index]
         if errors and (missing or not count):
-            raise next(iter(errors.values()))  # e.g. one server, unreachable: its own error
+            # e.g. one server, unreachable: its own error; a refusal before a server not up yet
+            raise min(errors.values(), key=lambda e: type(e) is ServerUnavailable)
         if missing:
             found = ", ".join(f"{r.address} is replica {i}" for i, r in sorted(by_index.items()))
             raise ServerUnavailable(
@@ -255,8 +343,8 @@ class ReplicaSet:
             [t for t in self._targets() if t not in known] if self._dns else [self.replicas[index].address]
         )
         for target, answer in self._ask(fresh, min(timeout, _RESOLVE_EVERY)).items():
-            if isinstance(answer, BatchferryError) and not isinstance(answer, ServerUnavailable):
-                raise answer  # it answers, and refuses (a token no longer accepted, say)
+            if isinstance(answer, BatchferryError) and type(answer) is not ServerUnavailable:
+                raise answer  # it refuses (a token no longer accepted, a certificate, say)
             if isinstance(answer, _pb2.ListDatasetsResponse) and int(answer.replica_index) == index:
                 old = self.replicas[index].address
                 self.replicas[index] = Replica(index, target, self._channel(target), answer)

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from batchferry.errors import BatchTimeout, ServerUnavailable
+from batchferry.errors import BatchTimeout, ServerUnavailable, TLSError
 from batchferry.v1 import loader_pb2 as _pb2
 
 from .connection import Connection
@@ -128,6 +128,8 @@ class StreamSet:
                     self._stats.reconnects += 1
                     log.info("reconnected to %s (%s)", self._connection.where(j), self._describe())
                     return
+            except TLSError:
+                raise  # it refuses this client: waiting does not help
             except (ServerUnavailable, BatchTimeout):
                 pass
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))

@@ -221,6 +221,35 @@ def test_the_tutorial_line_runs_with_one_warning_naming_the_server_setting(serve
     assert "num_workers=4" in message and "--num-workers" in message and "worker_init_fn" in message
 
 
+@pytest.mark.parametrize("how", ["iter", "len", "for", "transport", "num_replicas"])
+def test_the_server_side_warning_names_the_callers_line(server: Server, how: str) -> None:
+    """Whichever call first asks the server, the warning points at it, as torch's own do."""
+    loader = DataLoader(server.address, "tensor", batch_size=64, num_workers=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if how == "iter":
+            iter(loader)
+        elif how == "len":
+            len(loader)
+        elif how == "for":
+            for _ in loader:
+                break
+        else:
+            getattr(loader, how)
+    loader.close()
+    assert [w.category for w in caught] == [errors.ServerSideWarning]
+    assert caught[0].filename == __file__, (caught[0].filename, caught[0].lineno)
+
+
+@pytest.mark.parametrize("workers", [None, 0, 2])  # 2: as many as the server has
+def test_num_workers_that_change_nothing_are_not_warned_about(server: Server, workers: int | None) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with DataLoader(server.address, "tensor", batch_size=64, num_workers=workers) as loader:
+            assert len(list(loader)) == 2
+    assert not caught, [str(w.message) for w in caught]
+
+
 def test_persistent_workers_keep_torch_order(server: Server, tensor_ds) -> None:
     """torch draws no new base seed when it reuses persistent workers' iterator: neither do we."""
     ref = TorchLoader(tensor_ds, 8, shuffle=True, num_workers=1, persistent_workers=True,

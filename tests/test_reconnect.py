@@ -62,3 +62,17 @@ def test_server_that_stays_away_raises_after_timeout(restartable: ServeProcess) 
         with pytest.raises(errors.ServerUnavailable, match="did not come back"):
             list(it)
         assert time.monotonic() - start < 15
+
+
+def test_a_server_that_comes_up_after_a_failed_iter_is_found_within_timeout() -> None:
+    """A failed iter() leaves no reconnect backoff behind: the next one waits for the
+    server no longer than its timeout, however long the loader waited before."""
+    server = ServeProcess(f"syn={SPEC}")
+    with DataLoader(server.address, "syn", 16, timeout=2) as loader:
+        with pytest.raises(errors.ServerUnavailable, match="not reachable"):
+            iter(loader)  # nothing listens yet
+        server.start()
+        try:
+            assert len(list(loader)) == 19
+        finally:
+            server.stop()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +23,7 @@ from batchferry.client import replicas as replicas_mod
 from batchferry.server import Server
 from batchferry.server.auth import Tokens
 
-from support import assert_same, wait_until
+from support import assert_same, free_port, wait_until
 
 TOKEN = "s3cret-token-of-the-tests-0001"
 OTHER = "s3cret-token-of-the-tests-0002"
@@ -90,14 +94,119 @@ def test_replicas_found_by_name_are_checked_against_that_name(
             assert_same(list(loader), _expected(tensor_ds))
 
 
-@pytest.mark.parametrize("how", ["plaintext", "untrusted CA"])
-def test_tls_refuses_a_client_that_cannot_check_it(
-    tls_server: Server, pki: dict[str, object], how: str
+@pytest.fixture(scope="module")
+def plain_server(tensor_ds) -> Iterator[Server]:
+    with Server({"t": tensor_ds}, port=0, num_workers=0) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def token_server(tensor_ds) -> Iterator[Server]:
+    with Server({"t": tensor_ds}, port=0, num_workers=0, tokens=TOKEN) as srv:
+        yield srv
+
+
+# Each way a client's TLS or token can miss the server's: (server, client arguments, error, words).
+MISMATCHES = {
+    "plaintext at TLS": ("tls", {}, errors.TLSError, "speaks TLS .* pass root_certificates= .* or tls=True"),
+    "plaintext at mutual TLS": (
+        "mtls",
+        {},
+        errors.TLSError,
+        "speaks TLS .* and client_cert= and client_key=",
+    ),
+    "TLS at plaintext": ("plain", {"ca": True}, errors.TLSError, "does not speak TLS .* --tls-cert"),
+    "tls=True at plaintext": ("plain", {"tls": True}, errors.TLSError, "does not speak TLS"),
+    "untrusted CA": ("tls", {"ca": "rogue"}, errors.TLSError, "not signed by root_certificates="),
+    "system CAs": ("tls", {"tls": True}, errors.TLSError, "not signed by this system's CAs"),
+    "no client certificate": ("mtls", {"ca": True}, errors.TLSError, "requires a client certificate .* none"),
+    "rogue client certificate": (
+        "mtls",
+        {"ca": True, "cert": "rogue"},
+        errors.TLSError,
+        "refused this loader's",
+    ),
+    "expired client certificate": (
+        "mtls",
+        {"ca": True, "cert": "expired"},
+        errors.TLSError,
+        "--tls-client-ca",
+    ),
+    "no token": ("token", {}, errors.Unauthenticated, "token"),
+    "wrong token": ("token", {"token": OTHER}, errors.Unauthenticated, "token"),
+}
+
+
+@pytest.mark.parametrize("call", ["iter", "len"])
+@pytest.mark.parametrize("case", list(MISMATCHES))
+def test_a_tls_or_token_mismatch_fails_at_once_naming_what_to_change(
+    request: pytest.FixtureRequest, pki: dict[str, object], case: str, call: str
 ) -> None:
-    kwargs = {} if how == "plaintext" else {"root_certificates": Path(str(pki["rogue"].cert))}  # type: ignore[attr-defined]
-    with DataLoader(tls_server.address, "t", 10, timeout=2, **kwargs) as loader:  # type: ignore[arg-type]
-        with pytest.raises(errors.ServerUnavailable):
-            next(iter(loader))
+    """No wait for ``timeout``: the refusal, the server and the setting to change, at once."""
+    which, given, error, words = MISMATCHES[case]
+    server = request.getfixturevalue(f"{which}_server")
+    kwargs: dict[str, object] = {}
+    if "ca" in given:
+        kwargs["root_certificates"] = pki["ca"] if given["ca"] is True else pki["rogue"].cert  # type: ignore[attr-defined]
+    if "cert" in given:
+        pair = pki[str(given["cert"])]
+        assert isinstance(pair, Pair)
+        kwargs.update(client_cert=pair.cert, client_key=pair.key)
+    kwargs.update({k: v for k, v in given.items() if k in ("tls", "token")})
+    with DataLoader(server.address, "t", 10, timeout=30, **kwargs) as loader:  # type: ignore[arg-type]
+        began = time.monotonic()
+        with pytest.raises(error, match=words) as info:
+            iter(loader) if call == "iter" else len(loader)
+        assert time.monotonic() - began < 3
+    assert server.address in str(info.value) or error is errors.Unauthenticated
+    assert TOKEN not in str(info.value) and OTHER not in str(info.value) and "PRIVATE" not in str(info.value)
+    assert issubclass(errors.TLSError, errors.ServerUnavailable)  # as before, for code that catches that
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_server_not_up_yet_is_waited_for_until_timeout(pki: dict[str, object], tls: bool) -> None:
+    """Nothing listens (yet): not a TLS failure, whatever the client's TLS; it waits for ``timeout``."""
+    kwargs = {"root_certificates": pki["ca"]} if tls else {}
+    with DataLoader(f"127.0.0.1:{free_port()}", "t", 10, timeout=1.5, **kwargs) as loader:  # type: ignore[arg-type]
+        began = time.monotonic()
+        with pytest.raises(errors.ServerUnavailable, match=r"not reachable within 1\.5s") as info:
+            iter(loader)
+        assert 1.4 < time.monotonic() - began < 5
+    assert type(info.value) is errors.ServerUnavailable
+    assert "Connection refused" in str(info.value)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_server_that_closes_every_connection_is_not_taken_for_tls(
+    pki: dict[str, object], tls: bool
+) -> None:
+    """A peer that hangs up on every connection (a restarting server, a proxy with no
+    backend) looks like a TLS refusal to gRPC: it is waited for, as a server not up yet."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        stop = threading.Event()
+
+        def hang_up() -> None:
+            listener.settimeout(0.1)
+            while not stop.is_set():
+                with contextlib.suppress(OSError):
+                    listener.accept()[0].close()
+
+        thread = threading.Thread(target=hang_up, daemon=True)
+        thread.start()
+        kwargs = {"root_certificates": pki["ca"]} if tls else {}
+        try:
+            address = f"127.0.0.1:{listener.getsockname()[1]}"
+            with DataLoader(address, "t", 10, timeout=1.5, **kwargs) as loader:  # type: ignore[arg-type]
+                began = time.monotonic()
+                with pytest.raises(errors.ServerUnavailable, match="not reachable") as info:
+                    iter(loader)
+                assert time.monotonic() - began > 1.4
+            assert type(info.value) is errors.ServerUnavailable
+        finally:
+            stop.set()
+            thread.join()
 
 
 def test_mutual_tls_serves_only_clients_the_ca_signed(
@@ -109,15 +218,7 @@ def test_mutual_tls_serves_only_clients_the_ca_signed(
         mtls_server.address, "t", 10, root_certificates=pki["ca"], client_cert=good.cert, client_key=good.key
     ) as loader:
         assert_same(list(loader), _expected(tensor_ds))
-    for name in ("none", "expired", "rogue"):
-        kwargs: dict[str, object] = {"root_certificates": pki["ca"]}
-        if name != "none":
-            pair = pki[name]
-            assert isinstance(pair, Pair)
-            kwargs.update(client_cert=pair.cert, client_key=pair.key)
-        with DataLoader(mtls_server.address, "t", 10, timeout=2, **kwargs) as loader:  # type: ignore[arg-type]
-            with pytest.raises(errors.ServerUnavailable):
-                next(iter(loader))
+    # Every other client: test_a_tls_or_token_mismatch_fails_at_once_naming_what_to_change
 
 
 @pytest.fixture
@@ -206,7 +307,7 @@ def test_tls_settings_are_checked_naming_the_setting(
 def test_health_port_answers_plaintext_probes_of_a_tls_server(tensor_ds, pki: dict[str, object]) -> None:
     server = pki["server"]
     assert isinstance(server, Pair)
-    port = _free_port()
+    port = free_port()
     with Server(
         {"t": tensor_ds}, port=0, num_workers=0, tls_cert=str(server.cert), tls_key=str(server.key),
         health_port=port,
@@ -222,12 +323,6 @@ def test_health_port_answers_plaintext_probes_of_a_tls_server(tensor_ds, pki: di
             with pytest.raises(grpc.RpcError) as info:
                 call(b"", timeout=10)
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-
-def _free_port() -> int:
-    from support import free_port
-
-    return free_port()
 
 
 def test_serve_warns_when_it_listens_beyond_loopback_unprotected(tmp_path: Path) -> None:
