@@ -852,6 +852,7 @@ class _Iterator:
             segments=loader._segments if shm or relay else None,
             timeout=timeout,
             metadata=loader._replicas.security.metadata,
+            server=loader._replicas.replicas[r].address,
         )
         if relay:
             stream.on_starved = self._copy_out_kept
@@ -1045,6 +1046,8 @@ class _Iterator:
         taken = self._lists.pop(batch.index, None)
         if taken is not None:
             self._ahead_samples -= len(taken)
+        if batch.error is not None:  # taken (the next batch comes next), as the dataset's error
+            raise batch.error
         data = batch.data
         if self._copier is not None and batch.event is not None:
             data = self._copier.hand_over(data, batch.event)
