@@ -47,7 +47,14 @@ import torch
 
 from batchferry import cleanup, shm, wire
 from batchferry import layout as _layout
-from batchferry.errors import BatchTimeout, ProtocolError, ServerUnavailable, dataset_error, from_rpc_error
+from batchferry.errors import (
+    BatchTimeout,
+    DatasetError,
+    ProtocolError,
+    ServerUnavailable,
+    dataset_error,
+    from_rpc_error,
+)
 from batchferry.v1 import loader_pb2 as _pb2
 
 from .buffers import BufferPool, tracked
@@ -83,7 +90,7 @@ class Batch:
     frame: int = 0
     last: bool = True
     # The dataset failed to build it: raise this in its place (``data`` is None).
-    error: BaseException | None = None
+    error: DatasetError | None = None
 
 
 @dataclass
