@@ -135,6 +135,21 @@ def test_errors_come_in_place_of_their_batches_and_the_epoch_goes_on(flaky: Serv
     assert _failed_total(flaky, "f", "independent") - before == errors_sent
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
+def test_on_the_device_errors_come_in_place_too(flaky: Server, transport: str) -> None:
+    expected = _torch_epochs(Flaky(), 2, shuffle=True, generator=torch.Generator().manual_seed(SEED))
+    with DataLoader(
+        flaky.address, "f", 4, shuffle=True, seed=SEED, device="cuda", transport=transport
+    ) as loader:
+        got = [_outcomes(iter(loader)) for _ in range(2)]
+        torch.cuda.synchronize()
+    for epoch in range(2):
+        assert all(b[0].is_cuda for b in got[epoch] if not isinstance(b, BaseException))
+        assert_outcomes(got[epoch], expected[epoch])
+    _assert_server_holds_nothing(flaky)
+
+
 def test_out_of_order_the_same_batches_and_errors_arrive(flaky: Server) -> None:
     expected = _torch_epochs(Flaky(), 2, shuffle=True, generator=torch.Generator().manual_seed(SEED))
     with DataLoader(flaky.address, "f", 4, shuffle=True, seed=SEED, in_order=False) as loader:
