@@ -8,8 +8,8 @@ is an entry::
 
 Whoever needs a STARTED batch first finishes it (waits for the worker, rebuilds it
 in a larger slot if it overflowed); the others wait for that. A batch the dataset
-failed to build is BUILT as its error: every consumer gets the same error frame. ``consumed[c]``
-counts the batches consumer ``c`` has taken into its training loop, ``released[c]``
+failed to build is BUILT as its error: every consumer gets the same error frame.
+``consumed[c]`` counts the batches consumer ``c`` has taken into its training loop, ``released[c]``
 the batches before which it reads no slot any more (a client releases out of order:
 one it keeps goes back after later ones, so releases past that prefix wait in
 ``_early[c]`` until it closes up). An entry's slot is let go once every consumer
