@@ -7,7 +7,9 @@
     ├── NotFound               (also LookupError) unknown dataset or collate
     ├── ResourceExhausted      the server is out of slots, memory or streams
     ├── Unauthenticated        (also PermissionError) no token, or not one the server accepts
-    ├── DatasetError           the dataset or collate raised on the server
+    ├── DatasetError           the dataset or collate raised on the server building a batch
+    │   └── (its class)        also the dataset's own exception class, e.g. KeyError, where
+    │                          the client has that class (see dataset_error)
     ├── ServerUnavailable      (also ConnectionError) cannot reach the server
     │   └── TLSError           the TLS handshake failed: this client's TLS settings do not fit the server's
     ├── BatchTimeout           (also TimeoutError) no batch within ``timeout``
@@ -16,11 +18,18 @@
 Every exception raised from ``grpc.RpcError`` keeps it as ``__cause__`` and carries
 the status code name in ``code``. A ``TLSError`` names the server, what failed and
 the setting to change; it never carries a token or key material.
+
+A :class:`DatasetError` stands for one batch, as the worker's exception does in
+torch's DataLoader: the loop may catch it, and the next ``next()`` yields the
+batch after it. ``except KeyError:`` catches a server's ``KeyError`` as it catches
+torch's, and ``except DatasetError:`` catches every dataset's error.
 """
 
 from __future__ import annotations
 
 import re
+import sys
+from typing import Any, cast
 
 import grpc
 
@@ -39,13 +48,14 @@ __all__ = [
     "TLSError",
     "Unauthenticated",
     "closed_in_handshake",
+    "dataset_error",
     "from_rpc_error",
     "refused_at_handshake",
     "unreachable",
 ]
 
-# Trailing-metadata key the server sets when user code (dataset, collate) failed,
-# so the client can tell that apart from a server fault.
+# Trailing-metadata key with which servers that predate per-batch error frames
+# ended a call whose batch the dataset failed to build.
 DATASET_ERROR_KEY = "batchferry-dataset-error"
 
 
@@ -85,9 +95,14 @@ class Unauthenticated(BatchferryError, PermissionError):
 
 
 class DatasetError(BatchferryError):
-    """The dataset's ``__getitem__``/``__getitems__`` or the collate raised on the server."""
+    """The dataset's ``__getitem__``/``__getitems__`` or the collate raised on the server
+    (or its worker process died) while building one batch; made by :func:`dataset_error`."""
 
     code = "INTERNAL"
+    #: The class the server's dataset raised, as ``module.qualname`` ("" when not known).
+    error_type: str = ""
+    #: Its traceback on the server, paths reduced to file names ("" when there is none).
+    server_traceback: str = ""
 
 
 class ServerUnavailable(BatchferryError, ConnectionError):
@@ -246,3 +261,98 @@ def unreachable(server: str, timeout: float, last: grpc.RpcError | None = None) 
     """No answer from ``server`` within ``timeout``; ``last``: the last attempt's error."""
     why = f" ({_reason(_status(last)[1])})" if last is not None else ""
     return ServerUnavailable(f"server {server} not reachable within {timeout:.3g}s{why}")
+
+
+def dataset_error(type_name: str, message: str, traceback: str, where: str) -> DatasetError:
+    """The exception for a batch the server's dataset failed to build, made as torch's
+    ``ExceptionWrapper.reraise`` makes a worker's: ``Caught KeyError in batchferry server
+    HOST:PORT (dataset 'train', batch 7).`` then ``Original Traceback ...`` (``where`` is
+    the part after ``Caught KeyError``).
+
+    ``type_name`` (module.qualname) names the class the dataset raised. The exception
+    is an instance of that class and of :class:`DatasetError` when the class is one the
+    client already has: a builtin, or in a module already imported (a module a server
+    names is never imported: that would run code of the server's choosing) and an
+    ``Exception``. Otherwise, or when that class cannot be made from a message (torch
+    then raises ``RuntimeError``), it is a plain :class:`DatasetError` naming the type.
+    """
+
+    def text(name: str) -> str:
+        return f"Caught {name} {where}.\n" + (f"Original {traceback}" if traceback else message)
+
+    cls = _known_class(type_name)
+    exc = _made(cls, text(cls.__name__)) if cls is not None else None
+    if exc is None:
+        exc = DatasetError(text(type_name))
+    exc.error_type, exc.server_traceback = type_name, traceback
+    return exc
+
+
+class _KeyErrorMessage(str):
+    """A message whose repr is itself: ``str(KeyError(m))`` is ``repr(m)``, which would quote
+    the whole traceback on one line (torch works around it the same way)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return str.__str__(self)
+
+
+def _known_class(type_name: str) -> type[Exception] | None:
+    """The ``Exception`` class ``type_name`` names in a module already imported, else None.
+    Looked up in the modules' and classes' own dictionaries: nothing is imported or run."""
+    parts = type_name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        found: object = sys.modules.get(".".join(parts[:cut]))
+        if found is None:
+            continue
+        for part in parts[cut:]:
+            found = getattr(found, "__dict__", {}).get(part)
+        if isinstance(found, type) and issubclass(found, Exception):
+            return found
+        return None
+    return None
+
+
+def _made(cls: type[Exception], message: str) -> DatasetError | None:
+    """An instance of ``cls`` and DatasetError with ``message``, as torch makes one of ``cls``;
+    None when the class cannot be made or will not take a message."""
+    try:
+        made = cls if issubclass(cls, DatasetError) else _with_dataset_error(cls)
+        if issubclass(cls, KeyError):
+            message = _KeyErrorMessage(message)
+        elif getattr(cls, "message", None):  # some classes take it by that name (as in torch)
+            try:
+                return made(message=message)
+            except Exception:
+                pass
+        return made(message)
+    except Exception:
+        return None
+
+
+_COMBINED: dict[type[Exception], type[DatasetError]] = {}
+
+
+def _with_dataset_error(cls: type[Exception]) -> type[DatasetError]:
+    """``cls`` and DatasetError in one class, named as ``cls`` is (made once per class)."""
+    combined = _COMBINED.get(cls)
+    if combined is None:
+        namespace = {
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__,
+            "__reduce__": _reduce,
+        }
+        made = cast("type[DatasetError]", type(cls.__name__, (cls, DatasetError), namespace))
+        combined = _COMBINED.setdefault(cls, made)
+    return combined
+
+
+def _reduce(self: BaseException) -> tuple[Any, ...]:
+    # Pickled by the class it stands for: its own name is that class's.
+    return (_remade, (type(self).__bases__[0], self.args), self.__dict__)
+
+
+def _remade(cls: type[Exception], args: tuple[Any, ...]) -> DatasetError:
+    return _with_dataset_error(cls)(*args)

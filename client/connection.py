@@ -16,7 +16,7 @@ import grpc
 import torch
 
 from batchferry import codec, layout, wire
-from batchferry.errors import InvalidArgument, ProtocolError, from_rpc_error
+from batchferry.errors import InvalidArgument, ProtocolError, dataset_error, from_rpc_error
 from batchferry.relay.parent import ReceiverProcess, ReceiverProcesses
 from batchferry.v1 import loader_pb2 as _pb2
 
@@ -108,10 +108,14 @@ class Connection:
             raise from_rpc_error(exc) from exc
         try:
             answer = wire.parse(_pb2.GetSampleResponse, raw)
-            payload = torch.frombuffer(bytearray(answer.payload) or bytearray(1), dtype=torch.uint8)
-            return layout.decode(answer.layout, payload[: len(answer.payload)])
+            if not answer.HasField("error"):
+                payload = torch.frombuffer(bytearray(answer.payload) or bytearray(1), dtype=torch.uint8)
+                return layout.decode(answer.layout, payload[: len(answer.payload)])
         except (ValueError, layout.LayoutError) as exc:
             raise ProtocolError(f"{replica.address} sent a malformed sample: {exc}") from exc
+        failure, dataset = answer.error, self.config.dataset
+        where = f"in batchferry server {replica.address} (dataset {dataset!r}, sample {index})"
+        raise dataset_error(failure.type, failure.message, failure.traceback, where)
 
     def rediscover(self, r: int, timeout: float) -> Replica | None:
         """After replica ``r`` was lost: it again, if it answers. A restarted server has a new

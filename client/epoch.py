@@ -220,6 +220,8 @@ class Epoch:
         taken = self._lists.pop(batch.index, None)
         if taken is not None:
             self._ahead_samples -= len(taken)
+        if batch.error is not None:  # taken (the next batch comes next), as the dataset's error
+            raise batch.error
         data = batch.data
         copier = self._connection.copier
         if copier is not None and batch.event is not None:

@@ -23,6 +23,10 @@ its ring and the memory stays here until the batch is dropped. With CUDA a slot 
 released once its device copies have completed; with pinned host batches it is
 copied into the pinned pool and released at once.
 
+A batch the server's dataset failed to build comes as an error frame in its place:
+a :class:`Batch` without data whose ``error`` the loader raises when the loop takes
+it (taking its credit like any frame); the stream goes on.
+
 States: OPEN -> STARTED (StreamStart received) -> RECEIVING -> ENDED | FAILED | CLOSED.
 :meth:`EpochStream.close` may wait (bounded); finalizers use :meth:`close_soon`.
 """
@@ -43,7 +47,14 @@ import torch
 
 from batchferry import cleanup, shm, wire
 from batchferry import layout as _layout
-from batchferry.errors import BatchTimeout, ProtocolError, ServerUnavailable, from_rpc_error
+from batchferry.errors import (
+    BatchTimeout,
+    DatasetError,
+    ProtocolError,
+    ServerUnavailable,
+    dataset_error,
+    from_rpc_error,
+)
 from batchferry.relay.parent import ReceiverProcess
 from batchferry.v1 import loader_pb2 as _pb2
 
@@ -78,6 +89,8 @@ class Batch:
     # one credit, one release), and whether this one ends it.
     frame: int = 0
     last: bool = True
+    # The dataset failed to build it: raise this in its place (``data`` is None).
+    error: DatasetError | None = None
 
 
 @dataclass
@@ -104,8 +117,11 @@ class EpochStream:
         segments: SegmentCache | None,
         timeout: float,
         metadata: tuple[tuple[str, str], ...] = (),
+        server: str = "",
     ) -> None:
         self._pool = pool
+        self._where = f"in batchferry server {server}" if server else "in batchferry server"
+        self._dataset = open_msg.dataset
         self._copier = copier
         self._segments = segments
         self._timeout = timeout
@@ -174,6 +190,9 @@ class EpochStream:
                 if kind != "batch" or self._saw_end:
                     raise ValueError("expected a batch header frame")
                 header = frame.batch
+                if header.HasField("error"):
+                    self._ready.put([self._failed(header)])
+                    continue
                 self._ready.put(self._from_slot(header) if header.slot else self._assemble(header, responses))
             if not self._saw_end and not self._closed:
                 raise ValueError("stream ended without an end frame")
@@ -190,6 +209,15 @@ class EpochStream:
                 self._call.cancel()
         except BaseException as exc:  # surface anything else in the consumer, don't lose it
             self._ready.put(exc)
+
+    def _failed(self, header: _pb2.BatchHeader) -> Batch:
+        """An error frame: the batch, as the exception the loop gets in its place."""
+        if header.slot or header.num_chunks or header.more or header.HasField("layout"):
+            raise ValueError(f"batch {header.index}: an error frame carries no layout, payload or slot")
+        error = header.error
+        where = f"{self._where} (dataset {self._dataset!r}, batch {header.index})"
+        exc = dataset_error(error.type, error.message, error.traceback, where)
+        return Batch(header.index, None, frame=header.index, error=exc)
 
     def _assemble(self, header: _pb2.BatchHeader, responses: Iterator[bytes]) -> list[Batch]:
         buffer = self._pool.acquire(wire.stream_payload_bytes(header))

@@ -97,6 +97,7 @@ class StreamSet:
             segments=c.segments if c.use_shm(r) or relayed else None,
             timeout=timeout,
             metadata=c.replicas.security.metadata,
+            server=c.replicas.replicas[r].address,
         )
         if relayed:
             stream.on_starved = self._copy_out_kept

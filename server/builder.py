@@ -10,10 +10,17 @@ Small batches are built several to a task and a slot (a *group*: ``more`` batche
 after the first), so they share one worker round trip, one frame and one release.
 A group whose batch overflows or fails part way comes back as the batches before
 it; the sender builds the rest again (:attr:`Built.count` says how many came).
+
+A batch the dataset or collate fails to build (or whose worker died) is finished
+too: as a :class:`Built` of that one batch whose :attr:`Built.error` says what
+failed. Its slot holds nothing but is released like any batch's, once it is sent
+(in shared mode, once every consumer is past it); the stream goes on.
 """
 
 from __future__ import annotations
 
+import logging
+import secrets
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -29,10 +36,12 @@ from batchferry.v1 import loader_pb2 as _pb2
 
 from .plan import Plan
 from .ring import Lease, RingExhausted, SlotRing
-from .status import Abort, StreamGone, dataset_failed
+from .status import Abort, StreamGone
 from .workers import Result, Task, WorkerPool
 
-__all__ = ["Build", "Builder", "Built", "Counters", "first_built"]
+__all__ = ["BatchFailure", "Build", "Builder", "Built", "Counters", "first_built"]
+
+log = logging.getLogger("batchferry.server")
 
 _T = TypeVar("_T")
 _WAIT = 0.2  # seconds between looks at the stream's liveness while waiting for a worker
@@ -77,16 +86,43 @@ class Build:
 
 
 @dataclass(frozen=True)
+class BatchFailure:
+    """What the dataset raised building a batch, as its client is told (``BatchError`` on the
+    wire): the class as module.qualname, its message and traceback, server paths reduced."""
+
+    type: str
+    message: str
+    traceback: str
+
+    @classmethod
+    def of(cls, dataset: str, index: int, result: Result) -> BatchFailure:
+        """Batch ``index`` failed as ``result`` says. The server's log has the whole traceback
+        under an id that the client's traceback (or, with none, its message) ends with."""
+        error_id = secrets.token_hex(4)
+        log.error(
+            "dataset %r, batch %d failed [error %s]: %s\n%s",
+            dataset, index, error_id, result.error, result.detail,
+        )  # fmt: skip
+        note = f"[error {error_id}: the server's log has the whole traceback]"
+        if result.error_trace:
+            trace = result.error_trace if result.error_trace.endswith("\n") else result.error_trace + "\n"
+            return cls(result.error_type, result.error_message, f"{trace}{note}\n")
+        return cls(result.error_type, f"{result.error_message} {note}", "")
+
+
+@dataclass(frozen=True)
 class Built:
     """Finished batches: the first's index and layout, any further ones of its group (each
     layout parsed once here, read by every consumer's frames), and the lease on the slot
-    holding their bytes."""
+    holding their bytes. With ``error``, batch ``index`` alone, which failed: no layout,
+    and its slot holds nothing."""
 
     index: int
     lease: Lease
     layout: _pb2.Layout
     more: tuple[tuple[int, _pb2.Layout], ...] = ()
     seconds: float = 0.0  # the worker's time to build them
+    error: BatchFailure | None = None
 
     @property
     def count(self) -> int:
@@ -227,7 +263,9 @@ class Builder:
 
         A group comes back shorter than it was asked (:attr:`Built.count`) when one of
         its later batches overflowed or failed: the batches before it are good, and
-        the caller builds the rest again. Raises the dataset's error as an Abort,
+        the caller builds the rest again. A first batch that failed comes back alone as
+        a Built with :attr:`Built.error` (the caller builds the rest of its group again
+        too). Raises Abort when no batch can be built (too large, the server closing),
         StreamGone when the stream ended meanwhile; either way the slot is taken care of.
         """
         while True:
@@ -237,9 +275,12 @@ class Builder:
                 self.min_bytes = max(self.min_bytes, result.needed)
             if result.layouts:  # what failed or overflowed fails alone when built again
                 return self._built(build, result)
+            if result.status == "error":  # the slot goes back once the error is sent
+                failure = BatchFailure.of(self._plan.dataset, build.index, result)
+                return Built(build.index, build.lease, _pb2.Layout(), seconds=result.seconds, error=failure)
             build.lease.release()  # the worker is done with it
-            if result.status == "error":
-                raise dataset_failed(self._plan.dataset, build.index, result.error, result.detail)
+            if result.status == "closed":
+                raise Abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
             if too_big:
                 raise Abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -1,4 +1,5 @@
-"""The frames a stream sends: start, batches (by slot name, or as raw byte chunks), end."""
+"""The frames a stream sends: start, batches (by slot name, or as raw byte chunks, or the
+error a batch failed with), end."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from batchferry.v1 import loader_pb2 as _pb2
 from . import compression
 from .builder import Built
 
-__all__ = ["END", "byte_frames", "shm_frame", "start_frame"]
+__all__ = ["END", "byte_frames", "error_frames", "shm_frame", "start_frame"]
 
 END = _pb2.ServerFrame(end=_pb2.StreamEnd()).SerializeToString()
 
@@ -57,5 +58,18 @@ def byte_frames(
         header.num_chunks, header.codec = -(-size // chunk), used
         yield _pb2.ServerFrame(batch=header).SerializeToString()
         yield from messages
+    finally:
+        done()
+
+
+def error_frames(built: Built, done: Callable[[], None]) -> Iterator[bytes]:
+    """A batch that failed: one frame naming the error, with nothing to map or read (either
+    transport); ``done()`` once it is out (or the stream ends first)."""
+    assert built.error is not None
+    try:
+        error = _pb2.BatchError(
+            type=built.error.type, message=built.error.message, traceback=built.error.traceback
+        )
+        yield _pb2.ServerFrame(batch=_pb2.BatchHeader(index=built.index, error=error)).SerializeToString()
     finally:
         done()

@@ -94,6 +94,12 @@ class Metrics:
             "batchferry_batches_sent", "Batches sent to clients (a shared-mode batch once per consumer).",
             ["dataset", "mode", "transport"], registry=r,
         )  # fmt: skip
+        self._failed = Counter(
+            "batchferry_batches_failed",
+            "Batches sent as the error the dataset raised building them (a shared-mode batch once per "
+            "consumer).",
+            ["dataset", "mode"], registry=r,
+        )  # fmt: skip
         self._send_seconds = Histogram(
             "batchferry_batch_send_seconds",
             "Time from a batch's first frame to its last one taken by gRPC.",
@@ -163,7 +169,8 @@ class Metrics:
                 histogram.observe(result.seconds / len(result.layouts))
 
     def sends(self, plan: Plan) -> FramesObserver:
-        """The frames observer of one stream: counts each batch once its last frame is out."""
+        """The frames observer of one stream: counts each batch once its last frame is out (a
+        batch that failed: as failed, once its error frame is out)."""
         mode = plan.mode_name
         children = {
             t: (
@@ -174,8 +181,11 @@ class Metrics:
             )
             for t in TRANSPORTS
         }
+        failed = self._failed.labels(plan.dataset, mode)
 
         def observe(frames: Iterator[bytes], transport: str, built: Built) -> Iterator[bytes]:
+            if built.error is not None:  # a batch that failed: its error frame, nothing sent
+                return _measured(frames, lambda _size, _took: failed.inc())
             sent, wire, payload, seconds = children[transport]
 
             def done(size: int, took: float) -> None:

@@ -4,7 +4,9 @@ A sample is built as a batch of one is: by a worker, into a ring slot, with the
 ``convert`` collate (torch's ``default_convert``: no batch dimension), so the
 dataset's code never runs in the server's own process, and the same limits hold as
 for batches (the ring's budget and ``slot_timeout_s``, ``max_batch_bytes``). The
-payload is copied out of the slot into the answer and the slot goes back at once.
+payload is copied out of the slot into the answer and the slot goes back at once; a
+sample the dataset fails to build is answered with its error, as a batch's error frame
+carries it.
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ def take_sample(builder: Builder, index: int) -> _pb2.GetSampleResponse:
     assert build is not None  # a waiting start returns a build or raises
     built = builder.finish(build)
     try:
+        if built.error is not None:
+            failure = built.error
+            error = _pb2.BatchError(type=failure.type, message=failure.message, traceback=failure.traceback)
+            return _pb2.GetSampleResponse(error=error)
         payload = built.lease.segment.array(built.payload_bytes).tobytes()
     finally:
         built.lease.release()

@@ -6,10 +6,11 @@ One StreamBatches call is one epoch (or its rest) for one client::
       -> the mode's sender (server/modes/) -> end frame -> the client's releases
 
 Every way a stream can end is mapped here, in one place, to a status: bad input
-(INVALID_ARGUMENT and friends, from :mod:`.plan`), the dataset's failure (INTERNAL,
-marked as the dataset's), no room (RESOURCE_EXHAUSTED), the server closing
-(UNAVAILABLE, so clients reconnect). Whatever a stream holds is given back when it
-ends, however it ends; one stream's failure never touches another.
+(INVALID_ARGUMENT and friends, from :mod:`.plan`), no room (RESOURCE_EXHAUSTED), the
+server closing (UNAVAILABLE, so clients reconnect). A batch the dataset fails to
+build ends nothing: it is sent as an error frame in its place. Whatever a stream
+holds is given back when it ends, however it ends; one stream's failure never
+touches another.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from typing import Any
 import grpc
 
 from batchferry import wire
-from batchferry.errors import DATASET_ERROR_KEY
 from batchferry.layout import batch_bytes_hint, describe
 from batchferry.v1 import loader_pb2 as _pb2
 
@@ -199,8 +199,6 @@ class LoaderService:
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Abort as exc:
-            if exc.dataset_error:
-                context.set_trailing_metadata(((DATASET_ERROR_KEY, "1"),))
             context.abort(exc.code, exc.details)
         except StreamGone:
             context.abort(grpc.StatusCode.CANCELLED, "the call ended before its sample was built")
@@ -218,8 +216,6 @@ class LoaderService:
             if self._closing.is_set():
                 context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         except Abort as exc:
-            if exc.dataset_error:
-                context.set_trailing_metadata(((DATASET_ERROR_KEY, "1"),))
             context.abort(exc.code, exc.details)
         finally:
             with self._admission:

@@ -51,6 +51,8 @@ class GroupSize:
             self._seconds = seed[1]
 
     def observe(self, built: Built) -> None:
+        if built.error is not None:  # built nothing: says nothing of sizes or times
+            return
         if self._seeded:  # sizes: this stream's own replace the seed's; times: averaged in
             self._seeded = False
             self._largest.clear()
@@ -145,10 +147,16 @@ class Stream:
         A same-host client holding more slots than a reading loop needs (its credits,
         plus the few batches a loop keeps), or than its hold share of the ring, gets the
         bytes instead: it cannot starve the ring by never letting go.
+
+        A batch that failed is one error frame on either transport; ``held`` is released
+        once it is out (the client has no slot to release).
         """
         held = held or built.lease
-        hold = min(self.plan.credits + _HOLD_MARGIN, self.hold_share(built.lease.capacity))
         self.messages.sending(built.count)
+        if built.error is not None:
+            transport = "shm" if self.plan.shm else "grpc"
+            return self.observe(framing.error_frames(built, held.release), transport, built)
+        hold = min(self.plan.credits + _HOLD_MARGIN, self.hold_share(built.lease.capacity))
         if self.plan.shm and self.messages.held < hold:
             self.messages.hold(built.index, held)
             return self.observe(iter([framing.shm_frame(built)]), "shm", built)

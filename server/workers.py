@@ -9,11 +9,18 @@ are given and send back the small Layout message, never payload bytes.
 With ``num_workers=0`` the same task code runs on one thread of the server
 process (handy for debugging and small tests).
 
-A worker that dies is replaced at once. Its tasks are built again on a live
-worker when a signal killed it (the OOM killer, an operator): that is not the
-dataset's fault. After ``MAX_ATTEMPTS`` such deaths, or when the worker exited
-by itself (the dataset called ``os._exit``), the task fails naming the cause.
-Workers exit by themselves when the server process goes away.
+A worker that dies is replaced at once. The task it was building is built again
+on a live worker when a signal killed it (the OOM killer, an operator): that is
+not the dataset's fault. After ``MAX_ATTEMPTS`` such deaths, or when the worker
+exited by itself (the dataset called ``os._exit``), the task fails naming the
+cause. A group of batches whose worker died is built again as its first batch
+alone (the stream builds the rest anew): which batch killed it is unknown, and
+only the batch at fault may fail. Tasks queued behind it go to live workers as
+they are. Workers exit by themselves when the server process goes away.
+
+A failed task tells the client what the dataset raised (its class, message and
+traceback) with server paths reduced to file names (:func:`for_client`); the
+whole traceback is for the server's log.
 
 Lock order: ``WorkerPool._lock`` is a leaf (queue puts do not block).
 """
@@ -48,11 +55,12 @@ from .collate import CollateFn, SlotCollate
 from .datasets import DatasetSource, MapDataset
 from .fetch import Gather, build_batch, gatherer
 
-__all__ = ["MAX_ATTEMPTS", "Result", "Task", "WorkerPool", "short_error"]
+__all__ = ["MAX_ATTEMPTS", "TRACEBACK_LIMIT", "Result", "Task", "WorkerPool", "for_client", "short_error"]
 
 log = logging.getLogger("batchferry.server")
 
 MAX_ATTEMPTS = 3  # builds of one task on workers killed by a signal, before it fails
+TRACEBACK_LIMIT = 8 << 10  # characters of a traceback (or message) a client is sent: the end
 _READY_TIMEOUT = 120.0
 _POLL = 0.1  # seconds between looks for dead workers and a gone server
 _PRUNE_EVERY = 0.2  # seconds between drops of mappings of slots the ring replaced
@@ -81,14 +89,20 @@ class Task:
 class Result:
     """What a task built. ``layouts`` are the serialized Layouts of its batches in the slot:
     all of them when the status is "ok"; otherwise those before the batch that overflowed
-    or failed (a group's batches built before one that fails are still good)."""
+    or failed (a group's batches built before one that fails are still good). Status
+    "closed": the pool closed before the task was done."""
 
     task_id: int
-    status: Literal["ok", "overflow", "error", "cancelled"]
+    status: Literal["ok", "overflow", "error", "cancelled", "closed"]
     layouts: tuple[bytes, ...] = ()
     needed: int = 0  # bytes the batch that overflowed needs, status "overflow"
-    error: str = ""  # status "error": the exception's type and a short message, for the client
+    error: str = ""  # status "error": the exception's type and a short message
     detail: str = ""  # status "error": the whole traceback, for the server's log
+    # Status "error", for the client (see for_client): the exception's class as
+    # module.qualname, str() of it, and its traceback (empty when the worker died).
+    error_type: str = ""
+    error_message: str = ""
+    error_trace: str = ""
     gathered: int = 0  # batches built with one gather per field
     seconds: float = 0.0  # the worker's time to fetch, collate and write them
 
@@ -162,13 +176,16 @@ class _TaskRunner:
                 task.task_id, "overflow", tuple(layouts), needed=exc.needed, gathered=gathered, seconds=took
             )
         except Exception as exc:
-            error, detail, took = short_error(exc), traceback.format_exc(), time.perf_counter() - start
+            detail, took = traceback.format_exc(), time.perf_counter() - start
             return Result(
                 task.task_id,
                 "error",
                 tuple(layouts),
-                error=error,
+                error=short_error(exc),
                 detail=detail,
+                error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+                error_message=for_client(str(exc)),
+                error_trace=for_client(detail, traceback=True),
                 gathered=gathered,
                 seconds=took,
             )
@@ -231,7 +248,8 @@ class _Pending:
     task: Task
     future: Future[Result]
     worker: int = -1
-    attempts: int = 0
+    deaths: int = 0  # workers that died building it
+    queued: int = 0  # when it was queued: a worker takes its tasks in that order
 
 
 class WorkerPool:
@@ -253,6 +271,7 @@ class WorkerPool:
         self._collates = collates
         self._max_segments = max_segments
         self._ids = itertools.count(1)
+        self._queued = itertools.count()
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         self._closed = False
@@ -376,7 +395,7 @@ class WorkerPool:
             if other.worker >= 0:
                 load[other.worker] += 1
         entry.worker = min(range(self.num_workers), key=load.__getitem__)
-        entry.attempts += 1
+        entry.queued = next(self._queued)
         self._queues[entry.worker].put(entry.task)
 
     @property
@@ -426,9 +445,18 @@ class WorkerPool:
             self._procs[index] = self._spawn(index, strict=False)
             self.restarts += 1
             failed = []
-            for entry in lost:
+            # The task it was building (if any) is the first it took; the rest waited behind it.
+            building = min(lost, key=lambda e: e.queued, default=None)
+            for entry in sorted(lost, key=lambda e: e.queued):
                 entry.worker = -1
-                if code is not None and code < 0 and entry.attempts < MAX_ATTEMPTS:
+                if entry is not building:
+                    self._assign(entry)
+                    continue
+                entry.deaths += 1
+                if len(entry.task.sizes) > 1:
+                    entry.task = _first_batch(entry.task)  # the rest is the stream's to build again
+                    self._assign(entry)
+                elif code is not None and code < 0 and entry.deaths < MAX_ATTEMPTS:
                     self._assign(entry)  # not the dataset's fault: build it again
                 else:
                     failed.append(entry)
@@ -438,9 +466,16 @@ class WorkerPool:
         cause = _death(old.pid, code)
         log.warning("%s; replaced it, %d task(s) rebuilt", cause, len(lost) - len(failed))
         for entry in failed:
-            attempts = f" on {entry.attempts} workers" if entry.attempts > 1 else ""
+            attempts = f" on {entry.deaths} workers" if entry.deaths > 1 else ""
+            text = f"{cause} while building it{attempts}"
             entry.future.set_result(
-                Result(entry.task.task_id, "error", error=f"{cause} while building it{attempts}")
+                Result(
+                    entry.task.task_id,
+                    "error",
+                    error=text,
+                    error_type=_DIED,
+                    error_message=text,
+                )
             )
 
     def close(self) -> None:
@@ -451,7 +486,7 @@ class WorkerPool:
             self._pending.clear()
         for future in orphans:
             if not future.done():
-                future.set_result(Result(0, "error", error="server is shutting down"))
+                future.set_result(Result(0, "closed", error="server is shutting down"))
         if self._inline is not None:
             self._inline.shutdown(wait=True)
             if self._inline_runner is not None:
@@ -476,13 +511,39 @@ class WorkerPool:
 
 _PATH = re.compile(r"(?<![\w.~])(?:/[^\s'\"/:,;()\[\]]+)+/([^\s'\"/:,;()\[\]]*)")
 _SHORT = 300
+_DIED = "builtins.RuntimeError"  # the class a batch whose worker died fails with, as torch's does
+_CUT_TRACE = "Traceback (most recent call last):\n  [earlier lines cut]\n"
+_CUT = "[...] "
 
 
 def short_error(exc: BaseException) -> str:
-    """``Type: message`` for a client: no server paths (a file's name is kept), a few hundred
-    characters at most. The whole traceback goes to the server's log."""
+    """``Type: message`` for the server's log lines: no server paths (a file's name is kept),
+    a few hundred characters at most. The whole traceback goes to the server's log."""
     text = _PATH.sub(r"\1", f"{type(exc).__name__}: {exc}")
     return text if len(text) <= _SHORT else text[: _SHORT - 3] + "..."
+
+
+def for_client(text: str, *, traceback: bool = False) -> str:
+    """A message (or with ``traceback``, a formatted traceback) as a client is sent it: server
+    paths reduced to file names as :func:`short_error` does, and at most
+    ``TRACEBACK_LIMIT`` characters, its end kept (where a traceback names the failing line)."""
+    text = _PATH.sub(r"\1", text)
+    if len(text) <= TRACEBACK_LIMIT:
+        return text
+    mark = _CUT_TRACE if traceback else _CUT
+    tail = text[len(text) - TRACEBACK_LIMIT + len(mark) :]
+    # From a whole line (or word): never from the middle of a path.
+    for sep in ("\n", " "):
+        at = tail.find(sep)
+        if 0 <= at < len(tail) // 2:
+            tail = tail[at + 1 :]
+            break
+    return mark + tail
+
+
+def _first_batch(task: Task) -> Task:
+    """A group's task cut down to its first batch."""
+    return replace(task, indices=task.indices[: task.sizes[0]], sizes=())
 
 
 def _death(pid: int, code: int | None) -> str:

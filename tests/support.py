@@ -103,6 +103,40 @@ class Failing(Dataset[torch.Tensor]):
         return torch.tensor([i])
 
 
+class CorruptSample(Exception):
+    """A dataset's own exception class: a client that imports this module can catch it by name."""
+
+
+def _unknown_error(message: str) -> Exception:
+    """An exception of a class whose module no client has imported (nor could: none of that name exists)."""
+    cls = type(
+        "Unreadable", (Exception,), {"__module__": "storage_backend.errors", "__qualname__": "Unreadable"}
+    )
+    return cls(message)
+
+
+class Flaky(Dataset[tuple[torch.Tensor, int]]):
+    """``n`` samples (float32[2] full of i, and i); those in ``bad`` raise: ``"key"`` a KeyError,
+    ``"own"`` a :class:`CorruptSample`, ``"unknown"`` a class no client has."""
+
+    def __init__(self, n: int = 70, bad: dict[int, str] | None = None) -> None:
+        self.n = n
+        self.bad = {5: "key", 23: "own", 24: "key", 41: "unknown", 60: "key"} if bad is None else dict(bad)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        kind = self.bad.get(i)
+        if kind == "key":
+            raise KeyError(f"corrupt record {i}")
+        if kind == "own":
+            raise CorruptSample(f"sample {i}: checksum mismatch")
+        if kind == "unknown":
+            raise _unknown_error(f"sample {i}: storage backend unreadable")
+        return torch.full((2,), float(i)), i
+
+
 class Crashing(Dataset[torch.Tensor]):
     """Kills its worker process on index 5."""
 

@@ -13,7 +13,7 @@ from batchferry.client import DataLoader, RemoteDataset
 from batchferry.server import Server
 from batchferry.v1 import loader_pb2 as pb
 
-from support import Nested, Plain, assert_same
+from support import CorruptSample, Flaky, Nested, Plain, assert_same
 
 
 @pytest.mark.parametrize("name", ["tensor", "plain", "nested"])
@@ -92,3 +92,19 @@ def test_a_sample_above_max_batch_bytes_is_refused() -> None:
             pytest.raises(errors.ResourceExhausted, match="max_batch_bytes"),
         ):
             loader.dataset[0]
+
+
+def test_a_sample_the_dataset_fails_to_build_raises_its_error_and_the_next_comes() -> None:
+    flaky = Flaky(10, {3: "key", 4: "own"})
+    with (
+        Server({"flaky": flaky}, port=0, num_workers=1) as srv,
+        DataLoader(srv.address, "flaky", 2) as loader,
+    ):
+        with pytest.raises(KeyError) as caught:
+            loader.dataset[3]
+        assert isinstance(caught.value, errors.DatasetError)
+        assert "sample 3" in str(caught.value) and "corrupt record 3" in str(caught.value)
+        with pytest.raises(CorruptSample):
+            loader.dataset[4]
+        assert_same(loader.dataset[5], default_convert(flaky[5]))
+        assert srv.ring.free_slots == srv.ring.num_slots  # no slot kept for them

@@ -52,7 +52,8 @@ def test_corrupt_image_fails_that_client_and_the_server_serves_on(tmp_path: Path
             first = next(it)
             assert first[0].shape == (2, 3, 8, 8)
             with pytest.raises(
-                errors.DatasetError, match=r"batch 1: SampleError: sample 3: a/sub.png: cannot decode"
+                errors.DatasetError,
+                match=r"batch 1\)\.\n(?s:.*)SampleError: sample 3: a/sub.png: cannot decode",
             ):
                 next(it)
         with DataLoader(srv.address, "good", 4) as loader:

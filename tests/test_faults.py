@@ -51,9 +51,11 @@ def test_a_batch_whose_worker_is_killed_every_time_fails_naming_batch_and_signal
             next(it)
             with pytest.raises(
                 errors.DatasetError,
-                match=rf"batch 1: worker process \d+ was killed by SIGKILL .* {MAX_ATTEMPTS}",
+                match=rf"batch 1\)\.\nworker process \d+ was killed by SIGKILL .* {MAX_ATTEMPTS}",
             ):
                 next(it)
+            # The stream goes on: only the batch at fault failed, the rest of a group included.
+            assert_same(list(it), [torch.arange(b * 4, b * 4 + 4).view(4, 1) for b in (2, 3)])
         assert srv.pool.restarts == MAX_ATTEMPTS
 
 
@@ -66,7 +68,9 @@ def test_a_file_cut_short_under_a_running_server_fails_its_dataset_alone(tmp_pat
         with DataLoader(srv.address, "cut", 8) as loader:
             assert len(list(loader)) == 8
             os.truncate(path, 4096)
-            with pytest.raises(errors.DatasetError, match=r"dataset 'cut', batch \d+: .*features\.npy"):
+            with pytest.raises(
+                errors.DatasetError, match=r"dataset 'cut', batch \d+\)\.\n(?s:.*)features\.npy"
+            ):
                 list(loader)
         with DataLoader(srv.address, "ok", 4) as loader:
             assert len(list(loader)) == 3

@@ -94,7 +94,9 @@ def test_a_batch_failing_inside_a_group_comes_after_every_batch_before_it(transp
         DataLoader(srv.address, "bad", 4, transport=transport) as loader,
     ):
         got = []
-        with pytest.raises(errors.DatasetError, match=r"batch 300: KeyError: .*corrupt record 1203"):
+        with pytest.raises(
+            errors.DatasetError, match=r"batch 300\)\.\n(?s:.*)KeyError: .*corrupt record 1203"
+        ):
             for batch in loader:
                 got.append(batch)
     assert_same(got, [torch.arange(4 * b, 4 * b + 4).view(4, 1) for b in range(300)])
@@ -150,8 +152,9 @@ def test_a_loop_that_breaks_mid_group_leaves_nothing_held(tensor_ds) -> None:
 
 
 class _Built:
-    def __init__(self, count: int, largest_bytes: int, seconds: float) -> None:
+    def __init__(self, count: int, largest_bytes: int, seconds: float, error: object = None) -> None:
         self.count, self.largest_bytes, self.seconds = count, largest_bytes, seconds
+        self.error = error  # a batch that failed: no size, no build time
 
 
 def test_group_size_starts_at_one_and_stays_within_bytes_and_build_time() -> None:
@@ -168,6 +171,8 @@ def test_group_size_starts_at_one_and_stays_within_bytes_and_build_time() -> Non
     assert slow() == 1
     slow.observe(_Built(1, 64, 0.002))  # type: ignore[arg-type]
     assert slow() == 2  # 5 ms of building per group at most
+    slow.observe(_Built(1, 0, 0.0, error="KeyError"))  # type: ignore[arg-type]
+    assert slow() == 2 and slow.batch_bytes == 64  # a batch that failed tells nothing
     assert GroupSize(0)() == 1
 
 

@@ -99,15 +99,23 @@ def test_compressed_stream_is_decompressed_in_the_receiver(server: Server, tenso
 
 
 def test_dataset_errors_reach_the_loop_and_the_loader_goes_on() -> None:
+    ds = FailsAt(200, bad=77)
     with (
-        Server({"f": FailsAt(200, bad=77)}, port=0, num_workers=1) as srv,
+        Server({"f": ds}, port=0, num_workers=1) as srv,
         _loader(srv.address, "f", 10) as loader,
     ):
         got = []
+        it = iter(loader)
         with pytest.raises(errors.DatasetError, match="corrupt record 77"):
-            for batch in loader:
+            for batch in it:
                 got.append(batch)
         assert [int(b[0]) for b in got] == list(range(0, 70, 10))
+        # As torch's: the next batch comes next (the error frame passed the receiver process).
+        torch_it = iter(TorchLoader(ds, 10))
+        expected = [next(torch_it) for _ in range(7)]
+        with pytest.raises(KeyError):
+            next(torch_it)
+        assert_same(got + list(it), expected + list(torch_it))
         with pytest.raises(errors.DatasetError):
             list(loader)  # the next epoch fails at the same batch, through a fresh stream
 

@@ -289,7 +289,8 @@ class _Receiver:
             responses = iter(call)
             for raw in responses:
                 frame = wire.parse(_pb2.ServerFrame, raw)
-                batch = frame.WhichOneof("kind") == "batch"
+                # A batch's payload goes into a slot; an error frame (no payload) goes on as it is.
+                batch = frame.WhichOneof("kind") == "batch" and not frame.batch.HasField("error")
                 self._link.send(FRAME, number, self._into_slot(stream, frame, responses) if batch else raw)
             self._link.send(DONE, number)
         except grpc.RpcError as exc:

@@ -78,12 +78,14 @@ class GetSampleRequest(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
 
 class GetSampleResponse(_message.Message):
-    __slots__ = ("layout", "payload")
+    __slots__ = ("layout", "payload", "error")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     layout: Layout
     payload: bytes
-    def __init__(self, layout: _Optional[_Union[Layout, _Mapping]] = ..., payload: _Optional[bytes] = ...) -> None: ...
+    error: BatchError
+    def __init__(self, layout: _Optional[_Union[Layout, _Mapping]] = ..., payload: _Optional[bytes] = ..., error: _Optional[_Union[BatchError, _Mapping]] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
     __slots__ = ()
@@ -348,20 +350,32 @@ class StreamStart(_message.Message):
     def __init__(self, num_batches: _Optional[int] = ..., state_after_order: _Optional[bytes] = ..., state_after_epoch: _Optional[bytes] = ..., first_batch: _Optional[int] = ...) -> None: ...
 
 class BatchHeader(_message.Message):
-    __slots__ = ("index", "layout", "num_chunks", "slot", "codec", "more")
+    __slots__ = ("index", "layout", "num_chunks", "slot", "codec", "more", "error")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     index: int
     layout: Layout
     num_chunks: int
     slot: str
     codec: Codec
     more: _containers.RepeatedCompositeFieldContainer[BatchPart]
-    def __init__(self, index: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., num_chunks: _Optional[int] = ..., slot: _Optional[str] = ..., codec: _Optional[_Union[Codec, str]] = ..., more: _Optional[_Iterable[_Union[BatchPart, _Mapping]]] = ...) -> None: ...
+    error: BatchError
+    def __init__(self, index: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., num_chunks: _Optional[int] = ..., slot: _Optional[str] = ..., codec: _Optional[_Union[Codec, str]] = ..., more: _Optional[_Iterable[_Union[BatchPart, _Mapping]]] = ..., error: _Optional[_Union[BatchError, _Mapping]] = ...) -> None: ...
+
+class BatchError(_message.Message):
+    __slots__ = ("type", "message", "traceback")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TRACEBACK_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    message: str
+    traceback: str
+    def __init__(self, type: _Optional[str] = ..., message: _Optional[str] = ..., traceback: _Optional[str] = ...) -> None: ...
 
 class BatchPart(_message.Message):
     __slots__ = ("index", "layout")

@@ -11,7 +11,8 @@ Batches go out in epoch order, or with ``any_order`` as soon as each is built (a
 slow batch then holds up no other); positions the client already has (``taken``,
 after a reconnect) are skipped. Small batches are built and sent in groups of
 consecutive positions (:class:`~batchferry.server.stream.GroupSize`); credits
-count frames, so a group takes one.
+count frames, so a group takes one. A batch the dataset fails to build goes out in
+its place as an error frame, and the stream goes on.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def send(stream: Stream) -> Generator[bytes, None, bool]:
             rest = positions[built.count :]
             if rest and plan.any_order:
                 # A later batch of the group overflowed or failed: build it and those after
-                # it again, next (a batch that fails first in its build fails the stream).
+                # it again, next (a batch that fails first in its build comes as its error).
                 redo.append(rest)
             elif (rest or builder.min_bytes > grown) and not plan.any_order:
                 # A batch outgrew its slot: builds made ahead in slots that small would too.

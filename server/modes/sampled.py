@@ -105,7 +105,7 @@ def send(stream: Stream) -> Generator[bytes, None, bool]:
             rest = group[built.count :]
             if rest and plan.any_order:
                 # A later batch of the group overflowed or failed: build it and those after
-                # it again, next (a batch that fails first in its build fails the stream).
+                # it again, next (a batch that fails first in its build comes as its error).
                 waiting.extendleft(reversed(rest))
             elif (rest or builder.min_bytes > grown) and not plan.any_order:
                 # A batch outgrew its slot: builds made ahead in slots that small would too.

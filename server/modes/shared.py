@@ -7,8 +7,9 @@ is an entry::
        └──────────(no slot free now, or that consumer left)──▶ FAILED: the next consumer starts it again
 
 Whoever needs a STARTED batch first finishes it (waits for the worker, rebuilds it
-in a larger slot if it overflowed); the others wait for that. ``consumed[c]``
-counts the batches consumer ``c`` has taken into its training loop, ``released[c]``
+in a larger slot if it overflowed); the others wait for that. A batch the dataset
+failed to build is BUILT as its error: every consumer gets the same error frame.
+``consumed[c]`` counts the batches consumer ``c`` has taken into its training loop, ``released[c]``
 the batches before which it reads no slot any more (a client releases out of order:
 one it keeps goes back after later ones, so releases past that prefix wait in
 ``_early[c]`` until it closes up). An entry's slot is let go once every consumer
@@ -61,7 +62,6 @@ class SharedBatch:
     state: _State = _State.PENDING
     build: Build | None = None
     built: Built | None = None
-    error: Abort | None = None  # the dataset failed: every consumer gets it
     fate: _Fate = _Fate.RELEASE
     collected: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)  # held by whoever finishes it
@@ -138,18 +138,14 @@ class SharedEpoch(EpochState):
             if not stream.active():
                 raise StreamGone
         try:
-            if entry.error is not None:
-                raise entry.error
             if entry.state is _State.BUILT:
                 return entry.built
             if entry.state is _State.FAILED or entry.build is None:
                 return None
             try:
                 built = builder.finish(entry.build)
-            except Abort as exc:
+            except Abort:
                 with self._cond:
-                    if exc.dataset_error:
-                        entry.error = exc
                     self._fail(entry)
                 raise
             except StreamGone:
