@@ -5,7 +5,7 @@ the field). Nothing here touches the network, the ring or the workers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import grpc
 import numpy as np
@@ -22,6 +22,11 @@ MAX_CREDITS = 64
 MAX_WORLD_SIZE = 1 << 16
 MAX_NAME = 256  # characters in a dataset, collate or job name
 MAX_STRIPES = 16  # streams one client may split a replica's part of an epoch into
+# OpenStream fields a Plan takes as they are (once plan() has checked them).
+_FROM_REQUEST = (
+    "dataset", "batch_size", "start_batch", "credits", "groups", "unbatched", "shuffle", "drop_last",
+    "seed", "taken", "any_order", "client_batches", "mode", "job", "rank", "epoch",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -151,7 +156,6 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
             f"replica {wanted[0]} of {wanted[1]}; give the loader every replica's address "
             "(or a dns:/// name that resolves to all of them)",
         )
-    settings = None
     count = length
     if req.client_batches and req.mode != _pb2.MODE_INDEPENDENT:
         raise invalid("client_batches: only in independent mode (a job's consumers share one order)")
@@ -182,17 +186,6 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
             raise invalid(f"world_size must be in [1, {MAX_WORLD_SIZE}], got {req.world_size}")
         if not 0 <= req.rank < req.world_size:
             raise invalid(f"rank must be in [0, world_size={req.world_size}), got {req.rank}")
-        settings = JobSettings(
-            mode=req.mode,
-            dataset=req.dataset,
-            batch_size=req.batch_size,
-            shuffle=req.shuffle,
-            drop_last=req.drop_last,
-            collate=collate,
-            seed=req.seed,
-            world_size=req.world_size,
-            unbatched=req.unbatched,
-        )
         if req.mode == _pb2.MODE_SHARDED:
             count = sampling.shard_length(length, req.world_size, req.drop_last)
         # shared and dynamic split the whole epoch among the job's consumers
@@ -210,32 +203,23 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
         raise invalid("taken: only in dynamic mode or with any_order")
     if len(req.taken) > -(-local_total // 8):
         raise invalid(f"taken: a bitmap of at most {-(-local_total // 8)} bytes, got {len(req.taken)}")
-    return Plan(
-        dataset=req.dataset,
+    # The request's fields of the same name and meaning, then what the checks above made.
+    same = {name: getattr(req, name) for name in _FROM_REQUEST}
+    the_plan = Plan(
+        **same,
         collate=collate,
-        batch_size=req.batch_size,
         num_batches=total,
-        start_batch=req.start_batch,
-        credits=req.credits,
         chunk_bytes=chunk,
         shm=req.transport == _pb2.TRANSPORT_SHM,
         codec=req.compression,
-        groups=req.groups,
-        unbatched=req.unbatched,
         length=length,
-        shuffle=req.shuffle,
-        drop_last=req.drop_last,
         sampler_state=req.sampler_state if req.shuffle else b"",
-        seed=req.seed,
         world_size=max(1, req.world_size),
-        taken=req.taken,
-        any_order=req.any_order,
-        client_batches=req.client_batches,
-        mode=req.mode,
-        job=req.job,
-        rank=req.rank,
-        epoch=req.epoch,
-        settings=settings,
         replica=part,
         replicas=parts,
     )
+    if req.mode == _pb2.MODE_INDEPENDENT:
+        return the_plan
+    # What every consumer of a job must agree on: those of the plan's settings.
+    agreed = {f.name: getattr(the_plan, f.name) for f in fields(JobSettings)}
+    return replace(the_plan, settings=JobSettings(**agreed))

@@ -12,11 +12,12 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from batchferry.sampling import EpochOrder
 
 from . import compression, framing
-from .builder import Builder, Built
+from .builder import Build, Builder, Built, first_built
 from .credits import ClientMessages, Held
 from .jobs import Consumer, Job
 from .plan import Plan
@@ -24,6 +25,7 @@ from .plan import Plan
 __all__ = ["GroupHistory", "GroupSize", "Sender", "Stream"]
 
 _HOLD_MARGIN = 4  # slots a same-host client may hold beyond its credits
+_T = TypeVar("_T")
 
 
 class GroupSize:
@@ -162,6 +164,25 @@ class Stream:
             return self.observe(iter([framing.shm_frame(built)]), "shm", built)
         frames = framing.byte_frames(built, self.plan.chunk_bytes, held.release, self.plan.codec, self.trials)
         return self.observe(frames, "grpc", built)
+
+    def send(self, built: Built, sent: int) -> Generator[bytes, None, bool]:
+        """Frames for ``built`` once the client has granted frame number ``sent`` (False, with
+        the slot given back, when the client stopped or left first)."""
+        if not self.messages.wait_for(sent, self.active):
+            built.lease.release()
+            return False
+        yield from self.frames(built)
+        return True
+
+    def next_built(self, pending: list[tuple[_T, Build]]) -> tuple[_T, Built, bool]:
+        """Finish the next of ``pending`` (the oldest; with ``any_order`` the first a worker is
+        done with): its key, what was built, and whether a batch outgrew its slot meanwhile
+        (builds started ahead in slots that small would outgrow theirs too)."""
+        key, build = pending.pop(0) if not self.plan.any_order else first_built(pending, self.active)
+        grown = self.builder.min_bytes
+        built = self.builder.finish(build)
+        self.group.observe(built)
+        return key, built, self.builder.min_bytes > grown
 
     def progress(self, position: int) -> None:
         """For listings: this consumer has been sent its batches before ``position``."""

@@ -21,7 +21,7 @@ from collections.abc import Generator
 
 import numpy as np
 
-from batchferry.server.builder import Build, first_built
+from batchferry.server.builder import Build
 from batchferry.server.stream import Stream
 
 __all__ = ["send"]
@@ -71,26 +71,21 @@ def send(stream: Stream) -> Generator[bytes, None, bool]:
                     redo.pop(0)
                 else:
                     next_build = after(positions[-1] + 1)
-            positions, build = pending.pop(0) if not plan.any_order else first_built(pending, stream.active)
-            grown = builder.min_bytes
-            built = builder.finish(build)
-            stream.group.observe(built)
+            positions, built, grew = stream.next_built(pending)
             rest = positions[built.count :]
             if rest and plan.any_order:
                 # A later batch of the group overflowed or failed: build it and those after
                 # it again, next (a batch that fails first in its build comes as its error).
                 redo.append(rest)
-            elif (rest or builder.min_bytes > grown) and not plan.any_order:
+            elif (rest or grew) and not plan.any_order:
                 # A batch outgrew its slot: builds made ahead in slots that small would too.
                 # Start them again at the new size, from the first batch not built.
                 for _, ahead in pending:
                     builder.drop(ahead)
                 pending.clear()
                 next_build = rest[0] if rest else after(positions[-1] + 1)
-            if not messages.wait_for(sent, stream.active):
-                built.lease.release()
+            if not (yield from stream.send(built, sent)):
                 return False
-            yield from stream.frames(built)
             sent += 1
             batches += built.count
             stream.progress(plan.local_start + batches)

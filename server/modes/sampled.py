@@ -16,7 +16,7 @@ from collections.abc import Generator
 
 import numpy as np
 
-from batchferry.server.builder import Build, first_built
+from batchferry.server.builder import Build
 from batchferry.server.plan import Plan
 from batchferry.server.status import invalid
 from batchferry.server.stream import Stream
@@ -98,16 +98,13 @@ def send(stream: Stream) -> Generator[bytes, None, bool]:
                 if not messages.wait_lists(stream.active):
                     return False
                 continue
-            group, build = pending.pop(0) if not plan.any_order else first_built(pending, stream.active)
-            grown = builder.min_bytes
-            built = builder.finish(build)
-            stream.group.observe(built)
+            group, built, grew = stream.next_built(pending)
             rest = group[built.count :]
             if rest and plan.any_order:
                 # A later batch of the group overflowed or failed: build it and those after
                 # it again, next (a batch that fails first in its build comes as its error).
                 waiting.extendleft(reversed(rest))
-            elif (rest or builder.min_bytes > grown) and not plan.any_order:
+            elif (rest or grew) and not plan.any_order:
                 # A batch outgrew its slot: builds made ahead in slots that small would too.
                 # Build them again at the new size, from the first batch not built.
                 for ahead, dropped in reversed(pending):
@@ -115,10 +112,8 @@ def send(stream: Stream) -> Generator[bytes, None, bool]:
                     waiting.extendleft(reversed(ahead))
                 pending.clear()
                 waiting.extendleft(reversed(rest))
-            if not messages.wait_for(sent, stream.active):
-                built.lease.release()
+            if not (yield from stream.send(built, sent)):
                 return False
-            yield from stream.frames(built)
             sent += 1
             batches += built.count
             stream.progress(batches)
