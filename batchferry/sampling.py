@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -39,17 +40,26 @@ def num_batches(length: int, batch_size: int, drop_last: bool) -> int:
     return length // batch_size if drop_last else -(-length // batch_size)
 
 
-def begin_iteration(generator: torch.Generator | None, shuffle: bool, draw_base_seed: bool = True) -> bytes:
+def begin_iteration(
+    generator: torch.Generator | None,
+    shuffle: bool,
+    draw_base_seed: bool = True,
+    order: torch.Generator | Literal["same"] | None = "same",
+) -> bytes:
     """Do the draws torch makes when an iterator is created; return the sampler state.
 
     The result is the generator state the epoch's permutation is drawn from
     (empty without shuffle). ``draw_base_seed`` is False where torch reuses its
-    iterator (persistent workers) and so draws no new base seed.
+    iterator (persistent workers) and so draws no new base seed. The base seed comes
+    from the loader's ``generator``, the permutation from its RandomSampler's: ``order``
+    where that is another (torch's sampler keeps the generator it was made with).
     """
     if draw_base_seed:
         torch.empty((), dtype=torch.int64).random_(generator=generator)
     if not shuffle:
         return b""
+    if order != "same":
+        generator = order
     if generator is None:
         seed = int(torch.empty((), dtype=torch.int64).random_().item())
         generator = torch.Generator()

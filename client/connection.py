@@ -63,6 +63,10 @@ class Connection:
         return self._info
 
     @property
+    def dataset_length(self) -> int:
+        return int(self.dataset_info().length)
+
+    @property
     def server_workers(self) -> int:
         self.dataset_info()
         return int(self.replicas.replicas[0].info.num_workers)

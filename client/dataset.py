@@ -28,7 +28,7 @@ class RemoteDataset(Dataset[Any]):
         self._connection = connection
 
     def __len__(self) -> int:
-        return int(self._connection.dataset_info().length)
+        return self._connection.dataset_length
 
     @property
     def sample_structure(self) -> str:

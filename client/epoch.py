@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from batchferry import sampling
 from batchferry.v1 import loader_pb2 as _pb2
 
 from .connection import Connection
@@ -47,6 +48,8 @@ class EpochStart:
     sampler_state: bytes = b""
     done: bytes = b""
     indices: EpochIndices | None = None
+    # The generator the order is drawn from, when it may move before the first next().
+    redraw: torch.Generator | None = None
 
 
 class Epoch:
@@ -87,8 +90,19 @@ class Epoch:
         self._ahead_samples = 0  # samples in ``_lists``
         self._next_list = 0 if config.any_order else start.batch
         self._num_batches = 0
+        # The order is drawn from the generator as it is now; torch draws it at the first
+        # next(). If the generator moved in between (another iterator drew its seed), the
+        # epoch starts over from where it is then (see _take).
+        self._redraw = start.redraw
+        self._drew_last = False
+        cfg = self._config
+        self._partial_end = not cfg.drop_last and bool(connection.dataset_length % cfg.batch_size)
+        self._open()
+
+    def _open(self) -> None:
+        """Open the epoch's streams and send the first index lists."""
         self._streams = StreamSet(
-            connection, stats, self._request, on_open=self._resend_lists, describe=self._where
+            self._connection, self._stats, self._request, on_open=self._resend_lists, describe=self._where
         )
         try:
             self._feed()
@@ -97,10 +111,10 @@ class Epoch:
             raise
         first = self._streams.start
         self._num_batches = int(first.num_batches)
-        # torch's RandomSampler draws the permutation from the generator on the
-        # first batch; leave the generator where that draw would.
-        if generator is not None and first.state_after_order:
-            generator.set_state(_state(first.state_after_order))
+        # torch's RandomSampler draws the permutation from the generator at the first
+        # next(): the generator is left where that draw leaves it then (see _take).
+        generator, after = self._generator, first.state_after_order
+        self._draw = (generator, after) if generator is not None and after else None
 
     # -- where the epoch is -------------------------------------------------------------
     @property
@@ -209,14 +223,23 @@ class Epoch:
         """The next batch as the loop gets it; StopIteration at the end of the epoch."""
         if self.finished:
             raise StopIteration
+        if self._redraw is not None:
+            now, self._redraw = sampling.state_bytes(self._redraw), None
+            if now != self.sampler_state:
+                self._streams.close()
+                self.sampler_state = now
+                self._open()
+        if self._draw is not None:
+            generator, after, self._draw = *self._draw, None
+            generator.set_state(_state(after))
         self._feed()
         batch = self._merge.next(self._streams)
         if batch is None:
             self.finished = True
-            after = self._streams.start.state_after_epoch
-            if self._generator is not None and after:
-                self._generator.set_state(_state(after))
+            self._last_draw()
             raise StopIteration
+        if self.taken == self._num_batches and self._partial_end:
+            self._last_draw()  # torch found the end of its indices making this batch
         taken = self._lists.pop(batch.index, None)
         if taken is not None:
             self._ahead_samples -= len(taken)
@@ -236,6 +259,18 @@ class Epoch:
         self._stats.batches += 1
         self._stats.bytes += batch.nbytes
         return data
+
+    def _last_draw(self) -> None:
+        """torch's RandomSampler draws one more permutation, and discards it, when its indices
+        run out: at the epoch's last batch when that one is short, else at its end."""
+        start, gen = self._streams.start, self._generator
+        if gen is None or not start.state_after_epoch or self._drew_last:
+            return
+        self._drew_last = True
+        if sampling.state_bytes(gen) == start.state_after_order:
+            gen.set_state(_state(start.state_after_epoch))
+        else:  # drawn from meanwhile (another iterator): that draw, from here
+            torch.randperm(self._connection.dataset_length, generator=gen)
 
     def close(self) -> None:
         self._streams.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic
 
@@ -187,10 +188,14 @@ class DataLoader(Generic[_T_co]):
         self._seed_once = bool(persistent_workers) and bool(num_workers)
         self._warned = False
         self._iterated = False
+        # The generator the shuffle draws from: the one given, as torch's RandomSampler keeps it
+        # when loader.generator is set anew (the base seed comes from loader.generator).
+        self._order_generator = self.generator
         self._initial_state = self.generator.get_state() if self.generator is not None else None
         self._epoch = 0
         self._resume: Resume | None = None
-        self._active: Epoch | None = None
+        self._active: Epoch | None = None  # the newest iterator
+        self._epochs: weakref.WeakSet[Epoch] = weakref.WeakSet()  # every live one
         self._closed = False
         cleanup.start()
         cleanup.close_at_exit(self)
@@ -231,7 +236,9 @@ class DataLoader(Generic[_T_co]):
                 )
             elif sampler is None:
                 sampler = (
-                    RandomSampler(ds, generator=self.generator) if cfg.shuffle else SequentialSampler(ds)
+                    RandomSampler(ds, generator=self._order_generator)
+                    if cfg.shuffle
+                    else SequentialSampler(ds)
                 )
             batch_sampler = self._given_batch_sampler
             if batch_sampler is None and self.batch_size is not None:
@@ -320,15 +327,17 @@ class DataLoader(Generic[_T_co]):
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
         self._resume = None
-        if self.generator is not None and self._initial_state is not None and epoch != self._epoch:
-            self.generator.set_state(self._initial_state)
+        gen = self._order_generator
+        if gen is not None and self._initial_state is not None and epoch != self._epoch:
+            gen.set_state(self._initial_state)
             for _ in range(epoch):
-                sampling.replay_epoch(self.generator, len(self._dataset), self.config.shuffle)
+                sampling.replay_epoch(gen, len(self._dataset), self.config.shuffle)
         self._epoch = epoch
 
     def state_dict(self) -> dict[str, Any]:
         """Where this loader is: plain ints and bytes, a few KiB at most."""
-        gen = bytes(self.generator.get_state().numpy().tobytes()) if self.generator is not None else b""
+        order = self._order_generator
+        gen = sampling.state_bytes(order) if order is not None else b""
         resume, it = self._resume, self._active
         if resume is None and it is not None and not it.finished:
             start = it.indices.start.as_dict() if it.indices is not None else None
@@ -339,9 +348,10 @@ class DataLoader(Generic[_T_co]):
         """Continue from ``state``: the next ``iter()`` yields the batch after the saved one."""
         epoch, gen_state, resume = check_state(self.config, state, self._sampling is not None)
         if gen_state:
-            if self.generator is None:
-                self.generator = torch.Generator()
-            self.generator.set_state(sampling.generator_from_state(gen_state).get_state())
+            if self._order_generator is None:
+                self._order_generator = torch.Generator()
+                self.generator = self.generator or self._order_generator
+            self._order_generator.set_state(sampling.generator_from_state(gen_state).get_state())
         self._epoch, self._resume = epoch, resume
 
     # -- iteration --------------------------------------------------------------------
@@ -356,9 +366,8 @@ class DataLoader(Generic[_T_co]):
         return it
 
     def _begin(self, began: float) -> Epoch:
-        if self._active is not None:
-            self._active.close()
-            self._active = None
+        # An earlier iterator goes on by itself, as torch's do (zip(loader, loader)); it
+        # closes when dropped, or with the loader. state_dict() follows the newest.
         # Nothing moves until the streams are open: an iter() that fails (server away,
         # bad argument) leaves the epoch, the resume point and the generator as they
         # were, so a retry yields the same epoch torch would.
@@ -375,7 +384,7 @@ class DataLoader(Generic[_T_co]):
                 self._connection,
                 start,
                 stats=self._stats,
-                generator=self.generator,
+                generator=self._order_generator,
                 transform=self._batch_transform,
                 length=self.__len__,
                 log_stats=self._log_stats,
@@ -391,6 +400,7 @@ class DataLoader(Generic[_T_co]):
         self._epoch = start.epoch + 1
         self._iterated = True
         self._active = it
+        self._epochs.add(it)
         return it
 
     def _epoch_start(self) -> EpochStart:
@@ -408,17 +418,19 @@ class DataLoader(Generic[_T_co]):
         if self._sampling is not None:
             indices = self._sampling.begin(self.generator, draw_base_seed=draw)
         elif self.config.mode == "independent":
-            sampler_state = sampling.begin_iteration(self.generator, self.config.shuffle, draw)
-        return EpochStart(self._epoch, 0, sampler_state, indices=indices)
+            order = self._order_generator
+            sampler_state = sampling.begin_iteration(self.generator, self.config.shuffle, draw, order)
+        redraw = self._order_generator if sampler_state else None
+        return EpochStart(self._epoch, 0, sampler_state, indices=indices, redraw=redraw)
 
     def close(self) -> None:
         """End any iteration and release the connection and buffers. Idempotent; it
         waits a few seconds at most (the server gets the slots back first)."""
         self._closed = True
         cleanup.forget_at_exit(self)
-        if self._active is not None:
-            self._active.close()
-            self._active = None
+        for it in list(self._epochs):
+            it.close()
+        self._active = None
         self._connection.close()
 
     def __enter__(self) -> DataLoader[_T_co]:

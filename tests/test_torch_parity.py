@@ -6,8 +6,9 @@ keyword arguments, run with a maker of torch loaders and with one of ours (over
 each transport), and the two records must be the same.
 
 Not compared, by design: ``collate_fn`` is a name from the server's registry, not a
-function (it reads back as the name given). torch iterates a single-process loader
-only with ``timeout=0``, so other timeouts are compared as attributes only.
+function (it reads back as the name of torch's function: ``default``, ``convert``).
+torch iterates a single-process loader only with ``timeout=0``, so other timeouts are
+compared as attributes only.
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, get_args, get_origin
 
-import parity_data
 import pytest
 import torch
-from parity_data import BAD, ERROR_LENGTH, SAMPLES, N
 from torch.utils.data import (
     BatchSampler,
     DistributedSampler,
@@ -26,13 +25,18 @@ from torch.utils.data import (
     SequentialSampler,
     SubsetRandomSampler,
     WeightedRandomSampler,
+    default_collate,
     default_convert,
 )
 from torch.utils.data import DataLoader as TorchLoader
 
+from batchferry import protocol
 from batchferry.client import DataLoader
 from batchferry.errors import DatasetError, ServerSideWarning
 from batchferry.server import Server
+
+import parity_data
+from parity_data import BAD, ERROR_LENGTH, SAMPLES, N
 
 DATASETS = parity_data.datasets()
 TRANSPORTS = ["grpc", "shm"]
@@ -401,8 +405,9 @@ def test_attributes_read_as_torchs(address: str, case: str) -> None:
             for i in (0, 1, N - 1):
                 same(ours.dataset[i], default_convert(theirs.dataset[i]), f"dataset[{i}]")
 
-        def collate_fn() -> None:  # a name from the server's registry, not a function
-            assert ours.collate_fn == "default", f"collate_fn {ours.collate_fn!r}"
+        def collate_fn() -> None:  # a name from the server's registry for torch's function
+            names = {default_collate: "default", default_convert: protocol.CONVERT_COLLATE}
+            assert ours.collate_fn == names[theirs.collate_fn], f"collate_fn {ours.collate_fn!r}"
 
         checks.update(
             sampler=sampler,
