@@ -24,7 +24,7 @@ import secrets
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TypeVar
 
 import grpc
@@ -140,35 +140,25 @@ class Built:
         return max(end - begin for begin, end in zip([0, *ends[:-1]], ends, strict=True))
 
 
+@dataclass(eq=False)
 class Builder:
-    def __init__(
-        self,
-        plan: Plan,
-        order: EpochOrder | None,
-        ring: SlotRing,
-        pool: WorkerPool,
-        counters: Counters,
-        active: Callable[[], bool],
-        *,
-        min_bytes: int,
-        max_bytes: int,
-        acquire_timeout: float,
-        ticket: tuple[int, int] = (0, 0),
-        on_built: Callable[[int], None] | None = None,
-    ) -> None:
-        self._ticket = ticket
-        self._plan = plan
-        self._order = order
-        self._ring = ring
-        self._pool = pool
-        self._counters = counters
-        self._active = active
-        self._acquire_timeout = acquire_timeout
-        self._max_bytes = max_bytes
-        self._on_built = on_built
-        # Slots are sized for a typical batch up front; one that outgrows its slot
-        # reports its size, and later builds ask for at least that.
-        self.min_bytes = min_bytes
+    """One stream's builds: its plan and order, the ring its slots come from, the pool that
+    builds into them, and whether anyone still wants them (``active``)."""
+
+    plan: Plan
+    order: EpochOrder | None
+    ring: SlotRing
+    pool: WorkerPool
+    counters: Counters
+    active: Callable[[], bool]
+    _: KW_ONLY
+    # Slots are sized for a typical batch up front; one that outgrows its slot reports its
+    # size, and later builds ask for at least that.
+    min_bytes: int
+    max_bytes: int
+    acquire_timeout: float
+    ticket: tuple[int, int] = (0, 0)
+    on_built: Callable[[int], None] | None = None
 
     def start(
         self,
@@ -185,14 +175,14 @@ class Builder:
         if samples is not None:
             assert not more  # a group of given samples: start_lists
             return self._submit((index,), samples, (), 0, wait=wait)
-        assert self._order is not None  # streams of the client's own batches pass them
-        size = self._plan.batch_size
+        assert self.order is not None  # streams of the client's own batches pass them
+        size = self.plan.batch_size
         if more != tuple(range(index + 1, index + 1 + len(more))):  # replicas': strided
             return self.start_lists(
-                [(i, self._order.batch(i, size).numpy()) for i in (index, *more)], wait, batch_bytes
+                [(i, self.order.batch(i, size).numpy()) for i in (index, *more)], wait, batch_bytes
             )
         # Consecutive batches: one slice of the order for all of them.
-        samples = self._order.batches(index, 1 + len(more), size).numpy()
+        samples = self.order.batches(index, 1 + len(more), size).numpy()
         sizes = tuple(min(size, len(samples) - k * size) for k in range(1 + len(more))) if more else ()
         return self._submit((index, *more), samples, sizes, batch_bytes if more else 0, wait=wait)
 
@@ -222,8 +212,8 @@ class Builder:
         room = min(self.min_bytes, max(ALIGNMENT, batch_bytes))
         want = self.min_bytes + (len(indices) - 1) * room
         try:
-            lease = self._ring.acquire(
-                want, timeout=self._acquire_timeout if wait else 0.0, cancelled=self._gone
+            lease = self.ring.acquire(
+                want, timeout=self.acquire_timeout if wait else 0.0, cancelled=self._gone
             )
         except RingExhausted as exc:
             raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
@@ -235,27 +225,27 @@ class Builder:
             raise Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"no shared-memory slot of {want} bytes became free within "
-                f"{self._acquire_timeout:g}s (budget {self._ring.max_bytes} bytes, --shm-bytes): "
+                f"{self.acquire_timeout:g}s (budget {self.ring.max_bytes} bytes, --shm-bytes): "
                 "other streams hold them",
             )
-        plan = self._plan
+        plan = self.plan
         task = Task(
             plan.dataset,
             samples,
             plan.collate,
             lease.name,
             lease.capacity,
-            limit=self._max_bytes,
-            ticket=self._ticket,
+            limit=self.max_bytes,
+            ticket=self.ticket,
             sizes=sizes,
             unbatched=plan.unbatched,
         )
         try:
-            future = self._pool.submit(task)
+            future = self.pool.submit(task)
         except RuntimeError as exc:  # the pool is closing
             lease.release()
             raise Abort(grpc.StatusCode.UNAVAILABLE, f"server is shutting down ({exc})") from exc
-        future.add_done_callback(lambda f: self._counters.count(f.result(), self._on_built, plan))
+        future.add_done_callback(lambda f: self.counters.count(f.result(), self.on_built, plan))
         return Build(indices, lease, future, samples, sizes, batch_bytes)
 
     def finish(self, build: Build) -> Built:
@@ -270,13 +260,13 @@ class Builder:
         """
         while True:
             result = self._wait(build)
-            too_big = result.status == "overflow" and result.needed > self._max_bytes
+            too_big = result.status == "overflow" and result.needed > self.max_bytes
             if result.status == "overflow" and not too_big:
                 self.min_bytes = max(self.min_bytes, result.needed)
             if result.layouts:  # what failed or overflowed fails alone when built again
                 return self._built(build, result)
             if result.status == "error":  # the slot goes back once the error is sent
-                failure = BatchFailure.of(self._plan.dataset, build.index, result)
+                failure = BatchFailure.of(self.plan.dataset, build.index, result)
                 return Built(build.index, build.lease, _pb2.Layout(), seconds=result.seconds, error=failure)
             build.lease.release()  # the worker is done with it
             if result.status == "closed":
@@ -285,7 +275,7 @@ class Builder:
                 raise Abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"batch {build.index} needs at least {result.needed} bytes, above the server's "
-                    f"max_batch_bytes={self._max_bytes}; use a smaller batch_size (or shorter pack rows)",
+                    f"max_batch_bytes={self.max_bytes}; use a smaller batch_size (or shorter pack rows)",
                 )
             # "cancelled" (started by a stream that has ended, shared mode: build it for
             # this one) or an overflow: build it again, in a slot of the size now known.
@@ -316,7 +306,7 @@ class Builder:
         build.future.add_done_callback(lambda _f: build.lease.release())
 
     def _gone(self) -> bool:
-        return not self._active()
+        return not self.active()
 
 
 def first_built(pending: list[tuple[_T, Build]], active: Callable[[], bool]) -> tuple[_T, Build]:
