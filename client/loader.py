@@ -133,8 +133,8 @@ class DataLoader(Generic[_T_co]):
         receive_processes: bool = False,
         mode: str = "independent",
         job: str | None = None,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
         chunk_bytes: int = 0,
         tls: bool | None = None,
         root_certificates: bytes | str | os.PathLike[str] | None = None,
@@ -146,6 +146,7 @@ class DataLoader(Generic[_T_co]):
     ) -> None:
         # Every argument by name, checked in one place (LoaderConfig.build).
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self._arguments = arguments  # what a copy of this loader is made from
         security = ClientSecurity.create(
             tls=tls,
             root_certificates=root_certificates,
@@ -231,9 +232,7 @@ class DataLoader(Generic[_T_co]):
             cfg, ds = self.config, self._dataset
             sampler = self._given_sampler
             if sampler is None and cfg.mode == "sharded":
-                sampler = DistributedSampler(
-                    ds, cfg.world_size, cfg.rank, shuffle=cfg.shuffle, seed=cfg.seed, drop_last=cfg.drop_last
-                )
+                sampler = _RankSampler(self, ds)
             elif sampler is None:
                 sampler = (
                     RandomSampler(ds, generator=self._order_generator)
@@ -433,6 +432,11 @@ class DataLoader(Generic[_T_co]):
         self._active = None
         self._connection.close()
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A copy (copy.copy, deepcopy, pickle) is a loader of its own, with its own connection,
+        # made from the same arguments and continuing from this one's state.
+        return _restore, (type(self), self._arguments, self.state_dict())
+
     def __enter__(self) -> DataLoader[_T_co]:
         return self
 
@@ -445,3 +449,25 @@ class DataLoader(Generic[_T_co]):
         if not getattr(self, "_closed", True):
             with contextlib.suppress(Exception):  # module globals may be gone at shutdown
                 cleanup.later(self.close)
+
+
+def _restore(cls: type[DataLoader[Any]], arguments: dict[str, Any], state: dict[str, Any]) -> DataLoader[Any]:
+    loader = cls(**arguments)
+    loader.load_state_dict(state)
+    return loader
+
+
+class _RankSampler(DistributedSampler[int]):
+    """``loader.sampler`` in sharded mode: the DistributedSampler whose indices the rank gets.
+    Frameworks call its ``set_epoch(e)`` before each epoch; the loader then yields epoch e."""
+
+    def __init__(self, loader: DataLoader[Any], dataset: RemoteDataset) -> None:
+        cfg = loader.config
+        super().__init__(dataset, cfg.world_size, cfg.rank, cfg.shuffle, cfg.seed, cfg.drop_last)
+        self._loader = weakref.ref(loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        loader = self._loader()
+        if loader is not None and loader.epoch != epoch:
+            loader.set_epoch(epoch)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from batchferry import codec, protocol, wire
 from batchferry.errors import InvalidArgument
@@ -114,6 +115,12 @@ class LoaderConfig:
             collate = (
                 protocol.CONVERT_COLLATE
             )  # torch's collate without batching: default_convert, per sample
+        if not _is_int(a["num_workers"]) or a["num_workers"] < 0:
+            raise InvalidArgument(
+                "num_workers option should be non-negative; use num_workers=0 to disable multiprocessing."
+            )
+        if not isinstance(a["drop_last"], bool):
+            raise InvalidArgument(f"drop_last should be a boolean value, but got drop_last={a['drop_last']}")
         transform = a["batch_transform"]
         if transform is not None and not callable(transform):
             raise InvalidArgument(f"batch_transform must be callable, got {type(transform).__name__}")
@@ -139,7 +146,7 @@ class LoaderConfig:
         job = a["job"] or ""
         if mode != "independent" and (not isinstance(job, str) or not job):
             raise _bad("job", job, f"must name the job in {mode} mode (any string its consumers share)")
-        rank, world_size = a["rank"], a["world_size"]
+        rank, world_size = _world(mode, a["rank"], a["world_size"])
         for name, value in (("rank", rank), ("world_size", world_size)):
             if not _is_int(value):
                 raise _bad(name, value, "must be an integer")
@@ -249,6 +256,23 @@ def device(value: str | torch.device | None) -> torch.device | None:
     if not torch.cuda.is_available():
         raise InvalidArgument(f"device={value!r} but CUDA is not available on this machine")
     return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def _world(mode: str, rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """rank and world_size as given, else as DistributedSampler takes them: from the
+    initialised process group (torchrun and init_process_group); 0 and 1 outside job modes."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if dist.is_available() and dist.is_initialized():
+        return (dist.get_rank() if rank is None else rank), (
+            dist.get_world_size() if world_size is None else world_size
+        )
+    if mode == "sharded":
+        raise InvalidArgument(
+            "sharded mode needs rank and world_size: pass them, or initialise torch.distributed "
+            "first (init_process_group), which DistributedSampler needs too"
+        )
+    return (0 if rank is None else rank), (1 if world_size is None else world_size)
 
 
 def _is_int(value: Any) -> bool:

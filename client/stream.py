@@ -349,7 +349,8 @@ class EpochStream:
                 if now >= deadline:
                     if wait is not None:
                         return PENDING
-                    self.close()
+                    # The stream stays open: as after torch's timeout, the next next() waits
+                    # again for the same batch.
                     raise BatchTimeout(f"no batch from the server within timeout={self._timeout}s") from None
                 # Across calls: a loader polling several streams asks each for a moment only.
                 self._starved_since = self._starved_since or now

@@ -14,14 +14,27 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
-from batchferry import protocol
+from batchferry import protocol, wire
 from batchferry.v1 import loader_pb2 as _pb2
 
 from .builder import Builder
 from .plan import Plan, shown
 from .status import Abort, invalid
 
-__all__ = ["sample_plan", "take_sample"]
+__all__ = ["MAX_SAMPLE_BYTES", "check_sample_bytes", "sample_plan", "take_sample"]
+
+# A sample is one answer: within the largest message either side takes.
+MAX_SAMPLE_BYTES = wire.MAX_CHUNK_BYTES
+
+
+def check_sample_bytes(size: int) -> None:
+    """Refuse a sample of ``size`` bytes that one answer cannot carry."""
+    if size > MAX_SAMPLE_BYTES:
+        raise Abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"a sample of this dataset takes about {size} bytes, more than one answer carries "
+            f"({MAX_SAMPLE_BYTES} bytes): read it through a loader instead (batch_size=None)",
+        )
 
 
 def sample_plan(request: _pb2.GetSampleRequest, lengths: dict[str, int]) -> Plan:
@@ -60,6 +73,7 @@ def take_sample(builder: Builder, index: int) -> _pb2.GetSampleResponse:
             failure = built.error
             error = _pb2.BatchError(type=failure.type, message=failure.message, traceback=failure.traceback)
             return _pb2.GetSampleResponse(error=error)
+        check_sample_bytes(built.payload_bytes)
         payload = built.lease.segment.array(built.payload_bytes).tobytes()
     finally:
         built.lease.release()

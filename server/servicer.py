@@ -15,6 +15,7 @@ touches another.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -40,7 +41,7 @@ from .modes import sender_for
 from .orders import Orders
 from .plan import MAX_NAME, Catalog, Plan, plan
 from .ring import SlotRing
-from .samples import sample_plan, take_sample
+from .samples import check_sample_bytes, sample_plan, take_sample
 from .status import Abort, StreamGone, invalid
 from .stream import GroupHistory, GroupSize, Stream
 from .workers import WorkerPool
@@ -188,35 +189,48 @@ class LoaderService:
         return _pb2.ListJobsResponse(jobs=infos).SerializeToString()
 
     def get_sample(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        try:
-            req = wire.parse(_pb2.GetSampleRequest, request)
-            if len(req.dataset) > MAX_NAME:
-                raise invalid(f"dataset: at most {MAX_NAME} characters, got {len(req.dataset)}")
-            the_plan = sample_plan(req, self.catalog.lengths)
-            self._check_size(the_plan)
-            builder = self._builder(the_plan, None, None, lambda: bool(context.is_active()), (0, 0))
-            return take_sample(builder, req.index).SerializeToString()
-        except ValueError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except Abort as exc:
-            context.abort(exc.code, exc.details)
-        except StreamGone:
-            context.abort(grpc.StatusCode.CANCELLED, "the call ended before its sample was built")
+        with self._admitted(context):
+            ticket = self._pool.open_stream()
+            try:
+                req = wire.parse(_pb2.GetSampleRequest, request)
+                if len(req.dataset) > MAX_NAME:
+                    raise invalid(f"dataset: at most {MAX_NAME} characters, got {len(req.dataset)}")
+                the_plan = sample_plan(req, self.catalog.lengths)
+                self._check_size(the_plan)
+                check_sample_bytes(self._size_hint(the_plan))
+                builder = self._builder(the_plan, None, None, lambda: bool(context.is_active()), ticket)
+                return take_sample(builder, req.index).SerializeToString()
+            except ValueError as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except Abort as exc:
+                context.abort(exc.code, exc.details)
+            except StreamGone:
+                context.abort(grpc.StatusCode.CANCELLED, "the call ended before its sample was built")
+            finally:
+                self._pool.close_stream(ticket)  # its build, if not started yet, is skipped
         raise AssertionError("unreachable: context.abort raises")
 
     # -- StreamBatches ----------------------------------------------------------------
     def stream_batches(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        with self._admitted(context) as peer:
+            try:
+                yield from self._stream(requests, context, peer)
+            except StreamGone:
+                if self._closing.is_set():
+                    context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            except Abort as exc:
+                context.abort(exc.code, exc.details)
+
+    @contextlib.contextmanager
+    def _admitted(self, context: grpc.ServicerContext) -> Iterator[str]:
+        """Hold one of the caller's stream slots for the call (its peer name), or end the call
+        with why not. Every call that builds counts: a stream, and a GetSample."""
         peer = identity(context, self._tokens)[0]
         refusal = self._admit(peer)
         if refusal is not None:
             context.abort(*refusal)
         try:
-            yield from self._stream(requests, context, peer)
-        except StreamGone:
-            if self._closing.is_set():
-                context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-        except Abort as exc:
-            context.abort(exc.code, exc.details)
+            yield peer
         finally:
             with self._admission:
                 self._streams -= 1

@@ -184,7 +184,7 @@ class _TaskRunner:
                 error=short_error(exc),
                 detail=detail,
                 error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-                error_message=for_client(str(exc)),
+                error_message=for_client(message_of(exc)),
                 error_trace=for_client(detail, traceback=True),
                 gathered=gathered,
                 seconds=took,
@@ -222,7 +222,7 @@ def _worker_main(
             runner.dataset(name)
         except Exception as exc:
             if strict:
-                results.send(("failed", index, f"dataset {name!r}: {type(exc).__name__}: {exc}"))
+                results.send(("failed", index, f"dataset {name!r}: {type(exc).__name__}: {message_of(exc)}"))
                 return
             broken.append(f"dataset {name!r}: {short_error(exc)}")
     results.send(("ready", index, "; ".join(broken)))
@@ -516,10 +516,19 @@ _CUT_TRACE = "Traceback (most recent call last):\n  [earlier lines cut]\n"
 _CUT = "[...] "
 
 
+def message_of(exc: BaseException) -> str:
+    """``str(exc)``, or what ``traceback`` prints where that raises (a dataset's exception may:
+    the worker reports it, it does not die of it)."""
+    try:
+        return str(exc)
+    except Exception:
+        return "<exception str() failed>"
+
+
 def short_error(exc: BaseException) -> str:
     """``Type: message`` for the server's log lines: no server paths (a file's name is kept),
     a few hundred characters at most. The whole traceback goes to the server's log."""
-    text = _PATH.sub(r"\1", f"{type(exc).__name__}: {exc}")
+    text = _PATH.sub(r"\1", f"{type(exc).__name__}: {message_of(exc)}")
     return text if len(text) <= _SHORT else text[: _SHORT - 3] + "..."
 
 

@@ -453,3 +453,27 @@ class Ints(Dataset[int]):
 def double_first(sample: Any) -> dict[str, Any]:
     """A user collate made for ``batch_size=None`` (torch gives it one sample)."""
     return {"double": sample[0] * 2, "label": sample[1]}
+
+
+class Unprintable(Exception):
+    """An exception whose ``str()`` raises, as a careless one can."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("str() of this exception fails")
+
+
+class SlowAt(Dataset[torch.Tensor]):
+    """``tensor([i])``; sample ``slow`` takes ``delay`` seconds, sample ``bad`` raises ``Unprintable``."""
+
+    def __init__(self, n: int = 16, slow: int = -1, delay: float = 0.0, bad: int = -1) -> None:
+        self.n, self.slow, self.delay, self.bad = n, slow, delay, bad
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i == self.slow:
+            time.sleep(self.delay)
+        if i == self.bad:
+            raise Unprintable()
+        return torch.tensor([i])
