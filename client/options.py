@@ -115,7 +115,8 @@ class LoaderConfig:
             collate = (
                 protocol.CONVERT_COLLATE
             )  # torch's collate without batching: default_convert, per sample
-        if not _is_int(a["num_workers"]) or a["num_workers"] < 0:
+        workers = a["num_workers"]
+        if workers is not None and (not _is_int(workers) or workers < 0):
             raise InvalidArgument(
                 "num_workers option should be non-negative; use num_workers=0 to disable multiprocessing."
             )
