@@ -107,9 +107,9 @@ def test_a_batch_outgrowing_its_group_slot_is_built_again_and_nothing_is_lost(tr
     ds = Spiky()
     with Server({"spiky": ds}, port=0, num_workers=2) as srv:
         with DataLoader(
-            srv.address, "spiky", 3, shuffle=True, collate_fn="pad", transport=transport
-        ) as loader:
-            loader.generator = torch.Generator().manual_seed(5)
+            srv.address, "spiky", 3, shuffle=True, collate_fn="pad", transport=transport,
+            generator=torch.Generator().manual_seed(5),
+        ) as loader:  # fmt: skip
             got = list(loader)
     pad = partial(torch.nn.utils.rnn.pad_sequence, batch_first=True)
     generator = torch.Generator().manual_seed(5)
