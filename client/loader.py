@@ -85,7 +85,10 @@ class DataLoader(Generic[_T_co]):
             host): the bytes never pass through this interpreter, so the training loop's
             thread does not compete with receiving for it. For fast links to servers on
             other hosts; no effect on the same host.
-        mode: ``"independent"``: this loader gets its own full epochs.
+        mode: ``"independent"``: this loader gets its own full epochs; ``"sharded"``,
+            ``"shared"``, ``"dynamic"``: one of the consumers of ``job`` (see the README).
+        rank, world_size: this consumer's place in the job; left out, as
+            ``DistributedSampler`` takes them (the initialised process group).
         tls, root_certificates, client_cert, client_key: TLS to the server (on when any
             certificate is given); PEM bytes or file paths. ``root_certificates`` is the CA
             that signed the server's certificate (default: the system's); ``client_cert``
