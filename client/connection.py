@@ -150,15 +150,9 @@ class Connection:
             return 1
         return _BYTE_STREAMS
 
-    @property
-    def parts(self) -> int:
-        """Streams per epoch: stream j reads replica j % R, stripe j // R."""
-        return self.size * self.stripes
-
-    @property
-    def credits_per_stream(self) -> int:
-        """Frames in flight per stream: prefetch_factor in all, at least 2 per stream."""
-        parts = self.parts
+    def credits_for(self, parts: int) -> int:
+        """Frames in flight per stream of an epoch of ``parts`` streams: prefetch_factor in
+        all, at least 2 per stream."""
         if parts <= 1:
             return self.config.prefetch_factor
         return max(2, -(-self.config.prefetch_factor // parts))
@@ -178,12 +172,13 @@ class Connection:
         """Whether replica ``r``'s streams are received by processes of their own."""
         return not self.use_shm(r) and self.receivers is not None
 
-    def receiver(self, j: int) -> ReceiverProcess:
-        """Stream ``j``'s receiver process. Its slots: a frame per credit in flight, those
-        the loop still views (two steps) and those queued here, with room to spare."""
+    def receiver(self, j: int, credits: int, parts: int) -> ReceiverProcess:
+        """Stream ``j``'s receiver process (of ``parts``, ``credits`` each). Its slots: a frame
+        per credit in flight, those the loop still views (two steps) and those queued here,
+        with room to spare."""
         assert self.receivers is not None
-        max_slots = 2 * self.credits_per_stream + 8
-        self.segments.reserve(_SEGMENTS + self.parts * max_slots)
+        max_slots = 2 * credits + 8
+        self.segments.reserve(_SEGMENTS + parts * max_slots)
         return self.receivers.get(j, self.replicas.replicas[j % self.size].address, max_slots=max_slots)
 
     def where(self, j: int) -> str:

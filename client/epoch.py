@@ -93,6 +93,11 @@ class Epoch:
         # The order is drawn from the generator as it is now; torch draws it at the first
         # next(). If the generator moved in between (another iterator drew its seed), the
         # epoch starts over from where it is then (see _take).
+        # Stream j reads replica j % R, stripe j // R: how many is fixed for the epoch (a
+        # server that comes back on another transport is read by as many streams as before).
+        self._stripes = connection.stripes
+        self._parts = connection.size * self._stripes
+        self._credits = connection.credits_for(self._parts)
         self._redraw = start.redraw
         self._drew_last = False
         cfg = self._config
@@ -102,7 +107,13 @@ class Epoch:
     def _open(self) -> None:
         """Open the epoch's streams and send the first index lists."""
         self._streams = StreamSet(
-            self._connection, self._stats, self._request, on_open=self._resend_lists, describe=self._where
+            self._connection,
+            self._stats,
+            self._request,
+            parts=self._parts,
+            credits=self._credits,
+            on_open=self._resend_lists,
+            describe=self._where,
         )
         try:
             self._feed()
@@ -146,15 +157,15 @@ class Epoch:
             sampler_state=self.sampler_state,
             epoch=self.epoch,
             start_batch=self._merge.resume_point,
-            credits=c.credits_per_stream,
+            credits=self._credits,
             transport=_pb2.TRANSPORT_SHM if c.use_shm(r) else _pb2.TRANSPORT_BYTES,
             compression=c.codec(r),
             groups=True,
             replica_index=r,
             num_replicas=c.size,
             stripe=k,
-            stripes=c.stripes,
-            taken=self._merge.stream_taken(j, c.parts),
+            stripes=self._stripes,
+            taken=self._merge.stream_taken(j, self._parts),
             any_order=not self._config.in_order and self._config.mode != "dynamic",
             client_batches=self.indices is not None,
         )
@@ -163,7 +174,7 @@ class Epoch:
     def _resend_lists(self, j: int, stream: EpochStream) -> None:
         """A (re)opened stream needs the lists it has not built yet."""
         if self.indices is not None:
-            parts = self._connection.parts
+            parts = self._parts
             lists = {b: samples for b, samples in self._lists.items() if b % parts == j}
             _send_lists(stream, lists, self.indices.total)
 
@@ -175,7 +186,7 @@ class Epoch:
         # Always two credit windows ahead; small batches up to _LISTS_AHEAD batches (and
         # _LISTS_AHEAD_SAMPLES samples) ahead, so the server can build them in groups, topped
         # up once half of that is used (one message per many batches, not one per batch).
-        low = self._connection.credits_per_stream * parts * 2
+        low = self._credits * parts * 2
         high = max(low, _LISTS_AHEAD * parts)
         taken = self.taken
         if self._next_list >= taken + max(low, high // 2):

@@ -30,7 +30,9 @@ _ALIVE_CHECK = 2.0  # seconds a server gets to answer after no batch came within
 
 
 class StreamSet:
-    """Owner of one epoch's streams; :meth:`close` ends them all within one grace period."""
+    """Owner of one epoch's streams (``parts`` of them, each with ``credits`` frames in
+    flight: fixed for the epoch, a reopened stream included, whatever transport its
+    server is reached by then); :meth:`close` ends them all within one grace period."""
 
     def __init__(
         self,
@@ -38,6 +40,8 @@ class StreamSet:
         stats: Recorder,
         request: Callable[[int], _pb2.OpenStream],
         *,
+        parts: int,
+        credits: int,
         on_open: Callable[[int, EpochStream], None] = lambda _j, _s: None,
         describe: Callable[[], str] = str,
     ) -> None:
@@ -47,10 +51,11 @@ class StreamSet:
         self._on_open = on_open  # a (re)opened stream's first words (index lists)
         self._describe = describe  # where the epoch is, for messages
         self._timeout = connection.config.timeout
+        self._parts, self._credits = parts, credits
         self.streams: list[EpochStream] = []
         self.first: list[int] = []  # per stream: the first batch it sends
         try:
-            for j in range(connection.parts):
+            for j in range(parts):
                 self.streams.append(self._open(j, self._timeout))
                 self.first.append(int(self.streams[j].start.first_batch))
         except BaseException:
@@ -90,7 +95,7 @@ class StreamSet:
         r, k = j % c.size, j // c.size
         relayed = c.relayed(r)
         stream = EpochStream(
-            c.receiver(j) if relayed else c.replicas.stripe_channel(r, k),
+            c.receiver(j, self._credits, self._parts) if relayed else c.replicas.stripe_channel(r, k),
             self._request(j),
             pool=c.pool,
             copier=c.copier,

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader as TorchLoader
 from torch.utils.data import DistributedSampler
 
 from batchferry import errors
-from batchferry.client import DataLoader
+from batchferry.client import DataLoader, connection
 from batchferry.server import parse_spec
 
 from support import RESTART_SPEC, ServeProcess, assert_same
@@ -36,6 +36,26 @@ def test_server_restart_mid_epoch_loses_and_repeats_nothing(
         restart.start()
         got += list(it)  # blocks while the server is away, then continues
         restart.join()
+    assert_same(got, expected)
+
+
+def test_a_server_back_on_another_transport_is_read_by_as_many_streams(
+    restartable: ServeProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same host at first (one stream); the restarted server's memory is not visible any
+    more (a container restarted into a new IPC namespace): the byte stream, which would
+    take two stripes at iter(), carries the rest of the epoch on the epoch's one stream."""
+    ds = parse_spec(SPEC)
+    expected = list(TorchLoader(ds, 16, shuffle=True, generator=torch.Generator().manual_seed(9)))
+    with DataLoader(f"127.0.0.1:{restartable.port}", "syn", 16, True, seed=9, timeout=30) as loader:
+        it = iter(loader)
+        got = [next(it) for _ in range(5)]
+        assert loader.transport == "shm" and loader.stripes == 1
+        restartable.kill()
+        monkeypatch.setattr(connection, "probe", lambda name, token: False)
+        restartable.start()
+        got += list(it)
+        assert loader.transport == "grpc" and loader.stripes == 2  # for the next epoch
     assert_same(got, expected)
 
 
