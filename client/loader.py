@@ -25,7 +25,7 @@ from typing import Any, Generic
 
 import grpc
 import torch
-from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import Sampler
 from typing_extensions import TypeVar
 
 from batchferry import cleanup, sampling
@@ -39,7 +39,7 @@ from .epoch import Epoch, EpochStart
 from .options import LoaderConfig
 from .replicas import ReplicaSet
 from .resume import Resume, check_state, state_of
-from .sampler import ClientSampling, EpochIndices
+from .sampler import ClientSampling, EpochIndices, torch_samplers
 from .stats import LoaderStats, Recorder
 
 __all__ = ["DataLoader"]
@@ -232,20 +232,9 @@ class DataLoader(Generic[_T_co]):
     def _torch_samplers(self) -> tuple[Any, Any]:
         # Made on first use: their constructors ask the dataset's length (the server).
         if self._samplers is None:
-            cfg, ds = self.config, self._dataset
-            sampler = self._given_sampler
-            if sampler is None and cfg.mode == "sharded":
-                sampler = _RankSampler(self, ds)
-            elif sampler is None:
-                sampler = (
-                    RandomSampler(ds, generator=self._order_generator)
-                    if cfg.shuffle
-                    else SequentialSampler(ds)
-                )
-            batch_sampler = self._given_batch_sampler
-            if batch_sampler is None and self.batch_size is not None:
-                batch_sampler = BatchSampler(sampler, self.batch_size, self.drop_last)
-            self._samplers = (sampler, batch_sampler)
+            self._samplers = torch_samplers(
+                self, self._given_sampler, self._given_batch_sampler, self._order_generator
+            )
         return self._samplers
 
     @property
@@ -458,19 +447,3 @@ def _restore(cls: type[DataLoader[Any]], arguments: dict[str, Any], state: dict[
     loader = cls(**arguments)
     loader.load_state_dict(state)
     return loader
-
-
-class _RankSampler(DistributedSampler[int]):
-    """``loader.sampler`` in sharded mode: the DistributedSampler whose indices the rank gets.
-    Frameworks call its ``set_epoch(e)`` before each epoch; the loader then yields epoch e."""
-
-    def __init__(self, loader: DataLoader[Any], dataset: RemoteDataset) -> None:
-        cfg = loader.config
-        super().__init__(dataset, cfg.world_size, cfg.rank, cfg.shuffle, cfg.seed, cfg.drop_last)
-        self._loader = weakref.ref(loader)
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        loader = self._loader()
-        if loader is not None and loader.epoch != epoch:
-            loader.set_epoch(epoch)

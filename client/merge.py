@@ -15,7 +15,8 @@ from collections.abc import Callable
 from batchferry.errors import BatchTimeout, ProtocolError
 from batchferry.protocol import Bitmap
 
-from .stream import PENDING, Batch
+from .frames import Batch
+from .stream import PENDING
 from .streams import StreamSet
 
 __all__ = ["AnyOrder", "InOrder", "Merge"]

@@ -1,4 +1,5 @@
-"""The caller's own samplers (``sampler=``, ``batch_sampler=``), run in the client as torch runs them.
+"""Samplers: the caller's own (``sampler=``, ``batch_sampler=``), run in the client as torch
+runs them, and the ones ``loader.sampler`` shows where none was given (:func:`torch_samplers`).
 
 torch's DataLoader, per new iterator: draws one int64 from its ``generator`` (or the
 global RNG), then takes index lists from ``batch_sampler`` (or from
@@ -18,18 +19,22 @@ state saved at the epoch's start too; one that draws from other RNGs (Python's
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler
+from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler, SequentialSampler
 
 from batchferry import sampling
 from batchferry.errors import InvalidArgument
 
-__all__ = ["ClientSampling", "EpochIndices"]
+if TYPE_CHECKING:
+    from .loader import DataLoader
+
+__all__ = ["ClientSampling", "EpochIndices", "torch_samplers"]
 
 
 @dataclass(frozen=True)
@@ -146,3 +151,36 @@ class EpochIndices:
 
 def _state(raw: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def torch_samplers(
+    loader: DataLoader[Any], sampler: Any, batch_sampler: Any, generator: torch.Generator | None
+) -> tuple[Any, Any]:
+    """``loader.sampler`` and ``loader.batch_sampler`` as torch's DataLoader makes them: those
+    given, else ``RandomSampler`` (with the shuffle's generator) or ``SequentialSampler`` over
+    ``loader.dataset``, and ``BatchSampler(sampler, batch_size, drop_last)``; in sharded mode
+    the ``DistributedSampler`` whose indices the rank gets."""
+    cfg, ds = loader.config, loader.dataset
+    if sampler is None and cfg.mode == "sharded":
+        sampler = _RankSampler(loader)
+    elif sampler is None:
+        sampler = RandomSampler(ds, generator=generator) if cfg.shuffle else SequentialSampler(ds)
+    if batch_sampler is None and loader.batch_size is not None:
+        batch_sampler = BatchSampler(sampler, loader.batch_size, loader.drop_last)
+    return sampler, batch_sampler
+
+
+class _RankSampler(DistributedSampler[int]):
+    """The DistributedSampler whose indices a sharded rank gets. Frameworks call its
+    ``set_epoch(e)`` before each epoch; the loader then yields epoch e."""
+
+    def __init__(self, loader: DataLoader[Any]) -> None:
+        cfg = loader.config
+        super().__init__(loader.dataset, cfg.world_size, cfg.rank, cfg.shuffle, cfg.seed, cfg.drop_last)
+        self._loader = weakref.ref(loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        loader = self._loader()
+        if loader is not None and loader.epoch != epoch:
+            loader.set_epoch(epoch)

@@ -49,10 +49,8 @@ from batchferry import cleanup, shm, wire
 from batchferry import layout as _layout
 from batchferry.errors import (
     BatchTimeout,
-    DatasetError,
     ProtocolError,
     ServerUnavailable,
-    dataset_error,
     from_rpc_error,
 )
 from batchferry.relay.parent import ReceiverProcess
@@ -60,9 +58,10 @@ from batchferry.v1 import loader_pb2 as _pb2
 
 from .buffers import BufferPool, tracked
 from .device import CudaCopier
+from .frames import Batch, decode, failed
 from .segments import SegmentCache
 
-__all__ = ["PENDING", "Batch", "EpochStream"]
+__all__ = ["PENDING", "EpochStream"]
 
 _END = object()
 # next(wait=...) found no batch within ``wait`` seconds (the stream is fine).
@@ -77,20 +76,6 @@ _JOIN = 5.0
 
 class _ReceiverLost(Exception):
     pass
-
-
-@dataclass
-class Batch:
-    index: int
-    data: Any
-    event: Any = None  # CUDA event the consumer's stream must wait on
-    nbytes: int = 0  # the batch's payload bytes (the loader's stats count them)
-    # The first batch of its frame (a frame may carry several small batches: one slot,
-    # one credit, one release), and whether this one ends it.
-    frame: int = 0
-    last: bool = True
-    # The dataset failed to build it: raise this in its place (``data`` is None).
-    error: DatasetError | None = None
 
 
 @dataclass
@@ -191,7 +176,9 @@ class EpochStream:
                     raise ValueError("expected a batch header frame")
                 header = frame.batch
                 if header.HasField("error"):
-                    self._ready.put([self._failed(header)])
+                    self._ready.put(
+                        [failed(header, f"{self._where} (dataset {self._dataset!r}, batch {header.index})")]
+                    )
                     continue
                 self._ready.put(self._from_slot(header) if header.slot else self._assemble(header, responses))
             if not self._saw_end and not self._closed:
@@ -210,15 +197,6 @@ class EpochStream:
         except BaseException as exc:  # surface anything else in the consumer, don't lose it
             self._ready.put(exc)
 
-    def _failed(self, header: _pb2.BatchHeader) -> Batch:
-        """An error frame: the batch, as the exception the loop gets in its place."""
-        if header.slot or header.num_chunks or header.more or header.HasField("layout"):
-            raise ValueError(f"batch {header.index}: an error frame carries no layout, payload or slot")
-        error = header.error
-        where = f"{self._where} (dataset {self._dataset!r}, batch {header.index})"
-        exc = dataset_error(error.type, error.message, error.traceback, where)
-        return Batch(header.index, None, frame=header.index, error=exc)
-
     def _assemble(self, header: _pb2.BatchHeader, responses: Iterator[bytes]) -> list[Batch]:
         buffer = self._pool.acquire(wire.stream_payload_bytes(header))
         # Straight into the pooled (pinned) buffer: no copy besides a decompression.
@@ -227,7 +205,7 @@ class EpochStream:
 
     def _from_buffer(self, header: _pb2.BatchHeader, buffer: Any) -> list[Batch]:
         """A frame's batches assembled in a pooled buffer; with CUDA, their copies are issued now."""
-        batches = _decode(header, buffer)
+        batches = decode(header, buffer)
         if self._copier is not None:
             for batch in batches:
                 batch.data, batch.event = self._copier.copy(batch.data)
@@ -251,10 +229,10 @@ class EpochStream:
             view, ref = tracked(mapping[:size])
             with self._viewed_lock:
                 self._viewed[header.index] = _Viewed(header.slot, mapping, size, ref)
-            return _decode(header, view)
+            return decode(header, view)
         if self._copier is not None and self._segments.is_registered(header.slot):
             # Page-locked in place: copy to the device straight from the slot.
-            batches = _decode(header, torch.from_numpy(mapping[:size]))
+            batches = decode(header, torch.from_numpy(mapping[:size]))
             for batch in batches:
                 batch.data, batch.event = self._copier.copy(batch.data)
             self._releases.put((batches[-1].event, header.index))
@@ -439,18 +417,3 @@ class EpochStream:
     def close_soon(self) -> None:
         """For finalizers: close on the clean-up thread (a finalizer must not wait)."""
         cleanup.later(self.close)
-
-
-def _decode(header: _pb2.BatchHeader, payload: torch.Tensor) -> list[Batch]:
-    """The batches of a frame, as views of its payload (with ``more``, several in order)."""
-    parts = [(header.index, header.layout), *((part.index, part.layout) for part in header.more)]
-    batches = []
-    end = 0
-    for index, layout in parts:
-        nbytes = max(0, layout.payload_bytes - end)
-        end = max(end, layout.payload_bytes)
-        batches.append(
-            Batch(index, _layout.decode(layout, payload), nbytes=nbytes, frame=header.index, last=False)
-        )
-    batches[-1].last = True
-    return batches

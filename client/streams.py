@@ -18,8 +18,9 @@ from batchferry.errors import BatchTimeout, ServerUnavailable, TLSError
 from batchferry.v1 import loader_pb2 as _pb2
 
 from .connection import Connection
+from .frames import Batch
 from .stats import Recorder
-from .stream import CLOSE_GRACE, Batch, EpochStream
+from .stream import CLOSE_GRACE, EpochStream
 
 __all__ = ["StreamSet"]
 
