@@ -261,14 +261,15 @@ def device(value: str | torch.device | None) -> torch.device | None:
 
 def _world(mode: str, rank: int | None, world_size: int | None) -> tuple[int, int]:
     """rank and world_size as given, else as DistributedSampler takes them: from the
-    initialised process group (torchrun and init_process_group); 0 and 1 outside job modes."""
+    initialised process group (torchrun and init_process_group); else 0 and 1, except that
+    sharded mode with neither is refused (each rank would read the whole dataset)."""
     if rank is not None and world_size is not None:
         return rank, world_size
     if dist.is_available() and dist.is_initialized():
         return (dist.get_rank() if rank is None else rank), (
             dist.get_world_size() if world_size is None else world_size
         )
-    if mode == "sharded":
+    if mode == "sharded" and rank is None and world_size is None:
         raise InvalidArgument(
             "sharded mode needs rank and world_size: pass them, or initialise torch.distributed "
             "first (init_process_group), which DistributedSampler needs too"
