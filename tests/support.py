@@ -477,3 +477,18 @@ class SlowAt(Dataset[torch.Tensor]):
         if i == self.bad:
             raise Unprintable()
         return torch.tensor([i])
+
+
+def outcomes(it: Iterator[Any], bound: int = 100_000) -> list[Any]:
+    """What each ``next()`` of an epoch gave, as a loop that catches errors and goes on sees
+    it: a batch, or the exception raised in its place; AssertionError without StopIteration
+    after ``bound`` calls."""
+    got: list[Any] = []
+    for _ in range(bound):
+        try:
+            got.append(next(it))
+        except StopIteration:
+            return got
+        except Exception as exc:
+            got.append(exc)
+    raise AssertionError(f"no StopIteration after {bound} next() calls")

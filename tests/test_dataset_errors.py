@@ -31,7 +31,7 @@ from batchferry.server.workers import TRACEBACK_LIMIT, for_client
 from batchferry.v1 import loader_pb2 as pb
 
 import support
-from support import CorruptSample, Flaky, assert_same, wait_until
+from support import CorruptSample, Flaky, assert_same, outcomes, wait_until
 
 SEED = 3
 GROUPED_BAD = 1203  # batch 300 of 500: deep inside a group of small batches
@@ -42,18 +42,6 @@ def flaky() -> Iterator[Server]:
     datasets = {"f": Flaky(), "g": Flaky(2000, {GROUPED_BAD: "key"})}
     with Server(datasets, host="127.0.0.1", port=0, num_workers=2) as srv:
         yield srv
-
-
-def _outcomes(it: Iterator[Any]) -> list[Any]:
-    """What each ``next()`` of an epoch gave: a batch, or the exception it raised (the loop goes on)."""
-    got: list[Any] = []
-    while True:
-        try:
-            got.append(next(it))
-        except StopIteration:
-            return got
-        except Exception as exc:
-            got.append(exc)
 
 
 def _name(exc: BaseException) -> str:
@@ -67,7 +55,7 @@ def _known(name: str) -> bool:
     return name.rsplit(".", 1)[0] in sys.modules
 
 
-def assert_outcomes(got: list[Any], expected: list[Any]) -> None:
+def assertoutcomes(got: list[Any], expected: list[Any]) -> None:
     """The same batches, and exceptions of the same classes in the same places."""
     assert [_key(g) for g in got] == [_key(e) for e in expected]
     for k, (g, e) in enumerate(zip(got, expected)):
@@ -97,7 +85,7 @@ def _key(outcome: Any) -> tuple[str, ...]:
 
 def _torch_epochs(ds: Any, epochs: int, batch_size: int = 4, **kw: Any) -> list[list[Any]]:
     loader = TorchLoader(ds, batch_size, **kw)
-    return [_outcomes(iter(loader)) for _ in range(epochs)]
+    return [outcomes(iter(loader)) for _ in range(epochs)]
 
 
 def _assert_server_holds_nothing(srv: Server) -> None:
@@ -120,17 +108,17 @@ def test_errors_come_in_place_of_their_batches_and_the_epoch_goes_on(flaky: Serv
     before = _failed_total(flaky, "f", "independent")
     generator = torch.Generator().manual_seed(SEED)
     with DataLoader(flaky.address, "f", 4, shuffle=True, generator=generator, transport=transport) as loader:
-        got = [_outcomes(iter(loader)) for _ in range(2)]
+        got = [outcomes(iter(loader)) for _ in range(2)]
         # Both epochs ended normally, and the generator advanced as torch's does.
         reference = torch.Generator().manual_seed(SEED)
         torch_loader = TorchLoader(ds, 4, shuffle=True, generator=reference)
         for _ in range(2):
-            _outcomes(iter(torch_loader))
+            outcomes(iter(torch_loader))
         assert torch.equal(generator.get_state(), reference.get_state())
         # Nothing is held for the epochs: no stream, no slot (a failed batch's included).
         _assert_server_holds_nothing(flaky)
     for epoch in range(2):
-        assert_outcomes(got[epoch], expected[epoch])
+        assertoutcomes(got[epoch], expected[epoch])
     errors_sent = sum(isinstance(o, BaseException) for seq in got for o in seq)
     assert _failed_total(flaky, "f", "independent") - before == errors_sent
 
@@ -142,11 +130,11 @@ def test_on_the_device_errors_come_in_place_too(flaky: Server, transport: str) -
     with DataLoader(
         flaky.address, "f", 4, shuffle=True, seed=SEED, device="cuda", transport=transport
     ) as loader:
-        got = [_outcomes(iter(loader)) for _ in range(2)]
+        got = [outcomes(iter(loader)) for _ in range(2)]
         torch.cuda.synchronize()
     for epoch in range(2):
         assert all(b[0].is_cuda for b in got[epoch] if not isinstance(b, BaseException))
-        assert_outcomes(got[epoch], expected[epoch])
+        assertoutcomes(got[epoch], expected[epoch])
     _assert_server_holds_nothing(flaky)
 
 
@@ -154,7 +142,7 @@ def test_out_of_order_the_same_batches_and_errors_arrive(flaky: Server) -> None:
     expected = _torch_epochs(Flaky(), 2, shuffle=True, generator=torch.Generator().manual_seed(SEED))
     with DataLoader(flaky.address, "f", 4, shuffle=True, seed=SEED, in_order=False) as loader:
         for epoch in range(2):
-            got = _outcomes(iter(loader))
+            got = outcomes(iter(loader))
             assert Counter(map(_key, got)) == Counter(map(_key, expected[epoch]))
             for outcome in got:
                 if isinstance(outcome, BaseException):
@@ -163,20 +151,20 @@ def test_out_of_order_the_same_batches_and_errors_arrive(flaky: Server) -> None:
     _assert_server_holds_nothing(flaky)
 
 
-def test_stripes_and_a_sampler_of_the_client_give_torch_outcomes(flaky: Server) -> None:
+def test_stripes_and_a_sampler_of_the_client_give_torchoutcomes(flaky: Server) -> None:
     expected = _torch_epochs(Flaky(), 2, shuffle=True, generator=torch.Generator().manual_seed(SEED))
     with DataLoader(flaky.address, "f", 4, shuffle=True, seed=SEED, transport="grpc", streams=2) as loader:
-        got = [_outcomes(iter(loader)) for _ in range(2)]
+        got = [outcomes(iter(loader)) for _ in range(2)]
     for epoch in range(2):
-        assert_outcomes(got[epoch], expected[epoch])
+        assertoutcomes(got[epoch], expected[epoch])
     # The client's own sampler: it chooses every batch's samples and the server builds them.
     ds = Flaky()
     expected = _torch_epochs(ds, 2, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(8)))
     sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(8))
     with DataLoader(flaky.address, "f", 4, sampler=sampler) as loader:
-        got = [_outcomes(iter(loader)) for _ in range(2)]
+        got = [outcomes(iter(loader)) for _ in range(2)]
     for epoch in range(2):
-        assert_outcomes(got[epoch], expected[epoch])
+        assertoutcomes(got[epoch], expected[epoch])
     _assert_server_holds_nothing(flaky)
 
 
@@ -189,14 +177,14 @@ def test_two_replicas_merge_errors_in_place() -> None:
         DataLoader([a.address, b.address], "f", 4, shuffle=True, seed=SEED) as loader,
     ):
         assert loader.num_replicas == 2
-        got = [_outcomes(iter(loader)) for _ in range(2)]
+        got = [outcomes(iter(loader)) for _ in range(2)]
         for srv in (a, b):
             _assert_server_holds_nothing(srv)
     for epoch in range(2):
-        assert_outcomes(got[epoch], expected[epoch])
+        assertoutcomes(got[epoch], expected[epoch])
 
 
-def test_sharded_ranks_get_distributed_sampler_outcomes(flaky: Server) -> None:
+def test_sharded_ranks_get_distributed_sampleroutcomes(flaky: Server) -> None:
     ds = Flaky()
     kw: dict[str, Any] = {"mode": "sharded", "job": "sharded-errors", "world_size": 2, "seed": 11}
     loaders = [DataLoader(flaky.address, "f", 4, True, rank=r, **kw) for r in range(2)]
@@ -205,7 +193,7 @@ def test_sharded_ranks_get_distributed_sampler_outcomes(flaky: Server) -> None:
             for r, loader in enumerate(loaders):
                 sampler = DistributedSampler(ds, 2, r, shuffle=True, seed=11)
                 sampler.set_epoch(epoch)
-                assert_outcomes(_outcomes(iter(loader)), _torch_epochs(ds, 1, sampler=sampler)[0])
+                assertoutcomes(outcomes(iter(loader)), _torch_epochs(ds, 1, sampler=sampler)[0])
     finally:
         for loader in loaders:
             loader.close()
@@ -237,7 +225,7 @@ def test_shared_consumers_both_get_the_same_errors(flaky: Server, transport: str
                         got[k].append(exc)
             expected = _reference_epoch(Flaky(), 5, epoch)
             for seq in got:
-                assert_outcomes(seq, expected)
+                assertoutcomes(seq, expected)
     finally:
         for loader in loaders:
             loader.close()
@@ -251,7 +239,7 @@ def test_dynamic_consumers_together_get_the_epoch_errors_included_exactly_once(f
         for epoch in range(2):
             got: list[list[Any]] = [[], []]
             threads = [
-                threading.Thread(target=lambda seq=seq, loader=loader: seq.extend(_outcomes(iter(loader))))
+                threading.Thread(target=lambda seq=seq, loader=loader: seq.extend(outcomes(iter(loader))))
                 for seq, loader in zip(got, loaders)
             ]
             for t in threads:
@@ -273,8 +261,8 @@ def test_a_batch_failing_inside_a_group_fails_alone(flaky: Server, transport: st
     ds = Flaky(2000, {GROUPED_BAD: "key"})
     expected = _torch_epochs(ds, 1)[0]
     with DataLoader(flaky.address, "g", 4, transport=transport) as loader:
-        got = _outcomes(iter(loader))
-    assert_outcomes(got, expected)
+        got = outcomes(iter(loader))
+    assertoutcomes(got, expected)
     assert [k for k, o in enumerate(got) if isinstance(o, BaseException)] == [GROUPED_BAD // 4]
     _assert_server_holds_nothing(flaky)
 
@@ -326,12 +314,12 @@ def test_state_saved_right_after_an_error_resumes_at_the_next_batch(flaky: Serve
     assert state["batch"] == first + 1
     with DataLoader(flaky.address, "f", 4, True, **kw) as resumed:
         resumed.load_state_dict(state)
-        assert_outcomes([*head, info.value, *_outcomes(iter(resumed))], expected)
+        assertoutcomes([*head, info.value, *outcomes(iter(resumed))], expected)
 
 
 def test_the_exception_is_the_datasets_class_with_the_servers_traceback(flaky: Server) -> None:
     with DataLoader(flaky.address, "f", 4) as loader:  # sequential: batch 1 holds sample 5
-        got = _outcomes(iter(loader))
+        got = outcomes(iter(loader))
     key, own, unknown = got[1], got[5], got[10]
     # ``except KeyError`` and ``except DatasetError`` both catch it, as torch's KeyError.
     assert isinstance(key, KeyError) and isinstance(key, DatasetError)

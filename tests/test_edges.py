@@ -21,22 +21,14 @@ from batchferry import errors
 from batchferry.client import DataLoader
 from batchferry.server import Server
 
-from support import SlowAt, Unprintable, assert_same, free_port
+from support import SlowAt, Unprintable, assert_same, free_port, outcomes
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _seq(it: Any, limit: int = 50) -> list[Any]:
-    """Every batch, or the exception type raised in its place, until StopIteration."""
-    got: list[Any] = []
-    for _ in range(limit):
-        try:
-            got.append(next(it).tolist())
-        except StopIteration:
-            return got
-        except Exception as exc:
-            got.append(type(exc))
-    raise AssertionError(f"no StopIteration after {limit} next() calls: {got}")
+def _seq(it: Any) -> list[Any]:
+    """Every batch as a list, or the exception type raised in its place, to StopIteration."""
+    return [type(x) if isinstance(x, BaseException) else x.tolist() for x in outcomes(it, 50)]
 
 
 @pytest.mark.parametrize("transport", ["grpc", "shm"])

@@ -37,6 +37,7 @@ from batchferry.server import Server
 
 import parity_data
 from parity_data import BAD, ERROR_LENGTH, SAMPLES, N
+from support import outcomes
 
 DATASETS = parity_data.datasets()
 TRANSPORTS = ["grpc", "shm"]
@@ -125,21 +126,6 @@ def check(behaviour: Behaviour, address: str, name: str, transport: str) -> Any:
     ours = Maker(name, address, transport).run(behaviour)
     same(ours, theirs)
     return ours
-
-
-def drain(it: Iterator[Any], bound: int) -> list[Any]:
-    """``next(it)`` until StopIteration: each batch, or the exception raised in its place
-    (at most ``bound`` calls; an iterator that never ends says so)."""
-    got: list[Any] = []
-    for _ in range(bound):
-        try:
-            got.append(next(it))
-        except StopIteration:
-            return got
-        except Exception as exc:
-            got.append(exc)
-    got.append(f"no StopIteration after {bound} calls")
-    return got
 
 
 # -- 1. batching -----------------------------------------------------------------------
@@ -311,7 +297,7 @@ def test_a_dataset_error_fails_its_batch_and_the_epoch_goes_on(
         in_order = make(batch_size=4)
         shuffled = make(batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(2))
         loaders = [in_order, shuffled, shuffled]  # the second epoch starts where torch's does
-        return [drain(iter(loader), 2 * ERROR_LENGTH) for loader in loaders]
+        return [outcomes(iter(loader), 2 * ERROR_LENGTH) for loader in loaders]
 
     epochs = check(behaviour, address, kind, transport)
     raised = [x for epoch in epochs for x in epoch if isinstance(x, Exception)]
@@ -579,7 +565,7 @@ def second_iter_while_the_first_is_alive(loader: Any) -> Any:
 def exhausted(loader: Any) -> Any:
     it = iter(loader)
     got: list[Any] = [len(it), list(it)]
-    got.append(drain(it, 3))  # an ended iterator stays ended
+    got.append(outcomes(it, 3))  # an ended iterator stays ended
     return got
 
 
