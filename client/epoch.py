@@ -90,18 +90,18 @@ class Epoch:
         self._ahead_samples = 0  # samples in ``_lists``
         self._next_list = 0 if config.any_order else start.batch
         self._num_batches = 0
-        # The order is drawn from the generator as it is now; torch draws it at the first
-        # next(). If the generator moved in between (another iterator drew its seed), the
-        # epoch starts over from where it is then (see _take).
         # Stream j reads replica j % R, stripe j // R: how many is fixed for the epoch (a
         # server that comes back on another transport is read by as many streams as before).
         self._stripes = connection.stripes
         self._parts = connection.size * self._stripes
         self._credits = connection.credits_for(self._parts)
+        # The order is drawn from the generator as it is now; torch draws it at the first
+        # next(). If the generator moved in between (another iterator drew its seed), the
+        # epoch starts over from where it is then (see _take).
         self._redraw = start.redraw
+        # Independent shuffles: torch's last, discarded draw comes with a short last batch.
         self._drew_last = False
-        cfg = self._config
-        self._partial_end = not cfg.drop_last and bool(connection.dataset_length % cfg.batch_size)
+        self._partial_end = not config.drop_last and bool(connection.dataset_length % config.batch_size)
         self._open()
 
     def _open(self) -> None:
