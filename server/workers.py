@@ -19,7 +19,7 @@ only the batch at fault may fail. Tasks queued behind it go to live workers as
 they are. Workers exit by themselves when the server process goes away.
 
 A failed task tells the client what the dataset raised (its class, message and
-traceback) with server paths reduced to file names (:func:`for_client`); the
+traceback) with server paths reduced to file names (:mod:`.failures`); the
 whole traceback is for the server's log.
 
 Lock order: ``WorkerPool._lock`` is a leaf (queue puts do not block).
@@ -32,215 +32,30 @@ import ctypes
 import itertools
 import logging
 import os
-import queue
-import re
-import signal
 import threading
 import time
-import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_objects
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
-import torch
 import torch.multiprocessing as tmp
 
-from batchferry import shm
-from batchferry.layout import SlotOverflow, SlotWriter, encode
-
 from .collate import CollateFn, SlotCollate
-from .datasets import DatasetSource, MapDataset
-from .fetch import Gather, build_batch, gatherer
+from .datasets import DatasetSource
+from .failures import DIED, death
+from .tasks import Result, Task, TaskRunner, worker_main
 
-__all__ = ["MAX_ATTEMPTS", "TRACEBACK_LIMIT", "Result", "Task", "WorkerPool", "for_client", "short_error"]
+__all__ = ["MAX_ATTEMPTS", "Result", "Task", "WorkerPool"]
 
 log = logging.getLogger("batchferry.server")
 
 MAX_ATTEMPTS = 3  # builds of one task on workers killed by a signal, before it fails
-TRACEBACK_LIMIT = 8 << 10  # characters of a traceback (or message) a client is sent: the end
 _READY_TIMEOUT = 120.0
 _POLL = 0.1  # seconds between looks for dead workers and a gone server
-_PRUNE_EVERY = 0.2  # seconds between drops of mappings of slots the ring replaced
 _JOIN = 5.0
 _TICKETS = 4096  # streams whose queued tasks can be cancelled at once
-
-
-@dataclass(frozen=True)
-class Task:
-    """Build a batch of ``indices`` into a slot; or, with ``sizes``, several consecutive
-    batches (``indices`` split into runs of those lengths) one after another in it."""
-
-    dataset: str
-    indices: np.ndarray  # int64
-    collate: str
-    slot_name: str
-    slot_bytes: int
-    limit: int = 1 << 62  # the largest batch to build (bytes)
-    ticket: tuple[int, int] = (0, 0)  # (index, generation) of the stream that wants it
-    task_id: int = 0
-    sizes: tuple[int, ...] = ()  # batch lengths of a group (empty: one batch)
-    unbatched: bool = False  # each batch is one sample, collated by itself (batch_size=None)
-
-
-@dataclass(frozen=True)
-class Result:
-    """What a task built. ``layouts`` are the serialized Layouts of its batches in the slot:
-    all of them when the status is "ok"; otherwise those before the batch that overflowed
-    or failed (a group's batches built before one that fails are still good). Status
-    "closed": the pool closed before the task was done."""
-
-    task_id: int
-    status: Literal["ok", "overflow", "error", "cancelled", "closed"]
-    layouts: tuple[bytes, ...] = ()
-    needed: int = 0  # bytes the batch that overflowed needs, status "overflow"
-    error: str = ""  # status "error": the exception's type and a short message
-    detail: str = ""  # status "error": the whole traceback, for the server's log
-    # Status "error", for the client (see for_client): the exception's class as
-    # module.qualname, str() of it, and its traceback (empty when the worker died).
-    error_type: str = ""
-    error_message: str = ""
-    error_trace: str = ""
-    gathered: int = 0  # batches built with one gather per field
-    seconds: float = 0.0  # the worker's time to fetch, collate and write them
-
-
-class _TaskRunner:
-    """Builds batches for one process: its datasets, collates and mapped slots.
-
-    ``tickets`` holds each open stream's generation: a task whose stream has closed
-    since it was queued is skipped, not built for nobody.
-    """
-
-    def __init__(
-        self,
-        sources: dict[str, DatasetSource],
-        collates: dict[str, SlotCollate | CollateFn],
-        max_segments: int,
-        tickets: Any,
-    ) -> None:
-        self._tickets = tickets
-        self._sources = sources
-        self._datasets: dict[str, tuple[MapDataset, Gather | None]] = {}
-        self._collates = collates
-        # A shared lock on each mapped slot: the ring counts a slot it retired until this
-        # process lets go of it too (pruned below), so the budget covers this memory.
-        self._mappings = shm.Mappings(max_segments, shared_lock=True)
-        self._pruned = time.monotonic()
-
-    def dataset(self, name: str) -> tuple[MapDataset, Gather | None]:
-        entry = self._datasets.get(name)
-        if entry is None:
-            ds = self._sources[name].build()
-            entry = self._datasets[name] = (ds, gatherer(ds))
-        return entry
-
-    def prune(self) -> None:
-        """Drop mappings of slots the ring replaced, so their memory can go."""
-        if time.monotonic() - self._pruned >= _PRUNE_EVERY:
-            self._pruned = time.monotonic()
-            self._mappings.prune()
-
-    def run(self, task: Task) -> Result:
-        index, generation = task.ticket
-        if index and self._tickets[index] != generation:
-            return Result(task.task_id, "cancelled")
-        layouts: list[bytes] = []
-        gathered = 0
-        start = time.perf_counter()
-        try:
-            ds, gather = self.dataset(task.dataset)
-            start = time.perf_counter()  # the build, not a first task's loading the dataset
-            segment, _ = self._mappings.get(task.slot_name)
-            writer = SlotWriter(segment.tensor(task.slot_bytes))
-            collate = self._collates[task.collate]
-            sizes = task.sizes or (len(task.indices),)
-            at = 0
-            for size in sizes:
-                # Each batch may take up to ``limit`` bytes past where it starts; the first
-                # that does not fit stops the group (those before it stay good).
-                writer.start_batch(task.limit)
-                batch, was_gathered = build_batch(
-                    ds, gather, task.indices[at : at + size], collate, writer, unbatched=task.unbatched
-                )
-                layouts.append(encode(batch, writer).SerializeToString())
-                gathered += was_gathered
-                at += size
-            took = time.perf_counter() - start
-            return Result(task.task_id, "ok", tuple(layouts), gathered=gathered, seconds=took)
-        except SlotOverflow as exc:
-            took = time.perf_counter() - start
-            return Result(
-                task.task_id, "overflow", tuple(layouts), needed=exc.needed, gathered=gathered, seconds=took
-            )
-        except Exception as exc:
-            detail, took = traceback.format_exc(), time.perf_counter() - start
-            return Result(
-                task.task_id,
-                "error",
-                tuple(layouts),
-                error=short_error(exc),
-                detail=detail,
-                error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-                error_message=for_client(message_of(exc)),
-                error_trace=for_client(detail, traceback=True),
-                gathered=gathered,
-                seconds=took,
-            )
-        finally:
-            self.prune()
-
-    def close(self) -> None:
-        self._mappings.close()
-
-
-def _worker_main(
-    index: int,
-    sources: dict[str, DatasetSource],
-    collates: dict[str, SlotCollate | CollateFn],
-    max_segments: int,
-    tickets: Any,
-    tasks: Any,
-    results: Connection,
-    parent_pid: int,
-    strict: bool,
-) -> None:
-    """A worker's life. ``strict`` (the pool's first workers): a dataset that cannot be
-    loaded fails the start, naming it. A replacement instead builds what it can: a
-    dataset that no longer loads (a file changed under a running server) fails only its
-    own batches, loaded again at each, and the other datasets keep being served."""
-    # One intra-op thread per worker: parallelism comes from the processes.
-    torch.set_num_threads(1)
-    # Ctrl-C in a terminal reaches the whole process group: the server decides.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    runner = _TaskRunner(sources, collates, max_segments, tickets)
-    broken = []
-    for name in sources:
-        try:
-            runner.dataset(name)
-        except Exception as exc:
-            if strict:
-                results.send(("failed", index, f"dataset {name!r}: {type(exc).__name__}: {message_of(exc)}"))
-                return
-            broken.append(f"dataset {name!r}: {short_error(exc)}")
-    results.send(("ready", index, "; ".join(broken)))
-    try:
-        while True:
-            try:
-                task = tasks.get(timeout=_PRUNE_EVERY)
-            except queue.Empty:
-                if os.getppid() != parent_pid:
-                    return  # the server is gone
-                runner.prune()
-                continue
-            if task is None:
-                return
-            results.send(runner.run(task))
-    finally:
-        runner.close()
-        results.close()
 
 
 @dataclass
@@ -276,7 +91,7 @@ class WorkerPool:
         self._pending: dict[int, _Pending] = {}
         self._closed = False
         self._inline: ThreadPoolExecutor | None = None
-        self._inline_runner: _TaskRunner | None = None
+        self._inline_runner: TaskRunner | None = None
         self._ctx = tmp.get_context("spawn")
         # Open streams' generations, shared with the workers (index 0: no stream).
         self._tickets: Any = self._ctx.RawArray(ctypes.c_uint64, _TICKETS)
@@ -289,7 +104,7 @@ class WorkerPool:
         self._procs: list[Any] = []
         self._dispatcher: threading.Thread | None = None
         if num_workers == 0:
-            self._inline_runner = _TaskRunner(sources, collates, max_segments, self._tickets)
+            self._inline_runner = TaskRunner(sources, collates, max_segments, self._tickets)
             for name in sources:
                 self._inline_runner.dataset(name)
             self._inline = ThreadPoolExecutor(1, thread_name_prefix="batchferry-inline")
@@ -310,7 +125,7 @@ class WorkerPool:
         """Start worker ``index`` on its task queue, with a fresh result pipe."""
         reader, writer = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
-            target=_worker_main,
+            target=worker_main,
             args=(
                 index,
                 self._sources,
@@ -463,7 +278,7 @@ class WorkerPool:
                     del self._pending[entry.task.task_id]
         stale.cancel_join_thread()
         stale.close()
-        cause = _death(old.pid, code)
+        cause = death(old.pid, code)
         log.warning("%s; replaced it, %d task(s) rebuilt", cause, len(lost) - len(failed))
         for entry in failed:
             attempts = f" on {entry.deaths} workers" if entry.deaths > 1 else ""
@@ -473,7 +288,7 @@ class WorkerPool:
                     entry.task.task_id,
                     "error",
                     error=text,
-                    error_type=_DIED,
+                    error_type=DIED,
                     error_message=text,
                 )
             )
@@ -509,57 +324,6 @@ class WorkerPool:
                 conn.close()
 
 
-_PATH = re.compile(r"(?<![\w.~])(?:/[^\s'\"/:,;()\[\]]+)+/([^\s'\"/:,;()\[\]]*)")
-_SHORT = 300
-_DIED = "builtins.RuntimeError"  # the class a batch whose worker died fails with, as torch's does
-_CUT_TRACE = "Traceback (most recent call last):\n  [earlier lines cut]\n"
-_CUT = "[...] "
-
-
-def message_of(exc: BaseException) -> str:
-    """``str(exc)``, or what ``traceback`` prints where that raises (a dataset's exception may:
-    the worker reports it, it does not die of it)."""
-    try:
-        return str(exc)
-    except Exception:
-        return "<exception str() failed>"
-
-
-def short_error(exc: BaseException) -> str:
-    """``Type: message`` for the server's log lines: no server paths (a file's name is kept),
-    a few hundred characters at most. The whole traceback goes to the server's log."""
-    text = _PATH.sub(r"\1", f"{type(exc).__name__}: {message_of(exc)}")
-    return text if len(text) <= _SHORT else text[: _SHORT - 3] + "..."
-
-
-def for_client(text: str, *, traceback: bool = False) -> str:
-    """A message (or with ``traceback``, a formatted traceback) as a client is sent it: server
-    paths reduced to file names as :func:`short_error` does, and at most
-    ``TRACEBACK_LIMIT`` characters, its end kept (where a traceback names the failing line)."""
-    text = _PATH.sub(r"\1", text)
-    if len(text) <= TRACEBACK_LIMIT:
-        return text
-    mark = _CUT_TRACE if traceback else _CUT
-    tail = text[len(text) - TRACEBACK_LIMIT + len(mark) :]
-    # From a whole line (or word): never from the middle of a path.
-    for sep in ("\n", " "):
-        at = tail.find(sep)
-        if 0 <= at < len(tail) // 2:
-            tail = tail[at + 1 :]
-            break
-    return mark + tail
-
-
 def _first_batch(task: Task) -> Task:
     """A group's task cut down to its first batch."""
     return replace(task, indices=task.indices[: task.sizes[0]], sizes=())
-
-
-def _death(pid: int, code: int | None) -> str:
-    if code is not None and code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"worker process {pid} was killed by {name}"
-    return f"worker process {pid} died (exit code {code})"

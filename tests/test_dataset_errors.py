@@ -26,8 +26,8 @@ from batchferry import errors, wire
 from batchferry.client import DataLoader
 from batchferry.errors import DatasetError
 from batchferry.server import Server
+from batchferry.server.failures import TRACEBACK_LIMIT, for_client
 from batchferry.server.ring import SlotState
-from batchferry.server.workers import TRACEBACK_LIMIT, for_client
 from batchferry.v1 import loader_pb2 as pb
 
 import support
