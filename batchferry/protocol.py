@@ -8,13 +8,11 @@ check, the server's plan and the CLI's listings at once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 
 from batchferry.v1 import loader_pb2 as _pb2
 
-__all__ = ["CONVERT_COLLATE", "MODES", "MODE_NAMES", "MODE_VALUES", "STATE_VERSION", "Bitmap", "mode_name"]
+__all__ = ["CONVERT_COLLATE", "MODES", "MODE_NAMES", "MODE_VALUES", "STATE_VERSION", "Bitmap"]
 
 # Version of DataLoader.state_dict(); a loader refuses any other.
 STATE_VERSION = 1
@@ -28,11 +26,6 @@ MODE_NAMES: dict[int, str] = {value: name for name, value in MODE_VALUES.items()
 MODES: tuple[str, ...] = tuple(MODE_VALUES)
 
 
-def mode_name(value: int) -> str:
-    """The name of wire mode ``value`` (KeyError for a value the proto does not define)."""
-    return MODE_NAMES[value]
-
-
 class Bitmap:
     """Which batches of an epoch are taken: bit ``i`` is bit ``i % 8`` of byte ``i // 8``.
 
@@ -44,13 +37,6 @@ class Bitmap:
 
     def __init__(self, raw: bytes | bytearray = b"") -> None:
         self._bytes = bytearray(raw)
-
-    @classmethod
-    def of(cls, indices: Iterable[int]) -> Bitmap:
-        bitmap = cls()
-        for index in indices:
-            bitmap.add(index)
-        return bitmap
 
     def __contains__(self, index: int) -> bool:
         return index // 8 < len(self._bytes) and bool(self._bytes[index // 8] >> (index % 8) & 1)

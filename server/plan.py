@@ -77,7 +77,7 @@ class Plan:
 
     @property
     def mode_name(self) -> str:
-        return protocol.mode_name(self.mode)
+        return protocol.MODE_NAMES[self.mode]
 
     @property
     def local_total(self) -> int:
@@ -179,7 +179,7 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
             except ValueError as exc:
                 raise invalid(f"sampler_state: {exc}") from None
     else:
-        mode = protocol.mode_name(req.mode)
+        mode = protocol.MODE_NAMES[req.mode]
         if not req.job:
             raise invalid(f"job: required in {mode} mode")
         if not 1 <= req.world_size <= MAX_WORLD_SIZE:
