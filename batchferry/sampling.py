@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "begin_iteration",
     "epoch_order",
     "num_batches",
+    "remaining",
     "replay_epoch",
     "seeded_order",
     "shard_length",
@@ -179,15 +181,32 @@ def sharded_order(
     world_size: int,
     drop_last: bool,
     base: torch.Tensor | None = None,
+    consumed: bytes = b"",
 ) -> EpochOrder:
     """Rank ``rank``'s indices of ``DistributedSampler(..., drop_last)`` after ``set_epoch(epoch)``.
 
     DistributedSampler pads the permutation by repeating it from the start (or cuts
     it, with drop_last) and gives rank r every world_size-th index from r: position p
     of the shard is ``perm[(r + world_size * p) % n]``. ``base`` is that epoch's
-    ``seeded_order`` when the caller has it already.
+    ``seeded_order`` when the caller has it already. ``consumed`` (a bitmap over the
+    order's positions) marks what earlier worlds of a resized job took: the rest of
+    the order, in order, is what this world splits the same way.
     """
     if shuffle and base is None:
         base = seeded_order(length, shuffle, seed, epoch)
+    if not shuffle:
+        base = None
+    if consumed:
+        keep = torch.from_numpy(remaining(length, consumed))
+        base = base[keep] if base is not None else keep.int()
+        length = len(base)
     count = shard_length(length, world_size, drop_last)
-    return EpochOrder(length, count, base if shuffle else None, offset=rank, stride=world_size)
+    return EpochOrder(length, count, base, offset=rank, stride=world_size)
+
+
+def remaining(length: int, consumed: bytes) -> np.ndarray:
+    """The positions of an epoch's order of ``length`` that ``consumed`` (a bitmap) leaves, in order."""
+    bits = np.unpackbits(np.frombuffer(consumed, dtype=np.uint8), bitorder="little")[:length].astype(bool)
+    if len(bits) < length:
+        bits = np.concatenate([bits, np.zeros(length - len(bits), dtype=bool)])
+    return np.flatnonzero(~bits)

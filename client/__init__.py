@@ -3,6 +3,7 @@
 from .dataset import RemoteDataset
 from .loader import DataLoader
 from .options import LoaderConfig
+from .rescale import merge_states
 from .stats import LoaderStats
 
-__all__ = ["DataLoader", "LoaderConfig", "LoaderStats", "RemoteDataset"]
+__all__ = ["DataLoader", "LoaderConfig", "LoaderStats", "RemoteDataset", "merge_states"]

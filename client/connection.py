@@ -63,6 +63,11 @@ class Connection:
         return self._info
 
     @property
+    def described(self) -> bool:
+        """Whether the servers have been asked about the dataset yet."""
+        return self._info is not None
+
+    @property
     def dataset_length(self) -> int:
         return int(self.dataset_info().length)
 

@@ -50,6 +50,7 @@ class EpochStart:
     indices: EpochIndices | None = None
     # The generator the order is drawn from, when it may move before the first next().
     redraw: torch.Generator | None = None
+    consumed: bytes = b""  # sharded, resized: the order's positions earlier worlds took
 
 
 class Epoch:
@@ -79,6 +80,7 @@ class Epoch:
         self.epoch = start.epoch
         self.sampler_state = start.sampler_state
         self.indices = start.indices
+        self.consumed = start.consumed
         self.finished = False
         self._merge: Merge = (
             AnyOrder(start.done, config.timeout)
@@ -168,6 +170,7 @@ class Epoch:
             taken=self._merge.stream_taken(j, self._parts),
             any_order=not self._config.in_order and self._config.mode != "dynamic",
             client_batches=self.indices is not None,
+            consumed=self.consumed,
         )
 
     # -- the caller's index lists ---------------------------------------------------------

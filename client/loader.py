@@ -38,7 +38,8 @@ from .dataset import RemoteDataset
 from .epoch import Epoch, EpochStart
 from .options import LoaderConfig
 from .replicas import ReplicaSet
-from .resume import Resume, check_state, state_of
+from .rescale import merge_states
+from .resume import Resume, World, check_length, check_state, resizes, state_of
 from .sampler import ClientSampling, EpochIndices, torch_samplers
 from .stats import LoaderStats, Recorder
 
@@ -198,6 +199,7 @@ class DataLoader(Generic[_T_co]):
         self._initial_state = self.generator.get_state() if self.generator is not None else None
         self._epoch = 0
         self._resume: Resume | None = None
+        self._saved_length: int | None = None  # of a loaded state, checked at the next iter()
         self._active: Epoch | None = None  # the newest iterator
         self._epochs: weakref.WeakSet[Epoch] = weakref.WeakSet()  # every live one
         self._closed = False
@@ -288,8 +290,16 @@ class DataLoader(Generic[_T_co]):
         length = len(self._dataset)
         self._warn_server_side()
         if self.config.mode == "sharded":
-            length = sampling.shard_length(length, self.config.world_size, self.config.drop_last)
+            left = len(sampling.remaining(length, self._consumed())) if self._consumed() else length
+            length = sampling.shard_length(left, self.config.world_size, self.config.drop_last)
         return sampling.num_batches(length, self.config.batch_size, self.config.drop_last)
+
+    def _consumed(self) -> bytes:
+        """What earlier worlds took of the epoch being read (or next), when it was resized."""
+        if self._resume is not None:
+            return self._resume.consumed
+        it = self._active
+        return it.consumed if it is not None and not it.finished else b""
 
     # -- statistics -------------------------------------------------------------------
     def stats(self, *, reset: bool = False) -> LoaderStats:
@@ -332,18 +342,38 @@ class DataLoader(Generic[_T_co]):
         resume, it = self._resume, self._active
         if resume is None and it is not None and not it.finished:
             start = it.indices.start.as_dict() if it.indices is not None else None
-            resume = Resume(it.epoch, it.taken, it.sampler_state, it.done, start)
-        return state_of(self.config, self._epoch, gen, resume)
+            resume = Resume(it.epoch, it.taken, it.sampler_state, it.done, start, it.consumed)
+        # A loader that has not talked to its servers yet records no world (it has no epoch to map).
+        world = self._world(ask=False) if self._connection.described else None
+        return state_of(self.config, world, self._epoch, gen, resume)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``: the next ``iter()`` yields the batch after the saved one."""
-        epoch, gen_state, resume = check_state(self.config, state, self._sampling is not None)
+    def load_state_dict(self, state: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
+        """Continue from ``state``: the next ``iter()`` yields the batch after the saved one.
+
+        ``state`` may come from another world: a sharded job of another size continues
+        the epoch exactly (its untaken samples split among this world's ranks). A list
+        of every consumer's states is merged first (:func:`merge_states`). A state that
+        cannot be mapped is refused with an InvalidArgument naming what differs."""
+        if isinstance(state, (list, tuple)):
+            state = merge_states(state)
+        world = self._world(ask=resizes(self.config, state))
+        epoch, gen_state, resume = check_state(self.config, world, state, self._sampling is not None)
+        # Checked at the next iter() where the servers were not asked now.
+        self._saved_length = state.get("length") if isinstance(state, dict) and world.length is None else None
         if gen_state:
             if self._order_generator is None:
                 self._order_generator = torch.Generator()
                 self.generator = self.generator or self._order_generator
             self._order_generator.set_state(sampling.generator_from_state(gen_state).get_state())
         self._epoch, self._resume = epoch, resume
+
+    def _world(self, ask: bool) -> World:
+        """Where this loader reads from; without ``ask``, only what its servers have said."""
+        c = self._connection
+        sampler_world = self._sampling.world() if self._sampling is not None else None
+        if not ask and not c.described:
+            return World(None, None, None, sampler_world)
+        return World(c.dataset_length, c.size, c.stripes, sampler_world)
 
     # -- iteration --------------------------------------------------------------------
     def __iter__(self) -> Epoch:
@@ -371,6 +401,8 @@ class DataLoader(Generic[_T_co]):
         try:
             start = self._epoch_start()
             self.transport  # noqa: B018 - fails fast (NotFound, ServerUnavailable) before a stream opens
+            check_length(self.config, self._saved_length, self._connection.dataset_length)
+            self._saved_length = None
             it = Epoch(
                 self._connection,
                 start,
@@ -403,7 +435,14 @@ class DataLoader(Generic[_T_co]):
                 assert resume.epoch_start is not None
                 skip = 0 if resume.done else resume.batch  # out of order: replay it all, skip what was done
                 indices = self._sampling.resume(self.generator, resume.epoch_start, skip)
-            return EpochStart(resume.epoch, resume.batch, resume.sampler_state, resume.done, indices)
+            return EpochStart(
+                resume.epoch,
+                resume.batch,
+                resume.sampler_state,
+                resume.done,
+                indices,
+                consumed=resume.consumed,
+            )
         sampler_state = b""
         draw = not (self._seed_once and self._iterated)
         if self._sampling is not None:

@@ -3,12 +3,15 @@
 The state is small and plain (ints, strings, bytes): the loader's settings it must
 match, the epoch, the generator's state, and within an epoch where it got to (the
 batches taken: a count in order, a bitmap in any order), the order's generator state
-and, with the caller's own sampler, the RNG states the epoch began from.
+and, with the caller's own sampler, the RNG states the epoch began from. It also
+records where it was saved (mode, job, rank, world size, replicas, stripes, dataset
+length): loading it elsewhere continues exactly (:mod:`.rescale`) or is refused,
+naming what differs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeGuard
 
 import numpy as np
@@ -18,8 +21,9 @@ from batchferry.errors import InvalidArgument
 from batchferry.protocol import Bitmap
 
 from .options import LoaderConfig
+from .rescale import rescaled
 
-__all__ = ["Resume", "check_state", "state_of"]
+__all__ = ["Resume", "World", "check_length", "check_state", "resizes", "state_of"]
 
 # Settings a state must agree with (the batches it counts are those batches), and what a
 # state saved before a setting existed stands for.
@@ -30,6 +34,8 @@ _MATCH: dict[str, object] = {
     "drop_last": None,
     "unbatched": False,
 }
+# The loader's place among others: a state saved before these were recorded maps as it is.
+_WORLD = ("mode", "job", "rank", "world_size")
 
 
 @dataclass(frozen=True)
@@ -41,15 +47,33 @@ class Resume:
     sampler_state: bytes
     done: bytes = b""
     epoch_start: dict[str, Any] | None = None  # the caller's sampler: the RNG states to replay
+    consumed: bytes = b""  # sharded, resized: the order's positions earlier worlds took
+
+
+@dataclass(frozen=True)
+class World:
+    """Where a loader reads from: what a state records, and what loading one checks."""
+
+    # None where the loader has not asked its servers yet (loading a state does not ask,
+    # unless it must map a resized epoch; the dataset's length is checked at iter()).
+    length: int | None  # samples in the dataset
+    replicas: int | None
+    stripes: int | None
+    # The caller's DistributedSampler-like sampler: its (num_replicas, rank).
+    sampler_world: tuple[int, int] | None = None
 
 
 def state_of(
-    config: LoaderConfig, epoch: int, generator_state: bytes, resume: Resume | None
+    config: LoaderConfig, world: World | None, epoch: int, generator_state: bytes, resume: Resume | None
 ) -> dict[str, Any]:
-    """The state_dict of a loader at ``epoch`` (``resume``: within it)."""
+    """The state_dict of a loader at ``epoch`` (``resume``: within it; ``world``: None
+    before the loader has talked to its servers)."""
     state: dict[str, Any] = {
         "version": protocol.STATE_VERSION,
         **{key: getattr(config, key) for key in _MATCH},
+        # The world it was saved in (a loader in another world maps it, or says why not).
+        **{key: getattr(config, key) for key in _WORLD},
+        **({k: v for k, v in asdict(world).items() if k != "sampler_world"} if world is not None else {}),
         "epoch": epoch,
         # True while an epoch has begun (its draws made) and not ended.
         "in_epoch": False,
@@ -68,12 +92,16 @@ def state_of(
         if resume.epoch_start is not None:
             state["epoch_start"] = resume.epoch_start
         state["in_epoch"] = True
+        if resume.consumed:
+            state["consumed"] = resume.consumed
     return state
 
 
-def check_state(config: LoaderConfig, state: Any, client_sampler: bool) -> tuple[int, bytes, Resume | None]:
-    """``state`` checked against this loader: its epoch, generator state and resume point.
-    Every problem raises an InvalidArgument naming the key."""
+def check_state(
+    config: LoaderConfig, world: World, state: Any, client_sampler: bool
+) -> tuple[int, bytes, Resume | None]:
+    """``state`` checked against this loader: its epoch, generator state and resume point
+    (in this loader's world). Every problem raises an InvalidArgument naming the key."""
     if not isinstance(state, dict) or state.get("version") != protocol.STATE_VERSION:
         got = state.get("version") if isinstance(state, dict) else type(state).__name__
         raise InvalidArgument(f"state_dict version must be {protocol.STATE_VERSION}, got {got!r}")
@@ -82,6 +110,7 @@ def check_state(config: LoaderConfig, state: Any, client_sampler: bool) -> tuple
             raise InvalidArgument(
                 f"state_dict {key} is {state.get(key, absent)!r} but this loader has {getattr(config, key)!r}"
             )
+    _check_place(config, world, state)
     epoch, batch = state.get("epoch"), state.get("batch")
     if not _count(epoch) or not _count(batch):
         raise InvalidArgument(
@@ -90,7 +119,9 @@ def check_state(config: LoaderConfig, state: Any, client_sampler: bool) -> tuple
     gen_state = state.get("generator_state", b"")
     sampler_state = state.get("sampler_state", b"")
     done = state.get("done", b"")
-    for key, value in (("generator_state", gen_state), ("sampler_state", sampler_state), ("done", done)):
+    consumed = state.get("consumed", b"")
+    raw = {"generator_state": gen_state, "sampler_state": sampler_state, "done": done, "consumed": consumed}
+    for key, value in raw.items():
         if not isinstance(value, bytes):
             raise InvalidArgument(f"state_dict {key} must be bytes, got {type(value).__name__}")
     in_epoch = state.get("in_epoch", False)
@@ -106,10 +137,91 @@ def check_state(config: LoaderConfig, state: Any, client_sampler: bool) -> tuple
         raise InvalidArgument("state_dict epoch_start belongs to a loader with a sampler or batch_sampler")
     if in_epoch and client_sampler and epoch_start is None:
         raise InvalidArgument("state_dict has no epoch_start: it was not saved by a loader with a sampler")
+    saved_world = epoch_start.get("world") if epoch_start is not None else None
+    if in_epoch and saved_world is not None and tuple(saved_world) != world.sampler_world:
+        raise InvalidArgument(
+            f"state_dict was saved mid-epoch with a sampler of (num_replicas, rank) {tuple(saved_world)}, "
+            f"and this loader's is {world.sampler_world}: a loader with its own sampler cannot carry an "
+            "epoch into another world (only the sampler knows its shards); resume at an epoch's end, or use "
+            "mode='sharded', whose epochs resize exactly"
+        )
     if not in_epoch:
         return epoch, gen_state, None
     batch, done = _in_terms_of(batch, done, config.any_order)
-    return epoch, gen_state, Resume(epoch, batch, sampler_state, done, epoch_start)
+    resume = Resume(epoch, batch, sampler_state, done, epoch_start, consumed)
+    if config.mode == "sharded":
+        resume = _into_world(config, world, state, resume, client_sampler)
+    return epoch, gen_state, resume
+
+
+def _check_place(config: LoaderConfig, world: World, state: dict[str, Any]) -> None:
+    """A state belongs to its mode, job and dataset; another is refused, saying which."""
+    if "mode" in state and state["mode"] != config.mode:
+        raise InvalidArgument(
+            f"state_dict was saved by a {state['mode']!r} mode loader; this one is {config.mode!r}: "
+            "a state continues only in the mode it was saved in"
+        )
+    if "job" in state and state["job"] != config.job:
+        raise InvalidArgument(
+            f"state_dict was saved in job {state['job']!r}; this loader is in job {config.job!r}: "
+            f"pass job={state['job']!r} to continue it"
+        )
+    if world.length is not None:
+        check_length(config, state.get("length"), world.length)
+    for key in ("rank", "world_size", "replicas", "stripes"):
+        if key in state and not _count(state[key]):
+            raise InvalidArgument(f"state_dict {key} must be a non-negative int, got {state[key]!r}")
+
+
+def check_length(config: LoaderConfig, saved: Any, length: int) -> None:
+    """A state saved over ``saved`` samples (None: not recorded) read from a dataset of ``length``."""
+    if saved is not None and saved != length:
+        raise InvalidArgument(
+            f"state_dict was saved over {saved!r} samples, and dataset {config.dataset!r} has "
+            f"{length} now: a position in one dataset means nothing in another"
+        )
+
+
+def resizes(config: LoaderConfig, state: Any) -> bool:
+    """Whether ``state`` is a sharded epoch saved in a world of another size (mapping it
+    needs the dataset's length)."""
+    return (
+        config.mode == "sharded"
+        and isinstance(state, dict)
+        and bool(state.get("in_epoch"))
+        and state.get("world_size", config.world_size) != config.world_size
+    )
+
+
+def _into_world(
+    config: LoaderConfig, world: World, state: dict[str, Any], resume: Resume, client_sampler: bool
+) -> Resume:
+    """A sharded epoch saved by ``state``'s rank and world, continued by this loader's:
+    as it is in the same world, the rest split anew in another (:mod:`.rescale`)."""
+    saved_world = state.get("world_size", config.world_size)
+    saved_rank = state.get("rank", config.rank)
+    if saved_world == config.world_size:
+        if resume.done and saved_rank != config.rank:
+            raise InvalidArgument(
+                f"state_dict was saved by rank {saved_rank} with in_order=False: the batches it took are "
+                f"its own; load rank {config.rank}'s own state (or merge_states of every rank's)"
+            )
+        return resume
+    where = f"saved by a sharded job of {saved_world} ranks, loaded into one of {config.world_size}"
+    if client_sampler:
+        raise InvalidArgument(
+            f"state_dict was {where}: a loader with its own sampler cannot carry an epoch into another "
+            "world size (only the sampler knows its shards); resume at an epoch's end, or keep the world size"
+        )
+    if resume.done:
+        raise InvalidArgument(
+            f"state_dict was {where}, with in_order=False: one rank's state does not say what the others "
+            "took; load merge_states([every rank's state]) instead"
+        )
+    assert world.length is not None  # resizes(): the loader asked its servers
+    took = {rank: np.arange(resume.batch) for rank in range(saved_world)}
+    consumed = rescaled(world.length, resume.consumed, saved_world, took, config.batch_size, config.drop_last)
+    return replace(resume, batch=0, done=b"", consumed=consumed)
 
 
 def _count(value: Any) -> TypeGuard[int]:

@@ -45,6 +45,8 @@ class _Start:
     global_rng: bytes
     sampler_generator: bytes
     sampler_state: Any  # the sampler's own state_dict(), if it keeps one
+    # A DistributedSampler's (num_replicas, rank): its shards are the sampler's own.
+    world: tuple[int, int] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +54,7 @@ class _Start:
             "global_rng": self.global_rng,
             "sampler_generator": self.sampler_generator,
             "sampler_state": self.sampler_state,
+            "world": self.world,
         }
 
 
@@ -79,6 +82,12 @@ class ClientSampling:
             raise TypeError("the batch sampler has no len()")
         return len(self.batch_sampler)
 
+    def world(self) -> tuple[int, int] | None:
+        """The (num_replicas, rank) of a DistributedSampler-like sampler, else None."""
+        inner = self._inner()
+        replicas, rank = getattr(inner, "num_replicas", None), getattr(inner, "rank", None)
+        return (replicas, rank) if isinstance(replicas, int) and isinstance(rank, int) else None
+
     def _inner(self) -> Any:
         """The sampler whose generator and state matter (the batch sampler's own sampler, else it)."""
         return self.sampler if self.sampler is not None else getattr(self.batch_sampler, "sampler", None)
@@ -92,7 +101,7 @@ class ClientSampling:
 
     def resume(self, generator: torch.Generator | None, saved: dict[str, Any], skip: int) -> EpochIndices:
         """Replay an epoch from the states it began from, skipping ``skip`` batches."""
-        start = _Start(**saved)
+        start = _Start(**{**saved, "world": self.world()})
         if generator is not None and start.generator:
             generator.set_state(_state(start.generator))
         if start.global_rng:
@@ -121,6 +130,7 @@ class ClientSampling:
                 sampling.state_bytes(sampler_gen) if isinstance(sampler_gen, torch.Generator) else b""
             ),
             sampler_state=sampler_state,
+            world=self.world(),
         )
 
 

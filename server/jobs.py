@@ -1,7 +1,9 @@
 """Jobs: named groups of consumers sharing one dataset in sharded, shared or dynamic mode.
 
 A job is created by its first consumer, which fixes its settings; later
-consumers must agree (else FAILED_PRECONDITION naming the field). It ends when
+consumers must agree (else FAILED_PRECONDITION naming the field). A job that every
+consumer has left may come back in another world size (a resized job resuming): it
+takes the new size and remembers the sizes it ran in. It ends when
 it has had no consumer for ``idle_s`` seconds.
 
 Shared and dynamic jobs coordinate each epoch through an :class:`EpochState`
@@ -19,7 +21,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from batchferry.v1 import loader_pb2 as _pb2
 
@@ -35,6 +37,7 @@ __all__ = [
 ]
 
 MAX_EPOCH_STATES = 8
+MAX_RESIZES = 16  # world sizes a job remembers (listings show them)
 
 
 class JobConflict(Exception):
@@ -99,6 +102,13 @@ class Job:
     idle_since: float | None = None
     cond: threading.Condition = field(default_factory=lambda: threading.Condition(threading.RLock()))
     epochs: dict[int, EpochState] = field(default_factory=dict)
+    # The world sizes the job has run in, each with the epoch it began in (at most MAX_RESIZES).
+    worlds: list[tuple[int, int]] = field(default_factory=list)
+
+    def resize(self, world_size: int, epoch: int) -> None:
+        """Every consumer left, and the job comes back with ``world_size`` ranks."""
+        self.settings = replace(self.settings, world_size=world_size)
+        self.worlds = [*self.worlds, (world_size, epoch)][-MAX_RESIZES:]
 
     def epoch_state(self, epoch: int, make: Callable[[], EpochState]) -> EpochState:
         """Epoch ``epoch``'s state, made by its first consumer."""
@@ -143,7 +153,9 @@ class JobRegistry:
             job = self._jobs.get(name)
             if job is None:
                 self._make_room(name)
-                job = self._jobs[name] = Job(name, settings)
+                job = self._jobs[name] = Job(name, settings, worlds=[(settings.world_size, epoch)])
+            if not job.consumers and settings.world_size != job.settings.world_size:
+                job.resize(settings.world_size, epoch)  # the job came back in another size
             for f in fields(JobSettings):
                 mine, theirs = getattr(settings, f.name), getattr(job.settings, f.name)
                 if mine != theirs:

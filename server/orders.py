@@ -13,6 +13,7 @@ Lock order: ``Orders._lock`` is a leaf.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -52,10 +53,13 @@ class Orders:
 
     def open(self, plan: Plan) -> sampling.EpochOrder:
         """The order ``plan`` reads; hold it until :meth:`close`."""
-        if not plan.shuffle:
+        if not plan.shuffle and not plan.consumed:
             return self._shape(plan, None)
         if plan.mode == _pb2.MODE_INDEPENDENT:
             key: _Key = ("state", plan.length, plan.sampler_state)
+        elif plan.consumed:  # the rest of a resized epoch: every rank of the new world shares it
+            digest = hashlib.sha256(plan.consumed).digest()
+            key = ("rest", plan.length, plan.shuffle and plan.seed + plan.epoch, digest)
         else:
             key = ("seed", plan.length, plan.seed + plan.epoch)
         with self._lock:
@@ -92,6 +96,12 @@ class Orders:
             order = sampling.epoch_order(plan.length, True, plan.sampler_state)
             assert order.base is not None
             return _Permutation(order.base, (order.state_after_order, order.state_after_epoch))
+        if key[0] == "rest":
+            order = sampling.sharded_order(
+                plan.length, plan.shuffle, plan.seed, plan.epoch, 0, 1, False, consumed=plan.consumed
+            )
+            assert order.base is not None
+            return _Permutation(order.base)
         base = sampling.seeded_order(plan.length, True, plan.seed, plan.epoch)
         assert base is not None
         return _Permutation(base)
@@ -100,9 +110,11 @@ class Orders:
     def _shape(plan: Plan, perm: _Permutation | None) -> sampling.EpochOrder:
         base = perm.base if perm is not None else None
         if plan.mode == _pb2.MODE_SHARDED:
+            # A resized epoch's base is already the rest of its order (see _make).
+            length = len(base) if plan.consumed and base is not None else plan.length
             return sampling.sharded_order(
-                plan.length, plan.shuffle, plan.seed, plan.epoch, plan.rank, plan.world_size,
-                plan.drop_last, base=base,
+                length, plan.shuffle or bool(plan.consumed), plan.seed, plan.epoch, plan.rank,
+                plan.world_size, plan.drop_last, base=base,
             )  # fmt: skip
         after_order, after_epoch = perm.states if perm is not None else (b"", b"")
         return sampling.EpochOrder(

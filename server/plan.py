@@ -25,7 +25,7 @@ MAX_STRIPES = 16  # streams one client may split a replica's part of an epoch in
 # OpenStream fields a Plan takes as they are (once plan() has checked them).
 _FROM_REQUEST = (
     "dataset", "batch_size", "start_batch", "credits", "groups", "unbatched", "shuffle", "drop_last",
-    "seed", "taken", "any_order", "client_batches", "mode", "job", "rank", "epoch",
+    "seed", "taken", "any_order", "client_batches", "mode", "job", "rank", "epoch", "consumed",
 )  # fmt: skip
 
 
@@ -68,6 +68,7 @@ class Plan:
     job: str = ""
     rank: int = 0
     epoch: int = 0
+    consumed: bytes = b""  # sharded, resized mid-epoch: the order's positions earlier worlds took
     settings: JobSettings | None = None  # job modes: what every consumer must agree on
     # Scale-out (replicas, and stripes within one): this stream carries only the batches
     # b with b % replicas == replica. Senders count positions p among those; frames,
@@ -99,6 +100,17 @@ class Plan:
     def batch_index(self, position: int) -> int:
         """Epoch batch index of this replica's ``position``-th batch (num_batches past the end)."""
         return min(position * self.replicas + self.replica, self.num_batches)
+
+
+def _left(consumed: bytes, length: int) -> int:
+    """Samples of the epoch's order that ``consumed`` leaves (a bitmap over its positions)."""
+    bits = protocol.Bitmap(consumed).bits()
+    if len(consumed) > -(-length // 8) or bits[length:].any():
+        raise invalid(
+            f"consumed: a bitmap over the epoch's {length} samples ({-(-length // 8)} bytes, no bit "
+            f"past the last sample), got {len(consumed)} bytes"
+        )
+    return length - int(bits.sum())
 
 
 def shown(name: str) -> str:
@@ -187,7 +199,9 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
         if not 0 <= req.rank < req.world_size:
             raise invalid(f"rank must be in [0, world_size={req.world_size}), got {req.rank}")
         if req.mode == _pb2.MODE_SHARDED:
-            count = sampling.shard_length(length, req.world_size, req.drop_last)
+            count = sampling.shard_length(_left(req.consumed, length), req.world_size, req.drop_last)
+        elif req.consumed:
+            raise invalid("consumed: only in sharded mode")
         # shared and dynamic split the whole epoch among the job's consumers
     # With the client's own batches the epoch's length is known only at its end.
     total = 0 if req.client_batches else sampling.num_batches(count, req.batch_size, req.drop_last)

@@ -1,0 +1,278 @@
+"""Elastic jobs: a saved epoch continued by a world of another size, exactly once.
+
+torch has no answer for a resize, so the promise is written with torch's own parts:
+the old world's ranks take their first batches as torch's DataLoader over
+DistributedSampler gives them; the samples of the epoch's order that no rank took,
+in order, are split among the new world's ranks by DistributedSampler (its padding
+and drop_last), and batched by torch's DataLoader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import DataLoader as TorchLoader
+from torch.utils.data import DistributedSampler, Subset
+
+from batchferry import errors
+from batchferry.client import DataLoader, merge_states
+from batchferry.server import Server, parse_spec
+
+from support import assert_same
+
+SEED, EPOCH = 7, 1
+
+
+def _ours(
+    server: Server, job: str, rank: int, world: int, bs: int, shuffle: bool, drop_last: bool
+) -> DataLoader:
+    return DataLoader(
+        server.address, "tensor", bs, shuffle, seed=SEED, drop_last=drop_last, mode="sharded",
+        job=job, rank=rank, world_size=world,
+    )  # fmt: skip
+
+
+def _order(n: int, shuffle: bool) -> list[int]:
+    """The epoch's order, as DistributedSampler draws it."""
+    if not shuffle:
+        return list(range(n))
+    g = torch.Generator()
+    g.manual_seed(SEED + EPOCH)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _torch_rank(ds: Any, world: int, rank: int, bs: int, shuffle: bool, drop_last: bool) -> list[Any]:
+    sampler = DistributedSampler(ds, world, rank, shuffle=shuffle, seed=SEED, drop_last=drop_last)
+    sampler.set_epoch(EPOCH)
+    return list(TorchLoader(ds, bs, sampler=sampler, drop_last=drop_last))
+
+
+def _ids(batch: Sequence[torch.Tensor]) -> list[int]:
+    return (batch[0][:, 0] // 4).long().tolist()
+
+
+def _expected_rest(
+    ds: Any, taken: set[int], world: int, bs: int, shuffle: bool, drop_last: bool
+) -> list[list[Any]]:
+    """The new world's batches, by torch: DistributedSampler over what no old rank took, in order."""
+    rest = Subset(ds, [i for i in _order(len(ds), shuffle) if i not in taken])
+    samplers = [DistributedSampler(rest, world, r, shuffle=False, drop_last=drop_last) for r in range(world)]
+    return [list(TorchLoader(rest, bs, sampler=sampler, drop_last=drop_last)) for sampler in samplers]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "taken", "bs", "shuffle", "drop_last"),
+    [
+        (4, 2, 6, 3, True, False),
+        (2, 3, 5, 4, True, True),
+        (4, 6, 3, 2, False, False),
+        (3, 5, 4, 3, True, True),
+    ],
+)
+def test_sharded_resize_mid_epoch(
+    server: Server, tensor_ds, old: int, new: int, taken: int, bs: int, shuffle: bool, drop_last: bool
+) -> None:
+    job = f"resize-{old}-{new}-{shuffle}-{drop_last}"
+    seen: list[int] = []
+    states = []
+    for r in range(old):
+        with _ours(server, job, r, old, bs, shuffle, drop_last) as loader:
+            loader.set_epoch(EPOCH)
+            it = iter(loader)
+            head = [next(it) for _ in range(taken)]
+            assert_same(head, _torch_rank(tensor_ds, old, r, bs, shuffle, drop_last)[:taken])
+            seen += [i for b in head for i in _ids(b)]
+            states.append(loader.state_dict())
+    assert states[0]["world_size"] == old and states[0]["in_epoch"]
+    expected = _expected_rest(tensor_ds, set(seen), new, bs, shuffle, drop_last)
+    for r in range(new):
+        with _ours(server, job, r, new, bs, shuffle, drop_last) as loader:
+            loader.load_state_dict(states[0])  # one rank's state stands for every rank
+            assert len(loader) == len(expected[r])
+            rest = list(loader)
+            assert_same(rest, expected[r])
+            seen += [i for b in rest for i in _ids(b)]
+            # The next epoch is DistributedSampler's for the new world.
+            sampler = DistributedSampler(tensor_ds, new, r, shuffle=shuffle, seed=SEED, drop_last=drop_last)
+            sampler.set_epoch(EPOCH + 1)
+            assert_same(list(loader), list(TorchLoader(tensor_ds, bs, sampler=sampler, drop_last=drop_last)))
+    n = len(tensor_ds)
+    if drop_last:  # each sample at most once; those left out are fewer than one per rank and batch
+        assert len(seen) == len(set(seen)) and n - len(seen) < old * bs + new * bs
+    else:  # each sample at least once; repeats are padding, fewer than one per rank
+        assert set(seen) == set(range(n)) and len(seen) - n < old + new
+
+
+def test_resize_twice_within_an_epoch(server: Server, tensor_ds) -> None:
+    """4 -> 2 -> 3 in one epoch: the second resize splits what the first world's and the
+    second world's ranks left."""
+    bs, job = 3, "resize-twice"
+    seen: list[int] = []
+    state: dict[str, Any] = {}
+    for world, taken in ((4, 4), (2, 5)):
+        for r in range(world):
+            with _ours(server, job, r, world, bs, True, False) as loader:
+                if state:
+                    loader.load_state_dict(state)
+                else:
+                    loader.set_epoch(EPOCH)
+                it = iter(loader)
+                seen += [i for _ in range(taken) for i in _ids(next(it))]
+                saved = loader.state_dict()
+        state = saved
+    expected = _expected_rest(tensor_ds, set(seen), 3, bs, True, False)
+    for r in range(3):
+        with _ours(server, job, r, 3, bs, True, False) as loader:
+            loader.load_state_dict(state)
+            rest = list(loader)
+            assert_same(rest, expected[r])
+            seen += [i for b in rest for i in _ids(b)]
+    assert set(seen) == set(range(len(tensor_ds)))
+    assert len(seen) - len(tensor_ds) < 3
+
+
+def test_ranks_saved_at_different_steps_merge(server: Server, tensor_ds) -> None:
+    """Ranks that took different numbers of batches: the merged state (or the list of
+    states) gives the new world exactly what no rank took."""
+    bs, job, counts = 4, "merge-steps", [5, 3, 4]
+    seen: list[int] = []
+    states = []
+    for r, taken in enumerate(counts):
+        with _ours(server, job, r, 3, bs, True, False) as loader:
+            loader.set_epoch(EPOCH)
+            it = iter(loader)
+            seen += [i for _ in range(taken) for i in _ids(next(it))]
+            states.append(loader.state_dict())
+    expected = _expected_rest(tensor_ds, set(seen), 2, bs, True, False)
+    merged = merge_states(states)
+    for r in range(2):
+        for given in (merged, list(reversed(states))):
+            with _ours(server, job, r, 2, bs, True, False) as loader:
+                loader.load_state_dict(given)
+                assert_same(list(loader), expected[r])
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"mode": "independent", "job": None, "rank": 0, "world_size": 1}, "mode"),
+        ({"job": "another"}, "job 'another'"),
+        ({"dataset": "plain"}, "dataset"),
+    ],
+)
+def test_states_that_cannot_be_mapped_are_refused(
+    server: Server, change: dict[str, Any], needle: str
+) -> None:
+    kw: dict[str, Any] = {"mode": "sharded", "job": "refused", "rank": 0, "world_size": 2, "seed": 1}
+    with DataLoader(server.address, "tensor", 4, True, **kw) as loader:
+        next(iter(loader))
+        state = loader.state_dict()
+    other_kw = {**kw, **change}
+    with DataLoader(server.address, other_kw.pop("dataset", "tensor"), 4, True, **other_kw) as other:
+        with pytest.raises(errors.InvalidArgument, match=needle):
+            other.load_state_dict(state)
+
+
+def test_a_state_of_another_dataset_length_is_refused(server: Server) -> None:
+    with DataLoader(server.address, "plain", 4, True, seed=1) as loader:
+        next(iter(loader))
+        state = loader.state_dict()
+    state["length"] += 1
+    with DataLoader(server.address, "plain", 4, True, seed=1) as loader:
+        loader.load_state_dict(state)  # not asking the servers: checked at iter()
+        with pytest.raises(errors.InvalidArgument, match="samples"):
+            iter(loader)
+        with pytest.raises(errors.InvalidArgument, match="samples"):
+            iter(loader)  # still refused: nothing moved
+    with DataLoader(server.address, "plain", 4, True, seed=1) as loader:
+        len(loader)  # the servers have been asked: refused at once
+        with pytest.raises(errors.InvalidArgument, match="samples"):
+            loader.load_state_dict(state)
+
+
+def test_own_sampler_into_another_world_size_is_refused(server: Server, tensor_ds) -> None:
+    def make(world: int) -> DataLoader:
+        sampler = DistributedSampler(tensor_ds, world, 0, shuffle=True, seed=1)
+        return DataLoader(server.address, "tensor", 4, sampler=sampler)
+
+    with make(2) as loader:
+        next(iter(loader))
+        state = loader.state_dict()
+    with make(3) as loader, pytest.raises(errors.InvalidArgument, match="own sampler"):
+        loader.load_state_dict(state)
+
+
+def test_out_of_order_rank_state_into_another_world_is_refused(server: Server) -> None:
+    kw: dict[str, Any] = {"mode": "sharded", "job": "any-order", "seed": 1, "in_order": False}
+    with DataLoader(server.address, "tensor", 4, True, rank=1, world_size=2, **kw) as loader:
+        it = iter(loader)
+        next(it), next(it)
+        state = loader.state_dict()
+    with DataLoader(server.address, "tensor", 4, True, rank=0, world_size=3, **kw) as other:
+        with pytest.raises(errors.InvalidArgument, match="merge_states"):
+            other.load_state_dict(state)
+    with DataLoader(server.address, "tensor", 4, True, rank=0, world_size=2, **kw) as other:
+        with pytest.raises(errors.InvalidArgument, match="rank 1"):
+            other.load_state_dict(state)
+
+
+def test_merge_states_refuses_what_it_cannot_merge(server: Server) -> None:
+    with pytest.raises(errors.InvalidArgument, match="no states"):
+        merge_states([])
+    kw: dict[str, Any] = {"mode": "sharded", "job": "incomplete", "seed": 1, "world_size": 3}
+    states = []
+    for r in (0, 2):
+        with DataLoader(server.address, "tensor", 4, True, rank=r, **kw) as loader:
+            next(iter(loader))
+            states.append(loader.state_dict())
+    with pytest.raises(errors.InvalidArgument, match=r"missing rank\(s\) \[1\]"):
+        merge_states(states)
+    states[1]["epoch"] += 1
+    with pytest.raises(errors.InvalidArgument, match="disagree on epoch"):
+        merge_states(states)
+
+
+REPLICA_SPEC = "synthetic:n=300,shape=6,seed=4"  # 19 batches of 16
+
+
+def _replicas(stack: ExitStack, count: int) -> list[str]:
+    """``count`` servers, replicas of one another: their addresses."""
+    return [
+        stack.enter_context(
+            Server({"syn": REPLICA_SPEC}, port=0, num_workers=1, replica_index=i, num_replicas=count)
+        ).address
+        for i in range(count)
+    ]
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+def test_a_state_of_two_replicas_continues_on_three(in_order: bool) -> None:
+    """The StatefulSet scaled from 2 to 3 between runs: the epoch goes on exactly."""
+    ds = parse_spec(REPLICA_SPEC)
+    expected = list(TorchLoader(ds, 16, shuffle=True, generator=torch.Generator().manual_seed(3)))
+    with ExitStack() as stack:
+        loader = stack.enter_context(
+            DataLoader(_replicas(stack, 2), "syn", 16, True, seed=3, in_order=in_order)
+        )
+        it = iter(loader)
+        head = [next(it) for _ in range(7)]
+        state = loader.state_dict()
+    assert state["replicas"] == 2
+    with ExitStack() as stack:
+        loader = stack.enter_context(
+            DataLoader(_replicas(stack, 3), "syn", 16, True, seed=3, in_order=in_order)
+        )
+        loader.load_state_dict(state)
+        tail = list(loader)
+    got = head + tail
+    if not in_order:  # the same batches, each once, in the order they came
+        got, expected = sorted(got, key=_first), sorted(expected, key=_first)
+    assert_same(got, expected)
+
+
+def _first(batch: Sequence[torch.Tensor]) -> float:
+    return float(batch[0].flatten()[0])
