@@ -140,6 +140,14 @@ def _datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worlds(worlds: Sequence[Any]) -> str:
+    """A job's world sizes, oldest first: "4", or "4 -> 2 (epoch 1)" after a resize."""
+    text = f"{worlds[0].world_size}" if worlds else "?"
+    for world in worlds[1:]:
+        text += f" -> {world.world_size} (epoch {world.epoch})"
+    return text
+
+
 def _jobs(args: argparse.Namespace) -> int:
     import json
 
@@ -156,7 +164,8 @@ def _jobs(args: argparse.Namespace) -> int:
             {
                 "name": job.name, "mode": modes[job.name], "dataset": job.dataset,
                 "batch_size": job.batch_size, "world_size": job.world_size,
-                "batches_built": job.batches_built,
+                "batches_built": job.batches_built, "epoch": job.epoch,
+                "worlds": [{"world_size": w.world_size, "epoch": w.epoch} for w in job.worlds],
                 "consumers": [
                     {"peer": c.peer, "rank": c.rank, "epoch": c.epoch, "batches_sent": c.batches_sent,
                      "num_batches": c.num_batches, "batches_taken": c.batches_taken}
@@ -170,12 +179,12 @@ def _jobs(args: argparse.Namespace) -> int:
         print("no jobs")
         return 0
     rows = [
-        [job.name, modes[job.name], job.dataset, f"{job.batch_size:,}", f"{job.world_size:,}",
+        [job.name, modes[job.name], job.dataset, f"{job.batch_size:,}", f"{job.epoch:,}", _worlds(job.worlds),
          f"{len(job.consumers):,}", f"{job.batches_built:,}"]
         for job in jobs
     ]  # fmt: skip
-    print(_table(["JOB", "MODE", "DATASET", "BATCH SIZE", "WORLD", "CONSUMERS", "BATCHES BUILT"], rows,
-                 numeric=[3, 4, 5, 6]))  # fmt: skip
+    print(_table(["JOB", "MODE", "DATASET", "BATCH SIZE", "EPOCH", "WORLD", "CONSUMERS", "BATCHES BUILT"],
+                 rows, numeric=[3, 4, 6, 7]))  # fmt: skip
     consumers = [
         [job.name, c.peer, f"{c.rank:,}", f"{c.epoch:,}", _progress(c.batches_sent, c.num_batches),
          f"{c.batches_taken:,}"]
@@ -389,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--json",
         action="store_true",
         help="print JSON instead of tables: {jobs: [{name, mode, dataset, batch_size, world_size, "
-        "batches_built, consumers: [{peer, rank, epoch, batches_sent, num_batches, batches_taken}]}]}",
+        "batches_built, epoch, worlds: [{world_size, epoch}], "
+        "consumers: [{peer, rank, epoch, batches_sent, num_batches, batches_taken}]}]}",
     )
     jobs.set_defaults(func=_jobs)
 

@@ -104,6 +104,7 @@ class Job:
     epochs: dict[int, EpochState] = field(default_factory=dict)
     # The world sizes the job has run in, each with the epoch it began in (at most MAX_RESIZES).
     worlds: list[tuple[int, int]] = field(default_factory=list)
+    epoch: int = 0  # the newest epoch a consumer has opened
 
     def resize(self, world_size: int, epoch: int) -> None:
         """Every consumer left, and the job comes back with ``world_size`` ranks."""
@@ -164,6 +165,7 @@ class JobRegistry:
                     )
             with job.cond:
                 consumer = Consumer(next(self._ids), peer, rank, epoch)
+                job.epoch = max(job.epoch, epoch)
                 job.consumers[consumer.id] = consumer
                 job.idle_since = None
                 job.cond.notify_all()

@@ -277,15 +277,28 @@ def _job_families(registry: JobRegistry) -> Iterator[Metric]:
         "they joined.",
         labels=["job", "rank", "consumer"],
     )
+    epoch = GaugeMetricFamily(
+        "batchferry_job_epoch", "The newest epoch a consumer of a job has opened.", labels=["job"]
+    )
+    world = GaugeMetricFamily(
+        "batchferry_job_world_size", "The world size a job runs in now (ranks or consumers).", labels=["job"]
+    )
+    resizes = CounterMetricFamily(
+        "batchferry_job_resizes", "Times a job came back in another world size.", labels=["job"]
+    )
     for job in registry.jobs():
         with job.cond:
             members = sorted(job.consumers.values(), key=lambda c: (c.rank, c.id))
             per_epoch = max((c.total for c in members), default=0)
             positions = [c.epoch * per_epoch + c.taken for c in members]
             built_count = job.batches_built
+            worlds = list(job.worlds)
         mode = protocol.MODE_NAMES.get(job.settings.mode, "unknown")
         consumers.add_metric([job.name, mode, job.settings.dataset], len(members))
         built.add_metric([job.name], built_count)
+        epoch.add_metric([job.name], job.epoch)
+        world.add_metric([job.name], job.settings.world_size)
+        resizes.add_metric([job.name], max(0, len(worlds) - 1))
         front = max(positions, default=0)
         seen: dict[int, int] = {}
         for c, position in zip(members, positions, strict=True):
@@ -294,6 +307,9 @@ def _job_families(registry: JobRegistry) -> Iterator[Metric]:
     yield consumers
     yield built
     yield lag
+    yield epoch
+    yield world
+    yield resizes
 
 
 class _HandledInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]

@@ -184,6 +184,8 @@ class LoaderService:
                     world_size=s.world_size,
                     consumers=consumers,
                     batches_built=job.batches_built,
+                    epoch=job.epoch,
+                    worlds=[_pb2.JobWorld(world_size=w, epoch=e) for w, e in job.worlds],
                 )
             )
         return _pb2.ListJobsResponse(jobs=infos).SerializeToString()

@@ -9,6 +9,7 @@ and drop_last), and batched by torch's DataLoader.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any
@@ -105,6 +106,23 @@ def test_sharded_resize_mid_epoch(
         assert len(seen) == len(set(seen)) and n - len(seen) < old * bs + new * bs
     else:  # each sample at least once; repeats are padding, fewer than one per rank
         assert set(seen) == set(range(n)) and len(seen) - n < old + new
+
+
+def test_jobs_list_the_world_sizes_a_job_ran_in(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    from batchferry import cli
+
+    job = "listed-resize"
+    for world in (4, 2):
+        with _ours(server, job, 0, world, 4, True, False) as loader:
+            loader.set_epoch(EPOCH)
+            next(iter(loader))
+    assert cli.main(["jobs", server.address]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(job))
+    assert f"4 -> 2 (epoch {EPOCH})" in row
+    assert cli.main(["jobs", server.address, "--json"]) == 0
+    (listed,) = [j for j in json.loads(capsys.readouterr().out)["jobs"] if j["name"] == job]
+    assert listed["worlds"] == [{"world_size": 4, "epoch": EPOCH}, {"world_size": 2, "epoch": EPOCH}]
+    assert (listed["world_size"], listed["epoch"]) == (2, EPOCH)
 
 
 def test_resize_twice_within_an_epoch(server: Server, tensor_ds) -> None:

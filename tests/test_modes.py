@@ -253,17 +253,20 @@ def test_jobs_are_listed_with_their_consumers(server: Server, capsys: pytest.Cap
     assert cli.main(["jobs", server.address]) == 0
     jobs_table, consumers_table = capsys.readouterr().out.split("\n\n")
     assert jobs_table.splitlines()[0].split() == [
-        "JOB", "MODE", "DATASET", "BATCH", "SIZE", "WORLD", "CONSUMERS", "BATCHES", "BUILT"
+        "JOB", "MODE", "DATASET", "BATCH", "SIZE", "EPOCH", "WORLD", "CONSUMERS", "BATCHES", "BUILT"
     ]  # fmt: skip
     row = next(line for line in jobs_table.splitlines() if line.startswith("listed "))
-    assert row.split()[1:6] == ["sharded", "tensor", "8", "2", "1"]
+    assert row.split()[1:7] == ["sharded", "tensor", "8", "0", "2", "1"]
     consumer = next(line for line in consumers_table.splitlines() if line.startswith("listed "))
     # The caller is on the server's host, so the peer is shown; rank 1 of 2 has 7 batches.
     assert consumer.split()[1:4] == ["ip:127.0.0.1", "1", "0"]
     assert re.search(r" \d/7 \(\d+%\) ", consumer)
     assert cli.main(["jobs", server.address, "--json"]) == 0
     (job,) = [j for j in json.loads(capsys.readouterr().out)["jobs"] if j["name"] == "listed"]
-    assert set(job) == {"name", "mode", "dataset", "batch_size", "world_size", "batches_built", "consumers"}
+    assert set(job) == {
+        "name", "mode", "dataset", "batch_size", "world_size", "batches_built", "epoch", "worlds", "consumers"
+    }  # fmt: skip
+    assert job["worlds"] == [{"world_size": 2, "epoch": 0}]
     assert (job["mode"], job["dataset"], job["batch_size"], job["world_size"]) == ("sharded", "tensor", 8, 2)
     (c,) = job["consumers"]
     assert set(c) == {"peer", "rank", "epoch", "batches_sent", "num_batches", "batches_taken"}

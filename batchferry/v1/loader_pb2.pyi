@@ -108,7 +108,7 @@ class ConsumerInfo(_message.Message):
     def __init__(self, peer: _Optional[str] = ..., rank: _Optional[int] = ..., epoch: _Optional[int] = ..., batches_sent: _Optional[int] = ..., num_batches: _Optional[int] = ..., batches_taken: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("name", "mode", "dataset", "batch_size", "world_size", "consumers", "batches_built")
+    __slots__ = ("name", "mode", "dataset", "batch_size", "world_size", "consumers", "batches_built", "epoch", "worlds")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,8 @@ class JobInfo(_message.Message):
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     CONSUMERS_FIELD_NUMBER: _ClassVar[int]
     BATCHES_BUILT_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    WORLDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     mode: Mode
     dataset: str
@@ -123,7 +125,17 @@ class JobInfo(_message.Message):
     world_size: int
     consumers: _containers.RepeatedCompositeFieldContainer[ConsumerInfo]
     batches_built: int
-    def __init__(self, name: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., world_size: _Optional[int] = ..., consumers: _Optional[_Iterable[_Union[ConsumerInfo, _Mapping]]] = ..., batches_built: _Optional[int] = ...) -> None: ...
+    epoch: int
+    worlds: _containers.RepeatedCompositeFieldContainer[JobWorld]
+    def __init__(self, name: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., world_size: _Optional[int] = ..., consumers: _Optional[_Iterable[_Union[ConsumerInfo, _Mapping]]] = ..., batches_built: _Optional[int] = ..., epoch: _Optional[int] = ..., worlds: _Optional[_Iterable[_Union[JobWorld, _Mapping]]] = ...) -> None: ...
+
+class JobWorld(_message.Message):
+    __slots__ = ("world_size", "epoch")
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    world_size: int
+    epoch: int
+    def __init__(self, world_size: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
     __slots__ = ("jobs",)
