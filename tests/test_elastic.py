@@ -12,18 +12,20 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader as TorchLoader
 from torch.utils.data import DistributedSampler, Subset
 
-from batchferry import errors
+from batchferry import errors, shm
 from batchferry.client import DataLoader, merge_states
 from batchferry.server import Server, parse_spec
 
-from support import assert_same
+from support import ServeProcess, assert_same, read_concurrently
 
 SEED, EPOCH = 7, 1
 
@@ -294,3 +296,49 @@ def test_a_state_of_two_replicas_continues_on_three(in_order: bool) -> None:
 
 def _first(batch: Sequence[torch.Tensor]) -> float:
     return float(batch[0].flatten()[0])
+
+
+@pytest.mark.parametrize("server_too", [True])
+def test_a_dynamic_job_restarted_whole_continues_with_fewer_consumers(
+    tmp_path: Path, server_too: bool
+) -> None:
+    """Server and every trainer killed; the job restarts from the trainers' saved states
+    with 2 consumers where there were 3: what they took up to the checkpoint, and what
+    the new consumers take, is the epoch exactly once (what was taken after the
+    checkpoint is taken again: the model that saw it is gone)."""
+    n, bs = 120, 4
+    np.save(tmp_path / "x.npy", np.repeat(np.arange(n, dtype=np.float32)[:, None], 3, axis=1))
+    server = ServeProcess(f"ids=npy:{tmp_path / 'x.npy'}")
+    kw: dict[str, Any] = {
+        "shuffle": True,
+        "seed": 9,
+        "mode": "dynamic",
+        "job": "whole-restart",
+        "timeout": 30,
+    }
+    server.start()
+    try:
+        first = [DataLoader(server.address, "ids", bs, **kw) for _ in range(3)]
+        its = [iter(loader) for loader in first]
+        trained = [[next(it) for _ in range(4)] for it in its]  # up to the checkpoint
+        states = [loader.state_dict() for loader in first]
+        for it in its:
+            next(it), next(it)  # after it: lost with the trainers
+        del its
+        if server_too:
+            server.kill()
+        for loader in first:
+            loader.close()
+        if server_too:
+            server.start()
+        second = [DataLoader(server.address, "ids", bs, **kw) for _ in range(2)]
+        for loader in second:
+            loader.load_state_dict(merge_states(states))
+        rest = read_concurrently(second)
+        for loader in second:
+            loader.close()
+    finally:
+        server.stop()
+        shm.remove_stale()
+    ids = [int(i) for batches in trained + rest for b in batches for i in b[:, 0]]
+    assert sorted(ids) == list(range(n))
