@@ -160,8 +160,14 @@ class JobRegistry:
             for f in fields(JobSettings):
                 mine, theirs = getattr(settings, f.name), getattr(job.settings, f.name)
                 if mine != theirs:
+                    hint = (
+                        f" (a job resizes once every consumer of the old size has left; "
+                        f"{len(job.consumers)} are still in it)"
+                        if f.name == "world_size"
+                        else ""
+                    )
                     raise JobConflict(
-                        f"job {name!r} has {f.name} {theirs!r}; this consumer asked for {mine!r}"
+                        f"job {name!r} has {f.name} {theirs!r}; this consumer asked for {mine!r}{hint}"
                     )
             with job.cond:
                 consumer = Consumer(next(self._ids), peer, rank, epoch)

@@ -342,3 +342,14 @@ def test_a_dynamic_job_restarted_whole_continues_with_fewer_consumers(
         shm.remove_stale()
     ids = [int(i) for batches in trained + rest for b in batches for i in b[:, 0]]
     assert sorted(ids) == list(range(n))
+
+
+def test_a_new_size_is_refused_while_the_old_ranks_still_read(server: Server) -> None:
+    with _ours(server, "two-sizes", 0, 4, 4, True, False) as old:
+        next(iter(old))
+        with _ours(server, "two-sizes", 0, 2, 4, True, False) as new:
+            with pytest.raises(errors.InvalidArgument, match="resizes once every consumer of the old size"):
+                next(iter(new))
+        old.close()
+        with _ours(server, "two-sizes", 0, 2, 4, True, False) as new:
+            assert next(iter(new)) is not None  # the old rank has left: the job takes the new size
