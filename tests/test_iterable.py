@@ -1,0 +1,263 @@
+"""IterableDatasets served with torch's semantics, compared with torch's DataLoader in each test.
+
+torch's loaders here run with the same num_workers, generator seed, batch_size and
+drop_last as ours; their workers are forked (spawning them takes seconds each).
+Every item carries draws from the RNGs torch seeds in a worker, so equal batches mean
+equal worker seeds too (with num_workers=0 torch draws from this process's RNGs,
+which a server cannot share: then only the items are compared).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import BatchSampler, SequentialSampler
+from torch.utils.data import DataLoader as TorchLoader
+
+from batchferry.client import DataLoader
+from batchferry.errors import DatasetError
+from batchferry.server import Server
+
+import iterable_data
+from iterable_data import CorruptItem
+from support import outcomes
+
+DATASETS = iterable_data.datasets()
+TRANSPORTS = ["grpc", "shm"]
+pytestmark = [
+    pytest.mark.timeout(60),
+    # torch's note that 3 workers are more than this machine's cores: beside the point here.
+    pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning"),
+]
+
+
+@pytest.fixture(scope="module")
+def address() -> Iterator[str]:
+    with Server(DATASETS, host="127.0.0.1", port=0, num_workers=2) as srv:
+        yield srv.address
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    """A server of its own, for a test that kills its workers."""
+    with Server(DATASETS, host="127.0.0.1", port=0, num_workers=2) as srv:
+        yield srv
+
+
+def torch_loader(name: str, num_workers: int, seed: int, **kwargs: Any) -> TorchLoader[Any]:
+    dataset = kwargs.pop("dataset", DATASETS[name])
+    return TorchLoader(
+        dataset,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+        multiprocessing_context="fork" if num_workers else None,
+        **kwargs,
+    )
+
+
+def record(batches: list[Any], draws: bool = True) -> list[Any]:
+    """Batches as plain lists (an exception: its class and message), draws left out if asked."""
+    out: list[Any] = []
+    for batch in batches:
+        if isinstance(batch, BaseException):
+            out.append((type(batch).__name__, "item" in str(batch)))
+        elif isinstance(batch, torch.Tensor):
+            out.append(batch.tolist())
+        else:
+            out.append([part.tolist() for part in (batch if draws else batch[:1])])
+    return out
+
+
+def epochs(loader: Any, count: int) -> list[list[Any]]:
+    return [outcomes(iter(loader)) for _ in range(count)]
+
+
+# -- 1. the epochs torch's DataLoader yields ---------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(
+    ("name", "workers", "batch_size", "drop_last"),
+    [("split", 2, 3, False), ("split", 3, 2, True), ("whole", 2, 4, False), ("uneven", 3, 2, False)],
+)
+def test_epochs_are_torchs(
+    address: str, transport: str, name: str, workers: int, batch_size: int, drop_last: bool
+) -> None:
+    """Same batches in the same order, two epochs, worker seeds and the generator's state
+    included: a dataset that splits by get_worker_info() and ones that do not."""
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "drop_last": drop_last}
+    theirs = torch_loader(name, workers, 11, **kwargs)
+    expected = [record(e) for e in epochs(theirs, 2)]
+    generator = torch.Generator().manual_seed(11)
+    with DataLoader(
+        address, name, num_workers=workers, generator=generator, transport=transport, **kwargs
+    ) as ours:
+        assert [record(e) for e in epochs(ours, 2)] == expected
+    assert torch.equal(generator.get_state(), theirs.generator.get_state())
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_without_workers_or_batching(address: str, transport: str) -> None:
+    """num_workers=0 (one iterator, no worker info) and batch_size=None (items one by one)."""
+    for kwargs in ({"batch_size": 4}, {"batch_size": None}):
+        theirs = record(outcomes(iter(torch_loader("split", 0, 3, **kwargs))), draws=False)
+        with DataLoader(address, "split", seed=3, transport=transport, **kwargs) as ours:
+            assert record(outcomes(iter(ours)), draws=False) == theirs
+
+
+# -- 2. len() and torch's refusals ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("batch_size", "drop_last"), [(4, False), (4, True), (None, False)])
+def test_len_is_torchs(address: str, batch_size: int | None, drop_last: bool) -> None:
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "drop_last": drop_last}
+    with DataLoader(address, "sized", **kwargs) as ours:
+        assert len(ours) == len(torch_loader("sized", 0, 0, **kwargs))
+    with DataLoader(address, "split", **kwargs) as ours, pytest.raises(TypeError) as raised:
+        len(ours)
+    with pytest.raises(TypeError):
+        len(torch_loader("split", 0, 0, **kwargs))
+    assert "len" in str(raised.value)
+
+
+def test_a_wrong_len_warns_as_torch_warns(address: str) -> None:
+    """A dataset whose __len__ says 5 but yields 23 items: torch warns past the 5th batch."""
+
+    def run(loader: Any) -> tuple[int, list[str]]:
+        len(loader)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            count = len(list(loader))
+        return count, [str(w.message).split(" was reported")[0].split()[-1] for w in caught]
+
+    theirs = run(torch_loader("sized_short", 2, 0, batch_size=2))
+    with DataLoader(address, "sized_short", batch_size=2, num_workers=2) as ours:
+        count, warned = run(ours)
+    assert count == theirs[0]
+    assert len(warned) == len(theirs[1]) == count - 5
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"shuffle": True},
+        {"sampler": SequentialSampler(range(4))},
+        {"batch_sampler": BatchSampler(SequentialSampler(range(4)), 2, False)},
+    ],
+)
+def test_refused_as_torch_refuses(address: str, kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError) as theirs:
+        TorchLoader(DATASETS["split"], **kwargs)
+    with DataLoader(address, "split", **kwargs) as ours, pytest.raises(ValueError) as raised:
+        iter(ours)
+    assert str(theirs.value).split(", but got")[0] in str(raised.value)
+
+
+def test_dynamic_mode_is_refused(address: str) -> None:
+    with DataLoader(address, "split", mode="dynamic", job="dyn", rank=0, world_size=1) as ours:
+        with pytest.raises(ValueError, match="IterableDataset has no indices"):
+            iter(ours)
+
+
+# -- 3. jobs -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_sharded_ranks_each_get_their_stream(address: str, transport: str) -> None:
+    """Each rank's dataset learns its rank from get_shard_info(): its stream is what torch
+    gives for a dataset built for that rank, with the generator seeded ``seed``."""
+    got = []
+    for rank in range(2):
+        expected = epochs(
+            torch_loader(
+                "ranked", 2, 5, batch_size=2, dataset=iterable_data.Split(by_rank=True, shard=(rank, 2))
+            ),
+            1,
+        )
+        with DataLoader(
+            address,
+            "ranked",
+            batch_size=2,
+            num_workers=2,
+            mode="sharded",
+            job=f"ranked-{transport}",
+            rank=rank,
+            world_size=2,
+            seed=5,
+            transport=transport,
+        ) as ours:
+            mine = epochs(ours, 1)
+        assert record(mine[0]) == record(expected[0])
+        got.append({int(item[0]) for batch in mine[0] for item in batch[0]})
+    assert got[0].isdisjoint(got[1]) and got[0] | got[1] == set(range(iterable_data.N))
+
+
+# -- 4. resume -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "stop_at"), [("counter", 1), ("counter", 4), ("split", 1), ("split", 5)])
+def test_resume_mid_epoch_continues_torchs_epoch(address: str, name: str, stop_at: int) -> None:
+    """Resumed after ``stop_at`` batches (a Stateful dataset from its saved states, another
+    by replaying): the rest of the epoch and the next one are torch's uninterrupted run."""
+    expected = [record(e) for e in epochs(torch_loader(name, 2, 9, batch_size=2), 2)]
+    first = DataLoader(address, name, batch_size=2, num_workers=2, seed=9)
+    it = iter(first)
+    partial = [next(it) for _ in range(stop_at)]
+    state = pickle.loads(pickle.dumps(first.state_dict()))
+    first.close()
+    saved = state["iterators"]["states"]
+    assert bool(saved[0]) == (name == "counter")  # a Stateful one's own state; else replayed
+
+    with DataLoader(address, name, batch_size=2, num_workers=2, seed=1234) as second:
+        second.load_state_dict(state)
+        assert record(partial + list(second)) == expected[0]
+        assert record(list(second)) == expected[1]
+
+
+def test_resume_needs_the_same_num_workers(address: str) -> None:
+    with DataLoader(address, "split", batch_size=2, num_workers=2) as first:
+        it = iter(first)
+        next(it)
+        state = first.state_dict()
+    with DataLoader(address, "split", batch_size=2, num_workers=3) as second:
+        with pytest.raises(ValueError, match="num_workers"):
+            second.load_state_dict(state)
+
+
+# -- 5. errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_error_mid_stream_is_torchs(address: str, transport: str) -> None:
+    """The dataset's iterator raises at two items and goes on: the batches holding them are
+    that error (its class, and a DatasetError), the loop goes on, as with torch's loader."""
+    theirs = outcomes(iter(torch_loader("raising", 2, 0, batch_size=2)))
+    with DataLoader(address, "raising", batch_size=2, num_workers=2, transport=transport) as loader:
+        ours = outcomes(iter(loader))
+    assert record(ours) == record(theirs)
+    errors = [o for o in ours if isinstance(o, BaseException)]
+    assert len(errors) == 2
+    assert all(isinstance(e, CorruptItem) and isinstance(e, DatasetError) for e in errors)
+
+
+def test_a_killed_worker_ends_its_stream_clearly(server: Server) -> None:
+    """Every worker killed mid-epoch: the stream ends with a DatasetError naming the kill; the
+    server goes on serving (the next epoch is torch's)."""
+    with DataLoader(server.address, "slow", batch_size=2, num_workers=2, prefetch_factor=2) as loader:
+        it = iter(loader)
+        next(it)
+        for pid in server.pool.worker_pids():
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(DatasetError, match="killed by SIGKILL"):
+            for _ in it:
+                pass
+    expected = record(outcomes(iter(torch_loader("split", 2, 4, batch_size=3))))
+    with DataLoader(server.address, "split", batch_size=3, num_workers=2, seed=4) as loader:
+        assert record(outcomes(iter(loader))) == expected
