@@ -237,6 +237,8 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
         iterable=iterable,
         places=tuple((p.batches, p.state) for p in req.places),
     )
+    if not iterable:  # what a map-style stream's consumers must agree on leaves it out
+        the_plan = replace(the_plan, num_iterators=0, base_seed=0, next_iterator=0)
     if req.mode == _pb2.MODE_INDEPENDENT:
         return the_plan
     # What every consumer of a job must agree on: those of the plan's settings.

@@ -27,7 +27,7 @@ from batchferry.server import Server
 
 import iterable_data
 from iterable_data import CorruptItem
-from support import outcomes
+from support import outcomes, read_concurrently
 
 DATASETS = iterable_data.datasets()
 TRANSPORTS = ["grpc", "shm"]
@@ -39,9 +39,14 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def address() -> Iterator[str]:
+def shared_server() -> Iterator[Server]:
     with Server(DATASETS, host="127.0.0.1", port=0, num_workers=2) as srv:
-        yield srv.address
+        yield srv
+
+
+@pytest.fixture
+def address(shared_server: Server) -> str:
+    return shared_server.address
 
 
 @pytest.fixture
@@ -197,6 +202,35 @@ def test_sharded_ranks_each_get_their_stream(address: str, transport: str) -> No
         assert record(mine[0]) == record(expected[0])
         got.append({int(item[0]) for batch in mine[0] for item in batch[0]})
     assert got[0].isdisjoint(got[1]) and got[0] | got[1] == set(range(iterable_data.N))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_shared_job_builds_one_stream_for_all(shared_server: Server, transport: str) -> None:
+    """Two consumers of a shared job get the same epoch, torch's with the generator seeded
+    ``seed``, each batch built once for both."""
+    expected = record(epochs(torch_loader("split", 2, 6, batch_size=2), 1)[0])
+    built = shared_server.service.batches_built if shared_server.service else 0
+    loaders = [
+        DataLoader(
+            shared_server.address,
+            "split",
+            batch_size=2,
+            num_workers=2,
+            mode="shared",
+            job=f"shared-{transport}",
+            seed=6,
+            transport=transport,
+        )
+        for _ in range(2)
+    ]
+    try:
+        got = read_concurrently(loaders)
+    finally:
+        for loader in loaders:
+            loader.close()
+    assert record(got[0]) == record(got[1]) == expected
+    assert shared_server.service is not None
+    assert shared_server.service.batches_built - built == len(expected)
 
 
 # -- 4. resume -------------------------------------------------------------------------------
