@@ -189,7 +189,9 @@ class Epoch:
             any_order=not self._config.in_order and self._config.mode != "dynamic",
             client_batches=self.indices is not None,
             base_seed=self.base_seed,
-            places=[_pb2.IteratorPlace(batches=b, state=s) for b, s in self.places] if self.taken else [],
+            places=[_pb2.IteratorPlace(batches=b, state=s) for b, s in self.places]
+            if self.iterable and self.taken
+            else [],
             next_iterator=self.next_iterator,
         )
 

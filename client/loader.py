@@ -363,7 +363,7 @@ class DataLoader(Generic[_T_co]):
         if gen is not None and self._initial_state is not None and epoch != self._epoch:
             gen.set_state(self._initial_state)
             for _ in range(epoch):
-                sampling.replay_epoch(gen, len(self._dataset), self.config.shuffle)
+                sampling.replay_epoch(gen, self._connection.dataset_length, self.config.shuffle)
         self._epoch = epoch
 
     def state_dict(self) -> dict[str, Any]:

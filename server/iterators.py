@@ -164,7 +164,12 @@ class HostedIterators:
                 copy.load_state_dict(torch.load(io.BytesIO(step.state), weights_only=True))
             hosted.iterator = iter(copy)
             for _ in range(step.skip):  # replay: what the client took before, dropped
-                _fetch(hosted, step.batch_size, step.drop_last)
+                try:
+                    _fetch(hosted, step.batch_size, step.drop_last)
+                except Exhausted:
+                    break
+                except Exception:  # a batch that failed: its error was raised then
+                    continue
         self.hosted[(step.key, step.iterator)] = hosted
         return hosted
 

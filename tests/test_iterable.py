@@ -132,6 +132,20 @@ def test_len_is_torchs(address: str, batch_size: int | None, drop_last: bool) ->
     assert "len" in str(raised.value)
 
 
+def test_the_dataset_handle_is_torchs(address: str) -> None:
+    """loader.dataset: no sample by index, no len() without __len__, as the dataset itself."""
+    dataset = DATASETS["split"]
+    with pytest.raises(NotImplementedError):
+        dataset[0]
+    with pytest.raises(TypeError):
+        len(dataset)
+    with DataLoader(address, "split") as ours:
+        with pytest.raises(NotImplementedError):
+            ours.dataset[0]
+        with pytest.raises(TypeError):
+            len(ours.dataset)
+
+
 def test_a_wrong_len_warns_as_torch_warns(address: str) -> None:
     """A dataset whose __len__ says 5 but yields 23 items: torch warns past the 5th batch."""
 
@@ -236,14 +250,22 @@ def test_shared_job_builds_one_stream_for_all(shared_server: Server, transport: 
 # -- 4. resume -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "stop_at"), [("counter", 1), ("counter", 4), ("split", 1), ("split", 5)])
+@pytest.mark.parametrize(
+    ("name", "stop_at"), [("counter", 1), ("counter", 4), ("split", 1), ("split", 5), ("raising", 5)]
+)
 def test_resume_mid_epoch_continues_torchs_epoch(address: str, name: str, stop_at: int) -> None:
-    """Resumed after ``stop_at`` batches (a Stateful dataset from its saved states, another
-    by replaying): the rest of the epoch and the next one are torch's uninterrupted run."""
+    """Resumed after ``stop_at`` batches (a Stateful dataset from its saved states, others by
+    replaying, past a batch that raised too): the rest of the epoch and the next one are
+    torch's uninterrupted run."""
     expected = [record(e) for e in epochs(torch_loader(name, 2, 9, batch_size=2), 2)]
     first = DataLoader(address, name, batch_size=2, num_workers=2, seed=9)
     it = iter(first)
-    partial = [next(it) for _ in range(stop_at)]
+    partial: list[Any] = []
+    for _ in range(stop_at):
+        try:
+            partial.append(next(it))
+        except DatasetError as exc:
+            partial.append(exc)
     state = pickle.loads(pickle.dumps(first.state_dict()))
     first.close()
     saved = state["iterators"]["states"]
@@ -251,8 +273,8 @@ def test_resume_mid_epoch_continues_torchs_epoch(address: str, name: str, stop_a
 
     with DataLoader(address, name, batch_size=2, num_workers=2, seed=1234) as second:
         second.load_state_dict(state)
-        assert record(partial + list(second)) == expected[0]
-        assert record(list(second)) == expected[1]
+        assert record(partial + outcomes(iter(second))) == expected[0]
+        assert record(outcomes(iter(second))) == expected[1]
 
 
 def test_resume_needs_the_same_num_workers(address: str) -> None:
