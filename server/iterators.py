@@ -46,8 +46,6 @@ __all__ = [
     "is_iterable",
 ]
 
-_MAX_HOSTED = 1024  # iterators one process keeps (those of ended streams go first)
-
 
 class ShardInfo(NamedTuple):
     """The consumer a stream's iterators serve: rank ``rank`` of ``world_size`` (1 outside sharded mode)."""
@@ -107,7 +105,8 @@ class _Hosted:
 @dataclass
 class HostedIterators:
     """The iterators one process hosts, by (stream key, iterator); ``live(key)`` says
-    whether a stream is still open (those of closed streams are dropped)."""
+    whether a stream is still open (those of closed streams are dropped). How many there
+    are is bounded where streams and jobs are: max_iterators per stream or shared job epoch."""
 
     hosted: dict[tuple[tuple[int, int], int], _Hosted] = field(default_factory=dict)
 
@@ -135,8 +134,6 @@ class HostedIterators:
         return hosted.last
 
     def _open(self, dataset: Any, step: IterStep) -> _Hosted:
-        while len(self.hosted) >= _MAX_HOSTED:
-            del self.hosted[next(iter(self.hosted))]
         # A copy per iterator, as torch pickles the dataset to each worker process.
         copy = pickle.loads(pickle.dumps(dataset))
         seed = step.base_seed + step.iterator

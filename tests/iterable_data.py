@@ -149,6 +149,11 @@ class Slow(IterableDataset[Any]):
             yield torch.tensor([i, os.getpid()])
 
 
+def split() -> Split:
+    """For ``batchferry serve --dataset split=python:iterable_data:split``."""
+    return Split()
+
+
 def datasets() -> dict[str, Any]:
     return {
         "split": Split(),

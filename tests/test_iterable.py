@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import threading
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,13 +23,14 @@ import torch
 from torch.utils.data import BatchSampler, SequentialSampler
 from torch.utils.data import DataLoader as TorchLoader
 
+from batchferry import shm
 from batchferry.client import DataLoader
 from batchferry.errors import DatasetError
 from batchferry.server import Server
 
 import iterable_data
 from iterable_data import CorruptItem
-from support import outcomes, read_concurrently
+from support import ServeProcess, outcomes, read_concurrently
 
 DATASETS = iterable_data.datasets()
 TRANSPORTS = ["grpc", "shm"]
@@ -47,13 +50,6 @@ def shared_server() -> Iterator[Server]:
 @pytest.fixture
 def address(shared_server: Server) -> str:
     return shared_server.address
-
-
-@pytest.fixture
-def server() -> Iterator[Server]:
-    """A server of its own, for a test that kills its workers."""
-    with Server(DATASETS, host="127.0.0.1", port=0, num_workers=2) as srv:
-        yield srv
 
 
 def torch_loader(name: str, num_workers: int, seed: int, **kwargs: Any) -> TorchLoader[Any]:
@@ -287,6 +283,31 @@ def test_resume_needs_the_same_num_workers(address: str) -> None:
             second.load_state_dict(state)
 
 
+def test_a_python_spec_continues_across_a_server_restart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``batchferry serve`` of a ``python:`` spec (one worker process hosting both iterators),
+    killed mid-epoch and started again: the loader reconnects with where each iterator is,
+    and the epoch is torch's, nothing lost or repeated."""
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    )
+    expected = record(outcomes(iter(torch_loader("split", 2, 8, batch_size=2))))
+    server = ServeProcess("split=python:iterable_data:split")
+    server.start()
+    try:
+        with DataLoader(server.address, "split", batch_size=2, num_workers=2, seed=8, timeout=30) as loader:
+            it = iter(loader)
+            got = [next(it) for _ in range(3)]
+            server.kill()
+            restart = threading.Timer(1.0, server.start)  # away for a while
+            restart.start()
+            got += list(it)
+            restart.join()
+    finally:
+        server.stop()
+        shm.remove_stale()  # what the killed server left
+    assert record(got) == expected
+
+
 # -- 5. errors ---------------------------------------------------------------------------------
 
 
@@ -303,9 +324,10 @@ def test_an_error_mid_stream_is_torchs(address: str, transport: str) -> None:
     assert all(isinstance(e, CorruptItem) and isinstance(e, DatasetError) for e in errors)
 
 
-def test_a_killed_worker_ends_its_stream_clearly(server: Server) -> None:
+def test_a_killed_worker_ends_its_stream_clearly(shared_server: Server) -> None:
     """Every worker killed mid-epoch: the stream ends with a DatasetError naming the kill; the
     server goes on serving (the next epoch is torch's)."""
+    server = shared_server
     with DataLoader(server.address, "slow", batch_size=2, num_workers=2, prefetch_factor=2) as loader:
         it = iter(loader)
         next(it)
