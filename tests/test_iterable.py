@@ -9,6 +9,8 @@ which a server cannot share: then only the items are compared).
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import os
 import pickle
 import signal
@@ -18,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import torch
 from torch.utils.data import BatchSampler, SequentialSampler
@@ -26,7 +29,10 @@ from torch.utils.data import DataLoader as TorchLoader
 from batchferry import shm
 from batchferry.client import DataLoader
 from batchferry.errors import DatasetError
-from batchferry.server import Server
+from batchferry.server import Server, parse_spec
+from batchferry.server.plan import Catalog, plan
+from batchferry.server.status import Abort
+from batchferry.v1 import loader_pb2 as _pb2
 
 import iterable_data
 from iterable_data import CorruptItem
@@ -179,6 +185,49 @@ def test_dynamic_mode_is_refused(address: str) -> None:
     with DataLoader(address, "split", mode="dynamic", job="dyn", rank=0, world_size=1) as ours:
         with pytest.raises(ValueError, match="IterableDataset has no indices"):
             iter(ours)
+
+
+def test_the_server_refuses_them_too() -> None:
+    """The server's own checks of a stream of an IterableDataset (whatever the client)."""
+    catalog = Catalog(
+        {"it": 0}, frozenset({"default"}), 1 << 20, iterables=frozenset({"it"}), max_iterators=4
+    )
+    ok = {"dataset": "it", "batch_size": 2, "credits": 2}
+    assert plan(_pb2.OpenStream(**ok, num_iterators=4), catalog).iterable
+    for fields, says in [
+        ({"shuffle": True, "sampler_state": b"x"}, "shuffle"),
+        ({"client_batches": True}, "sampler"),
+        ({"mode": _pb2.MODE_DYNAMIC, "job": "j", "world_size": 1}, "dynamic"),
+        ({"any_order": True}, "any_order"),
+        ({"stripes": 2}, "stripes"),
+        ({"num_iterators": 5}, "max_iterators"),
+        ({"num_iterators": 2, "places": [_pb2.IteratorPlace()]}, "one per iterator"),
+        ({"next_iterator": 1}, "next_iterator"),
+    ]:
+        with pytest.raises(Abort, match=says) as refused:
+            plan(_pb2.OpenStream(**ok, **fields), catalog)
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    replicas = dataclasses.replace(catalog, replicas=2)
+    with pytest.raises(Abort, match="one server") as refused:
+        plan(_pb2.OpenStream(**ok, num_replicas=2), replicas)
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_specs_and_entry_points_may_give_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``python:`` spec, and a kind an entry point declares, may return an IterableDataset."""
+    site = tmp_path / "site"
+    (site / "streams_pkg").mkdir(parents=True)
+    (site / "streams_pkg" / "__init__.py").write_text(
+        "from iterable_data import Split\n\ndef from_spec(rest):\n    return Split(int(rest))\n"
+    )
+    info = site / "streams_pkg-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: streams-pkg\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[batchferry.datasets]\nmystream = streams_pkg:from_spec\n")
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    assert parse_spec("mystream:5").n == 5
+    assert isinstance(parse_spec("python:iterable_data:split"), iterable_data.Split)
 
 
 # -- 3. jobs -------------------------------------------------------------------------------
