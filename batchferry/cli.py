@@ -132,7 +132,11 @@ def _datasets(args: argparse.Namespace) -> int:
             "server_id": reply.server_id,
         }, indent=2))  # fmt: skip
         return 0
-    rows = [[d.name, f"{d.length:,}", d.sample_structure] for d in reply.datasets]
+    # An IterableDataset without __len__ has no number of samples to show.
+    rows = [
+        [d.name, "(iterable)" if d.iterable and not d.sized else f"{d.length:,}", d.sample_structure]
+        for d in reply.datasets
+    ]
     print(_table(["NAME", "SAMPLES", "SAMPLE STRUCTURE"], rows, numeric=[1]))
     if reply.num_replicas > 1:
         print(f"\nreplica {reply.replica_index} of {reply.num_replicas}: it serves batches b with "

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import BatchSampler, SequentialSampler
 from torch.utils.data import DataLoader as TorchLoader
 
-from batchferry import shm
+from batchferry import cli, shm
 from batchferry.client import DataLoader
 from batchferry.errors import DatasetError
 from batchferry.server import Server, parse_spec
@@ -185,6 +185,12 @@ def test_dynamic_mode_is_refused(address: str) -> None:
     with DataLoader(address, "split", mode="dynamic", job="dyn", rank=0, world_size=1) as ours:
         with pytest.raises(ValueError, match="IterableDataset has no indices"):
             iter(ours)
+
+
+def test_batchferry_datasets_lists_them(address: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["datasets", address]) == 0
+    rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["split"] == "(iterable)" and rows["sized"] == str(len(DATASETS["sized"]))
 
 
 def test_the_server_refuses_them_too() -> None:
