@@ -97,7 +97,8 @@ class _Hosted:
     shard: ShardInfo
     rng: tuple[Any, torch.Tensor, Any]  # random, torch and numpy states between steps
     next_step: int = 0
-    last: tuple[Any, bytes] | None = None  # the last step's batch, for its retry in a larger slot
+    # Steps whose batch outgrew its slot, by step: built again from the same items.
+    kept: dict[int, tuple[Any, bytes]] = field(default_factory=dict)
     ended: bool = False
     stateful: bool = False
 
@@ -122,16 +123,22 @@ class HostedIterators:
                     "replaced): the stream cannot go on; resume from the loader's state_dict()"
                 )
             hosted = self._open(dataset, step)
-        if hosted.last is not None and step.step == hosted.next_step - 1:
-            return hosted.last  # the batch outgrew its slot: built again from the same samples
+        kept = hosted.kept.pop(step.step, None)
+        if kept is not None:
+            return kept
         if hosted.next_step != step.step:
             raise RuntimeError(f"iterator {step.iterator}: step {step.step} asked, {hosted.next_step} due")
         hosted.next_step += 1
-        hosted.last = None
         with _running(hosted):
             samples = _fetch(hosted, step.batch_size, step.drop_last)
-            hosted.last = samples, _state_of(hosted)
-        return hosted.last
+            return samples, _state_of(hosted)
+
+    def keep(self, step: IterStep, batch: tuple[Any, bytes]) -> None:
+        """The step's batch outgrew its slot: its retry gets the same items (steps after it
+        may have run meanwhile, so the iterator cannot simply give them again)."""
+        hosted = self.hosted.get((step.key, step.iterator))
+        if hosted is not None:
+            hosted.kept[step.step] = batch
 
     def _open(self, dataset: Any, step: IterStep) -> _Hosted:
         # A copy per iterator, as torch pickles the dataset to each worker process.

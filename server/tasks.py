@@ -129,8 +129,11 @@ class TaskRunner:
             if task.iterable is not None:
                 samples, state = self._iterators.step(ds, task.iterable)
                 writer.start_batch(task.limit)
-                batch = run_collate(collate, samples, writer)
-                layout = encode(batch, writer).SerializeToString()
+                try:
+                    layout = encode(run_collate(collate, samples, writer), writer).SerializeToString()
+                except SlotOverflow:
+                    self._iterators.keep(task.iterable, (samples, state))
+                    raise
                 took = time.perf_counter() - start
                 return Result(task.task_id, "ok", (layout,), seconds=took, iterator_state=state)
             sizes = task.sizes or (len(task.indices),)

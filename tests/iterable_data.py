@@ -137,6 +137,20 @@ class _RaisingIterator:
         return torch.tensor([i, i * i])
 
 
+class Growing(IterableDataset[Any]):
+    """Items 0..n-1 split by worker, the first four small and the rest of 1.6 MB: a batch
+    outgrows the slot sized from the first item, and is built again in a larger one."""
+
+    def __init__(self, n: int = 12) -> None:
+        self.n = n
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        w, count = (info.id, info.num_workers) if info is not None else (0, 1)
+        for i in range(w, self.n, count):
+            yield torch.full((1 if i < 4 else 400_000,), float(i))
+
+
 class Slow(IterableDataset[Any]):
     """Items 0..n-1, ``delay`` seconds each: an epoch long enough to kill a worker in."""
 
@@ -164,5 +178,6 @@ def datasets() -> dict[str, Any]:
         "counter": Counter(),
         "raising": Raising(),
         "slow": Slow(),
+        "growing": Growing(),
         "ranked": Split(by_rank=True),
     }

@@ -111,6 +111,14 @@ def test_epochs_are_torchs(
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_batch_that_outgrows_its_slot_is_not_lost(address: str, transport: str) -> None:
+    """Built again in a larger slot from the same items: the iterator does not move on."""
+    theirs = record(outcomes(iter(torch_loader("growing", 2, 0, batch_size=2))))
+    with DataLoader(address, "growing", batch_size=2, num_workers=2, transport=transport) as ours:
+        assert record(outcomes(iter(ours))) == theirs
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_without_workers_or_batching(address: str, transport: str) -> None:
     """num_workers=0 (one iterator, no worker info) and batch_size=None (items one by one)."""
     for kwargs in ({"batch_size": 4}, {"batch_size": None}):
