@@ -34,6 +34,11 @@ class RemoteDataset(Dataset[Any]):
         return self._connection.dataset_length
 
     @property
+    def iterable(self) -> bool:
+        """Whether the served dataset is an IterableDataset (docs/iterable.md)."""
+        return bool(self._connection.dataset_info().iterable)
+
+    @property
     def sample_structure(self) -> str:
         """One sample's structure as the server describes it, e.g. ``(Tensor[float32, 3], int)``."""
         return self._connection.dataset_info().sample_structure

@@ -142,6 +142,16 @@ def test_len_is_torchs(address: str, batch_size: int | None, drop_last: bool) ->
     assert "len" in str(raised.value)
 
 
+@pytest.mark.parametrize("batch_size", [3, None])
+def test_samplers_are_torchs(address: str, batch_size: int | None) -> None:
+    theirs = torch_loader("split", 0, 0, batch_size=batch_size)
+    with DataLoader(address, "split", batch_size=batch_size) as ours:
+        assert type(ours.sampler) is type(theirs.sampler)
+        assert type(ours.batch_sampler) is type(theirs.batch_sampler)
+        if batch_size is not None:
+            assert next(iter(ours.batch_sampler)) == next(iter(theirs.batch_sampler))
+
+
 def test_the_dataset_handle_is_torchs(address: str) -> None:
     """loader.dataset: no sample by index, no len() without __len__, as the dataset itself."""
     dataset = DATASETS["split"]
