@@ -11,7 +11,8 @@ torch gives a worker:
   torch's loading in the main process);
 * the RNGs torch seeds (``random``, ``torch``, ``numpy``), seeded as torch seeds them
   and kept per iterator: several iterators share a process, each sees only its own
-  draws;
+  draws (the process's RNGs are swapped when another iterator, or a map-style batch,
+  runs in between: a few hundred microseconds);
 * :func:`get_shard_info`: the stream's rank and world size (sharded mode).
 
 Each step builds the iterator's next batch as torch's fetcher does (``batch_size``
@@ -110,6 +111,9 @@ class HostedIterators:
     are is bounded where streams and jobs are: max_iterators per stream or shared job epoch."""
 
     hosted: dict[tuple[tuple[int, int], int], _Hosted] = field(default_factory=dict)
+    # The iterator whose RNG states the process's RNGs hold now (its ``rng`` is stale): they
+    # are swapped only when another iterator, or anything else, runs in between.
+    owner: _Hosted | None = None
 
     def step(self, dataset: Any, step: IterStep) -> tuple[Any, bytes]:
         """The next batch's samples (a list; one item with batch_size None) and the
@@ -129,7 +133,7 @@ class HostedIterators:
         if hosted.next_step != step.step:
             raise RuntimeError(f"iterator {step.iterator}: step {step.step} asked, {hosted.next_step} due")
         hosted.next_step += 1
-        with _running(hosted):
+        with self._running(hosted):
             samples = _fetch(hosted, step.batch_size, step.drop_last)
             return samples, _state_of(hosted)
 
@@ -149,6 +153,7 @@ class HostedIterators:
             if step.num_workers
             else None
         )
+        self.release()  # seeding takes the process's RNGs: the owner's states go back first
         saved = _rng_state()
         try:
             random.seed(seed)
@@ -161,7 +166,7 @@ class HostedIterators:
         hosted.stateful = callable(getattr(copy, "state_dict", None)) and callable(
             getattr(copy, "load_state_dict", None)
         )
-        with _running(hosted):
+        with self._running(hosted):
             if step.state:
                 if not hosted.stateful:
                     raise ValueError("a saved iterator state for a dataset without load_state_dict()")
@@ -180,7 +185,30 @@ class HostedIterators:
     def prune(self, live: Any) -> None:
         """Drop the iterators of streams that have ended."""
         for key in [k for k in self.hosted if not live(k[0])]:
-            del self.hosted[key]
+            if self.hosted.pop(key) is self.owner:
+                self.owner = None
+
+    def release(self) -> None:
+        """Something else is to run in this process: the owner's RNG states go back to it."""
+        if self.owner is not None:
+            self.owner.rng = _rng_state()
+            self.owner = None
+
+    @contextlib.contextmanager
+    def _running(self, hosted: _Hosted) -> Iterator[None]:
+        """Run the iterator's code as in its own torch worker: its worker info, shard and RNGs."""
+        global _shard
+        if self.owner is not hosted:
+            self.release()
+            _set_rng(hosted.rng)
+            self.owner = hosted
+        _torch_worker._worker_info = hosted.info
+        _shard = hosted.shard
+        try:
+            yield
+        finally:
+            _torch_worker._worker_info = None
+            _shard = ShardInfo(0, 1)
 
 
 def host_of(step: IterStep, processes: int) -> int:
@@ -216,23 +244,6 @@ def _state_of(hosted: _Hosted) -> bytes:
     buffer = io.BytesIO()
     torch.save(hosted.dataset.state_dict(), buffer)
     return buffer.getvalue()
-
-
-@contextlib.contextmanager
-def _running(hosted: _Hosted) -> Iterator[None]:
-    """Run the iterator's code as in its own torch worker: its worker info, shard and RNGs."""
-    global _shard
-    saved = _rng_state()
-    _set_rng(hosted.rng)
-    _torch_worker._worker_info = hosted.info
-    _shard = hosted.shard
-    try:
-        yield
-    finally:
-        hosted.rng = _rng_state()
-        _torch_worker._worker_info = None
-        _shard = ShardInfo(0, 1)
-        _set_rng(saved)
 
 
 def _rng_state() -> tuple[Any, torch.Tensor, Any]:

@@ -136,6 +136,7 @@ class TaskRunner:
                     raise
                 took = time.perf_counter() - start
                 return Result(task.task_id, "ok", (layout,), seconds=took, iterator_state=state)
+            self._iterators.release()  # a map-style batch draws from the process's own RNGs
             sizes = task.sizes or (len(task.indices),)
             at = 0
             for size in sizes:

@@ -110,6 +110,27 @@ def test_epochs_are_torchs(
     assert torch.equal(generator.get_state(), theirs.generator.get_state())
 
 
+def test_iterators_sharing_processes_keep_their_own_rngs(address: str) -> None:
+    """Two loaders read in turn, batch by batch: five iterators on the server's two
+    processes, each drawing only from its own RNGs, so each epoch is still torch's."""
+    cases = [("split", 3, 1), ("whole", 2, 2)]
+    expected = [record(outcomes(iter(torch_loader(name, w, seed, batch_size=2)))) for name, w, seed in cases]
+    loaders = [DataLoader(address, name, batch_size=2, num_workers=w, seed=seed) for name, w, seed in cases]
+    try:
+        iters = {k: iter(loader) for k, loader in enumerate(loaders)}
+        got: list[list[Any]] = [[] for _ in cases]
+        while iters:
+            for k, it in list(iters.items()):
+                try:
+                    got[k].append(next(it))
+                except StopIteration:
+                    del iters[k]
+    finally:
+        for loader in loaders:
+            loader.close()
+    assert [record(g) for g in got] == expected
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_batch_that_outgrows_its_slot_is_not_lost(address: str, transport: str) -> None:
     """Built again in a larger slot from the same items: the iterator does not move on."""
