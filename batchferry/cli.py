@@ -276,6 +276,11 @@ def _bench(args: argparse.Namespace) -> int:
             reps=args.reps, num_workers=args.num_workers, out=Path(args.out or RESULTS), scale=args.scale,
             rates=rates,
         )  # fmt: skip
+    if "ITER" in ids:
+        from batchferry.benchmarks.iterable import main as iterable_main
+
+        ids.remove("ITER")
+        iterable_main(reps=args.reps, num_workers=args.num_workers, out=Path(args.out or RESULTS))
     if "G1" in ids:
         from batchferry.benchmarks.gpu import main as gpu_main
 
@@ -368,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         "SCALE (replicas), MEM (memory bounds), NET (a client on another network host, needs root), "
         "NETZ (W2 and W4T to another host with and without compression, needs root), "
         "HOSTILE (budgets under hostile clients), BYTES (byte stream by stripe count), "
+        "ITER (an IterableDataset), "
         "G1 and G2 (need CUDA), or all (the harness's workloads)",
     )
     bench.add_argument("--reps", type=int, default=3)
