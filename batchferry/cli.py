@@ -132,7 +132,11 @@ def _datasets(args: argparse.Namespace) -> int:
             "server_id": reply.server_id,
         }, indent=2))  # fmt: skip
         return 0
-    rows = [[d.name, f"{d.length:,}", d.sample_structure] for d in reply.datasets]
+    # An IterableDataset without __len__ has no number of samples to show.
+    rows = [
+        [d.name, "(iterable)" if d.iterable and not d.sized else f"{d.length:,}", d.sample_structure]
+        for d in reply.datasets
+    ]
     print(_table(["NAME", "SAMPLES", "SAMPLE STRUCTURE"], rows, numeric=[1]))
     if reply.num_replicas > 1:
         print(f"\nreplica {reply.replica_index} of {reply.num_replicas}: it serves batches b with "
@@ -281,6 +285,11 @@ def _bench(args: argparse.Namespace) -> int:
             reps=args.reps, num_workers=args.num_workers, out=Path(args.out or RESULTS), scale=args.scale,
             rates=rates,
         )  # fmt: skip
+    if "ITER" in ids:
+        from batchferry.benchmarks.iterable import main as iterable_main
+
+        ids.remove("ITER")
+        iterable_main(reps=args.reps, num_workers=args.num_workers, out=Path(args.out or RESULTS))
     if "G1" in ids:
         from batchferry.benchmarks.gpu import main as gpu_main
 
@@ -373,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         "SCALE (replicas), MEM (memory bounds), NET (a client on another network host, needs root), "
         "NETZ (W2 and W4T to another host with and without compression, needs root), "
         "HOSTILE (budgets under hostile clients), BYTES (byte stream by stripe count), "
+        "ITER (an IterableDataset), "
         "G1 and G2 (need CUDA), or all (the harness's workloads)",
     )
     bench.add_argument("--reps", type=int, default=3)

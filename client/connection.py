@@ -153,6 +153,8 @@ class Connection:
             return self.config.streams
         if self.config.mode not in ("independent", "sharded") or self.transport == "shm":
             return 1
+        if self.dataset_info().iterable:
+            return 1  # one stream carries the iterators' round robin
         return _BYTE_STREAMS
 
     def credits_for(self, parts: int) -> int:

@@ -28,7 +28,15 @@ class RemoteDataset(Dataset[Any]):
         self._connection = connection
 
     def __len__(self) -> int:
+        info = self._connection.dataset_info()
+        if info.iterable and not info.sized:
+            raise TypeError(f"dataset {self.name!r} is an IterableDataset without __len__")
         return self._connection.dataset_length
+
+    @property
+    def iterable(self) -> bool:
+        """Whether the served dataset is an IterableDataset (docs/iterable.md)."""
+        return bool(self._connection.dataset_info().iterable)
 
     @property
     def sample_structure(self) -> str:
@@ -38,6 +46,10 @@ class RemoteDataset(Dataset[Any]):
     def __getitem__(self, index: int) -> Any:
         """Sample ``index`` (negative counts from the end), fetched from the server;
         IndexError out of range, as for a list (so iterating the handle stops at the end)."""
+        if self._connection.dataset_info().iterable:
+            raise NotImplementedError(
+                f"dataset {self.name!r} is an IterableDataset: it has no samples by index, as in torch"
+            )
         if isinstance(index, bool) or not hasattr(index, "__index__"):
             raise TypeError(f"dataset indices must be integers, got {type(index).__name__}")
         index = index.__index__()

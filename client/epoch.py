@@ -12,6 +12,7 @@ server can build them in groups).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from batchferry import sampling
+from batchferry.errors import ProtocolError
 from batchferry.v1 import loader_pb2 as _pb2
 
 from .connection import Connection
@@ -51,6 +53,11 @@ class EpochStart:
     # The generator the order is drawn from, when it may move before the first next().
     redraw: torch.Generator | None = None
     consumed: bytes = b""  # sharded, resized: the order's positions earlier worlds took
+    # An IterableDataset: its workers' base seed, and where a resumed epoch's iterators are
+    # (per iterator: batches taken, its dataset's saved state) and which one goes next.
+    base_seed: int = 0
+    places: tuple[tuple[int, bytes], ...] = ()
+    next_iterator: int = 0
 
 
 class Epoch:
@@ -67,6 +74,7 @@ class Epoch:
         length: Callable[[], int],
         log_stats: Callable[[float], None],
         began: float | None = None,
+        len_called: Callable[[], int | None] = lambda: None,
     ) -> None:
         config = connection.config
         self._config = config
@@ -82,6 +90,14 @@ class Epoch:
         self.indices = start.indices
         self.consumed = start.consumed
         self.finished = False
+        # An IterableDataset: its epoch ends where its iterators do; what was taken of each.
+        self.iterable = bool(connection.dataset_info().iterable)
+        self.base_seed = start.base_seed
+        count = max(1, config.num_workers)
+        self.places = list(start.places) if start.places else [(0, b"")] * count
+        self.next_iterator = start.next_iterator
+        self._len_called = len_called  # torch warns past the length len(loader) reported
+        self._yielded = 0
         self._merge: Merge = (
             AnyOrder(start.done, config.timeout)
             if config.any_order
@@ -144,11 +160,15 @@ class Epoch:
         return f"epoch {self.epoch}, after batch {self.taken}"
 
     def _epoch_length(self) -> float:
+        if self.iterable:
+            return float("inf")
         if self.indices is not None:
             return self.indices.total if self.indices.total is not None else float("inf")
         return self._num_batches
 
     def _sampler_total(self) -> int | None:
+        if self.iterable:
+            return self.taken  # its stream's end is the epoch's
         return self.indices.total if self.indices is not None else None
 
     def _request(self, j: int) -> _pb2.OpenStream:
@@ -171,6 +191,11 @@ class Epoch:
             any_order=not self._config.in_order and self._config.mode != "dynamic",
             client_batches=self.indices is not None,
             consumed=self.consumed,
+            base_seed=self.base_seed,
+            places=[_pb2.IteratorPlace(batches=b, state=s) for b, s in self.places]
+            if self.iterable and self.taken
+            else [],
+            next_iterator=self.next_iterator,
         )
 
     # -- the caller's index lists ---------------------------------------------------------
@@ -257,6 +282,8 @@ class Epoch:
         taken = self._lists.pop(batch.index, None)
         if taken is not None:
             self._ahead_samples -= len(taken)
+        if self.iterable:
+            self._took_from(batch.iterator, batch.iterator_state)
         if batch.error is not None:  # taken (the next batch comes next), as the dataset's error
             raise batch.error
         data = batch.data
@@ -272,7 +299,36 @@ class Epoch:
         # Counted once the loop has it: a batch_transform that raised handed it nothing.
         self._stats.batches += 1
         self._stats.bytes += batch.nbytes
+        if self.iterable:
+            self._yielded += 1
+            self._warn_past_length()
         return data
+
+    def _took_from(self, iterator: int, state: bytes) -> None:
+        """An IterableDataset's batch is taken: its iterator's place moves on, and the next
+        batch comes from the next iterator (one that is exhausted the server skips)."""
+        if not 0 <= iterator < len(self.places):
+            raise ProtocolError(f"batch of iterator {iterator}, but the stream has {len(self.places)}")
+        batches, saved = self.places[iterator]
+        self.places[iterator] = (batches + 1, state or saved)
+        self.next_iterator = (iterator + 1) % len(self.places)
+
+    def _warn_past_length(self) -> None:
+        """torch's warning when an IterableDataset yields more than len(loader) reported."""
+        reported = self._len_called()
+        if reported is None or self._yielded <= reported:
+            return
+        message = (
+            f"Length of IterableDataset {self._connection.config.dataset!r} was reported to be {reported}"
+            f"(when accessing len(dataloader)), but {self._yielded} samples have been fetched. "
+        )
+        if self._config.num_workers > 0:
+            message += (
+                "For multiprocessing data-loading, this could be caused by not properly configuring the "
+                "IterableDataset replica at each worker. Please see "
+                "https://pytorch.org/docs/stable/data.html#torch.utils.data.IterableDataset for examples."
+            )
+        warnings.warn(message, stacklevel=4)
 
     def _last_draw(self) -> None:
         """torch's RandomSampler draws one more permutation, and discards it, when its indices

@@ -28,6 +28,9 @@ class Batch:
     last: bool = True
     # The dataset failed to build it: raise this in its place (``data`` is None).
     error: DatasetError | None = None
+    # An IterableDataset's batch: the iterator that made it, its dataset's state after it.
+    iterator: int = 0
+    iterator_state: bytes = b""
 
 
 def decode(header: _pb2.BatchHeader, payload: torch.Tensor) -> list[Batch]:
@@ -42,6 +45,7 @@ def decode(header: _pb2.BatchHeader, payload: torch.Tensor) -> list[Batch]:
             Batch(index, _layout.decode(layout, payload), nbytes=nbytes, frame=header.index, last=False)
         )
     batches[-1].last = True
+    batches[0].iterator, batches[0].iterator_state = header.iterator, header.iterator_state
     return batches
 
 
@@ -52,4 +56,4 @@ def failed(header: _pb2.BatchHeader, where: str) -> Batch:
         raise ValueError(f"batch {header.index}: an error frame carries no layout, payload or slot")
     error = header.error
     exc = dataset_error(error.type, error.message, error.traceback, where)
-    return Batch(header.index, None, frame=header.index, error=exc)
+    return Batch(header.index, None, frame=header.index, error=exc, iterator=header.iterator)

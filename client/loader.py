@@ -21,6 +21,7 @@ import os
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any, Generic
 
 import grpc
@@ -29,7 +30,7 @@ from torch.utils.data import Sampler
 from typing_extensions import TypeVar
 
 from batchferry import cleanup, sampling
-from batchferry.errors import ServerSideWarning
+from batchferry.errors import InvalidArgument, ServerSideWarning
 from batchferry.security import ClientSecurity
 from batchferry.warn import warn
 
@@ -193,6 +194,8 @@ class DataLoader(Generic[_T_co]):
         self._seed_once = bool(persistent_workers) and bool(num_workers)
         self._warned = False
         self._iterated = False
+        self._last_base_seed = 0
+        self._len_called: int | None = None  # an IterableDataset's len(), once asked (torch's warning)
         # The generator the shuffle draws from: the one given, as torch's RandomSampler keeps it
         # when loader.generator is set anew (the base seed comes from loader.generator).
         self._order_generator = self.generator
@@ -244,13 +247,33 @@ class DataLoader(Generic[_T_co]):
         """The seed of job modes' orders (epoch e shuffles with seed + e)."""
         return self.config.seed
 
+    def _check_iterable(self) -> None:
+        """torch's refusals of arguments an IterableDataset cannot take (its ValueError, its words)."""
+        given = {
+            "shuffle": self._arguments["shuffle"],
+            "sampler": self._given_sampler,
+            "batch_sampler": self._given_batch_sampler,
+        }
+        for name, value in given.items():
+            if value is not None and value is not False:
+                raise InvalidArgument(
+                    "DataLoader with IterableDataset: expected unspecified "
+                    f"{name} option, but got {name}={value}"
+                )
+        if self.config.mode == "dynamic":
+            raise InvalidArgument(
+                "mode='dynamic' hands each batch index of an epoch to one consumer; an IterableDataset "
+                "has no indices: use mode='sharded' (each rank its own stream) or mode='shared'"
+            )
+
     def _warn_server_side(self) -> None:
         """One warning per loader for torch arguments the server decides."""
         if self._warned:
             return
         self._warned = True
         notes = []
-        if self.num_workers and self.num_workers != self._connection.server_workers:
+        iterable = self._connection.dataset_info().iterable  # num_workers iterators: honoured
+        if self.num_workers and self.num_workers != self._connection.server_workers and not iterable:
             notes.append(
                 f"num_workers={self.num_workers}: the server builds batches with its own "
                 f"{self._connection.server_workers} worker process(es) (batchferry serve --num-workers)"
@@ -284,7 +307,25 @@ class DataLoader(Generic[_T_co]):
         return self._connection.size
 
     def __len__(self) -> int:
-        """Batches per epoch (dynamic mode: of the whole job, an upper bound for one consumer)."""
+        """Batches per epoch (dynamic mode: of the whole job, an upper bound for one consumer).
+        An IterableDataset's as torch reckons it: TypeError without ``__len__``, else its
+        length in batches (a guess torch warns about when the epoch yields more)."""
+        info = self._connection.dataset_info()
+        if info.iterable:
+            self._check_iterable()
+            if not info.sized:
+                raise TypeError(
+                    f"dataset {self.config.dataset!r} is an IterableDataset without __len__: its loader "
+                    "has no len() either, as in torch"
+                )
+            self._len_called = length = int(info.length)  # what torch compares batches with
+            if self.config.unbatched:
+                return length
+            return (
+                length // self.config.batch_size
+                if self.config.drop_last
+                else -(-length // self.config.batch_size)
+            )
         if self._sampling is not None:
             return len(self._sampling)
         length = len(self._dataset)
@@ -332,7 +373,7 @@ class DataLoader(Generic[_T_co]):
         if gen is not None and self._initial_state is not None and epoch != self._epoch:
             gen.set_state(self._initial_state)
             for _ in range(epoch):
-                sampling.replay_epoch(gen, len(self._dataset), self.config.shuffle)
+                sampling.replay_epoch(gen, self._connection.dataset_length, self.config.shuffle)
         self._epoch = epoch
 
     def state_dict(self) -> dict[str, Any]:
@@ -343,6 +384,11 @@ class DataLoader(Generic[_T_co]):
         if resume is None and it is not None and not it.finished:
             start = it.indices.start.as_dict() if it.indices is not None else None
             resume = Resume(it.epoch, it.taken, it.sampler_state, it.done, start, it.consumed)
+            if it.iterable:
+                places = tuple(it.places)
+                resume = replace(
+                    resume, base_seed=it.base_seed, places=places, next_iterator=it.next_iterator
+                )
         # A loader that has not talked to its servers yet records no world (it has no epoch to map).
         world = self._world(ask=False) if self._connection.described else None
         return state_of(self.config, world, self._epoch, gen, resume)
@@ -399,6 +445,8 @@ class DataLoader(Generic[_T_co]):
         )
         global_rng = torch.get_rng_state()  # the caller's sampler may draw from it
         try:
+            if self._connection.dataset_info().iterable:
+                self._check_iterable()
             start = self._epoch_start()
             self.transport  # noqa: B018 - fails fast (NotFound, ServerUnavailable) before a stream opens
             check_length(self.config, self._saved_length, self._connection.dataset_length)
@@ -412,6 +460,7 @@ class DataLoader(Generic[_T_co]):
                 length=self.__len__,
                 log_stats=self._log_stats,
                 began=began,
+                len_called=lambda: self._len_called,
             )
         except BaseException:
             self._epoch, self._resume, gen_state = before
@@ -442,9 +491,14 @@ class DataLoader(Generic[_T_co]):
                 resume.done,
                 indices,
                 consumed=resume.consumed,
+                base_seed=resume.base_seed,
+                places=resume.places,
+                next_iterator=resume.next_iterator,
             )
         sampler_state = b""
         draw = not (self._seed_once and self._iterated)
+        if self._connection.dataset_info().iterable:
+            return EpochStart(self._epoch, 0, base_seed=self._base_seed(draw))
         if self._sampling is not None:
             indices = self._sampling.begin(self.generator, draw_base_seed=draw)
         elif self.config.mode == "independent":
@@ -452,6 +506,18 @@ class DataLoader(Generic[_T_co]):
             sampler_state = sampling.begin_iteration(self.generator, self.config.shuffle, draw, order)
         redraw = self._order_generator if sampler_state else None
         return EpochStart(self._epoch, 0, sampler_state, indices=indices, redraw=redraw)
+
+    def _base_seed(self, draw: bool) -> int:
+        """An IterableDataset's workers' base seed, drawn as torch draws it at ``iter()``: from the
+        loader's generator (else torch's global RNG); in job modes from ``seed + epoch``, the
+        same on every rank. Kept where torch keeps its workers (persistent_workers)."""
+        if not draw:
+            return self._last_base_seed
+        generator = self.generator
+        if self.config.mode != "independent":
+            generator = torch.Generator().manual_seed(self.config.seed + self._epoch)
+        self._last_base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
+        return self._last_base_seed
 
     def close(self) -> None:
         """End any iteration and release the connection and buffers. Idempotent; it

@@ -62,7 +62,8 @@ class InOrder:
                 continue
             batch = streams.next_from(j)
             if batch is None and self._sampler_total() == index:
-                break  # the caller's sampler ended exactly here
+                self._ended[j] = True
+                break  # the caller's sampler (or an IterableDataset) ended exactly here
             if not isinstance(batch, Batch) or batch.index != index:
                 got = f"batch {batch.index}" if isinstance(batch, Batch) else "the end of its stream"
                 raise ProtocolError(f"{streams.where(j)} sent {got} where batch {index} was due")

@@ -70,6 +70,8 @@ class LoaderConfig:
     receive_processes: bool = False  # each byte stream received by a process of its own
     # torch's batch_size=None: batches of one sample, collated by itself (no batch dimension).
     unbatched: bool = field(default=False, metadata=_wire("unbatched"))
+    # An IterableDataset is iterated by this many iterators, as torch's workers (docs/iterable.md).
+    num_workers: int = field(default=0, metadata=_wire("num_iterators"))
 
     @property
     def any_order(self) -> bool:
@@ -194,6 +196,7 @@ class LoaderConfig:
             compression=compression,
             receive_processes=a["receive_processes"],
             unbatched=unbatched,
+            num_workers=workers or 0,
         )
 
 

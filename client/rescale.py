@@ -81,6 +81,11 @@ def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
             raise InvalidArgument(f"merge_states: the states disagree on {key}: {', '.join(sorted(values))}")
     if {bool(s.get("in_epoch")) for s in states} == {False}:
         return dict(first)  # all at an epoch's end: nothing to merge
+    if any("iterators" in s for s in states):
+        raise InvalidArgument(
+            "merge_states: states of an IterableDataset cannot be merged (each iterator's place is its "
+            "own); resume each loader from its own state"
+        )
     if any("epoch_start" in s for s in states):
         raise InvalidArgument(
             "merge_states: states of loaders with their own sampler cannot be merged (only the "

@@ -48,6 +48,11 @@ class Resume:
     done: bytes = b""
     epoch_start: dict[str, Any] | None = None  # the caller's sampler: the RNG states to replay
     consumed: bytes = b""  # sharded, resized: the order's positions earlier worlds took
+    # An IterableDataset: its workers' base seed, per iterator the batches taken and its
+    # dataset's state_dict() after them (torch.save bytes; empty: replayed), the next iterator.
+    base_seed: int = 0
+    places: tuple[tuple[int, bytes], ...] = ()
+    next_iterator: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,13 @@ def state_of(
         state["done"] = resume.done
         if resume.epoch_start is not None:
             state["epoch_start"] = resume.epoch_start
+        if resume.places:
+            state["iterators"] = {
+                "base_seed": resume.base_seed,
+                "batches": [batches for batches, _ in resume.places],
+                "states": [saved for _, saved in resume.places],
+                "next": resume.next_iterator,
+            }
         state["in_epoch"] = True
         if resume.consumed:
             state["consumed"] = resume.consumed
@@ -149,6 +161,8 @@ def check_state(
         return epoch, gen_state, None
     batch, done = _in_terms_of(batch, done, config.any_order)
     resume = Resume(epoch, batch, sampler_state, done, epoch_start, consumed)
+    if "iterators" in state:
+        resume = _with_iterators(resume, state["iterators"], config.num_workers)
     if config.mode == "sharded":
         resume = _into_world(config, world, state, resume, client_sampler)
     return epoch, gen_state, resume
@@ -208,6 +222,12 @@ def _into_world(
             )
         return resume
     where = f"saved by a sharded job of {saved_world} ranks, loaded into one of {config.world_size}"
+    if resume.places:
+        raise InvalidArgument(
+            f"state_dict was {where}: an IterableDataset splits its stream among ranks its own way "
+            "(get_shard_info()), so an epoch of it continues only in the same world size; resume "
+            "at an epoch's end, or keep the world size"
+        )
     if client_sampler:
         raise InvalidArgument(
             f"state_dict was {where}: a loader with its own sampler cannot carry an epoch into another "
@@ -222,6 +242,28 @@ def _into_world(
     took = {rank: np.arange(resume.batch) for rank in range(saved_world)}
     consumed = rescaled(world.length, resume.consumed, saved_world, took, config.batch_size, config.drop_last)
     return replace(resume, batch=0, done=b"", consumed=consumed)
+
+
+def _with_iterators(resume: Resume, saved: Any, num_workers: int) -> Resume:
+    """An IterableDataset's iterators' places, checked against this loader's num_workers."""
+    count = max(1, num_workers)
+    if not isinstance(saved, dict):
+        raise InvalidArgument(f"state_dict iterators must be a dict, got {type(saved).__name__}")
+    seed, batches, states, turn = (saved.get(k) for k in ("base_seed", "batches", "states", "next"))
+    if not isinstance(batches, list) or not isinstance(states, list) or len(batches) != len(states):
+        raise InvalidArgument("state_dict iterators: batches and states must be lists of one length")
+    if len(batches) != count:
+        raise InvalidArgument(
+            f"state_dict iterators: saved by a loader with {len(batches)} iterator(s) (num_workers), "
+            f"this one has {count}; an IterableDataset's workers split it their own way: resume "
+            "with the same num_workers"
+        )
+    if not all(_count(b) for b in batches) or not all(isinstance(s, bytes) for s in states):
+        raise InvalidArgument("state_dict iterators: batches must be non-negative ints, states bytes")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not _count(turn) or turn >= count:
+        raise InvalidArgument(f"state_dict iterators: base_seed must be an int and next in [0, {count})")
+    places = tuple(zip(batches, states, strict=True))
+    return replace(resume, base_seed=seed, places=places, next_iterator=turn)
 
 
 def _count(value: Any) -> TypeGuard[int]:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data.dataloader import _InfiniteConstantSampler
 
 from batchferry import sampling
 from batchferry.errors import InvalidArgument
@@ -169,9 +170,12 @@ def torch_samplers(
     """``loader.sampler`` and ``loader.batch_sampler`` as torch's DataLoader makes them: those
     given, else ``RandomSampler`` (with the shuffle's generator) or ``SequentialSampler`` over
     ``loader.dataset``, and ``BatchSampler(sampler, batch_size, drop_last)``; in sharded mode
-    the ``DistributedSampler`` whose indices the rank gets."""
+    the ``DistributedSampler`` whose indices the rank gets; for an IterableDataset torch's
+    ``_InfiniteConstantSampler``."""
     cfg, ds = loader.config, loader.dataset
-    if sampler is None and cfg.mode == "sharded":
+    if sampler is None and ds.iterable:
+        sampler = _InfiniteConstantSampler()  # torch's for an IterableDataset: batches of Nones
+    elif sampler is None and cfg.mode == "sharded":
         sampler = _RankSampler(loader)
     elif sampler is None:
         sampler = RandomSampler(ds, generator=generator) if cfg.shuffle else SequentialSampler(ds)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     )
     from .config import ServerConfig
     from .datasets import dataset_kinds, parse_spec
+    from .iterators import ShardInfo, get_shard_info
     from .server import Server
     from .sources import (
         HFDataset,
@@ -47,11 +48,13 @@ __all__ = [
     "SampleError",
     "Server",
     "ServerConfig",
+    "ShardInfo",
     "SlotCollate",
     "SyntheticDataset",
     "TarShardDataset",
     "TokenDataset",
     "dataset_kinds",
+    "get_shard_info",
     "pack_collate",
     "pack_samples",
     "pad_collate",
@@ -71,11 +74,13 @@ _WHERE = {
     "SampleError": "sources",
     "Server": "server",
     "ServerConfig": "config",
+    "ShardInfo": "iterators",
     "SlotCollate": "collate",
     "SyntheticDataset": "sources",
     "TarShardDataset": "sources",
     "TokenDataset": "sources",
     "dataset_kinds": "datasets",
+    "get_shard_info": "iterators",
     "pack_collate": "collate",
     "pack_samples": "collate",
     "pad_collate": "collate",

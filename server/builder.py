@@ -34,6 +34,7 @@ from batchferry.layout import ALIGNMENT
 from batchferry.sampling import EpochOrder
 from batchferry.v1 import loader_pb2 as _pb2
 
+from .iterators import IterStep
 from .plan import Plan
 from .ring import Lease, RingExhausted, SlotRing
 from .status import Abort, StreamGone
@@ -44,6 +45,7 @@ __all__ = ["BatchFailure", "Build", "Builder", "Built", "Counters", "first_built
 log = logging.getLogger("batchferry.server")
 
 _T = TypeVar("_T")
+_NO_SAMPLES = np.zeros(0, dtype=np.int64)
 _WAIT = 0.2  # seconds between looks at the stream's liveness while waiting for a worker
 
 
@@ -79,6 +81,7 @@ class Build:
     samples: np.ndarray  # int64 sample indices of them all: built again from these if need be
     sizes: tuple[int, ...] = ()  # a group's batch lengths (empty: one batch)
     batch_bytes: int = 0  # a group's room for each batch after the first
+    iterable: IterStep | None = None  # an IterableDataset's step instead of samples
 
     @property
     def index(self) -> int:
@@ -123,6 +126,11 @@ class Built:
     more: tuple[tuple[int, _pb2.Layout], ...] = ()
     seconds: float = 0.0  # the worker's time to build them
     error: BatchFailure | None = None
+    # An IterableDataset step: the iterator that made the batch and its dataset's state
+    # after it; or ``exhausted``: it had none (nothing built, the slot already gone back).
+    iterator: int = -1
+    iterator_state: bytes = b""
+    exhausted: bool = False
 
     @property
     def count(self) -> int:
@@ -186,6 +194,10 @@ class Builder:
         sizes = tuple(min(size, len(samples) - k * size) for k in range(1 + len(more))) if more else ()
         return self._submit((index, *more), samples, sizes, batch_bytes if more else 0, wait=wait)
 
+    def start_step(self, step: IterStep, *, wait: bool) -> Build | None:
+        """Lease a slot and submit an IterableDataset step (its batch is numbered when sent)."""
+        return self._submit((0,), _NO_SAMPLES, (), 0, wait=wait, iterable=step)
+
     def start_lists(
         self, batches: list[tuple[int, np.ndarray]], wait: bool, batch_bytes: int = 0
     ) -> Build | None:
@@ -205,6 +217,7 @@ class Builder:
         batch_bytes: int,
         *,
         wait: bool,
+        iterable: IterStep | None = None,
     ) -> Build | None:
         # Room for the largest batch yet (``min_bytes``) and the typical size for the others:
         # one rare large batch does not make every later group's slot that many times larger.
@@ -239,6 +252,7 @@ class Builder:
             ticket=self.ticket,
             sizes=sizes,
             unbatched=plan.unbatched,
+            iterable=iterable,
         )
         try:
             future = self.pool.submit(task)
@@ -246,7 +260,7 @@ class Builder:
             lease.release()
             raise Abort(grpc.StatusCode.UNAVAILABLE, f"server is shutting down ({exc})") from exc
         future.add_done_callback(lambda f: self.counters.count(f.result(), self.on_built, plan))
-        return Build(indices, lease, future, samples, sizes, batch_bytes)
+        return Build(indices, lease, future, samples, sizes, batch_bytes, iterable)
 
     def finish(self, build: Build) -> Built:
         """The built batches, rebuilt in larger slots while the first overflows.
@@ -265,6 +279,17 @@ class Builder:
                 self.min_bytes = max(self.min_bytes, result.needed)
             if result.layouts:  # what failed or overflowed fails alone when built again
                 return self._built(build, result)
+            if result.status == "exhausted":
+                build.lease.release()
+                return Built(build.index, build.lease, _pb2.Layout(), exhausted=True)
+            if result.status == "lost":  # an IterableDataset's iterator died with its process
+                build.lease.release()
+                raise Abort(
+                    grpc.StatusCode.INTERNAL,
+                    f"{result.error}: the stream cannot go on (its iterator's place is lost); "
+                    "iterate again, or resume from the loader's state_dict()",
+                    dataset_error=True,
+                )
             if result.status == "error":  # the slot goes back once the error is sent
                 failure = BatchFailure.of(self.plan.dataset, build.index, result)
                 return Built(build.index, build.lease, _pb2.Layout(), seconds=result.seconds, error=failure)
@@ -285,10 +310,21 @@ class Builder:
     def _built(build: Build, result: Result) -> Built:
         layouts = [_pb2.Layout.FromString(raw) for raw in result.layouts]
         more = tuple(zip(build.indices[1 : len(layouts)], layouts[1:], strict=True))
+        if build.iterable is not None:
+            return Built(
+                build.index,
+                build.lease,
+                layouts[0],
+                seconds=result.seconds,
+                iterator=build.iterable.iterator,
+                iterator_state=result.iterator_state,
+            )
         return Built(build.index, build.lease, layouts[0], more, result.seconds)
 
     def _restart(self, old: Build) -> Build:
-        build = self._submit(old.indices, old.samples, old.sizes, old.batch_bytes, wait=True)
+        build = self._submit(
+            old.indices, old.samples, old.sizes, old.batch_bytes, wait=True, iterable=old.iterable
+        )
         assert build is not None  # waiting starts return a build or raise
         return build
 

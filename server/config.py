@@ -129,6 +129,9 @@ class ServerConfig:
         2 << 30, "memory for epoch orders (shuffled permutations) of all streams together", parse=parse_size
     )
     job_idle_s: float = _setting(300.0, "forget a job (its settings no longer bind) after this long unused")
+    max_iterators: int = _setting(
+        64, "iterators (a loader's num_workers) one stream of an IterableDataset may ask for"
+    )
     max_jobs: int = _setting(
         256, "jobs (shared, sharded, dynamic) known at once; idle ones are forgotten first to make room"
     )
@@ -173,6 +176,8 @@ class ServerConfig:
             raise ValueError(f"max_streams must be >= 1, got {self.max_streams}")
         if self.max_streams_per_peer < 1:
             raise ValueError(f"max_streams_per_peer must be >= 1, got {self.max_streams_per_peer}")
+        if self.max_iterators < 1:
+            raise ValueError(f"max_iterators must be >= 1, got {self.max_iterators}")
         if self.max_jobs < 1:
             raise ValueError(f"max_jobs must be >= 1, got {self.max_jobs}")
         if not 0 <= self.group_bytes <= 1 << 30:

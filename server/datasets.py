@@ -14,7 +14,7 @@ package that declares ::
     myformat = "mypkg.loader:from_spec"
 
 serves ``myformat:REST`` with ``from_spec(REST)``, which returns a map-style
-dataset (``ValueError`` for a bad spec).
+dataset or a ``torch.utils.data.IterableDataset`` (``ValueError`` for a bad spec).
 
 A dataset may offer ``batch_gatherer()``, returning ``gather(indices, writer)``
 that builds what ``default_collate`` would from those samples with one take per
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Protocol, runtime_checkable
 
+from .iterators import is_iterable
 from .sources import MissingDependency, NpyDataset, SyntheticDataset
 
 __all__ = [
@@ -75,7 +76,8 @@ class DatasetSource:
     spec: str | None = None
     obj: Any = None
 
-    def build(self) -> MapDataset:
+    def build(self) -> Any:
+        """The dataset: map-style, or an IterableDataset (docs/iterable.md)."""
         return parse_spec(self.spec) if self.spec is not None else self.obj
 
 
@@ -87,8 +89,10 @@ def _python(rest: str) -> Any:
     if not callable(factory):
         raise ValueError(f"{module_name}.{attr} is not a callable")
     dataset = factory()
-    if not isinstance(dataset, MapDataset):
-        raise ValueError(f"{attr}() returned {type(dataset).__name__}, not a map-style dataset")
+    if not (isinstance(dataset, MapDataset) or is_iterable(dataset)):
+        raise ValueError(
+            f"{attr}() returned {type(dataset).__name__}, not a map-style dataset or an IterableDataset"
+        )
     return dataset
 
 
@@ -128,7 +132,7 @@ def _factory(kind: str) -> Callable[[str], Any]:
     return entry
 
 
-def parse_spec(spec: str) -> MapDataset:
+def parse_spec(spec: str) -> Any:
     """Build the dataset a spec names; ``ValueError`` naming the spec and what is wrong."""
     kind, sep, rest = spec.partition(":")
     if not sep or not kind:
@@ -141,8 +145,11 @@ def parse_spec(spec: str) -> MapDataset:
         raise MissingDependency(f"dataset spec {spec!r}: {exc}", name=exc.name) from exc
     except ValueError as exc:
         raise ValueError(f"dataset spec {spec!r}: {exc}") from exc
-    if not isinstance(dataset, MapDataset):
-        raise ValueError(f"dataset spec {spec!r}: got a {type(dataset).__name__}, not a map-style dataset")
+    if not (isinstance(dataset, MapDataset) or is_iterable(dataset)):
+        raise ValueError(
+            f"dataset spec {spec!r}: got a {type(dataset).__name__}, not a map-style dataset "
+            "or an IterableDataset"
+        )
     return dataset
 
 

@@ -29,7 +29,10 @@ def start_frame(num_batches: int, order: sampling.EpochOrder, first: int) -> byt
 
 def _header(built: Built) -> _pb2.BatchHeader:
     more = [_pb2.BatchPart(index=index, layout=layout) for index, layout in built.more]
-    return _pb2.BatchHeader(index=built.index, layout=built.layout, more=more)
+    header = _pb2.BatchHeader(index=built.index, layout=built.layout, more=more)
+    if built.iterator >= 0:
+        header.iterator, header.iterator_state = built.iterator, built.iterator_state
+    return header
 
 
 def shm_frame(built: Built) -> bytes:
@@ -70,6 +73,7 @@ def error_frames(built: Built, done: Callable[[], None]) -> Iterator[bytes]:
         error = _pb2.BatchError(
             type=built.error.type, message=built.error.message, traceback=built.error.traceback
         )
-        yield _pb2.ServerFrame(batch=_pb2.BatchHeader(index=built.index, error=error)).SerializeToString()
+        header = _pb2.BatchHeader(index=built.index, error=error, iterator=max(0, built.iterator))
+        yield _pb2.ServerFrame(batch=header).SerializeToString()
     finally:
         done()

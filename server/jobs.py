@@ -55,6 +55,7 @@ class JobSettings:
     seed: int
     world_size: int
     unbatched: bool = False
+    num_iterators: int = 0  # an IterableDataset's iterators (the loaders' num_workers)
 
 
 @dataclass
@@ -92,6 +93,9 @@ class EpochState:
         with self._cond:
             self._cond.wait(timeout)
 
+    def close(self) -> None:
+        """The state is forgotten: let go of what it holds beyond its consumers' streams."""
+
 
 @dataclass
 class Job:
@@ -128,6 +132,14 @@ class Job:
                 state = self.epochs[epoch]
                 if state.finished or epoch < newest - 1 or len(self.epochs) > MAX_EPOCH_STATES:
                     del self.epochs[epoch]
+                    state.close()
+
+    def close(self) -> None:
+        """The job is forgotten: so are its epoch states."""
+        with self.cond:
+            states, self.epochs = list(self.epochs.values()), {}
+        for state in states:
+            state.close()
 
 
 class TooManyJobs(Exception):
@@ -193,13 +205,13 @@ class JobRegistry:
                 f"cannot start job {name!r}: this server has max_jobs={self.max_jobs} jobs, each with "
                 "consumers; reuse a job name, or raise --max-jobs"
             )
-        del self._jobs[min(idle)[1]]
+        self._jobs.pop(min(idle)[1]).close()
 
     def _expire(self) -> None:
         now = time.monotonic()
         for name, job in list(self._jobs.items()):
             if job.idle_since is not None and now - job.idle_since > self.idle_s:
-                del self._jobs[name]
+                self._jobs.pop(name).close()
 
     def jobs(self) -> list[Job]:
         with self._lock:

@@ -22,10 +22,12 @@ MAX_CREDITS = 64
 MAX_WORLD_SIZE = 1 << 16
 MAX_NAME = 256  # characters in a dataset, collate or job name
 MAX_STRIPES = 16  # streams one client may split a replica's part of an epoch into
+MAX_ITERATOR_STATE = 1 << 20  # bytes of one iterator's saved state_dict() a resumed stream sends
 # OpenStream fields a Plan takes as they are (once plan() has checked them).
 _FROM_REQUEST = (
     "dataset", "batch_size", "start_batch", "credits", "groups", "unbatched", "shuffle", "drop_last",
     "seed", "taken", "any_order", "client_batches", "mode", "job", "rank", "epoch", "consumed",
+    "num_iterators", "base_seed", "next_iterator",
 )  # fmt: skip
 
 
@@ -38,6 +40,8 @@ class Catalog:
     chunk_bytes: int
     replica: int = 0
     replicas: int = 1
+    iterables: frozenset[str] = frozenset()  # the IterableDatasets (lengths: 0 when unsized)
+    max_iterators: int = 64
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,13 @@ class Plan:
     # releases and the client speak in whole-epoch batch indices.
     replica: int = 0
     replicas: int = 1
+    # An IterableDataset: num_iterators as torch's num_workers, their seeds base_seed + id,
+    # and a resumed stream's (batches taken, saved state) per iterator, next_iterator's next.
+    iterable: bool = False
+    num_iterators: int = 0
+    base_seed: int = 0
+    places: tuple[tuple[int, bytes], ...] = ()
+    next_iterator: int = 0
 
     @property
     def mode_name(self) -> str:
@@ -168,6 +179,11 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
             f"replica {wanted[0]} of {wanted[1]}; give the loader every replica's address "
             "(or a dns:/// name that resolves to all of them)",
         )
+    iterable = req.dataset in catalog.iterables
+    if iterable:
+        _check_iterable(req, catalog)
+    elif req.places:
+        raise invalid("places: only for an IterableDataset")
     count = length
     if req.client_batches and req.mode != _pb2.MODE_INDEPENDENT:
         raise invalid("client_batches: only in independent mode (a job's consumers share one order)")
@@ -198,16 +214,17 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
             raise invalid(f"world_size must be in [1, {MAX_WORLD_SIZE}], got {req.world_size}")
         if not 0 <= req.rank < req.world_size:
             raise invalid(f"rank must be in [0, world_size={req.world_size}), got {req.rank}")
-        if req.mode == _pb2.MODE_SHARDED:
+        if req.mode == _pb2.MODE_SHARDED and not iterable:
             count = sampling.shard_length(_left(req.consumed, length), req.world_size, req.drop_last)
         elif req.consumed:
-            raise invalid("consumed: only in sharded mode")
+            raise invalid("consumed: only in sharded mode, of a map-style dataset")
         # shared and dynamic split the whole epoch among the job's consumers
-    # With the client's own batches the epoch's length is known only at its end.
-    total = 0 if req.client_batches else sampling.num_batches(count, req.batch_size, req.drop_last)
-    if req.client_batches and req.start_batch < 0:
+    # With the client's own batches, or an IterableDataset, the epoch's length is known only at its end.
+    open_ended = req.client_batches or iterable
+    total = 0 if open_ended else sampling.num_batches(count, req.batch_size, req.drop_last)
+    if open_ended and req.start_batch < 0:
         raise invalid(f"start_batch must be >= 0, got {req.start_batch}")
-    if not req.client_batches and not 0 <= req.start_batch <= total:
+    if not open_ended and not 0 <= req.start_batch <= total:
         raise invalid(f"start_batch must be in [0, {total}], got {req.start_batch}")
     # A stripe is a finer split of this replica's part: with R replicas and K stripes,
     # stream (r, k) carries the batches b with b % (R * K) == r + R * k.
@@ -231,9 +248,55 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
         world_size=max(1, req.world_size),
         replica=part,
         replicas=parts,
+        iterable=iterable,
+        places=tuple((p.batches, p.state) for p in req.places),
     )
+    if not iterable:  # what a map-style stream's consumers must agree on leaves it out
+        the_plan = replace(the_plan, num_iterators=0, base_seed=0, next_iterator=0)
     if req.mode == _pb2.MODE_INDEPENDENT:
         return the_plan
     # What every consumer of a job must agree on: those of the plan's settings.
     agreed = {f.name: getattr(the_plan, f.name) for f in fields(JobSettings)}
     return replace(the_plan, settings=JobSettings(**agreed))
+
+
+def _check_iterable(req: _pb2.OpenStream, catalog: Catalog) -> None:
+    """What a stream of an IterableDataset may ask for: torch's refusals, and its iterators."""
+    if req.shuffle:
+        raise invalid(
+            "shuffle: an IterableDataset has no order to shuffle (torch's DataLoader refuses "
+            "shuffle=True for one too); shuffle inside the dataset"
+        )
+    if req.client_batches:
+        raise invalid("batches: an IterableDataset takes no sampler or batch_sampler, as in torch")
+    if req.mode == _pb2.MODE_DYNAMIC:
+        raise invalid(
+            "mode: dynamic mode hands each batch index of an epoch to one consumer; an IterableDataset "
+            "has no indices: use sharded mode (each rank its own stream) or shared mode"
+        )
+    if req.any_order:
+        raise invalid("any_order: an IterableDataset's batches come in torch's round-robin order")
+    if (req.stripes or 1) > 1:
+        raise invalid("stripes: an IterableDataset is read by one stream")
+    if catalog.replicas > 1:
+        raise Abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"this server is replica {catalog.replica} of {catalog.replicas}: an IterableDataset is "
+            "served by one server (every replica would iterate all of it)",
+        )
+    if not 0 <= req.num_iterators <= catalog.max_iterators:
+        raise invalid(
+            f"num_iterators (the loader's num_workers) must be in [0, {catalog.max_iterators}] "
+            f"(the server's max_iterators), got {req.num_iterators}"
+        )
+    n = max(1, req.num_iterators)
+    if req.places and len(req.places) != n:
+        raise invalid(f"places: one per iterator ({n}), got {len(req.places)}")
+    for i, place in enumerate(req.places):
+        if place.batches < 0 or len(place.state) > MAX_ITERATOR_STATE:
+            raise invalid(
+                f"places[{i}]: batches must be >= 0 and state at most {MAX_ITERATOR_STATE} bytes, "
+                f"got {place.batches} and {len(place.state)} bytes"
+            )
+    if not 0 <= req.next_iterator < n:
+        raise invalid(f"next_iterator must be in [0, {n}), got {req.next_iterator}")

@@ -36,6 +36,7 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
+from torch.utils.data import IterableDataset
 
 from batchferry import cleanup, shm, wire
 from batchferry.v1 import loader_pb2 as _pb2
@@ -44,6 +45,7 @@ from .auth import AuthInterceptor, Tokens, server_credentials
 from .collate import CollateFn, SlotCollate, collate_names, get_collate
 from .config import ServerConfig
 from .datasets import DatasetSource, MapDataset, parse_spec
+from .iterators import is_iterable
 from .jobs import JobRegistry
 from .metrics import Metrics
 from .orders import Orders
@@ -61,21 +63,21 @@ _STOP_TIMEOUT = 10.0
 
 
 class Server:
-    """Serve map-style datasets to batchferry clients.
+    """Serve map-style datasets and IterableDatasets (docs/iterable.md) to batchferry clients.
 
     >>> from batchferry.server import Server
     >>> with Server({"train": dataset}, port=0, num_workers=2) as srv:  # doctest: +SKIP
     ...     print(srv.address)
 
-    ``datasets`` maps names to map-style datasets (objects are pickled to the
-    worker processes) or to spec strings (``"npy:/data/x.npy"``, see
+    ``datasets`` maps names to map-style datasets or IterableDatasets (objects are
+    pickled to the worker processes) or to spec strings (``"npy:/data/x.npy"``, see
     :mod:`batchferry.server.datasets`). ``collates`` adds named collate functions
     to the built-in ``default`` and ``pad``.
     """
 
     def __init__(
         self,
-        datasets: Mapping[str, MapDataset | str],
+        datasets: Mapping[str, MapDataset | IterableDataset[Any] | str],
         *,
         collates: Mapping[str, SlotCollate | CollateFn] | None = None,
         config: ServerConfig | None = None,
@@ -97,16 +99,17 @@ class Server:
         self._health: health.HealthServicer | None = None
         self.service: LoaderService | None = None
         sources: dict[str, DatasetSource] = {}
-        built: dict[str, MapDataset] = {}
+        built: dict[str, Any] = {}
         for name, ds in datasets.items():
             if not name or not isinstance(name, str):
                 raise ValueError(f"dataset names must be non-empty strings, got {name!r}")
             if isinstance(ds, str):
                 sources[name], built[name] = DatasetSource(spec=ds), parse_spec(ds)
-            elif isinstance(ds, MapDataset):
+            elif isinstance(ds, MapDataset) or is_iterable(ds):
                 sources[name], built[name] = DatasetSource(obj=ds), ds
             else:
-                raise TypeError(f"dataset {name!r} is a {type(ds).__name__}, not a map-style dataset")
+                kind = type(ds).__name__
+                raise TypeError(f"dataset {name!r} is a {kind}, not a map-style or an IterableDataset")
         registry = {name: get_collate(name) for name in collate_names()}
         for name, fn in (collates or {}).items():
             if not callable(fn):

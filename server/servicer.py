@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 
 from batchferry import wire
+from batchferry.errors import DATASET_ERROR_KEY
 from batchferry.layout import batch_bytes_hint, describe
 from batchferry.v1 import loader_pb2 as _pb2
 
@@ -33,8 +34,8 @@ from .auth import Tokens, identity, is_loopback_peer
 from .builder import Builder, Counters
 from .config import ServerConfig
 from .credits import ClientMessages
-from .datasets import MapDataset
 from .framing import END
+from .iterators import is_iterable
 from .jobs import Consumer, Job, JobConflict, JobRegistry, TooManyJobs
 from .metrics import Metrics
 from .modes import sender_for
@@ -62,7 +63,7 @@ _GONE_WAIT = 0.5
 class LoaderService:
     def __init__(
         self,
-        datasets: dict[str, MapDataset],
+        datasets: dict[str, Any],
         collates: frozenset[str],
         pool: WorkerPool,
         ring: SlotRing,
@@ -82,11 +83,13 @@ class LoaderService:
         self._config = config
         self._server_id = server_id
         self.catalog = Catalog(
-            lengths={name: len(ds) for name, ds in datasets.items()},
+            lengths={name: _length(ds) for name, ds in datasets.items()},
             collates=collates,
             chunk_bytes=config.chunk_bytes,
             replica=config.replica_index,
             replicas=config.num_replicas,
+            iterables=frozenset(name for name, ds in datasets.items() if is_iterable(ds)),
+            max_iterators=config.max_iterators,
         )
         # Streams are counted here rather than by gRPC's maximum_concurrent_rpcs, so
         # that health checks and listings are still answered while every slot is taken.
@@ -99,7 +102,9 @@ class LoaderService:
         self._infos = [
             _pb2.DatasetInfo(
                 name=name,
-                length=len(ds),
+                length=_length(ds),
+                iterable=is_iterable(ds),
+                sized=not is_iterable(ds) or _sized(ds),
                 sample_structure=(
                     describe(self._samples[name]) if self._samples[name] is not None else "(unavailable)"
                 ),
@@ -197,6 +202,11 @@ class LoaderService:
                 req = wire.parse(_pb2.GetSampleRequest, request)
                 if len(req.dataset) > MAX_NAME:
                     raise invalid(f"dataset: at most {MAX_NAME} characters, got {len(req.dataset)}")
+                if req.dataset in self.catalog.iterables:
+                    raise invalid(
+                        f"dataset {req.dataset!r} is an IterableDataset: it has no samples by index "
+                        "(iterate a loader instead)"
+                    )
                 the_plan = sample_plan(req, self.catalog.lengths)
                 self._check_size(the_plan)
                 check_sample_bytes(self._size_hint(the_plan))
@@ -221,6 +231,8 @@ class LoaderService:
                 if self._closing.is_set():
                     context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
             except Abort as exc:
+                if exc.dataset_error:
+                    context.set_trailing_metadata(((DATASET_ERROR_KEY, "1"),))
                 context.abort(exc.code, exc.details)
 
     @contextlib.contextmanager
@@ -380,9 +392,10 @@ class LoaderService:
         """Refuse, before any build, a batch the estimate says is larger than max_batch_bytes."""
         need = self._size_hint(the_plan)
         if need > self._config.max_batch_bytes:
+            rows = the_plan.batch_size if the_plan.iterable else min(the_plan.batch_size, the_plan.length)
             raise Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"a batch of {min(the_plan.batch_size, the_plan.length)} samples of this dataset takes about "
+                f"a batch of {rows} samples of this dataset takes about "
                 f"{need} bytes, above the server's max_batch_bytes={self._config.max_batch_bytes}; "
                 "use a smaller batch_size (or shorter rows: the pack collate's seq_len)",
             )
@@ -411,15 +424,31 @@ class LoaderService:
     def _size_hint(self, the_plan: Plan) -> int:
         """Bytes a batch of this stream takes, estimated from sample 0 (0 when unreadable)."""
         sample = self._samples.get(the_plan.dataset)
-        rows = min(the_plan.batch_size, the_plan.length)
+        rows = the_plan.batch_size if the_plan.iterable else min(the_plan.batch_size, the_plan.length)
         return batch_bytes_hint(sample, rows) if sample is not None else 0
 
 
-def _first_sample(ds: MapDataset) -> Any:
-    """Sample 0, to describe the dataset and size its batches; None if unreadable."""
-    if len(ds) == 0:
-        return None
+def _sized(ds: Any) -> bool:
     try:
+        len(ds)
+    except TypeError:
+        return False
+    return True
+
+
+def _length(ds: Any) -> int:
+    """The dataset's length; 0 for an IterableDataset without ``__len__``."""
+    return len(ds) if _sized(ds) else 0
+
+
+def _first_sample(ds: Any) -> Any:
+    """Sample 0 (an IterableDataset's first item), to describe the dataset and size its
+    batches; None if unreadable."""
+    try:
+        if is_iterable(ds):
+            return next(iter(ds), None)
+        if len(ds) == 0:
+            return None
         return ds[0]
     except Exception:
         log.warning("reading sample 0 failed; batches will size their slots on first use", exc_info=True)

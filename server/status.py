@@ -12,11 +12,12 @@ __all__ = ["Abort", "StreamGone", "invalid"]
 
 
 class Abort(Exception):
-    """End the call with ``code`` and ``details``."""
+    """End the call with ``code`` and ``details``; with ``dataset_error`` the client raises a
+    DatasetError (the dataset's side failed, not the request)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, *, dataset_error: bool = False) -> None:
         super().__init__(details)
-        self.code, self.details = code, details
+        self.code, self.details, self.dataset_error = code, details, dataset_error
 
 
 class StreamGone(Exception):

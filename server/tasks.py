@@ -21,10 +21,11 @@ import torch
 from batchferry import shm
 from batchferry.layout import SlotOverflow, SlotWriter, encode
 
-from .collate import CollateFn, SlotCollate
+from .collate import CollateFn, SlotCollate, run_collate
 from .datasets import DatasetSource, MapDataset
 from .failures import for_client, message_of, short_error
 from .fetch import Gather, build_batch, gatherer
+from .iterators import Exhausted, HostedIterators, IterStep
 
 __all__ = ["Result", "Task", "TaskRunner", "worker_main"]
 
@@ -46,6 +47,8 @@ class Task:
     task_id: int = 0
     sizes: tuple[int, ...] = ()  # batch lengths of a group (empty: one batch)
     unbatched: bool = False  # each batch is one sample, collated by itself (batch_size=None)
+    # An IterableDataset stream's step: its batch comes from a hosted iterator (no indices).
+    iterable: IterStep | None = None
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,11 @@ class Result:
     """What a task built. ``layouts`` are the serialized Layouts of its batches in the slot:
     all of them when the status is "ok"; otherwise those before the batch that overflowed
     or failed (a group's batches built before one that fails are still good). Status
-    "closed": the pool closed before the task was done."""
+    "closed": the pool closed before the task was done; "exhausted": the iterator of an
+    IterableDataset step had no batch left; "lost": its process died, and the iterator with it."""
 
     task_id: int
-    status: Literal["ok", "overflow", "error", "cancelled", "closed"]
+    status: Literal["ok", "overflow", "error", "cancelled", "closed", "exhausted", "lost"]
     layouts: tuple[bytes, ...] = ()
     needed: int = 0  # bytes the batch that overflowed needs, status "overflow"
     error: str = ""  # status "error": the exception's type and a short message
@@ -68,6 +72,7 @@ class Result:
     error_trace: str = ""
     gathered: int = 0  # batches built with one gather per field
     seconds: float = 0.0  # the worker's time to fetch, collate and write them
+    iterator_state: bytes = b""  # an IterableDataset step: the dataset's state_dict() after it
 
 
 class TaskRunner:
@@ -91,6 +96,7 @@ class TaskRunner:
         # A shared lock on each mapped slot: the ring counts a slot it retired until this
         # process lets go of it too (pruned below), so the budget covers this memory.
         self._mappings = shm.Mappings(max_segments, shared_lock=True)
+        self._iterators = HostedIterators()
         self._pruned = time.monotonic()
 
     def dataset(self, name: str) -> tuple[MapDataset, Gather | None]:
@@ -105,6 +111,7 @@ class TaskRunner:
         if time.monotonic() - self._pruned >= _PRUNE_EVERY:
             self._pruned = time.monotonic()
             self._mappings.prune()
+            self._iterators.prune(lambda ticket: self._tickets[ticket[0]] == ticket[1])
 
     def run(self, task: Task) -> Result:
         index, generation = task.ticket
@@ -119,6 +126,17 @@ class TaskRunner:
             segment, _ = self._mappings.get(task.slot_name)
             writer = SlotWriter(segment.tensor(task.slot_bytes))
             collate = self._collates[task.collate]
+            if task.iterable is not None:
+                samples, state = self._iterators.step(ds, task.iterable)
+                writer.start_batch(task.limit)
+                try:
+                    layout = encode(run_collate(collate, samples, writer), writer).SerializeToString()
+                except SlotOverflow:
+                    self._iterators.keep(task.iterable, (samples, state))
+                    raise
+                took = time.perf_counter() - start
+                return Result(task.task_id, "ok", (layout,), seconds=took, iterator_state=state)
+            self._iterators.release()  # a map-style batch draws from the process's own RNGs
             sizes = task.sizes or (len(task.indices),)
             at = 0
             for size in sizes:
@@ -133,6 +151,8 @@ class TaskRunner:
                 at += size
             took = time.perf_counter() - start
             return Result(task.task_id, "ok", tuple(layouts), gathered=gathered, seconds=took)
+        except Exhausted:
+            return Result(task.task_id, "exhausted", seconds=time.perf_counter() - start)
         except SlotOverflow as exc:
             took = time.perf_counter() - start
             return Result(

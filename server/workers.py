@@ -16,7 +16,9 @@ exited by itself (the dataset called ``os._exit``), the task fails naming the
 cause. A group of batches whose worker died is built again as its first batch
 alone (the stream builds the rest anew): which batch killed it is unknown, and
 only the batch at fault may fail. Tasks queued behind it go to live workers as
-they are. Workers exit by themselves when the server process goes away.
+they are. The steps of an IterableDataset stream's iterators hosted by the dead
+worker are not built again (the iterator's place died with it): they come back
+"lost". Workers exit by themselves when the server process goes away.
 
 A failed task tells the client what the dataset raised (its class, message and
 traceback) with server paths reduced to file names (:mod:`.failures`); the
@@ -45,6 +47,7 @@ import torch.multiprocessing as tmp
 from .collate import CollateFn, SlotCollate
 from .datasets import DatasetSource
 from .failures import DIED, death
+from .iterators import host_of
 from .tasks import Result, Task, TaskRunner, worker_main
 
 __all__ = ["MAX_ATTEMPTS", "Result", "Task", "WorkerPool"]
@@ -205,11 +208,14 @@ class WorkerPool:
         Reaping swaps a dead worker's queue under the same lock, so a task is never
         put on the queue of a worker already found dead.
         """
-        load = [0] * self.num_workers
-        for other in self._pending.values():
-            if other.worker >= 0:
-                load[other.worker] += 1
-        entry.worker = min(range(self.num_workers), key=load.__getitem__)
+        if entry.task.iterable is not None:  # its iterator lives in one process
+            entry.worker = host_of(entry.task.iterable, self.num_workers)
+        else:
+            load = [0] * self.num_workers
+            for other in self._pending.values():
+                if other.worker >= 0:
+                    load[other.worker] += 1
+            entry.worker = min(range(self.num_workers), key=load.__getitem__)
         entry.queued = next(self._queued)
         self._queues[entry.worker].put(entry.task)
 
@@ -264,6 +270,11 @@ class WorkerPool:
             building = min(lost, key=lambda e: e.queued, default=None)
             for entry in sorted(lost, key=lambda e: e.queued):
                 entry.worker = -1
+                if entry.task.iterable is not None:  # its iterator died with the process
+                    entry.deaths += entry is building
+                    failed.append(entry)
+                    del self._pending[entry.task.task_id]
+                    continue
                 if entry is not building:
                     self._assign(entry)
                     continue
@@ -283,6 +294,11 @@ class WorkerPool:
         for entry in failed:
             attempts = f" on {entry.deaths} workers" if entry.deaths > 1 else ""
             text = f"{cause} while building it{attempts}"
+            if entry.task.iterable is not None:
+                iterator = entry.task.iterable.iterator
+                text = f"{cause}, which hosted iterator {iterator} of an IterableDataset stream"
+                entry.future.set_result(Result(entry.task.task_id, "lost", error=text))
+                continue
             entry.future.set_result(
                 Result(
                     entry.task.task_id,

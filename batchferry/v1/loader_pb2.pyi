@@ -148,14 +148,18 @@ class ListDatasetsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DatasetInfo(_message.Message):
-    __slots__ = ("name", "length", "sample_structure")
+    __slots__ = ("name", "length", "sample_structure", "iterable", "sized")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_STRUCTURE_FIELD_NUMBER: _ClassVar[int]
+    ITERABLE_FIELD_NUMBER: _ClassVar[int]
+    SIZED_FIELD_NUMBER: _ClassVar[int]
     name: str
     length: int
     sample_structure: str
-    def __init__(self, name: _Optional[str] = ..., length: _Optional[int] = ..., sample_structure: _Optional[str] = ...) -> None: ...
+    iterable: bool
+    sized: bool
+    def __init__(self, name: _Optional[str] = ..., length: _Optional[int] = ..., sample_structure: _Optional[str] = ..., iterable: _Optional[bool] = ..., sized: _Optional[bool] = ...) -> None: ...
 
 class ListDatasetsResponse(_message.Message):
     __slots__ = ("datasets", "shm_probe", "shm_token", "replica_index", "num_replicas", "server_id", "num_workers")
@@ -248,7 +252,7 @@ class Layout(_message.Message):
     def __init__(self, root: _Optional[_Union[Node, _Mapping]] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class OpenStream(_message.Message):
-    __slots__ = ("dataset", "batch_size", "shuffle", "sampler_state", "drop_last", "collate", "epoch", "start_batch", "credits", "chunk_bytes", "transport", "mode", "job", "rank", "world_size", "seed", "replica_index", "num_replicas", "taken", "any_order", "client_batches", "stripe", "stripes", "compression", "groups", "unbatched", "consumed")
+    __slots__ = ("dataset", "batch_size", "shuffle", "sampler_state", "drop_last", "collate", "epoch", "start_batch", "credits", "chunk_bytes", "transport", "mode", "job", "rank", "world_size", "seed", "replica_index", "num_replicas", "taken", "any_order", "client_batches", "stripe", "stripes", "compression", "groups", "unbatched", "num_iterators", "base_seed", "places", "next_iterator", "consumed")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHUFFLE_FIELD_NUMBER: _ClassVar[int]
@@ -275,6 +279,10 @@ class OpenStream(_message.Message):
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     UNBATCHED_FIELD_NUMBER: _ClassVar[int]
+    NUM_ITERATORS_FIELD_NUMBER: _ClassVar[int]
+    BASE_SEED_FIELD_NUMBER: _ClassVar[int]
+    PLACES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ITERATOR_FIELD_NUMBER: _ClassVar[int]
     CONSUMED_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     batch_size: int
@@ -302,8 +310,20 @@ class OpenStream(_message.Message):
     compression: Codec
     groups: bool
     unbatched: bool
+    num_iterators: int
+    base_seed: int
+    places: _containers.RepeatedCompositeFieldContainer[IteratorPlace]
+    next_iterator: int
     consumed: bytes
-    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., sampler_state: _Optional[bytes] = ..., drop_last: _Optional[bool] = ..., collate: _Optional[str] = ..., epoch: _Optional[int] = ..., start_batch: _Optional[int] = ..., credits: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., seed: _Optional[int] = ..., replica_index: _Optional[int] = ..., num_replicas: _Optional[int] = ..., taken: _Optional[bytes] = ..., any_order: _Optional[bool] = ..., client_batches: _Optional[bool] = ..., stripe: _Optional[int] = ..., stripes: _Optional[int] = ..., compression: _Optional[_Union[Codec, str]] = ..., groups: _Optional[bool] = ..., unbatched: _Optional[bool] = ..., consumed: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., sampler_state: _Optional[bytes] = ..., drop_last: _Optional[bool] = ..., collate: _Optional[str] = ..., epoch: _Optional[int] = ..., start_batch: _Optional[int] = ..., credits: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., seed: _Optional[int] = ..., replica_index: _Optional[int] = ..., num_replicas: _Optional[int] = ..., taken: _Optional[bytes] = ..., any_order: _Optional[bool] = ..., client_batches: _Optional[bool] = ..., stripe: _Optional[int] = ..., stripes: _Optional[int] = ..., compression: _Optional[_Union[Codec, str]] = ..., groups: _Optional[bool] = ..., unbatched: _Optional[bool] = ..., num_iterators: _Optional[int] = ..., base_seed: _Optional[int] = ..., places: _Optional[_Iterable[_Union[IteratorPlace, _Mapping]]] = ..., next_iterator: _Optional[int] = ..., consumed: _Optional[bytes] = ...) -> None: ...
+
+class IteratorPlace(_message.Message):
+    __slots__ = ("batches", "state")
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    batches: int
+    state: bytes
+    def __init__(self, batches: _Optional[int] = ..., state: _Optional[bytes] = ...) -> None: ...
 
 class BatchIndices(_message.Message):
     __slots__ = ("index", "lengths", "samples", "end", "total")
@@ -364,7 +384,7 @@ class StreamStart(_message.Message):
     def __init__(self, num_batches: _Optional[int] = ..., state_after_order: _Optional[bytes] = ..., state_after_epoch: _Optional[bytes] = ..., first_batch: _Optional[int] = ...) -> None: ...
 
 class BatchHeader(_message.Message):
-    __slots__ = ("index", "layout", "num_chunks", "slot", "codec", "more", "error")
+    __slots__ = ("index", "layout", "num_chunks", "slot", "codec", "more", "error", "iterator", "iterator_state")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -372,6 +392,8 @@ class BatchHeader(_message.Message):
     CODEC_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ITERATOR_FIELD_NUMBER: _ClassVar[int]
+    ITERATOR_STATE_FIELD_NUMBER: _ClassVar[int]
     index: int
     layout: Layout
     num_chunks: int
@@ -379,7 +401,9 @@ class BatchHeader(_message.Message):
     codec: Codec
     more: _containers.RepeatedCompositeFieldContainer[BatchPart]
     error: BatchError
-    def __init__(self, index: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., num_chunks: _Optional[int] = ..., slot: _Optional[str] = ..., codec: _Optional[_Union[Codec, str]] = ..., more: _Optional[_Iterable[_Union[BatchPart, _Mapping]]] = ..., error: _Optional[_Union[BatchError, _Mapping]] = ...) -> None: ...
+    iterator: int
+    iterator_state: bytes
+    def __init__(self, index: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., num_chunks: _Optional[int] = ..., slot: _Optional[str] = ..., codec: _Optional[_Union[Codec, str]] = ..., more: _Optional[_Iterable[_Union[BatchPart, _Mapping]]] = ..., error: _Optional[_Union[BatchError, _Mapping]] = ..., iterator: _Optional[int] = ..., iterator_state: _Optional[bytes] = ...) -> None: ...
 
 class BatchError(_message.Message):
     __slots__ = ("type", "message", "traceback")

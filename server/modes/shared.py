@@ -121,6 +121,17 @@ class SharedEpoch(EpochState):
                     _let_go(entry)
             self._cond.notify_all()
 
+    def publish_built(self, entry: SharedBatch, built: Built | None) -> None:
+        """Record a batch the claimer made by other means (None: there is none to make now)."""
+        with self._cond:
+            if built is None:
+                self._fail(entry)
+                return
+            entry.built, entry.state = built, _State.BUILT
+            if entry.collected:
+                _let_go(entry)
+            self._cond.notify_all()
+
     def _fail(self, entry: SharedBatch) -> None:
         entry.state, entry.build = _State.FAILED, None
         if self._entries.get(entry.position) is entry:

@@ -1,0 +1,171 @@
+"""shared mode of an IterableDataset: one stream of batches, built once, for every consumer.
+
+The job's epoch has one :class:`Producer`: the iterators (hosted under a pool ticket
+of its own, so that they outlive any one consumer's stream) and the steps in flight,
+in torch's round robin as :mod:`.iterable` gives them. Whichever consumer needs the
+next batch first makes it (under the producer's lock); the batches are then shared
+as in :mod:`.shared`: each held until every consumer is past it, the slowest one
+holding back the others within a bounded window. The epoch ends where the iterators
+do: a consumer asking past that end finds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Generator
+
+import grpc
+
+from batchferry.server import framing
+from batchferry.server.builder import Build, Builder, Built
+from batchferry.server.plan import Plan
+from batchferry.server.status import Abort
+from batchferry.server.stream import Stream
+
+from .iterable import Steps
+from .shared import _POLL, SharedEpoch, _SharedHeld
+
+__all__ = ["Producer", "SharedIterableEpoch", "send"]
+
+
+class Producer:
+    """Makes an IterableDataset job epoch's batches in order, from ``plan.start_batch`` on."""
+
+    def __init__(self, plan: Plan, builder: Builder, window: int) -> None:
+        self._closed = False
+        self._ticket = builder.pool.open_stream()
+        if self._ticket == (0, 0):
+            raise Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "too many streams are open on this server to host another IterableDataset stream's iterators",
+            )
+        # Its own builder: its builds belong to the job, not to the consumer that starts them.
+        self._builder = dataclasses.replace(builder, ticket=self._ticket, active=lambda: not self._closed)
+        self._steps = Steps(plan, self._ticket, 0, 1)
+        self._window = window
+        self._pending: list[Build] = []
+        self._lock = threading.Lock()
+        self.made = plan.start_batch  # the next batch's index
+        self.end: int | None = None  # the epoch's length, once the iterators are all exhausted
+        self._failure: Abort | None = None
+
+    def make(self, position: int) -> Built | None:
+        """Batch ``position`` (the next one), or None past the epoch's end."""
+        with self._lock:
+            if self._failure is not None:
+                raise self._failure
+            if self.end is not None and position >= self.end:
+                return None
+            if position != self.made:
+                raise Abort(grpc.StatusCode.INTERNAL, f"batch {position} asked of a job at batch {self.made}")
+            try:
+                built = self._next()
+            except Abort as exc:
+                self._failure = exc
+                raise
+            if built is None:
+                self.end = self.made
+                return None
+            built = dataclasses.replace(built, index=self.made)
+            self.made += 1
+            return built
+
+    def _next(self) -> Built | None:
+        while True:
+            while len(self._pending) < self._window:
+                step = self._steps.next()
+                if step is None:
+                    break
+                build = self._builder.start_step(step, wait=not self._pending)
+                if build is None:
+                    self._steps.undo(step)
+                    break
+                self._pending.append(build)
+            if not self._pending:
+                return None
+            build = self._pending.pop(0)
+            assert build.iterable is not None
+            built = self._builder.finish(build)
+            if not built.exhausted:
+                return dataclasses.replace(built, iterator=build.iterable.iterator)
+            self._steps.ended[build.iterable.iterator] = True
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for build in self._pending:
+                self._builder.drop(build)
+            self._pending.clear()
+            self._builder.pool.close_stream(self._ticket)  # its iterators go
+
+
+class SharedIterableEpoch(SharedEpoch):
+    def __init__(self, window: int, cond: threading.Condition, producer: Producer) -> None:
+        super().__init__(0, window, cond)
+        self.producer = producer
+
+    @property
+    def finished(self) -> bool:
+        return self.producer.end is not None and not self.members
+
+    def enter(self, consumer: int, start: int) -> int:
+        """As in shared mode; but a batch nobody holds any more cannot be made again: a
+        consumer that would start before the oldest one held starts there."""
+        with self._cond:
+            first = super().enter(consumer, start)
+            if first < self.producer.made and first not in self._entries:
+                held = [p for p in self._entries if p >= first]
+                first = min(held) if held else self.producer.made
+                self.consumed[consumer] = self.released[consumer] = first
+            return first
+
+    def close(self) -> None:
+        self.producer.close()
+
+
+def send(stream: Stream) -> Generator[bytes, None, bool]:
+    plan, messages = stream.plan, stream.messages
+    job, consumer = stream.job, stream.consumer
+    assert job is not None and consumer is not None  # the servicer joins job modes
+    window = max(1, min(2 * plan.credits, stream.ring_slots // 2))
+
+    def make() -> SharedIterableEpoch:
+        return SharedIterableEpoch(window, job.cond, Producer(plan, stream.builder, window))
+
+    work = job.epoch_state(plan.epoch, make)
+    assert isinstance(work, SharedIterableEpoch)
+    first = position = work.enter(consumer.id, plan.local_start)
+    stream.progress(position)
+    messages.on_credit.append(lambda taken: work.consume(consumer.id, first + taken))
+    yield framing.start_frame(0, stream.order, position)
+    try:
+        while True:
+            if not stream.active() or not messages.open:
+                return False
+            end = work.producer.end
+            if end is not None and position >= end:
+                break
+            if not work.may_build(position):
+                work.wait(_POLL)  # the slowest consumer holds the window
+                continue
+            entry, mine = work.claim(position)
+            if mine:
+                built = None
+                try:
+                    built = work.producer.make(position)
+                finally:
+                    work.publish_built(entry, built)
+            built = work.finish(entry, stream.builder, stream)
+            if built is None:
+                continue  # past the end (the loop ends), or its maker failed (it raises)
+            if not messages.wait_for(position - first, stream.active):
+                return False
+            yield from stream.frames(built, held=_SharedHeld(work, consumer.id, position))
+            position += 1
+            stream.progress(position)
+        work.completed = True
+        return True
+    finally:
+        work.leave(consumer.id)
+        job.prune_epochs()
