@@ -75,10 +75,12 @@ class DataLoader(Generic[_T_co]):
         transport: ``"shm"`` maps the server's shared memory (same host, or containers
             sharing IPC and /dev/shm); ``"grpc"`` streams the bytes; ``"auto"`` uses shm
             when the server's memory is visible from here, else the byte stream.
-        compression: the byte stream's payload codec: ``None`` or ``"none"`` (default: off),
+        compression: the byte stream's payload codec: ``"none"`` (off), ``None`` (the
+            default: the ``BATCHFERRY_COMPRESSION`` environment variable, else off),
             ``"lz4"`` or ``"zstd"`` (blosc2 with a byte shuffle; lz4 is fast, zstd denser), or
             ``"auto"``: lz4 to servers on another host, off on this one. The server still
-            sends a batch raw when its first chunk does not shrink by 10%. Batches sent by
+            sends a batch raw when its first chunk does not shrink by 10% (its
+            ``BATCHFERRY_COMPRESSION_MIN_RATIO``, 1.1, says by how much). Batches sent by
             shared memory are never compressed. Needs ``pip install 'batchferry[compression]'``.
         receive_processes: receive each byte stream in a process of its own, which writes
             the payloads into shared memory that this process maps (as from a server on this

@@ -20,7 +20,9 @@ from batchferry.server import Server
 from batchferry.server import compression as server_compression
 from batchferry.v1 import loader_pb2 as pb
 
-from support import Docs, assert_same, in_step, read_concurrently
+from checks import assert_same
+from reading import in_step, read_concurrently
+from toy_datasets import Docs
 
 CHUNK = wire.MIN_CHUNK_BYTES  # several chunks per batch
 CODECS = ["lz4", "zstd"]
@@ -95,7 +97,7 @@ def test_pad_collated_tokens_are_bit_exact(srv: Server, name: str) -> None:
 
 
 def test_incompressible_batches_go_raw(srv: Server, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server_compression, "MIN_RATIO", 1.1)  # as shipped
+    monkeypatch.delenv(server_compression.MIN_RATIO_ENV, raising=False)  # as shipped
     before = _wire_bytes(srv, "noise")
     with _loader(srv, "noise", 8, compression="lz4") as loader:
         assert_same(list(loader), list(TorchLoader(_noise(), 8)))
@@ -105,7 +107,7 @@ def test_incompressible_batches_go_raw(srv: Server, monkeypatch: pytest.MonkeyPa
 
 
 def test_payload_messages_choose_per_batch_and_reassemble(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server_compression, "MIN_RATIO", 1.1)  # as shipped
+    monkeypatch.delenv(server_compression.MIN_RATIO_ENV, raising=False)  # as shipped
     data = {
         "tokens": (np.arange(300_000, dtype=np.int64) % 900).view(np.uint8),
         "noise": np.random.default_rng(1).integers(0, 256, 300_000, np.uint8),
@@ -230,7 +232,7 @@ def test_invalid_compression_values_are_refused(srv: Server, value: object) -> N
 
 
 def test_after_trials_that_do_not_pay_frames_go_raw_without_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server_compression, "MIN_RATIO", 1.1)  # as shipped
+    monkeypatch.delenv(server_compression.MIN_RATIO_ENV, raising=False)  # as shipped
     calls = []
     real = codec.compress
     monkeypatch.setattr(codec, "compress", lambda *a: calls.append(1) or real(*a))

@@ -24,7 +24,8 @@ from batchferry.client import DataLoader
 from batchferry.server import Server, ServerConfig
 from batchferry.v1 import loader_pb2 as pb
 
-from support import Filled, free_port, wait_until
+from processes import free_port, wait_until
+from toy_datasets import Filled
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "metrics-test-token-0123456789"

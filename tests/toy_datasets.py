@@ -1,25 +1,16 @@
-"""Datasets and helpers shared by the tests (importable by spawned server workers)."""
+"""Datasets, collates and exceptions the tests serve (importable by spawned server workers)."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from collections import namedtuple
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import numpy as np
-import psutil
 import torch
 from torch.utils.data import Dataset
-
-from batchferry import shm
 
 
 class Plain(Dataset[tuple[torch.Tensor, int]]):
@@ -214,137 +205,6 @@ def sum_collate(samples: list[Any]) -> dict[str, torch.Tensor]:
     return {"sum": xs.sum(dim=1), "count": torch.tensor(len(samples))}
 
 
-def leaked_segments() -> list[str]:
-    """Segments whose owner is gone (other test sessions may own live ones meanwhile)."""
-    return shm.stale()
-
-
-def receivers_running() -> list[psutil.Process]:
-    """Receiver processes (``receive_processes=True``) of any loader on this machine."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if "batchferry.relay.child" in (proc.info["cmdline"] or []):
-            found.append(proc)
-    return found
-
-
-def own_segments(pid: int | None = None) -> list[str]:
-    """Segments of servers running in process ``pid`` (this one by default)."""
-    return shm.owned_by(os.getpid() if pid is None else pid)
-
-
-def assert_same(a: Any, b: Any, path: str = "batch") -> None:
-    """Structure, types, dtypes and values equal (tuples of torch batches become lists)."""
-    if isinstance(b, torch.Tensor):
-        assert isinstance(a, torch.Tensor), f"{path}: {type(a).__name__} is not a tensor"
-        assert a.dtype == b.dtype, f"{path}: dtype {a.dtype} != {b.dtype}"
-        assert a.shape == b.shape, f"{path}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-        assert torch.equal(a.cpu(), b.cpu()), f"{path}: values differ"
-    elif isinstance(b, dict):
-        assert isinstance(a, dict) and list(a) == list(b), f"{path}: keys {list(a)} != {list(b)}"
-        for k in b:
-            assert_same(a[k], b[k], f"{path}[{k!r}]")
-    elif isinstance(b, (list, tuple)):
-        assert type(a) is type(b), f"{path}: {type(a).__name__} != {type(b).__name__}"
-        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert type(a) is type(b) and a == b, f"{path}: {a!r} != {b!r}"
-
-
-@contextmanager
-def no_new_segments() -> Iterator[None]:
-    before = set(own_segments())
-    yield
-    after = set(own_segments()) | set(leaked_segments())
-    assert after <= before, f"leaked: {sorted(after - before)}"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-class ServeProcess:
-    """``batchferry serve`` as a real process on a fixed address: killable and restartable."""
-
-    def __init__(
-        self, dataset: str, *, host: str = "127.0.0.1", port: int | None = None, extra: Sequence[str] = ()
-    ) -> None:
-        self.dataset, self.host, self.extra = dataset, host, list(extra)
-        self.port = port or free_port(host)
-        self.proc: subprocess.Popen[str] | None = None
-        self.banner = ""
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "batchferry.cli", "--log-level", "WARNING", "serve",
-             "--dataset", self.dataset, "--host", self.host, "--port", str(self.port),
-             "--num-workers", "1", *self.extra],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert self.proc.stdout is not None
-        self.banner = self.proc.stdout.readline()
-        assert "serving" in self.banner, self.banner
-
-    def kill(self) -> None:
-        """kill -9: no clean-up, as when a machine dies."""
-        assert self.proc is not None and self.proc.stdout is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        self.proc.stdout.close()
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-            assert self.proc.stdout is not None
-            self.proc.stdout.close()
-            self.proc = None
-
-
-def in_step(loaders: Sequence[Iterable[Any]], batches: int) -> list[list[Any]]:
-    """``batches`` from each loader, taken in turn, so that consumers of one shared job stay
-    inside its window together."""
-    iters = [iter(loader) for loader in loaders]
-    got: list[list[Any]] = [[] for _ in loaders]
-    for _ in range(batches):
-        for seq, it in zip(got, iters, strict=True):
-            seq.append(next(it))
-    return got
-
-
-def read_concurrently(loaders: Sequence[Iterable[Any]], timeout: float = 60.0) -> list[list[Any]]:
-    """Every batch of each loader's epoch, the loaders read at once on threads of their own."""
-    got: list[list[Any]] = [[] for _ in loaders]
-    threads = [
-        threading.Thread(target=seq.extend, args=(loader,)) for seq, loader in zip(got, loaders, strict=True)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=timeout)
-    return got
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, every: float = 0.02) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` passes (tests never sleep to synchronise)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(every)
-
-
 # A small synthetic dataset served by ``batchferry serve`` in a process of its own
 # (the ``restartable`` fixture), so tests can kill it and start it again.
 RESTART_SPEC = "synthetic:n=300,shape=6,seed=4"
@@ -477,18 +337,3 @@ class SlowAt(Dataset[torch.Tensor]):
         if i == self.bad:
             raise Unprintable()
         return torch.tensor([i])
-
-
-def outcomes(it: Iterator[Any], bound: int = 100_000) -> list[Any]:
-    """What each ``next()`` of an epoch gave, as a loop that catches errors and goes on sees
-    it: a batch, or the exception raised in its place; AssertionError without StopIteration
-    after ``bound`` calls."""
-    got: list[Any] = []
-    for _ in range(bound):
-        try:
-            got.append(next(it))
-        except StopIteration:
-            return got
-        except Exception as exc:
-            got.append(exc)
-    raise AssertionError(f"no StopIteration after {bound} next() calls")
