@@ -289,12 +289,12 @@ KEYS: dict[str, Callable[[Any], Any]] = {
     "log_level": _log_level,
     **_SERVER_KEYS,
 }
-# Both `batchferry serve` and the Python Server listen on loopback unless told otherwise.
+# Defaults `batchferry serve` applies to its own keys (not ServerConfig fields).
 SERVE_DEFAULTS: dict[str, Any] = {"log_level": "INFO"}
 # Help for the settings that are not ServerConfig fields.
 _HELP = {
-    "datasets": "NAME=SPEC: npy:PATH[,labels=PATH] | synthetic:n=N,shape=AxB,... | "
-    "python:MODULE:CALLABLE (repeatable)",
+    "datasets": "NAME=SPEC, a spec being KIND:PATH[,option=value,...] such as npy:/data/x.npy "
+    "(every kind: the Datasets page of the documentation; repeatable)",
     "import": "import MODULE first, e.g. one that calls register_collate (repeatable)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }

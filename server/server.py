@@ -70,7 +70,7 @@ class Server:
     ``datasets`` maps names to map-style datasets (objects are pickled to the
     worker processes) or to spec strings (``"npy:/data/x.npy"``, see
     :mod:`batchferry.server.datasets`). ``collates`` adds named collate functions
-    to the built-in ``default`` and ``pad``.
+    to the built-in ``default``, ``pad``, ``pack`` and ``convert``.
     """
 
     def __init__(
