@@ -63,9 +63,10 @@ _STOP_TIMEOUT = 10.0
 class Server:
     """Serve map-style datasets to batchferry clients.
 
-    >>> from batchferry.server import Server
-    >>> with Server({"train": dataset}, port=0, num_workers=2) as srv:  # doctest: +SKIP
-    ...     print(srv.address)
+    Examples:
+        >>> from batchferry.server import Server
+        >>> with Server({"train": dataset}, port=0, num_workers=2) as srv:  # doctest: +SKIP
+        ...     print(srv.address)
 
     ``datasets`` maps names to map-style datasets (objects are pickled to the
     worker processes) or to spec strings (``"npy:/data/x.npy"``, see
