@@ -1,4 +1,4 @@
-"""The workloads of BENCHMARKS.md: datasets built once into a cache directory.
+"""The benchmark workloads (docs/performance.md): datasets built once into a cache directory.
 
 Servers load them with ``python:batchferry.benchmarks.workloads:NAME`` specs, or
 with a built-in source's spec over the same files (W3: ``imagefolder:``, P1:

@@ -186,7 +186,7 @@ class Server:
         if not _loopback(cfg.host) and credentials is None and not tokens.enabled:
             log.warning(
                 "listening on %s without TLS or tokens: anyone who can reach it can read every dataset; "
-                "set tls_cert/tls_key and token_file (see the README's Security section)",
+                "set tls_cert/tls_key and token_file (see Security in docs/deploy.md)",
                 self.address,
             )
 
