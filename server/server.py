@@ -40,6 +40,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from batchferry import cleanup, shm, wire
 from batchferry.v1 import loader_pb2 as _pb2
 
+from . import compression
 from .auth import AuthInterceptor, Tokens, server_credentials
 from .collate import CollateFn, SlotCollate, collate_names, get_collate
 from .config import ServerConfig
@@ -85,6 +86,7 @@ class Server:
         self.config = replace(config or ServerConfig(), **options)
         if not datasets:
             raise ValueError("datasets: give the server at least one dataset")
+        compression.min_ratio()  # a bad BATCHFERRY_COMPRESSION_MIN_RATIO fails the start, not a stream
         self.id = uuid.uuid4().hex
         self._closed = threading.Event()
         self._close_lock = threading.Lock()

@@ -16,6 +16,7 @@ from torch.utils.data import DistributedSampler, Subset, TensorDataset
 from batchferry import codec, errors, wire
 from batchferry.client import DataLoader
 from batchferry.client import connection as loader_module
+from batchferry.client.options import COMPRESSION_ENV
 from batchferry.server import Server
 from batchferry.server import compression as server_compression
 from batchferry.v1 import loader_pb2 as pb
@@ -315,3 +316,35 @@ def test_a_malformed_compressed_chunk_fails_the_stream_cleanly(
     monkeypatch.undo()
     with _loader(srv, "ints", 16, compression="lz4") as loader:
         assert_same(list(loader), list(TorchLoader(_ints(), 16)))
+
+
+# -- the environment's defaults -----------------------------------------------------------
+def test_loaders_that_name_no_codec_take_the_environments(
+    srv: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(server_compression.MIN_RATIO_ENV, raising=False)
+    with _loader(srv, "docs", 16, collate_fn="pad", compression="none") as plain:
+        expected = list(plain)
+    monkeypatch.setenv(COMPRESSION_ENV, "lz4")
+    before = _wire_bytes(srv, "docs")
+    with _loader(srv, "docs", 16, collate_fn="pad") as loader:
+        assert_same(list(loader), expected)
+    sent, payload = (a - b for a, b in zip(_wire_bytes(srv, "docs"), before))
+    assert sent < payload / 2
+    before = _wire_bytes(srv, "docs")
+    with _loader(srv, "docs", 16, collate_fn="pad", compression="none") as loader:  # the argument wins
+        assert_same(list(loader), expected)
+    sent, payload = (a - b for a, b in zip(_wire_bytes(srv, "docs"), before))
+    assert sent >= payload
+    monkeypatch.setenv(COMPRESSION_ENV, "gzip")
+    with pytest.raises(errors.InvalidArgument, match="environment BATCHFERRY_COMPRESSION: must be one of"):
+        DataLoader(srv.address, "docs", 4)
+
+
+@pytest.mark.parametrize("value", ["fast", "-1", "nan"])
+def test_a_bad_min_ratio_in_the_environment_fails_the_server_start(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(server_compression.MIN_RATIO_ENV, value)
+    with pytest.raises(ValueError, match=f"environment {server_compression.MIN_RATIO_ENV}: must be"):
+        Server({"ints": _ints()}, host="127.0.0.1", port=0, num_workers=0)
