@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -123,6 +124,54 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout:
     raise AssertionError(f"nothing answered on port {port} within {timeout} s:\n{log.read_text()}")
 
 
+# Runs the page's python examples one after another in one interpreter, each as __main__
+# (so spawned workers import its functions), and says on fd ARGV[1] how each went.
+_RUNNER = """
+import os, runpy, sys, traceback
+said = os.fdopen(int(sys.argv[1]), "w", buffering=1)
+for line in sys.stdin:
+    try:
+        runpy.run_path(line.strip(), run_name="__main__")
+    except BaseException:
+        traceback.print_exc()
+        said.write("failed\\n")
+    else:
+        said.write("ok\\n")
+"""
+
+
+class _Runner:
+    """One interpreter for a page's python examples: torch is imported once, not per example."""
+
+    def __init__(self, folder: Path, env: dict[str, str]) -> None:
+        self.log = folder / "examples.log"
+        read, write = os.pipe()
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _RUNNER, str(write)], cwd=folder, env=env, stdin=subprocess.PIPE,
+                stdout=out, stderr=subprocess.STDOUT, pass_fds=(write,), text=True,
+            )  # fmt: skip
+        os.close(write)
+        self.said = os.fdopen(read)
+
+    def run(self, script: Path, timeout: float = 120.0) -> bool:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{script}\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.said], [], [], timeout)
+        return bool(ready) and self.said.readline().strip() == "ok"
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.said.close()
+
+
 def _command(example: Example, folder: Path) -> list[str]:
     if example.language == "bash":
         # A server replaces the shell, so that stopping it stops the server.
@@ -133,12 +182,16 @@ def _command(example: Example, folder: Path) -> list[str]:
     return [sys.executable, str(script)]
 
 
+# A page starts up to three servers, each with its worker processes: more than the suite's
+# 120 s on a loaded 2-core machine.
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("page", [p for p in PAGES if any(
     e.language in RUNNABLE and e.skip is None for e in examples(p))], ids=lambda p: p.name)  # fmt: skip
 def test_examples_run(page: Path, tmp_path: Path) -> None:
     ports = {str(p): str(free_port()) for p in (50051, 50052, 50053)}
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     servers: list[subprocess.Popen[bytes]] = []
+    runner = _Runner(tmp_path, env)
     try:
         for written in examples(page):
             if written.language not in RUNNABLE or written.skip is not None:
@@ -156,9 +209,15 @@ def test_examples_run(page: Path, tmp_path: Path) -> None:
                 port = next(int(p) for p in re.findall(r"\b\d{4,5}\b", example.code) if p in ports.values())
                 _wait_for_port(port, proc, log)
                 continue
+            if example.language == "python":
+                assert runner.run(Path(command[1])), (
+                    f"{example} failed:\n{example.code}\n{runner.log.read_text()}"
+                )
+                continue
             ran = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
             assert ran.returncode == 0, f"{example} failed:\n{example.code}\n{ran.stdout}\n{ran.stderr}"
     finally:
+        runner.close()
         for proc in servers:
             proc.send_signal(signal.SIGTERM)
         for proc in servers:
