@@ -219,88 +219,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from batchferry.benchmarks.registry import OPTIONS, benches, run
 
-    from batchferry.benchmarks.harness import RESULTS
-    from batchferry.benchmarks.harness import main as bench_main
-    from batchferry.benchmarks.workloads import WORKLOADS
-
-    ids = sorted(WORKLOADS) if args.workloads == ["all"] else list(args.workloads)
-    if "W5" in ids:
-        from batchferry.benchmarks.multi import main as multi_main
-
-        ids.remove("W5")
-        multi_main(reps=args.reps, num_workers=args.num_workers, out=Path(args.out or RESULTS))
-    if "SCALE" in ids:
-        from batchferry.benchmarks.replicas import main as scale_main
-
-        ids.remove("SCALE")
-        scale_main(
-            reps=args.reps,
-            num_workers=args.num_workers,
-            replicas=args.replicas,
-            out=Path(args.out or RESULTS),
-            scale=args.scale,
-        )
-    if "HOSTILE" in ids:
-        from batchferry.benchmarks.hostile import main as hostile_main
-
-        ids.remove("HOSTILE")
-        hostile_main(out=Path(args.out or RESULTS), reps=args.reps)
-    if "MEM" in ids:
-        from batchferry.benchmarks.memory import main as memory_main
-
-        ids.remove("MEM")
-        memory_main(out=Path(args.out or RESULTS))
-    if "BYTES" in ids:
-        from batchferry.benchmarks.bytestream import main as bytes_main
-
-        ids.remove("BYTES")
-        bytes_main(reps=args.reps, num_workers=args.num_workers, out=Path(args.out or RESULTS))
-    if "G2" in ids:
-        from batchferry.benchmarks.offload import main as offload_main
-
-        ids.remove("G2")
-        offload_main(out=Path(args.out or RESULTS), device=args.device)
-    if "NET" in ids:
-        from batchferry.benchmarks.network import main as network_main
-
-        ids.remove("NET")
-        try:
-            rates = tuple(float(r) for r in args.link_rates.split(","))
-        except ValueError:
-            print(f"--link-rates: comma-separated Gbit/s, got {args.link_rates!r}", file=sys.stderr)
-            return 2
-        network_main(
-            reps=args.reps, num_workers=args.num_workers, out=Path(args.out or RESULTS), scale=args.scale,
-            rates=rates,
-        )  # fmt: skip
-    if "NETZ" in ids:
-        from batchferry.benchmarks.network import compression_main
-
-        ids.remove("NETZ")
-        rates = (
-            tuple(float(r) for r in args.link_rates.split(",")) if args.link_rates != "0,25,10" else (10.0,)
-        )
-        compression_main(
-            reps=args.reps, num_workers=args.num_workers, out=Path(args.out or RESULTS), scale=args.scale,
-            rates=rates,
-        )  # fmt: skip
-    if "ITER" in ids:
-        from batchferry.benchmarks.iterable import main as iterable_main
-
-        ids.remove("ITER")
-        iterable_main(reps=args.reps, num_workers=args.num_workers, out=Path(args.out or RESULTS))
-    if "G1" in ids:
-        from batchferry.benchmarks.gpu import main as gpu_main
-
-        ids.remove("G1")
-        gpu_main(out=Path(args.out or RESULTS))
-    if not ids:
+    if args.names == ["list"]:
+        for name, bench in benches().items():
+            takes = " ".join(f"--{o.replace('_', '-')}" for o in bench.options)
+            print(f"{name:<10}{bench.summary}" + (f" [{takes}]" if takes else ""))
         return 0
-    bench_main(
-        ids, reps=args.reps, num_workers=args.num_workers, out=Path(args.out or RESULTS),
-        scale=args.scale, with_ceiling=not args.no_ceiling,
-    )  # fmt: skip
+    names = [n for n in benches() if benches()[n].together] if args.names == ["all"] else args.names
+    run(names, {option: getattr(args, option) for option in OPTIONS}, Path(args.out))
     return 0
 
 
@@ -316,6 +243,34 @@ def _client_flags() -> argparse.ArgumentParser:
         "--token-file", metavar="PATH", help="file holding a bearer token (default: BATCHFERRY_TOKEN)"
     )
     return flags
+
+
+def _bench_parser(sub: Any) -> None:
+    """``batchferry bench``: its options come from the benchmark registry."""
+    from batchferry.benchmarks.registry import BENCHES, DEFAULT_OUT, HARNESS_OPTIONS, OPTIONS
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure batchferry against torch's DataLoader and its peers",
+        description="Run benchmarks by name: the harness's workloads (W1, W2, ...: batchferry "
+        "against torch's DataLoader, in one report), or " + ", ".join(BENCHES) + ". "
+        "'list' lists them all with their options; 'all' runs every workload.",
+    )
+    bench.add_argument("names", nargs="+", metavar="NAME", help="benchmarks to run, 'list' or 'all'")
+    bench.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default ./{DEFAULT_OUT})")
+    for name, option in OPTIONS.items():
+        takers = (["workloads"] if name in HARNESS_OPTIONS else []) + [
+            b for b, entry in BENCHES.items() if name in entry.options
+        ]
+        where = f" ({', '.join(takers)})"
+        flag = "--" + name.replace("_", "-")
+        if option.type is None:
+            bench.add_argument(flag, dest=name, action="store_true", help=option.help + where)
+        else:
+            bench.add_argument(
+                flag, dest=name, type=option.type, metavar=option.metavar, help=option.help + where
+            )
+    bench.set_defaults(func=_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -373,32 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dataset", default="demo", help="dataset name on those servers (default demo)")
     demo.set_defaults(func=_demo)
 
-    bench = sub.add_parser("bench", help="batchferry vs torch DataLoader on the standard workloads")
-    bench.add_argument(
-        "workloads",
-        nargs="+",
-        metavar="W",
-        help="W1 W2 W3 W4, W4T and W4T-pack (token source), P1 (Parquet), W5 (shared mode), "
-        "SCALE (replicas), MEM (memory bounds), NET (a client on another network host, needs root), "
-        "NETZ (W2 and W4T to another host with and without compression, needs root), "
-        "HOSTILE (budgets under hostile clients), BYTES (byte stream by stripe count), "
-        "ITER (an IterableDataset), "
-        "G1 and G2 (need CUDA), or all (the harness's workloads)",
-    )
-    bench.add_argument("--reps", type=int, default=3)
-    bench.add_argument("--num-workers", type=int, default=2)
-    bench.add_argument("--replicas", type=int, default=2, help="SCALE: server replicas (default 2)")
-    bench.add_argument("--scale", type=float, default=1.0, help="shrink datasets (smoke runs)")
-    bench.add_argument(
-        "--link-rates",
-        default="0,25,10",
-        help="NET: link settings in Gbit/s, 0 for the bare veth (default 0,25,10)",
-    )
-    bench.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
-    bench.add_argument("--no-ceiling", action="store_true", help="skip the raw gRPC ceiling")
-    bench.add_argument("--device", default=None, help="G2: the device batches go to (default cuda)")
-    bench.set_defaults(func=_bench)
-
+    _bench_parser(sub)
     jobs = sub.add_parser(
         "jobs", parents=[client], help="list the jobs of a server, their consumers and progress"
     )

@@ -20,12 +20,12 @@ from typing import Any
 from batchferry.client import DataLoader
 
 from . import ceiling
-from .harness import RESULTS, machine, measure, save_report, served
+from .harness import machine, measure, save_report, served
 from .workloads import DATA_ENV, WORKLOADS, data_dir
 
 
 def main(*, reps: int = 3, num_workers: int = 2, stripes: tuple[int, ...] = (1, 2, 4, 8),
-         out: Path = RESULTS) -> dict[str, Any]:  # fmt: skip
+         out: Path) -> dict[str, Any]:  # fmt: skip
     os.environ[DATA_ENV] = str(data_dir())
     workload = WORKLOADS["W2"]
     batches = len(workload.factory()) // workload.batch_size - 1

@@ -1,6 +1,6 @@
 """Lossless codecs on batch payloads: which would pay off on the byte stream, and on which links.
 
-``python -m batchferry.benchmarks.codecs [--chunk-kib 1024]`` compresses
+``batchferry bench CODECS [--chunk-kib 1024]`` compresses
 representative payloads chunk by chunk (as the byte stream sends them) with lz4
 (block and frame; block also after a byte-shuffle done with numpy, for dtypes
 wider than a byte), zstd (levels 1 and 3) and blosc2 (byte-shuffle with
@@ -29,7 +29,6 @@ Libraries missing here are listed as such (``pip install 'batchferry[compression
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import importlib
 import io
@@ -43,7 +42,7 @@ import numpy as np
 from matplotlib import cbook
 from PIL import Image
 
-from .harness import RESULTS, machine, save_report
+from .harness import machine, save_report
 
 __all__ = ["LINKS_GB_S", "candidates", "main", "measure", "payloads"]
 
@@ -195,14 +194,15 @@ def measure(payload: np.ndarray, codec: Codec, repeats: int = 5, chunk: int = CH
     return result
 
 
-def main(out: Path | None = None, repeats: int = 5, images: int = 64, chunk: int = CHUNK) -> dict[str, Any]:
+def main(*, out: Path, repeats: int = 5, images: int = 64, chunk_kib: int = CHUNK >> 10) -> dict[str, Any]:
+    chunk = chunk_kib << 10
     versions = {}
     for name in ("lz4", "zstandard", "blosc2"):
         module = _module(name)
         versions[name] = getattr(module, "__version__", "installed") if module else None
     report: dict[str, Any] = {
         "date": _dt.date.today().isoformat(),
-        "command": f"python -m batchferry.benchmarks.codecs --chunk-kib {chunk >> 10}",
+        "command": f"batchferry bench CODECS --chunk-kib {chunk_kib}",
         "chunk_bytes": chunk,
         "machine": machine(),
         "libraries": versions,
@@ -229,15 +229,5 @@ def main(out: Path | None = None, repeats: int = 5, images: int = 64, chunk: int
                 + "".join(f"{r[f'effective_gb_s at {link}']:>15.2f}" for link in LINKS_GB_S)
             )
         report["payloads"][name] = results
-    save_report(report, out or RESULTS, "CODECS")
+    save_report(report, out, "CODECS")
     return report
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m batchferry.benchmarks.codecs", description=__doc__)
-    parser.add_argument("--chunk-kib", type=int, default=CHUNK >> 10, help="chunk size (default 1024)")
-    parser.add_argument("--images", type=int, default=64, help="images per image payload (default 64)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
-    args = parser.parse_args()
-    main(args.out, args.repeats, args.images, args.chunk_kib << 10)

@@ -4,14 +4,13 @@ Where the time goes once a path is CPU-bound: on two cores, the rate is about
 2 / (the sum of these). Steady state only: the first 50 batches (or what the epoch has
 left beyond ``--batches``) are not counted.
 
-``python -m batchferry.benchmarks.cpu W4T shm [--batches 1400] [--server-flags "--group-bytes 0"]``;
-``python -m batchferry.benchmarks.cpu W2 grpc --batches 80 --receive-processes`` adds the
+``batchferry bench CPU --workload W4T --transport shm [--batches 1400] [--server-flags "--group-bytes 0"]``;
+``batchferry bench CPU --workload W2 --transport grpc --batches 80 --receive-processes`` adds the
 receiver processes' share; ``--compression lz4`` sets the loader's ``compression=``.
 """
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import time
 
@@ -70,31 +69,25 @@ def measure(
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("workload", choices=sorted(WORKLOADS))
-    parser.add_argument("transport", choices=["grpc", "shm"])
-    parser.add_argument("--batches", type=int, default=1400, help="batches measured (within one epoch)")
-    parser.add_argument("--server-flags", default="", help="more `batchferry serve` flags")
-    parser.add_argument(
-        "--receive-processes", action="store_true", help="the loader's receive_processes=True"
-    )
-    parser.add_argument("--compression", default=None, help="the loader's compression= (byte stream)")
-    args = parser.parse_args()
-    r = measure(
-        args.workload,
-        args.transport,
-        args.batches,
-        shlex.split(args.server_flags),
-        args.receive_processes,
-        args.compression,
-    )
-    relayed = f", receivers {r['receivers_us']:.0f}" if args.receive_processes else ""
+def main(
+    *,
+    workload: str | None = None,
+    transport: str | None = None,
+    batches: int = 1400,
+    server_flags: str = "",
+    receive_processes: bool = False,
+    compression: str | None = None,
+) -> dict[str, float]:
+    """Measure and print one workload over one transport (``batchferry bench CPU``)."""
+    if workload not in WORKLOADS or transport not in ("grpc", "shm"):
+        raise ValueError(
+            f"CPU needs --workload (one of {sorted(WORKLOADS)}) and --transport (grpc or shm), "
+            f"got {workload!r} and {transport!r}"
+        )
+    r = measure(workload, transport, batches, shlex.split(server_flags), receive_processes, compression)
+    relayed = f", receivers {r['receivers_us']:.0f}" if receive_processes else ""
     print(
-        f"{args.workload} {args.transport}: {r['batches_per_s']:,.0f} batches/s; CPU us per batch: "
+        f"{workload} {transport}: {r['batches_per_s']:,.0f} batches/s; CPU us per batch: "
         f"loader {r['client_us']:.0f}, server {r['server_us']:.0f}, workers {r['workers_us']:.0f}{relayed}"
     )
-
-
-if __name__ == "__main__":
-    main()
+    return r

@@ -21,7 +21,7 @@ import torch
 
 from batchferry.client import DataLoader, LoaderStats
 
-from .harness import RESULTS, machine, save_report, served
+from .harness import machine, save_report, served
 from .workloads import WORKLOADS
 
 BATCH = 256
@@ -82,7 +82,7 @@ def _run(make_iter: Callable[[], Iterator[Any]], step: Callable[[torch.Tensor], 
 
 
 def main(*, compute_ms: float = 6.0, steps: int = 28, worker_counts: tuple[int, ...] = (4, 8),
-         out: Path = RESULTS) -> dict[str, Any]:  # fmt: skip
+         out: Path) -> dict[str, Any]:  # fmt: skip
     if not torch.cuda.is_available():
         raise SystemExit("G1 needs a CUDA device")
     device = torch.device("cuda")

@@ -1,7 +1,7 @@
 """Run workloads through torch's DataLoader and batchferry in one run; report medians and ratios.
 
-``batchferry bench W1 W2 W4 [--reps 3]`` prints a table, writes
-``benchmarks/results/<date>-<machine>.json`` and a PNG chart beside it.
+``batchferry bench W1 W2 W4 [--reps 3] [--out DIR]`` prints a table, writes
+``DIR/<date>-<machine>-<ids>.json`` and a PNG chart beside it.
 The loader server runs as a separate process (as deployed), on loopback.
 """
 
@@ -32,7 +32,6 @@ from batchferry.client import DataLoader
 from . import ceiling
 from .workloads import DATA_ENV, SCALE_ENV, WORKLOADS, Workload, data_dir
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TRANSPORTS = ("grpc", "shm")
 
 
@@ -217,13 +216,13 @@ def chart(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main(ids: list[str], *, reps: int = 3, num_workers: int = 2, out: Path = RESULTS,
-         scale: float = 1.0, with_ceiling: bool = True) -> dict[str, Any]:  # fmt: skip
+def main(ids: list[str], *, out: Path, reps: int = 3, num_workers: int = 2,
+         scale: float = 1.0, no_ceiling: bool = False) -> dict[str, Any]:  # fmt: skip
     os.environ[DATA_ENV] = str(data_dir())
     os.environ[SCALE_ENV] = str(scale)
     unknown = [i for i in ids if i not in WORKLOADS]
     if unknown:
-        raise ValueError(f"unknown workload(s) {unknown}; choose from {sorted(WORKLOADS)} or all")
+        raise ValueError(f"unknown workload(s) {unknown}; choose from {sorted(WORKLOADS)}")
     report: dict[str, Any] = {
         "date": _dt.date.today().isoformat(),
         "command": "batchferry bench " + " ".join(ids) + f" --reps {reps}",
@@ -234,7 +233,7 @@ def main(ids: list[str], *, reps: int = 3, num_workers: int = 2, out: Path = RES
     with tqdm(total=total, desc="bench", file=sys.stderr, dynamic_ncols=True) as bar:
         for wid in ids:
             report["workloads"][wid] = run_workload(WORKLOADS[wid], reps, num_workers, bar)
-    if with_ceiling:
+    if not no_ceiling:
         report["ceiling"] = ceiling.measure(message_bytes=4 << 20, total_bytes=int(2e9 * min(scale, 1.0)))
     print(render(report))
     out.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from batchferry import shm, wire
 from batchferry.client import DataLoader
 from batchferry.v1 import loader_pb2 as _pb2
 
-from .harness import RESULTS, machine, save_report, served
+from .harness import machine, save_report, served
 from .workloads import WORKLOADS
 
 BUDGET = 1 << 30
@@ -157,7 +157,7 @@ def _well_behaved(address: str) -> float:
         return time.perf_counter() - start
 
 
-def main(out: Path = RESULTS, reps: int = 3) -> dict[str, Any]:
+def main(*, out: Path, reps: int = 3) -> dict[str, Any]:
     workload = WORKLOADS["W2"]
     report: dict[str, Any] = {
         "workload": "HOSTILE",

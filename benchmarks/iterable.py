@@ -20,7 +20,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from batchferry.client import DataLoader
 
-from .harness import RESULTS, TRANSPORTS, Sample, _median, machine, measure, save_report, served
+from .harness import TRANSPORTS, Sample, _median, machine, measure, save_report, served
 from .workloads import Workload, w1
 
 BATCH = 256
@@ -56,7 +56,7 @@ WORKLOAD = Workload(
 )
 
 
-def main(*, reps: int = 3, num_workers: int = 2, out: Path = RESULTS) -> dict[str, Any]:
+def main(*, reps: int = 3, num_workers: int = 2, out: Path) -> dict[str, Any]:
     dataset = Rows()
     torch_runs: dict[str, dict[str, float]] = {}
     for nw in sorted({0, num_workers}):

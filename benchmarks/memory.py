@@ -18,7 +18,7 @@ import psutil
 from batchferry import shm
 from batchferry.client import DataLoader
 
-from .harness import RESULTS, machine, save_report, served
+from .harness import machine, save_report, served
 from .workloads import WORKLOADS
 
 
@@ -66,7 +66,7 @@ def track(wid: str, batches: int, transport: str, prefetch: int = 4, every: int 
     }
 
 
-def main(out: Path = RESULTS) -> dict[str, Any]:
+def main(*, out: Path) -> dict[str, Any]:
     runs = [
         track("W1", 10_000, "shm", every=500),
         track("W1", 10_000, "grpc", every=500),

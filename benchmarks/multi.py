@@ -21,7 +21,7 @@ import torch
 
 from batchferry.client import DataLoader
 
-from .harness import RESULTS, machine, save_report, served
+from .harness import machine, save_report, served
 from .workloads import DATA_ENV, WORKLOADS, data_dir
 
 TRAINERS = 4
@@ -96,7 +96,7 @@ def _tree_cpu(pid: int | None) -> float:
     return total
 
 
-def main(*, reps: int = 3, num_workers: int = 2, out: Path = RESULTS) -> dict[str, Any]:
+def main(*, reps: int = 3, num_workers: int = 2, out: Path) -> dict[str, Any]:
     os.environ[DATA_ENV] = str(data_dir())
     workload = WORKLOADS["W2"]
     workload.factory()  # build the data once, outside the timings

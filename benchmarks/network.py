@@ -23,7 +23,7 @@ trainer receives, uncompressed), medians of the repetitions.
 NET reports medians and the byte stream as a fraction of the link rate, of raw TCP
 over the same link and of loopback TCP, all measured in the same run (payload
 bytes only: TCP/IP headers take about 3% of a link), and writes
-``benchmarks/results/<date>-NET.json``. Where hosts cannot be made (not root, no
+``OUT/<date>-NET.json``. Where hosts cannot be made (not root, no
 ``ip``), it says why and measures nothing.
 """
 
@@ -44,7 +44,7 @@ from typing import Any
 from batchferry.client import DataLoader
 
 from . import ceiling, rawtcp
-from .harness import RESULTS, machine, measure, save_report
+from .harness import machine, measure, save_report
 from .netns import Hosts, sigterm_unwinds, unavailable
 from .workloads import DATA_ENV, SCALE_ENV, WORKLOADS, Workload, data_dir
 
@@ -158,9 +158,9 @@ def main(
     *,
     reps: int = 3,
     num_workers: int = 2,
-    out: Path | None = None,
+    out: Path,
     scale: float = 1.0,
-    rates: tuple[float, ...] = DEFAULT_RATES,
+    link_rates: tuple[float, ...] = DEFAULT_RATES,
     tcp_seconds: float = 3.0,
 ) -> dict[str, Any]:
     """Measure NET; returns the report (``{"skipped": reason}`` where hosts cannot be made)."""
@@ -170,7 +170,8 @@ def main(
     batches = max(2, int(90 * min(scale, 1.0)))  # 3.5 GB, about 3 epochs
     report: dict[str, Any] = {
         "date": _dt.date.today().isoformat(),
-        "command": f"batchferry bench NET --reps {reps} --link-rates {','.join(f'{r:g}' for r in rates)}",
+        "command": f"batchferry bench NET --reps {reps} --link-rates "
+        + ",".join(f"{r:g}" for r in link_rates),
         "machine": machine(),
         "workload": "W2 (batch 256, 38.5 MB) over the byte stream to a client in its own network "
         "namespace and /dev/shm, joined to the server's by a veth pair",
@@ -204,7 +205,7 @@ def main(
             loopback.append(json.loads(_readline(receiver, "the loopback TCP receiver")))
             receiver.wait(timeout=30)
         report["loopback_tcp_gb_per_s"] = statistics.median(r["gb_per_s"] for r in loopback)
-        for rate in rates:
+        for rate in link_rates:
             name = _link_name(rate)
             print(f"NET: {name}", file=sys.stderr, flush=True)
             hosts.shape(server_ns, server_dev, rate * 1e9 if rate else None)
@@ -220,7 +221,7 @@ def main(
         "veth": "byte stream >= 0.8x raw TCP",
     }
     print(render(report))
-    save_report(report, out or RESULTS, "NET")
+    save_report(report, out, "NET")
     return report
 
 
@@ -228,9 +229,9 @@ def compression_main(
     *,
     reps: int = 3,
     num_workers: int = 2,
-    out: Path | None = None,
+    out: Path,
     scale: float = 1.0,
-    rates: tuple[float, ...] = (10.0,),
+    link_rates: tuple[float, ...] = (10.0,),
 ) -> dict[str, Any]:
     """NETZ: W2 and W4T to another host with and without lz4; ``{"skipped": reason}`` where
     hosts cannot be made."""
@@ -244,7 +245,7 @@ def compression_main(
     report: dict[str, Any] = {
         "date": _dt.date.today().isoformat(),
         "command": f"batchferry bench NETZ --reps {reps} --scale {scale:g} "
-        f"--link-rates {','.join(f'{r:g}' for r in rates)}",
+        f"--link-rates {','.join(f'{r:g}' for r in link_rates)}",
         "machine": machine(),
         "workload": "W2 (batch 256, uint8 images) and W4T (batch 64, int64 tokens, pad) over the byte "
         "stream to a client in its own network namespace, compression None and lz4",
@@ -259,7 +260,7 @@ def compression_main(
                 client_ns, "-m", "batchferry.benchmarks.network", "--client-host", stdin=subprocess.PIPE
             )
         )
-        for rate in rates:
+        for rate in link_rates:
             name = _link_name(rate)
             print(f"NETZ: {name}", file=sys.stderr, flush=True)
             hosts.shape(server_ns, server_dev, rate * 1e9 if rate else None)
@@ -282,7 +283,7 @@ def compression_main(
         hosts.shape(server_ns, server_dev, None)
     for name, link in report["links"].items():
         print(f"NETZ {name}: " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in link["gb_per_s"].items()))
-    save_report(report, out or RESULTS, "NETZ")
+    save_report(report, out, "NETZ")
     return report
 
 
@@ -331,8 +332,7 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--client-host"]:
-        _client_host()
-    else:
-        main()
+if __name__ == "__main__":  # the client host's process, started by main()
+    if sys.argv[1:] != ["--client-host"]:
+        sys.exit("this module runs as `batchferry bench NET`")
+    _client_host()

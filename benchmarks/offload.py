@@ -23,7 +23,7 @@ import torch
 
 from batchferry.client import DataLoader
 
-from .harness import RESULTS, machine, save_report, served
+from .harness import machine, save_report, served
 from .workloads import DATA_ENV, WORKLOADS, data_dir
 
 BATCH = 64
@@ -61,7 +61,7 @@ def _torch_rate(dataset: Any, dev: torch.device, seconds: float) -> dict[str, fl
 
 
 def main(*, seconds: float = 10.0, trainer_cores: int = 2, device: str | None = None,
-         out: Path = RESULTS) -> dict[str, Any]:  # fmt: skip
+         out: Path) -> dict[str, Any]:  # fmt: skip
     if device is None and not torch.cuda.is_available():
         raise SystemExit("G2 needs a CUDA device (or --device cpu for a smoke run)")
     dev = torch.device(device or "cuda")

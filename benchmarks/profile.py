@@ -7,14 +7,15 @@ hold it most. A process whose lock share nears 1 is bound by its interpreter.
 With ``--receive-processes`` the loader receives through receiver processes, and the
 first of them is profiled too (``receiver_gil``, ``receivers_cpu_s_per_gb``).
 
-``python -m batchferry.benchmarks.profile [--streams 4] [--seconds 8] [--num-workers 8]
-[--receive-processes]``
+``batchferry bench PROFILE [--streams 4] [--seconds 8] [--num-workers 8]
+[--receive-processes]``; the loader runs as ``python -m batchferry.benchmarks.profile
+ADDRESS STREAMS SECONDS [--receive-processes]``, a process of its own to profile.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
+import datetime as _dt
 import json
 import os
 import resource
@@ -30,7 +31,7 @@ import psutil
 
 from batchferry.client import DataLoader
 
-from .harness import served
+from .harness import machine, save_report, served
 from .workloads import DATA_ENV, WORKLOADS, data_dir
 
 _RATE = 250  # py-spy samples per second
@@ -77,8 +78,14 @@ def _gil(pid: int, seconds: float) -> dict[str, Any] | None:
 
 
 def main(
-    *, streams: int = 4, seconds: float = 8.0, num_workers: int = 8, receivers: bool = False
+    *,
+    out: Path,
+    streams: int = 4,
+    seconds: float = 8.0,
+    num_workers: int = 8,
+    receive_processes: bool = False,
 ) -> dict[str, Any]:
+    receivers = receive_processes
     os.environ[DATA_ENV] = str(data_dir())
     workload = WORKLOADS["W2"]
     workload.factory()
@@ -88,8 +95,7 @@ def main(
         before = sum(p.cpu_times().user + p.cpu_times().system for p in [server, *server.children(True)])
         main_before = server.cpu_times().user + server.cpu_times().system
         client = subprocess.Popen(
-            [sys.executable, "-m", "batchferry.benchmarks.profile", "--client", address,
-             "--streams", str(streams), "--seconds", str(seconds),
+            [sys.executable, "-m", "batchferry.benchmarks.profile", address, str(streams), str(seconds),
              *(["--receive-processes"] if receivers else [])],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -100,8 +106,8 @@ def main(
         relays = [p for p in psutil.Process(client.pid).children() if "batchferry.relay.child" in p.cmdline()]
         if relays:
             report["receiver_gil"] = _gil(relays[0].pid, window)
-        out, _ = client.communicate(timeout=seconds + 120)
-        moved = json.loads(out.strip().splitlines()[-1])
+        said, _ = client.communicate(timeout=seconds + 120)
+        moved = json.loads(said.strip().splitlines()[-1])
         after = sum(p.cpu_times().user + p.cpu_times().system for p in [server, *server.children(True)])
         main_after = server.cpu_times().user + server.cpu_times().system
     report["gb_per_s"] = moved["gb"] / moved["seconds"]
@@ -111,19 +117,11 @@ def main(
     report["server_cpu_s_per_gb"] = (main_after - main_before) / moved["gb"]
     report["server_and_workers_cpu_s_per_gb"] = (after - before) / moved["gb"]
     print(json.dumps(report, indent=2))
+    report["date"] = _dt.date.today().isoformat()
+    report["machine"] = machine()
+    save_report(report, out, "PROFILE")
     return report
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--client", metavar="ADDRESS", help=argparse.SUPPRESS)
-    parser.add_argument("--streams", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--num-workers", type=int, default=8)
-    parser.add_argument("--receive-processes", action="store_true")
-    args = parser.parse_args()
-    if args.client:
-        _client(args.client, args.streams, args.seconds, args.receive_processes)
-    else:
-        main(streams=args.streams, seconds=args.seconds, num_workers=args.num_workers,
-             receivers=args.receive_processes)  # fmt: skip
+if __name__ == "__main__":  # the loader under profile, started by main()
+    _client(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), "--receive-processes" in sys.argv[4:])

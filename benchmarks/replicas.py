@@ -20,7 +20,7 @@ import torch
 
 from batchferry.client import DataLoader
 
-from .harness import RESULTS, TRANSPORTS, Sample, machine, measure, save_report, served
+from .harness import TRANSPORTS, Sample, machine, measure, save_report, served
 from .workloads import DATA_ENV, SCALE_ENV, WORKLOADS, data_dir
 
 
@@ -48,7 +48,7 @@ def main(
     reps: int = 3,
     num_workers: int = 2,
     replicas: int = 2,
-    out: Path = RESULTS,
+    out: Path,
     ids: tuple[str, ...] = ("W1", "W2"),
     scale: float = 1.0,
 ) -> dict[str, Any]:

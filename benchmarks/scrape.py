@@ -3,12 +3,11 @@
 Beside them run a striped byte-stream loader, a same-host loader and a sharded job
 whose rank 1 reads five times slower than rank 0 (so its lag grows).
 
-``python -m batchferry.benchmarks.scrape [--seconds 4] [--port 19124]``
+``batchferry bench SCRAPE [--seconds 4] [--port 19124]``
 """
 
 from __future__ import annotations
 
-import argparse
 import threading
 import time
 import urllib.request
@@ -51,7 +50,7 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-def main(seconds: float = 4.0, port: int = 19124) -> tuple[dict[str, float], dict[str, float]]:
+def main(*, seconds: float = 4.0, port: int = 19124) -> tuple[dict[str, float], dict[str, float]]:
     stop = threading.Event()
 
     def reader(address: str, transport: str) -> None:
@@ -92,11 +91,3 @@ def main(seconds: float = 4.0, port: int = 19124) -> tuple[dict[str, float], dic
     for key in SERIES:
         print(f"{key:64s} {first.get(key, float('nan')):>16,.0f} {then.get(key, float('nan')):>16,.0f}")
     return first, then
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--port", type=int, default=19124)
-    args = parser.parse_args()
-    main(args.seconds, args.port)

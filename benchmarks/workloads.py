@@ -1,4 +1,4 @@
-"""The workloads of BENCHMARKS.md: datasets built once into a cache directory.
+"""The benchmark workloads (docs/performance.md): datasets built once into a cache directory.
 
 Servers load them with ``python:batchferry.benchmarks.workloads:NAME`` specs, or
 with a built-in source's spec over the same files (W3: ``imagefolder:``, P1:
@@ -33,7 +33,9 @@ SCALE_ENV = "BATCHFERRY_BENCH_SCALE"  # < 1 shrinks every dataset (for smoke tes
 
 
 def data_dir() -> Path:
-    path = Path(os.environ.get(DATA_ENV, Path(__file__).resolve().parent / ".data"))
+    # A cache beside the user's others, never the installed package's folder.
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "batchferry" / "bench"
+    path = Path(os.environ.get(DATA_ENV, cache))
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -56,47 +56,102 @@ _GUARDED = ("batch_size", "batch_sampler", "sampler", "drop_last", "dataset", "p
 class DataLoader(Generic[_T_co]):
     """Iterate batches of a server-side dataset; mirrors ``torch.utils.data.DataLoader``.
 
+    Every argument of torch's DataLoader (2.4 to 2.13) is accepted in torch's order
+    after ``address`` and ``dataset``; what each does here is below.
+
     Args:
         address: ``"host:port"`` of a batchferry server; with replicas, a list of every
             replica's ``"host:port"`` or a ``"dns:///NAME:PORT"`` that resolves to all of
             them (a Kubernetes headless Service). The batches are the same as from one
             server: replica i of R builds the batches b with b % R == i.
         dataset: name of a dataset on that server (``batchferry datasets ADDRESS``).
-        batch_size, shuffle, drop_last: as in torch.
+        batch_size: as torch: the same batches, in the same order. ``None`` turns
+            batching off as in torch: samples come one by one in torch's order, through
+            the server's ``convert`` collate (torch's ``default_convert``: numpy arrays
+            to tensors, numbers stay numbers, no batch dimension), and ``len(loader)`` is
+            the dataset's length; with ``drop_last=True`` or a ``batch_sampler`` it is
+            refused with torch's message.
+        shuffle: as torch.
+        sampler: run here, in the trainer, as torch runs it: any iterable of indices
+            (``RandomSampler``, ``WeightedRandomSampler``, ``SubsetRandomSampler``, a
+            ``DistributedSampler`` object). The index lists go to the server ahead of need
+            (two credit windows, or up to 64 small batches so that it can build them in
+            groups) and it builds exactly those batches: the same batches and the same
+            sampler RNG state as torch, epoch after epoch. Independent mode only (the job
+            modes share one order).
+        batch_sampler: as ``sampler``, for an iterable of index lists (length bucketing);
+            ``state_dict()`` resumes mid-epoch by replaying the epoch from the RNG states it
+            began from (and the sampler's own ``state_dict()``, if it has one).
+        num_workers: accepted; the server's workers build the batches, so a value other
+            than 0, ``None`` or the server's own brings one ``ServerSideWarning`` per
+            loader, at the caller's line (the ``iter()``, ``len()`` or ``for`` that first
+            reached the server), naming the server setting that decides.
+        collate_fn: the *name* of a collate registered in the server (``"default"``,
+            ``"pad"``, ``"pack"``, ``"convert"`` or the server's own): a function cannot
+            travel, so register it server-side or use ``batch_transform``. With
+            ``batch_size=None`` a named collate gets each sample by itself, as torch
+            calls ``collate_fn`` then. Reads back as the name.
+        pin_memory: land batches in page-locked host buffers when CUDA is present.
+        drop_last: as torch.
+        timeout: seconds to wait for a batch, for a server not up yet, or for one that
+            went away to come back; ``0``, as in torch, means no limit.
+        worker_init_fn: accepted with a ``ServerSideWarning`` (see ``num_workers``): the
+            server's ``--import`` or the dataset's constructor does this work.
+        multiprocessing_context: accepted with a ``ServerSideWarning``, as ``worker_init_fn``.
         generator: a CPU ``torch.Generator`` driving the shuffle, advanced exactly as
-            torch's DataLoader would advance it.
-        seed: shorthand for ``generator=torch.Generator().manual_seed(seed)``.
-        collate_fn: the *name* of a collate in the server's registry
-            (``"default"``, ``"pad"`` or one the server registered).
-        pin_memory: land batches in page-locked host buffers (ignored without CUDA).
-        device: ``"cuda"`` (or ``"cuda:N"``) to receive batches on that GPU, copied on a
-            side stream; ``None`` keeps them on the CPU.
-        prefetch_factor: batch frames in flight between server and client (a frame is one
-            batch, or several small ones the server groups).
-        timeout: seconds to wait for the server and for each batch.
+            torch's DataLoader advances it.
+        prefetch_factor: batch frames in flight per loader (default 4; a frame is one
+            batch, or several small ones the server groups), split across replicas'
+            streams (at least 2 each).
+        persistent_workers: accepted; with ``True`` and workers, the base seed is drawn
+            once, as torch does when it reuses its iterator.
+        pin_memory_device: accepted (pinned memory serves every GPU; torch 2.13 ignores it
+            too); ``device`` chooses the GPU batches go to.
+        in_order: ``False``: batches come as they are built, each exactly once;
+            ``state_dict()`` says which were taken and resumes exactly (a state whose
+            batches were taken out of order is refused by an in-order loader, unless they
+            were the epoch's first).
+        seed: shorthand for ``generator=torch.Generator().manual_seed(seed)``; in the job
+            modes, the seed of every epoch's order (default 0).
+        device: ``"cuda"`` (or ``"cuda:N"``) to receive batches on that GPU, copied
+            ``non_blocking`` on a side stream; ``None`` keeps them on the CPU.
+        batch_transform: a function applied to every batch here, after the copy to
+            ``device``: the place for code that must stay in the trainer, such as GPU
+            augmentation.
         transport: ``"shm"`` maps the server's shared memory (same host, or containers
             sharing IPC and /dev/shm); ``"grpc"`` streams the bytes; ``"auto"`` uses shm
             when the server's memory is visible from here, else the byte stream.
-        compression: the byte stream's payload codec: ``None`` or ``"none"`` (default: off),
+        streams: byte-stream connections per server, each carrying every K-th batch of the
+            same order, 1 to 16 (default: 2 on the byte stream in independent and sharded
+            mode, else 1).
+        compression: the byte stream's payload codec: ``"none"`` (off), ``None`` (the
+            default: the ``BATCHFERRY_COMPRESSION`` environment variable, else off),
             ``"lz4"`` or ``"zstd"`` (blosc2 with a byte shuffle; lz4 is fast, zstd denser), or
             ``"auto"``: lz4 to servers on another host, off on this one. The server still
-            sends a batch raw when its first chunk does not shrink by 10%. Batches sent by
+            sends a batch raw when its first chunk does not shrink by 10% (its
+            ``BATCHFERRY_COMPRESSION_MIN_RATIO``, 1.1, says by how much). Batches sent by
             shared memory are never compressed. Needs ``pip install 'batchferry[compression]'``.
         receive_processes: receive each byte stream in a process of its own, which writes
             the payloads into shared memory that this process maps (as from a server on this
             host): the bytes never pass through this interpreter, so the training loop's
             thread does not compete with receiving for it. For fast links to servers on
             other hosts; no effect on the same host.
-        mode: ``"independent"``: this loader gets its own full epochs; ``"sharded"``,
-            ``"shared"``, ``"dynamic"``: one of the consumers of ``job`` (see the README).
-        rank, world_size: this consumer's place in the job; left out, as
-            ``DistributedSampler`` takes them (the initialised process group).
-        tls, root_certificates, client_cert, client_key: TLS to the server (on when any
-            certificate is given); PEM bytes or file paths. ``root_certificates`` is the CA
-            that signed the server's certificate (default: the system's); ``client_cert``
-            and ``client_key`` prove this client to a server that requires mutual TLS.
+        mode: ``"independent"`` (this loader gets its own full epochs), ``"sharded"``,
+            ``"shared"`` or ``"dynamic"``: one of the consumers of ``job``, as the
+            documentation's "Several trainers" page describes.
+        job: the job's name, any string its consumers share (job modes only).
+        rank: this consumer's place in a sharded job; left out, as ``DistributedSampler``
+            takes it (the initialised process group).
+        world_size: the number of ranks of a sharded job; left out, as ``rank``.
+        chunk_bytes: byte-stream chunk size asked of the server (0: the server's).
+        tls: use TLS with the system's roots (on anyway when a certificate is given).
+        root_certificates: the CA that signed the server's certificate, PEM bytes or a
+            file path (default: the system's).
+        client_cert: this client's certificate, for a server that requires mutual TLS.
+        client_key: the private key of ``client_cert``.
         token: a bearer token the server accepts (default: ``BATCHFERRY_TOKEN``).
-        credentials: ready-made ``grpc.ChannelCredentials`` instead of the certificates.
+        credentials: ready-made ``grpc.ChannelCredentials`` instead of the certificates
+            (cannot reach receiver processes: give the certificates there).
         log_stats_every: log :meth:`stats` every that many seconds (at INFO, logger
             ``batchferry.client.stats``, from the loop's thread at the next batch);
             default: ``BATCHFERRY_LOG_STATS_EVERY``, else 0 (off).

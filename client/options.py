@@ -11,6 +11,7 @@ so a setting is named here once, not copied field by field on its way out.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -24,10 +25,13 @@ from batchferry.v1 import loader_pb2 as _pb2
 
 from .stats import log_interval
 
-__all__ = ["COMPRESSIONS", "NO_LIMIT", "TRANSPORTS", "LoaderConfig", "open_request"]
+__all__ = ["COMPRESSIONS", "COMPRESSION_ENV", "NO_LIMIT", "TRANSPORTS", "LoaderConfig", "open_request"]
 
 TRANSPORTS = ("auto", "grpc", "shm")
 COMPRESSIONS = ("none", "lz4", "zstd", "auto")
+# The codec of loaders that pass compression=None, so a whole run (a test suite, a job's
+# trainers) can turn compression on without changing its code.
+COMPRESSION_ENV = "BATCHFERRY_COMPRESSION"
 NO_LIMIT = 365 * 24 * 3600.0  # timeout=0, as in torch: wait as long as it takes
 _PREFETCH = 4  # frames in flight when prefetch_factor is not given
 _MAX_PREFETCH = 64
@@ -141,7 +145,12 @@ class LoaderConfig:
             raise _bad("log_stats_every", every, "must be a number of seconds >= 0 (0: off)")
         if a["transport"] not in TRANSPORTS:
             raise _bad("transport", a["transport"], f"must be one of {TRANSPORTS}")
-        compression = "none" if a["compression"] is None else a["compression"]
+        compression = a["compression"]
+        if compression is None:
+            compression = os.environ.get(COMPRESSION_ENV, "").strip() or "none"
+            if compression not in COMPRESSIONS:
+                raise InvalidArgument(f"environment {COMPRESSION_ENV}: must be one of {COMPRESSIONS}, "
+                                      f"got {compression!r}")  # fmt: skip
         if compression not in COMPRESSIONS:
             raise _bad("compression", compression, f"must be None or one of {COMPRESSIONS}")
         if compression != "none":

@@ -32,7 +32,7 @@ step "${BYTES_S:-110}" python3 -c "$pre; from batchferry.benchmarks.bytestream i
 step "${G1_S:-150}" python3 -c "$pre; from batchferry.benchmarks.gpu import main; main(worker_counts=(8,), out=out)"
 step "${G2_S:-110}" python3 -c "$pre; from batchferry.benchmarks.offload import main; main(seconds=8, out=out)"
 if [[ ${PROFILE_S:-60} != 0 ]]; then
-  timeout "${PROFILE_S:-60}" python3 -m batchferry.benchmarks.profile --streams 4 --seconds 10 --num-workers 8 \
+  timeout "${PROFILE_S:-60}" python3 -m batchferry.cli bench PROFILE --streams 4 --seconds 10 --num-workers 8 --out "$out" \
     > "$out/profile.json" 2>&1
   tail -c 1200 "$out/profile.json"
 fi

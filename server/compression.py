@@ -18,6 +18,7 @@ raw and says so once in its log.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -26,15 +27,33 @@ from batchferry import codec
 from batchferry import layout as _layout
 from batchferry.v1 import loader_pb2 as _pb2
 
-__all__ = ["MAX_SKIP", "MIN_RATIO", "Trials", "payload_messages"]
+__all__ = ["MAX_SKIP", "MIN_RATIO", "MIN_RATIO_ENV", "Trials", "min_ratio", "payload_messages"]
 
 log = logging.getLogger("batchferry.server")
 
 # A batch goes compressed only if its first chunk shrinks at least this much.
 MIN_RATIO = 1.1
+# Overrides MIN_RATIO in the server's environment; 0 compresses every batch, which is
+# how the test suite exercises the compressed path with any data.
+MIN_RATIO_ENV = "BATCHFERRY_COMPRESSION_MIN_RATIO"
 # The most frames sent raw without a trial after trials that did not pay.
 MAX_SKIP = 16
 _warned = False
+
+
+def min_ratio() -> float:
+    """:data:`MIN_RATIO`, or the number in :data:`MIN_RATIO_ENV` (read each time: it is
+    asked once per compressed frame, and a test may change it)."""
+    raw = os.environ.get(MIN_RATIO_ENV, "").strip()
+    if not raw:
+        return MIN_RATIO
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"environment {MIN_RATIO_ENV}: must be a number, got {raw!r}") from None
+    if not value >= 0:
+        raise ValueError(f"environment {MIN_RATIO_ENV}: must be 0 or more, got {raw!r}")
+    return value
 
 
 class Trials:
@@ -67,7 +86,7 @@ def payload_messages(
         return _pb2.CODEC_NONE, _raw(payload, chunk)
     typesize = _layout.element_size(layout)
     first = codec.compress(payload[:chunk], wanted, typesize)
-    paid = len(first) * MIN_RATIO <= min(chunk, payload.nbytes)
+    paid = len(first) * min_ratio() <= min(chunk, payload.nbytes)
     if trials is not None:
         trials.record(paid)
     if not paid:

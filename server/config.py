@@ -106,7 +106,10 @@ class ServerConfig:
     num_workers: int = _setting(2, "worker processes building batches (0: build in the server process)")
     slots: int = _setting(0, "shared-memory ring slots (0: 4 per worker plus 4, at least 8)")
     shm_bytes: int = _setting(
-        4 << 30, "shared-memory budget of every segment together, e.g. 4GiB", parse=parse_size
+        4 << 30,
+        "shared-memory budget of every segment together, lingering and retired ones included "
+        "(at most what /dev/shm holds), e.g. 4GiB",
+        parse=parse_size,
     )
     chunk_bytes: int = _setting(
         wire.DEFAULT_CHUNK_BYTES, "byte-stream chunk size, e.g. 4MiB", parse=parse_size
@@ -117,23 +120,39 @@ class ServerConfig:
         "(0: one at a time), e.g. 4MiB",
         parse=parse_size,
     )
-    max_streams: int = _setting(128, "concurrent batch streams (a byte-stream loader opens 2 by default)")
+    max_streams: int = _setting(
+        128,
+        "concurrent batch streams (a byte-stream loader opens 2 by default); health checks and "
+        "listings are always answered",
+    )
     max_streams_per_peer: int = _setting(
         32, "concurrent batch streams of one client (its token, certificate or IP address)"
     )
     stream_idle_s: float = _setting(
-        300.0, "end a stream whose client sent nothing this long while the stream waits on it"
+        300.0,
+        "end a stream whose client sent nothing this long while the stream waits on it "
+        "(10 s at most for its open message)",
     )
-    max_batch_bytes: int = _setting(1 << 30, "largest batch the server builds, e.g. 1GiB", parse=parse_size)
+    max_batch_bytes: int = _setting(
+        1 << 30,
+        "largest batch the server builds: refused before any build when sample 0 says it is larger, "
+        "stopped while building when it grows past it; e.g. 1GiB",
+        parse=parse_size,
+    )
     max_index_bytes: int = _setting(
-        2 << 30, "memory for epoch orders (shuffled permutations) of all streams together", parse=parse_size
+        2 << 30,
+        "memory for epoch orders (shuffled permutations) of all streams together: one per distinct "
+        "order, shared by the streams that read it",
+        parse=parse_size,
     )
     job_idle_s: float = _setting(300.0, "forget a job (its settings no longer bind) after this long unused")
     max_iterators: int = _setting(
         64, "iterators (a loader's num_workers) one stream of an IterableDataset may ask for"
     )
     max_jobs: int = _setting(
-        256, "jobs (shared, sharded, dynamic) known at once; idle ones are forgotten first to make room"
+        256,
+        "jobs (shared, sharded, dynamic) known at once; a new one evicts the longest-idle job, "
+        "and is refused when every job has consumers",
     )
     slot_timeout_s: float = _setting(
         60.0, "how long a stream waits for a free shared-memory slot before RESOURCE_EXHAUSTED"
@@ -294,12 +313,12 @@ KEYS: dict[str, Callable[[Any], Any]] = {
     "log_level": _log_level,
     **_SERVER_KEYS,
 }
-# Both `batchferry serve` and the Python Server listen on loopback unless told otherwise.
+# Defaults `batchferry serve` applies to its own keys (not ServerConfig fields).
 SERVE_DEFAULTS: dict[str, Any] = {"log_level": "INFO"}
 # Help for the settings that are not ServerConfig fields.
 _HELP = {
-    "datasets": "NAME=SPEC: npy:PATH[,labels=PATH] | synthetic:n=N,shape=AxB,... | "
-    "python:MODULE:CALLABLE (repeatable)",
+    "datasets": "NAME=SPEC, a spec being KIND:PATH[,option=value,...] such as npy:/data/x.npy "
+    "(every kind: the Datasets page of the documentation; repeatable)",
     "import": "import MODULE first, e.g. one that calls register_collate (repeatable)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }

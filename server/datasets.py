@@ -1,7 +1,7 @@
 """Datasets the server can own, and the ``NAME=SPEC`` strings that name them.
 
 A spec is ``KIND:REST``. Built-in kinds (each a module of :mod:`.sources`; the
-README's "Datasets" table lists their options):
+documentation's "Datasets and collates" page lists their options):
 
 * ``npy:PATH[,labels=PATH]``, ``synthetic:n=N,...``, ``python:MODULE:CALLABLE``;
 * ``mnist:ROOT``, ``imagefolder:ROOT``, ``webdataset:SHARDS``, ``parquet:PATH``, ``hf:PATH``;

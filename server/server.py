@@ -41,6 +41,7 @@ from torch.utils.data import IterableDataset
 from batchferry import cleanup, shm, wire
 from batchferry.v1 import loader_pb2 as _pb2
 
+from . import compression
 from .auth import AuthInterceptor, Tokens, server_credentials
 from .collate import CollateFn, SlotCollate, collate_names, get_collate
 from .config import ServerConfig
@@ -65,14 +66,15 @@ _STOP_TIMEOUT = 10.0
 class Server:
     """Serve map-style datasets and IterableDatasets (docs/iterable.md) to batchferry clients.
 
-    >>> from batchferry.server import Server
-    >>> with Server({"train": dataset}, port=0, num_workers=2) as srv:  # doctest: +SKIP
-    ...     print(srv.address)
+    Examples:
+        >>> from batchferry.server import Server
+        >>> with Server({"train": dataset}, port=0, num_workers=2) as srv:  # doctest: +SKIP
+        ...     print(srv.address)
 
     ``datasets`` maps names to map-style datasets or IterableDatasets (objects are
     pickled to the worker processes) or to spec strings (``"npy:/data/x.npy"``, see
     :mod:`batchferry.server.datasets`). ``collates`` adds named collate functions
-    to the built-in ``default`` and ``pad``.
+    to the built-in ``default``, ``pad``, ``pack`` and ``convert``.
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class Server:
         self.config = replace(config or ServerConfig(), **options)
         if not datasets:
             raise ValueError("datasets: give the server at least one dataset")
+        compression.min_ratio()  # a bad BATCHFERRY_COMPRESSION_MIN_RATIO fails the start, not a stream
         self.id = uuid.uuid4().hex
         self._closed = threading.Event()
         self._close_lock = threading.Lock()
@@ -188,7 +191,7 @@ class Server:
         if not _loopback(cfg.host) and credentials is None and not tokens.enabled:
             log.warning(
                 "listening on %s without TLS or tokens: anyone who can reach it can read every dataset; "
-                "set tls_cert/tls_key and token_file (see the README's Security section)",
+                "set tls_cert/tls_key and token_file (see Security in docs/deploy.md)",
                 self.address,
             )
 

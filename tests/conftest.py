@@ -7,17 +7,21 @@ import pytest
 import torch
 
 from batchferry import shm
-from batchferry.client import DataLoader
-from batchferry.server import Server, compression
+from batchferry.client.options import COMPRESSION_ENV
+from batchferry.server import Server
+from batchferry.server.compression import MIN_RATIO_ENV
 
-from support import RESTART_SPEC, Nested, Plain, ServeProcess, VarLen, leaked_segments
+from checks import leaked_segments
+from processes import ServeProcess
+from toy_datasets import RESTART_SPEC, Nested, Plain, VarLen
 
 # BATCHFERRY_TEST_COMPRESSION=lz4 (or zstd) runs the tests with every loader's byte
-# stream compressed, every batch included (even those that would go raw).
+# stream compressed, every batch included (even those that would go raw), through the
+# variables the product reads; the servers the tests start as processes inherit them.
 _COMPRESSION = os.environ.get("BATCHFERRY_TEST_COMPRESSION")
 if _COMPRESSION:
-    DataLoader.__init__.__kwdefaults__["compression"] = _COMPRESSION
-    compression.MIN_RATIO = 0.0
+    os.environ.setdefault(COMPRESSION_ENV, _COMPRESSION)
+    os.environ.setdefault(MIN_RATIO_ENV, "0")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from importlib import import_module
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,42 @@ def test_bench_writes_results_and_chart(tmp_path: Path, monkeypatch: pytest.Monk
     assert result.with_suffix(".png").stat().st_size > 1000
 
 
-def test_bench_rejects_unknown_workloads(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_writes_into_the_working_directory_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import batchferry.benchmarks
+
+    package = Path(batchferry.benchmarks.__file__).resolve().parent
+    before = sorted(package.rglob("*.json"))
+    monkeypatch.setenv("BATCHFERRY_BENCH_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("BATCHFERRY_BENCH_SCALE", "1")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["--log-level", "WARNING", "bench", "W1", "--reps", "1", "--scale", "0.001",
+                     "--no-ceiling"]) == 0  # fmt: skip
+    assert [p.suffix for p in sorted((tmp_path / "bench-results").iterdir())] == [".json", ".png"]
+    assert sorted(package.rglob("*.json")) == before
+
+
+def test_bench_rejects_unknown_names_and_options_none_takes(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "W9", "--no-ceiling"]) == 2
-    assert "unknown workload" in capsys.readouterr().err
+    assert "unknown benchmark(s) ['W9']" in capsys.readouterr().err
+    assert cli.main(["bench", "W1", "MEM", "--port", "9"]) == 2
+    assert "--port applies to SCRAPE only" in capsys.readouterr().err
+
+
+def test_every_registered_benchmark_takes_its_options() -> None:
+    import inspect
+
+    from batchferry.benchmarks import registry
+
+    for name, bench in registry.benches().items():
+        module, function = bench.run.split(":")
+        params = inspect.signature(
+            getattr(import_module(f"batchferry.benchmarks.{module}"), function)
+        ).parameters
+        wanted = {*bench.options, *(["out"] if bench.writes else []), *(["ids"] if bench.together else [])}
+        assert wanted <= set(params), f"{name}: {bench.run} takes no {sorted(wanted - set(params))}"
+        assert set(bench.options) <= set(registry.OPTIONS), name
 
 
 def test_scale_bench_compares_replicas_with_one_server(
@@ -59,7 +93,7 @@ def test_net_bench_measures_over_namespaces_and_removes_them(
         pytest.skip(reason)
     monkeypatch.setenv("BATCHFERRY_BENCH_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("BATCHFERRY_BENCH_SCALE", "1")
-    report = net_main(reps=1, num_workers=1, out=tmp_path, scale=0.001, rates=(0, 10), tcp_seconds=0.5)
+    report = net_main(reps=1, num_workers=1, out=tmp_path, scale=0.001, link_rates=(0, 10), tcp_seconds=0.5)
     assert set(report["links"]) == {"veth", "tbf 10 Gbit/s"}
     for link in report["links"].values():
         assert link["byte_stream"]["gb_per_s"] > 0 and link["raw_tcp_gb_per_s"] > 0

@@ -18,7 +18,8 @@ from batchferry import shm
 from batchferry.client import DataLoader
 from batchferry.server import Server
 
-from support import no_new_segments, own_segments, wait_until
+from checks import no_new_segments, own_segments
+from processes import wait_until
 
 
 def test_close_unlinks_segments_and_stops_workers(tensor_ds) -> None:

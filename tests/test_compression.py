@@ -16,11 +16,14 @@ from torch.utils.data import DistributedSampler, Subset, TensorDataset
 from batchferry import codec, errors, wire
 from batchferry.client import DataLoader
 from batchferry.client import connection as loader_module
+from batchferry.client.options import COMPRESSION_ENV
 from batchferry.server import Server
 from batchferry.server import compression as server_compression
 from batchferry.v1 import loader_pb2 as pb
 
-from support import Docs, assert_same, in_step, read_concurrently
+from checks import assert_same
+from reading import in_step, read_concurrently
+from toy_datasets import Docs
 
 CHUNK = wire.MIN_CHUNK_BYTES  # several chunks per batch
 CODECS = ["lz4", "zstd"]
@@ -95,7 +98,7 @@ def test_pad_collated_tokens_are_bit_exact(srv: Server, name: str) -> None:
 
 
 def test_incompressible_batches_go_raw(srv: Server, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server_compression, "MIN_RATIO", 1.1)  # as shipped
+    monkeypatch.delenv(server_compression.MIN_RATIO_ENV, raising=False)  # as shipped
     before = _wire_bytes(srv, "noise")
     with _loader(srv, "noise", 8, compression="lz4") as loader:
         assert_same(list(loader), list(TorchLoader(_noise(), 8)))
@@ -105,7 +108,7 @@ def test_incompressible_batches_go_raw(srv: Server, monkeypatch: pytest.MonkeyPa
 
 
 def test_payload_messages_choose_per_batch_and_reassemble(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server_compression, "MIN_RATIO", 1.1)  # as shipped
+    monkeypatch.delenv(server_compression.MIN_RATIO_ENV, raising=False)  # as shipped
     data = {
         "tokens": (np.arange(300_000, dtype=np.int64) % 900).view(np.uint8),
         "noise": np.random.default_rng(1).integers(0, 256, 300_000, np.uint8),
@@ -230,7 +233,7 @@ def test_invalid_compression_values_are_refused(srv: Server, value: object) -> N
 
 
 def test_after_trials_that_do_not_pay_frames_go_raw_without_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server_compression, "MIN_RATIO", 1.1)  # as shipped
+    monkeypatch.delenv(server_compression.MIN_RATIO_ENV, raising=False)  # as shipped
     calls = []
     real = codec.compress
     monkeypatch.setattr(codec, "compress", lambda *a: calls.append(1) or real(*a))
@@ -313,3 +316,35 @@ def test_a_malformed_compressed_chunk_fails_the_stream_cleanly(
     monkeypatch.undo()
     with _loader(srv, "ints", 16, compression="lz4") as loader:
         assert_same(list(loader), list(TorchLoader(_ints(), 16)))
+
+
+# -- the environment's defaults -----------------------------------------------------------
+def test_loaders_that_name_no_codec_take_the_environments(
+    srv: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(server_compression.MIN_RATIO_ENV, raising=False)
+    with _loader(srv, "docs", 16, collate_fn="pad", compression="none") as plain:
+        expected = list(plain)
+    monkeypatch.setenv(COMPRESSION_ENV, "lz4")
+    before = _wire_bytes(srv, "docs")
+    with _loader(srv, "docs", 16, collate_fn="pad") as loader:
+        assert_same(list(loader), expected)
+    sent, payload = (a - b for a, b in zip(_wire_bytes(srv, "docs"), before))
+    assert sent < payload / 2
+    before = _wire_bytes(srv, "docs")
+    with _loader(srv, "docs", 16, collate_fn="pad", compression="none") as loader:  # the argument wins
+        assert_same(list(loader), expected)
+    sent, payload = (a - b for a, b in zip(_wire_bytes(srv, "docs"), before))
+    assert sent >= payload
+    monkeypatch.setenv(COMPRESSION_ENV, "gzip")
+    with pytest.raises(errors.InvalidArgument, match="environment BATCHFERRY_COMPRESSION: must be one of"):
+        DataLoader(srv.address, "docs", 4)
+
+
+@pytest.mark.parametrize("value", ["fast", "-1", "nan"])
+def test_a_bad_min_ratio_in_the_environment_fails_the_server_start(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(server_compression.MIN_RATIO_ENV, value)
+    with pytest.raises(ValueError, match=f"environment {server_compression.MIN_RATIO_ENV}: must be"):
+        Server({"ints": _ints()}, host="127.0.0.1", port=0, num_workers=0)

@@ -33,7 +33,7 @@ from batchferry import errors
 from batchferry.client import DataLoader
 from batchferry.server.datasets import parse_spec
 
-from support import free_port
+from processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = "synthetic:n=4096,shape=64,classes=10,seed=0"

@@ -30,8 +30,11 @@ from batchferry.server.failures import TRACEBACK_LIMIT, for_client
 from batchferry.server.ring import SlotState
 from batchferry.v1 import loader_pb2 as pb
 
-import support
-from support import CorruptSample, Flaky, assert_same, outcomes, wait_until
+import toy_datasets
+from checks import assert_same
+from processes import wait_until
+from reading import outcomes
+from toy_datasets import CorruptSample, Flaky
 
 SEED = 3
 GROUPED_BAD = 1203  # batch 300 of 500: deep inside a group of small batches
@@ -330,9 +333,9 @@ def test_the_exception_is_the_datasets_class_with_the_servers_traceback(flaky: S
         "Original Traceback (most recent call last):\n"
     )
     # The dataset's raising line, named by file only: the server's directories stay there.
-    assert 'File "support.py"' in text and 'raise KeyError(f"corrupt record {i}")' in text
+    assert 'File "toy_datasets.py"' in text and 'raise KeyError(f"corrupt record {i}")' in text
     assert "KeyError: 'corrupt record 5'" in text
-    for directory in (Path(support.__file__).resolve().parent, Path(errors.__file__).resolve().parent):
+    for directory in (Path(toy_datasets.__file__).resolve().parent, Path(errors.__file__).resolve().parent):
         assert str(directory) not in text
     assert "[error " in key.server_traceback.splitlines()[-1]  # the server's log has it whole
     assert isinstance(own, CorruptSample) and isinstance(own, DatasetError)

@@ -13,7 +13,8 @@ from batchferry.client import DataLoader, RemoteDataset
 from batchferry.server import Server
 from batchferry.v1 import loader_pb2 as pb
 
-from support import CorruptSample, Flaky, Nested, Plain, assert_same
+from checks import assert_same
+from toy_datasets import CorruptSample, Flaky, Nested, Plain
 
 
 @pytest.mark.parametrize("name", ["tensor", "plain", "nested"])

@@ -32,7 +32,7 @@ from batchferry.server.fetch import gatherer
 from batchferry.server.sources.webdataset import expand_braces
 
 import datasets_data as data
-from support import assert_same
+from checks import assert_same
 
 # -- one contract, every source ------------------------------------------------------
 

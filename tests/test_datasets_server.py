@@ -15,7 +15,7 @@ from batchferry.client import DataLoader
 from batchferry.server import Server, parse_spec
 
 import datasets_data as data
-from support import assert_same
+from checks import assert_same
 
 
 @pytest.mark.parametrize("transport", ["grpc", "shm"])

@@ -31,7 +31,7 @@ from batchferry import errors, shm
 from batchferry.client import DataLoader
 from batchferry.server.config import load_settings, parse_size
 
-from support import free_port
+from processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

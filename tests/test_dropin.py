@@ -26,7 +26,7 @@ from batchferry.client import DataLoader
 from batchferry.server import Server
 from batchferry.v1 import loader_pb2 as pb
 
-from support import assert_same
+from checks import assert_same
 
 N = 103
 

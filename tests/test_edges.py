@@ -21,7 +21,10 @@ from batchferry import errors
 from batchferry.client import DataLoader
 from batchferry.server import Server
 
-from support import SlowAt, Unprintable, assert_same, free_port, outcomes
+from checks import assert_same
+from processes import free_port
+from reading import outcomes
+from toy_datasets import SlowAt, Unprintable
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,7 +25,9 @@ from batchferry import errors, shm
 from batchferry.client import DataLoader, merge_states
 from batchferry.server import Server, parse_spec
 
-from support import ServeProcess, assert_same, read_concurrently
+from checks import assert_same
+from processes import ServeProcess
+from reading import read_concurrently
 
 SEED, EPOCH = 7, 1
 

@@ -21,7 +21,7 @@ import torch
 
 from batchferry.server import Server
 
-from support import free_port
+from processes import free_port
 
 SCRIPT = Path(__file__).with_name("elastic_train.py")
 EPOCHS = 2

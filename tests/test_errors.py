@@ -14,7 +14,8 @@ from batchferry.client import DataLoader
 from batchferry.server import Server
 from batchferry.v1 import loader_pb2 as pb
 
-from support import Crashing, Failing, assert_same
+from checks import assert_same
+from toy_datasets import Crashing, Failing
 
 
 def _open(**fields: object) -> bytes:
@@ -148,7 +149,7 @@ def test_worker_crash_fails_its_batch_the_epoch_goes_on_and_the_pool_recovers(te
 
 @pytest.mark.parametrize("transport", ["grpc", "shm"])
 def test_batches_larger_than_their_slot_grow_it(transport: str) -> None:
-    from support import Growing
+    from toy_datasets import Growing
 
     ds = Growing()
     with Server({"g": ds}, port=0, num_workers=1, slots=2) as srv:
@@ -163,7 +164,7 @@ def test_batches_larger_than_their_slot_grow_it(transport: str) -> None:
 
 
 def test_batch_larger_than_shm_budget_is_resource_exhausted() -> None:
-    from support import Big
+    from toy_datasets import Big
 
     with Server({"big": Big()}, port=0, num_workers=0, slots=2, shm_bytes=4 << 20) as srv:
         with (

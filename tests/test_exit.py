@@ -16,7 +16,7 @@ import pytest
 
 from batchferry import shm
 
-from support import ServeProcess, receivers_running, wait_until
+from processes import ServeProcess, receivers_running, wait_until
 
 SCRIPT = textwrap.dedent(
     """

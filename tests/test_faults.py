@@ -24,7 +24,9 @@ from batchferry.server import Server
 from batchferry.server.datasets import DatasetSource
 from batchferry.server.workers import MAX_ATTEMPTS, Result, Task, WorkerPool
 
-from support import Killed, Slow, assert_same, wait_until
+from checks import assert_same
+from processes import wait_until
+from toy_datasets import Killed, Slow
 
 
 @pytest.mark.parametrize("transport", ["grpc", "shm"])

@@ -19,7 +19,8 @@ from batchferry.server import Server
 from batchferry.server.ring import SlotState
 from batchferry.v1 import loader_pb2 as pb
 
-from support import Point, VarLen, wait_until
+from processes import wait_until
+from toy_datasets import Point, VarLen
 
 EXPECTED = {
     grpc.StatusCode.OK,
@@ -115,13 +116,15 @@ def test_after_the_fuzzing_the_server_serves_and_holds_nothing(target: Server) -
 # Namedtuple nodes as a peer may send them: names that are and are not fields or classes,
 # of modules imported here and not, counts that do and do not match.
 _names = st.one_of(
-    st.sampled_from(["x", "y", "_0", "_1", "_", "class", "Point", "support", "a.b", "<locals>", ""]),
+    st.sampled_from(["x", "y", "_0", "_1", "_", "class", "Point", "toy_datasets", "a.b", "<locals>", ""]),
     st.text(max_size=8),
     st.just("n" * 1100),
 )
 _named_nodes = st.builds(
     pb.NodeNamed,
-    module=st.one_of(st.sampled_from(["support", "collections", "sys", "batchferry.layout", "nope"]), _names),
+    module=st.one_of(
+        st.sampled_from(["toy_datasets", "collections", "sys", "batchferry.layout", "nope"]), _names
+    ),
     qualname=st.one_of(st.sampled_from(["Point", "Point.x", "OrderedDict", "modules"]), _names),
     fields=st.lists(_names, max_size=5),
     items=st.lists(st.integers(-5, 5).map(lambda i: pb.Node(int=i)), max_size=5),

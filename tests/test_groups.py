@@ -21,7 +21,9 @@ from batchferry.server.ring import SlotState
 from batchferry.server.stream import GroupHistory, GroupSize
 from batchferry.v1 import loader_pb2 as pb
 
-from support import FailsAt, Spiky, assert_same, wait_until
+from checks import assert_same
+from processes import wait_until
+from toy_datasets import FailsAt, Spiky
 
 
 def _open(dataset: str, batch_size: int) -> list[bytes]:

@@ -36,7 +36,8 @@ from batchferry.v1 import loader_pb2 as _pb2
 
 import iterable_data
 from iterable_data import CorruptItem
-from support import ServeProcess, outcomes, read_concurrently
+from processes import ServeProcess
+from reading import outcomes, read_concurrently
 
 DATASETS = iterable_data.datasets()
 TRANSPORTS = ["grpc", "shm"]

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from batchferry import layout
 from batchferry.v1 import loader_pb2 as pb
 
-from support import assert_same
+from checks import assert_same
 
 DTYPES = [
     torch.float32,

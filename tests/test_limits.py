@@ -20,7 +20,8 @@ from batchferry.server import Server
 from batchferry.server.ring import SlotState
 from batchferry.v1 import loader_pb2 as pb
 
-from support import Slow, wait_until
+from processes import wait_until
+from toy_datasets import Slow
 
 TOKEN_A = "token-of-client-a-000001"
 TOKEN_B = "token-of-client-b-000002"

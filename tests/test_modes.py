@@ -17,7 +17,8 @@ from batchferry.client import DataLoader
 from batchferry.server import Server
 from batchferry.v1 import loader_pb2 as pb
 
-from support import assert_same, in_step, read_concurrently
+from checks import assert_same
+from reading import in_step, read_concurrently
 
 
 @pytest.mark.parametrize("drop_last", [False, True])
@@ -300,7 +301,7 @@ def test_dynamic_resume_rejoins_the_epoch_exactly_once(server: Server, tensor_ds
 
 @pytest.mark.parametrize("transport", ["shm", "grpc"])
 def test_shared_batches_that_outgrow_their_slot_are_rebuilt_for_everyone(transport: str) -> None:
-    from support import Growing
+    from toy_datasets import Growing
 
     ds = Growing()  # sample i holds (i + 1) x 256 KiB: every batch outgrows slots sized from sample 0
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1)).tolist()

@@ -24,7 +24,8 @@ from batchferry.client import DataLoader
 from batchferry.server import Server, ServerConfig
 from batchferry.v1 import loader_pb2 as pb
 
-from support import Filled, free_port, wait_until
+from processes import free_port, wait_until
+from toy_datasets import Filled
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "metrics-test-token-0123456789"
@@ -225,9 +226,9 @@ def test_metric_names_follow_prometheus_conventions_and_are_documented(tensor_ds
         "batchferry_streams_open", "batchferry_job_consumers", "batchferry_job_consumer_lag_batches",
         "batchferry_grpc_handled",
     } <= names  # fmt: skip
-    # The README's table names every metric, counters with their _total, and no other.
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Observability", 1)[1].split("\n## ", 1)[0]
+    # The operations page's table names every metric, counters with their _total, and no other.
+    page = (ROOT / "docs" / "operations.md").read_text()
+    section = page.split("\n## Metrics", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `(batchferry_\w+)`", section, re.MULTILINE))
     exposed = {f.name + ("_total" if f.type == "counter" else "") for f in ours}
     assert documented == exposed

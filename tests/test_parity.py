@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader as TorchLoader
 from batchferry.client import DataLoader
 from batchferry.server import Server
 
-from support import Plain, assert_same
+from checks import assert_same
+from toy_datasets import Plain
 
 EPOCHS = 3
 

@@ -28,16 +28,9 @@ from batchferry.client.segments import SegmentCache
 from batchferry.server import Server, parse_spec
 from batchferry.v1 import loader_pb2 as _pb2
 
-from support import (
-    RESTART_SPEC,
-    FailsAt,
-    Nested,
-    ServeProcess,
-    assert_same,
-    no_new_segments,
-    receivers_running,
-    wait_until,
-)
+from checks import assert_same, no_new_segments
+from processes import ServeProcess, receivers_running, wait_until
+from toy_datasets import RESTART_SPEC, FailsAt, Nested
 
 
 @pytest.fixture(autouse=True)

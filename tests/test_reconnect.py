@@ -14,7 +14,9 @@ from batchferry import errors
 from batchferry.client import DataLoader, connection
 from batchferry.server import parse_spec
 
-from support import RESTART_SPEC, ServeProcess, assert_same
+from checks import assert_same
+from processes import ServeProcess
+from toy_datasets import RESTART_SPEC
 
 SPEC = RESTART_SPEC  # served as "syn" by the restartable fixture
 

@@ -18,7 +18,9 @@ from batchferry.client import replicas as replicas_mod
 from batchferry.server import Server, parse_spec
 from batchferry.v1 import loader_pb2 as pb
 
-from support import ServeProcess, assert_same, free_port, in_step, read_concurrently
+from checks import assert_same
+from processes import ServeProcess, free_port
+from reading import in_step, read_concurrently
 
 SPEC = "synthetic:n=300,shape=6,seed=4"  # 19 batches of 16: not a multiple of 3
 

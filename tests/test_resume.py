@@ -13,7 +13,7 @@ from batchferry.client import DataLoader
 from batchferry.errors import InvalidArgument
 from batchferry.server import Server, parse_spec
 
-from support import assert_same
+from checks import assert_same
 
 
 def _run(address: str, epochs: int, **kw: object) -> list[list[object]]:
@@ -87,7 +87,7 @@ def test_a_failed_iter_keeps_the_epoch_the_resume_point_and_the_generator(tensor
 
     from batchferry.errors import ServerUnavailable
 
-    from support import ServeProcess, free_port
+    from processes import ServeProcess, free_port
 
     spec = "synthetic:n=90,shape=3,seed=2"
     ds = parse_spec(spec)

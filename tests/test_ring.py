@@ -21,7 +21,7 @@ from hypothesis.stateful import (
 from batchferry import shm
 from batchferry.server.ring import Lease, RingExhausted, SlotRing, SlotState
 
-from support import wait_until
+from processes import wait_until
 
 MIB = 1 << 20
 BUDGET = 8 * MIB

@@ -23,7 +23,8 @@ from batchferry.client import replicas as replicas_mod
 from batchferry.server import Server
 from batchferry.server.auth import Tokens
 
-from support import assert_same, free_port, wait_until
+from checks import assert_same
+from processes import free_port, wait_until
 
 TOKEN = "s3cret-token-of-the-tests-0001"
 OTHER = "s3cret-token-of-the-tests-0002"

@@ -22,7 +22,8 @@ from batchferry.client import connection as loader_mod
 from batchferry.client.stats import LOG_STATS_ENV
 from batchferry.server import Server
 
-from support import ServeProcess, Slow
+from processes import ServeProcess
+from toy_datasets import Slow
 
 # 256 samples of float32[16] and an int64 label: in batches of 16 every tensor is a
 # multiple of 64 bytes, so the payload (64-byte aligned tensors) has no padding.

@@ -13,7 +13,7 @@ from batchferry import errors
 from batchferry.client import DataLoader
 from batchferry.server import Server
 
-from support import assert_same
+from checks import assert_same
 
 
 @pytest.mark.parametrize("streams", [2, 3])

@@ -15,18 +15,8 @@ from batchferry.client import DataLoader
 from batchferry.errors import DatasetError
 from batchferry.server import Server, pad_collate
 
-from support import (
-    Nested,
-    Plain,
-    Point,
-    Points,
-    PointsAtOnce,
-    Reading,
-    Readings,
-    VarLen,
-    assert_same,
-    sum_collate,
-)
+from checks import assert_same
+from toy_datasets import Nested, Plain, Point, Points, PointsAtOnce, Reading, Readings, VarLen, sum_collate
 
 
 def test_nested_structures_and_dtypes(server: Server) -> None:

@@ -32,7 +32,7 @@ from batchferry.server import (
 from batchferry.server.collate import get_collate, run_collate
 from batchferry.server.fetch import build_batch, collate_gatherer, gatherer
 
-from support import assert_same
+from checks import assert_same
 
 # Documents 0..4: [1 2 3], [4 5], [], [6 7 8 9 10], [11]
 DOCS = [[1, 2, 3], [4, 5], [], [6, 7, 8, 9, 10], [11]]

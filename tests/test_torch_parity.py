@@ -37,7 +37,7 @@ from batchferry.server import Server
 
 import parity_data
 from parity_data import BAD, ERROR_LENGTH, SAMPLES, N
-from support import outcomes
+from reading import outcomes
 
 DATASETS = parity_data.datasets()
 TRANSPORTS = ["grpc", "shm"]

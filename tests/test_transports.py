@@ -21,7 +21,9 @@ from batchferry.server import Server
 from batchferry.server.ring import SlotState
 from batchferry.v1 import loader_pb2 as pb
 
-from support import Nested, VarLen, assert_same, wait_until
+from checks import assert_same
+from processes import wait_until
+from toy_datasets import Nested, VarLen
 
 
 @pytest.mark.parametrize("transport", ["grpc", "shm"])
@@ -188,7 +190,7 @@ def test_kept_batches_are_copied_out_in_place_and_their_slots_reused(server: Ser
 @pytest.mark.parametrize("mode", ["independent", "shared", "dynamic"])
 def test_kept_batches_stay_intact_while_later_ones_are_dropped(mode: str) -> None:
     """A loop keeps some batches and drops others (out of order): no kept one is ever overwritten."""
-    from support import Filled
+    from toy_datasets import Filled
 
     kw: dict[str, Any] = {"job": "keep"} if mode != "independent" else {}
     with Server({"f": Filled(400, 4096)}, port=0, num_workers=2) as srv:

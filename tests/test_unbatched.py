@@ -17,7 +17,8 @@ from batchferry.server import Server
 from batchferry.server.modes import sampled
 from batchferry.v1 import loader_pb2 as pb
 
-from support import Arrays, Ints, Nested, Plain, Point, Points, assert_same, double_first
+from checks import assert_same
+from toy_datasets import Arrays, Ints, Nested, Plain, Point, Points, double_first
 
 TRANSPORTS = ["grpc", "shm"]
 DATASETS = {"plain": Plain(50), "arrays": Arrays(), "nested": Nested(), "ints": Ints(), "points": Points()}

@@ -52,7 +52,8 @@ def _load(path: Path, split: str | None) -> Any:
 class HFDataset:
     """Rows of a saved Hugging Face ``Dataset`` as dicts of tensors and strings.
 
-    >>> ds = HFDataset("/data/mnist_hf", split="train", columns=["image", "label"])  # doctest: +SKIP
+    Examples:
+        >>> ds = HFDataset("/data/mnist_hf", split="train", columns=["image", "label"])  # doctest: +SKIP
     """
 
     def __init__(

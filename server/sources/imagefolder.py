@@ -67,8 +67,9 @@ def make_dataset(
 class ImageFolderDataset:
     """Images in class folders, ``torchvision.datasets.ImageFolder``'s order and ``class_to_idx``.
 
-    >>> ds = ImageFolderDataset("/data/train", crop=(224, 224))  # doctest: +SKIP
-    >>> image, label = ds[0]        # uint8 [3, 224, 224], int
+    Examples:
+        >>> ds = ImageFolderDataset("/data/train", crop=(224, 224))  # doctest: +SKIP
+        >>> image, label = ds[0]        # uint8 [3, 224, 224], int
     """
 
     def __init__(

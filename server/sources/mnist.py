@@ -97,8 +97,9 @@ def find_files(root: Path, split: str, variant: str | None = None) -> tuple[Path
 class MnistDataset:
     """MNIST-format images and labels (``split`` ``"train"`` or ``"test"``).
 
-    >>> ds = MnistDataset("/data", split="test")  # doctest: +SKIP
-    >>> image, label = ds[0]                      # uint8 [1, 28, 28], int
+    Examples:
+        >>> ds = MnistDataset("/data", split="test")  # doctest: +SKIP
+        >>> image, label = ds[0]                      # uint8 [1, 28, 28], int
     """
 
     def __init__(self, root: str | Path, split: str = "train", variant: str | None = None) -> None:

@@ -35,8 +35,9 @@ def _pq() -> Any:
 class ParquetDataset:
     """Rows of Parquet files as dicts of tensors and strings.
 
-    >>> ds = ParquetDataset("/data/train/", columns=["embedding", "label"])  # doctest: +SKIP
-    >>> ds[0]["embedding"].shape
+    Examples:
+        >>> ds = ParquetDataset("/data/train/", columns=["embedding", "label"])  # doctest: +SKIP
+        >>> ds[0]["embedding"].shape
     """
 
     def __init__(self, path: str | Path, columns: Sequence[str] | None = None) -> None:

@@ -144,8 +144,9 @@ def load_index(shard: Path, root: Path, cache_dir: Path | None = None) -> _Shard
 class TarShardDataset:
     """Samples of WebDataset tar shards, by index (see the module docstring).
 
-    >>> ds = TarShardDataset("/data/train-{000..009}.tar", fields=["jpg|png", "cls"])  # doctest: +SKIP
-    >>> image, label = ds[0]
+    Examples:
+        >>> ds = TarShardDataset("/data/train-{000..009}.tar", fields=["jpg|png", "cls"])  # doctest: +SKIP
+        >>> image, label = ds[0]
     """
 
     def __init__(
