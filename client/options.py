@@ -11,6 +11,7 @@ so a setting is named here once, not copied field by field on its way out.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -32,6 +33,7 @@ NO_LIMIT = 365 * 24 * 3600.0  # timeout=0, as in torch: wait as long as it takes
 _PREFETCH = 4  # frames in flight when prefetch_factor is not given
 _MAX_PREFETCH = 64
 _MAX_STREAMS = 16
+_TOKEN_BYTES = 16  # a consumer's random token: no two loaders of a job draw the same
 
 
 def _wire(name: str, encode: Callable[[Any], Any] | None = None) -> dict[str, Any]:
@@ -70,6 +72,11 @@ class LoaderConfig:
     receive_processes: bool = False  # each byte stream received by a process of its own
     # torch's batch_size=None: batches of one sample, collated by itself (no batch dimension).
     unbatched: bool = field(default=False, metadata=_wire("unbatched"))
+    # Who this loader is to a dynamic job's server, through reconnects and epochs (a copy
+    # of the loader is another consumer): what a restarted server keeps its batches for.
+    consumer_token: bytes = field(
+        default_factory=lambda: os.urandom(_TOKEN_BYTES), metadata=_wire("consumer"), repr=False
+    )
 
     @property
     def any_order(self) -> bool:
