@@ -170,7 +170,7 @@ class JobRegistry:
                 self._make_room(name)
                 journal = None
                 if self._state is not None and settings.mode == _pb2.MODE_DYNAMIC:
-                    journal = self._state.open(name, settings)
+                    journal = self._state.open(name, settings, MAX_EPOCH_STATES)
                 job = self._jobs[name] = Job(name, settings, journal=journal, rejoin_s=self._rejoin_s)
             for f in fields(JobSettings):
                 mine, theirs = getattr(settings, f.name), getattr(job.settings, f.name)

@@ -14,7 +14,7 @@ Each line goes out in one ``os.write`` as it happens, so a process killed with -
 loses nothing (the kernel has it); there is no fsync per line, so a machine that
 loses power may lose the last lines. A file is rewritten (compacted: the live
 epochs' ledgers, fsynced, then renamed over the old one) when it is opened and when
-an epoch is pruned, so its size is bounded by the ledgers of the epochs a job keeps.
+an epoch is pruned, so it holds the ledgers of the newest epochs a job keeps, no more.
 A line that cannot be read (the half-written last line of a killed process, say) is
 skipped with a warning. At most ``max_files`` journals: the least recently written
 goes first.
@@ -58,9 +58,10 @@ class EpochRecord:
 class Journal:
     """One job's journal: the ledgers read back from it, and the lines that change them."""
 
-    def __init__(self, path: Path, settings: dict[str, Any]) -> None:
+    def __init__(self, path: Path, settings: dict[str, Any], keep: int) -> None:
         self.path = path
         self._settings = settings
+        self._keep = keep  # epochs a file holds at most: the newest
         self.epochs: dict[int, EpochRecord] = {}  # read back, not yet taken up by an epoch
         self._fd = -1
         self._broken = False  # a write failed: serving goes on without the journal
@@ -174,6 +175,9 @@ class Journal:
         if self._closed:
             return
         epochs = {**{e: r for e, r in self.epochs.items() if not r.finished}, **live}
+        for epoch in sorted(epochs)[: -self._keep]:
+            del epochs[epoch]
+            self.epochs.pop(epoch, None)
         lines = [_line({"v": _VERSION, "settings": self._settings})]
         for epoch in sorted(epochs):
             ledger = epochs[epoch]
@@ -230,13 +234,14 @@ class StateDir:
     def file(self, job: str) -> Path:
         return self.path / (hashlib.sha256(job.encode()).hexdigest()[:32] + _SUFFIX)
 
-    def open(self, job: str, settings: object) -> Journal:
-        """Job ``job``'s journal (read back if there is one), room made for it first."""
+    def open(self, job: str, settings: object, keep: int) -> Journal:
+        """Job ``job``'s journal (read back if there is one, its newest ``keep`` epochs),
+        room made for it first."""
         path = self.file(job)
         if not path.exists():
             self._make_room()
         plain = json.loads(json.dumps(dataclasses.asdict(settings)))  # type: ignore[call-overload]
-        return Journal(path, plain)
+        return Journal(path, plain, keep)
 
     def remove(self, job: str) -> None:
         try:

@@ -141,7 +141,7 @@ def test_a_journal_skips_a_torn_last_line_and_appends_after_it(
         collate="default", seed=7, world_size=1,
     )  # fmt: skip
     state = StateDir(str(tmp_path), max_files=4)
-    journal = state.open("job", settings)
+    journal = state.open("job", settings, 8)
     journal.begin(0, 10)
     journal.handed(0, [0, 1], b"\x01")
     journal.handed(0, [2], b"\x02")
@@ -151,15 +151,15 @@ def test_a_journal_skips_a_torn_last_line_and_appends_after_it(
     with state.file("job").open("ab") as f:
         f.write(b'{"e":0,"h":[3],"u":"0')  # killed mid-write
     with caplog.at_level(logging.WARNING, "batchferry.server"):
-        journal = state.open("job", settings)
+        journal = state.open("job", settings, 8)
     assert any("skipped" in r.getMessage() for r in caplog.records)
     journal.handed(0, [4], b"\x01")
     journal.close()
-    again = state.open("job", settings).take(0, 10)
+    again = state.open("job", settings, 8).take(0, 10)
     assert again is not None
     assert (again.holder, again.done, again.tokens) == ({0: "01", 4: "01"}, {2}, {"01", "02"})
     # Another job's settings under the same name: nothing of it is taken up.
-    other = state.open("job", replace(settings, batch_size=6))
+    other = state.open("job", replace(settings, batch_size=6), 8)
     assert other.take(0, 10) is None
     other.close()
 
