@@ -120,6 +120,10 @@ class Epoch:
         # Independent shuffles: torch's last, discarded draw comes with a short last batch.
         self._drew_last = False
         self._partial_end = not config.drop_last and bool(connection.dataset_length % config.batch_size)
+        # Streams continue a position (OpenStream.resume): every one from a loaded state, and
+        # each reopened one (its first open received a start frame).
+        self._resumed = start.batch > 0 or bool(start.done)
+        self._opened: set[int] = set()
         self._open()
 
     def _open(self) -> None:
@@ -130,7 +134,7 @@ class Epoch:
             self._request,
             parts=self._parts,
             credits=self._credits,
-            on_open=self._resend_lists,
+            on_open=self._on_open,
             describe=self._where,
         )
         try:
@@ -196,7 +200,12 @@ class Epoch:
             if self.iterable and self.taken
             else [],
             next_iterator=self.next_iterator,
+            resume=self._resumed or j in self._opened,
         )
+
+    def _on_open(self, j: int, stream: EpochStream) -> None:
+        self._opened.add(j)
+        self._resend_lists(j, stream)
 
     # -- the caller's index lists ---------------------------------------------------------
     def _resend_lists(self, j: int, stream: EpochStream) -> None:

@@ -36,6 +36,7 @@ NO_LIMIT = 365 * 24 * 3600.0  # timeout=0, as in torch: wait as long as it takes
 _PREFETCH = 4  # frames in flight when prefetch_factor is not given
 _MAX_PREFETCH = 64
 _MAX_STREAMS = 16
+_TOKEN_BYTES = 16  # a consumer's random token: no two loaders of a job draw the same
 
 
 def _wire(name: str, encode: Callable[[Any], Any] | None = None) -> dict[str, Any]:
@@ -76,6 +77,11 @@ class LoaderConfig:
     unbatched: bool = field(default=False, metadata=_wire("unbatched"))
     # An IterableDataset is iterated by this many iterators, as torch's workers (docs/iterable.md).
     num_workers: int = field(default=0, metadata=_wire("num_iterators"))
+    # Who this loader is to a dynamic job's server, through reconnects and epochs (a copy
+    # of the loader is another consumer): what a restarted server keeps its batches for.
+    consumer_token: bytes = field(
+        default_factory=lambda: os.urandom(_TOKEN_BYTES), metadata=_wire("consumer"), repr=False
+    )
 
     @property
     def any_order(self) -> bool:

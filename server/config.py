@@ -154,6 +154,17 @@ class ServerConfig:
         "jobs (shared, sharded, dynamic) known at once; a new one evicts the longest-idle job, "
         "and is refused when every job has consumers",
     )
+    state_dir: str = _setting(
+        "",
+        "directory where dynamic jobs journal which batches went to which consumer, so that a "
+        "restarted server hands none out twice (empty: no journal; a restart during a dynamic "
+        "epoch can then repeat batches handed out just before it)",
+    )
+    rejoin_s: float = _setting(
+        5.0,
+        "after a restart with state_dir: how long batches a consumer had stay reserved for it "
+        "to reconnect before they go to the job's other consumers",
+    )
     slot_timeout_s: float = _setting(
         60.0, "how long a stream waits for a free shared-memory slot before RESOURCE_EXHAUSTED"
     )
@@ -213,7 +224,7 @@ class ServerConfig:
             raise ValueError("tls_cert and tls_key go together: give both")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("tls_client_ca needs tls_cert and tls_key (mutual TLS runs over TLS)")
-        for name in ("job_idle_s", "slot_timeout_s", "linger_s", "stream_idle_s"):
+        for name in ("job_idle_s", "rejoin_s", "slot_timeout_s", "linger_s", "stream_idle_s"):
             value = getattr(self, name)
             if not 0 < value < float("inf"):
                 raise ValueError(f"{name} must be > 0 seconds, got {value}")

@@ -11,6 +11,10 @@ Shared and dynamic jobs coordinate each epoch through an :class:`EpochState`
 nobody is in goes once it is finished or two epochs old, and a job never keeps
 more than ``MAX_EPOCH_STATES``.
 
+A dynamic job of a server with a ``state_dir`` keeps a journal of its epochs'
+ledgers (``server/journal.py``), compacted whenever epochs are pruned and removed
+with the job.
+
 Lock order: ``JobRegistry._lock`` before ``Job.cond`` (a reentrant condition that
 every epoch state of the job shares).
 """
@@ -24,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 
 from batchferry.v1 import loader_pb2 as _pb2
+
+from .journal import EpochRecord, Journal, StateDir
 
 __all__ = [
     "MAX_EPOCH_STATES",
@@ -96,6 +102,10 @@ class EpochState:
     def close(self) -> None:
         """The state is forgotten: let go of what it holds beyond its consumers' streams."""
 
+    def record(self) -> EpochRecord | None:
+        """What the job's journal keeps of this epoch (None: nothing)."""
+        return None
+
 
 @dataclass
 class Job:
@@ -109,6 +119,8 @@ class Job:
     # The world sizes the job has run in, each with the epoch it began in (at most MAX_RESIZES).
     worlds: list[tuple[int, int]] = field(default_factory=list)
     epoch: int = 0  # the newest epoch a consumer has opened
+    journal: Journal | None = None
+    rejoin_s: float = 5.0  # after a restart: how long a consumer's batches wait for it
 
     def resize(self, world_size: int, epoch: int) -> None:
         """Every consumer left, and the job comes back with ``world_size`` ranks."""
@@ -128,11 +140,16 @@ class Job:
         with self.cond:
             newest = max(self.epochs, default=0)
             idle = sorted(e for e, s in self.epochs.items() if not s.members)
+            pruned = False
             for epoch in idle:
                 state = self.epochs[epoch]
                 if state.finished or epoch < newest - 1 or len(self.epochs) > MAX_EPOCH_STATES:
                     del self.epochs[epoch]
                     state.close()
+                    pruned = True
+            if pruned and self.journal is not None:
+                kept = {e: s.record() for e, s in self.epochs.items()}
+                self.journal.compact({e: r for e, r in kept.items() if r is not None})
 
     def close(self) -> None:
         """The job is forgotten: so are its epoch states."""
@@ -151,9 +168,17 @@ class JobRegistry:
     evicts the longest-idle job when the registry is full, and is refused when none is
     idle, so job names (and their metric series) cannot grow without bound."""
 
-    def __init__(self, idle_s: float = 300.0, max_jobs: int = 256) -> None:
+    def __init__(
+        self,
+        idle_s: float = 300.0,
+        max_jobs: int = 256,
+        state: StateDir | None = None,
+        rejoin_s: float = 5.0,
+    ) -> None:
         self.idle_s = idle_s
         self.max_jobs = max_jobs
+        self._state = state  # dynamic jobs' journals
+        self._rejoin_s = rejoin_s
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -166,7 +191,16 @@ class JobRegistry:
             job = self._jobs.get(name)
             if job is None:
                 self._make_room(name)
-                job = self._jobs[name] = Job(name, settings, worlds=[(settings.world_size, epoch)])
+                journal = None
+                if self._state is not None and settings.mode == _pb2.MODE_DYNAMIC:
+                    journal = self._state.open(name, settings, MAX_EPOCH_STATES)
+                job = self._jobs[name] = Job(
+                    name,
+                    settings,
+                    worlds=[(settings.world_size, epoch)],
+                    journal=journal,
+                    rejoin_s=self._rejoin_s,
+                )
             if not job.consumers and settings.world_size != job.settings.world_size:
                 job.resize(settings.world_size, epoch)  # the job came back in another size
             for f in fields(JobSettings):
@@ -205,13 +239,27 @@ class JobRegistry:
                 f"cannot start job {name!r}: this server has max_jobs={self.max_jobs} jobs, each with "
                 "consumers; reuse a job name, or raise --max-jobs"
             )
-        self._jobs.pop(min(idle)[1]).close()
+        self._forget(min(idle)[1])
+
+    def _forget(self, name: str) -> None:
+        job = self._jobs.pop(name)
+        job.close()
+        if job.journal is not None and self._state is not None:
+            job.journal.close()
+            self._state.remove(name)
 
     def _expire(self) -> None:
         now = time.monotonic()
         for name, job in list(self._jobs.items()):
             if job.idle_since is not None and now - job.idle_since > self.idle_s:
-                self._jobs.pop(name).close()
+                self._forget(name)
+
+    def close(self) -> None:
+        """The server stops: its journals are closed (their files stay for the next one)."""
+        with self._lock:
+            for job in self._jobs.values():
+                if job.journal is not None:
+                    job.journal.close()
 
     def jobs(self) -> list[Job]:
         with self._lock:

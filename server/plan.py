@@ -22,12 +22,13 @@ MAX_CREDITS = 64
 MAX_WORLD_SIZE = 1 << 16
 MAX_NAME = 256  # characters in a dataset, collate or job name
 MAX_STRIPES = 16  # streams one client may split a replica's part of an epoch into
+MAX_CONSUMER_TOKEN = 64  # bytes: a consumer's token is journaled with each batch handed to it
 MAX_ITERATOR_STATE = 1 << 20  # bytes of one iterator's saved state_dict() a resumed stream sends
 # OpenStream fields a Plan takes as they are (once plan() has checked them).
 _FROM_REQUEST = (
     "dataset", "batch_size", "start_batch", "credits", "groups", "unbatched", "shuffle", "drop_last",
     "seed", "taken", "any_order", "client_batches", "mode", "job", "rank", "epoch", "consumed",
-    "num_iterators", "base_seed", "next_iterator",
+    "num_iterators", "base_seed", "next_iterator", "resume", "consumer",
 )  # fmt: skip
 
 
@@ -73,6 +74,8 @@ class Plan:
     rank: int = 0
     epoch: int = 0
     consumed: bytes = b""  # sharded, resized mid-epoch: the order's positions earlier worlds took
+    resume: bool = False  # the consumer continues a position it had (reconnect, loaded state)
+    consumer: bytes = b""  # the consumer's token (dynamic mode)
     settings: JobSettings | None = None  # job modes: what every consumer must agree on
     # Scale-out (replicas, and stripes within one): this stream carries only the batches
     # b with b % replicas == replica. Senders count positions p among those; frames,
@@ -234,6 +237,8 @@ def plan(req: _pb2.OpenStream, catalog: Catalog) -> Plan:
         raise invalid("taken: only in dynamic mode or with any_order")
     if len(req.taken) > -(-local_total // 8):
         raise invalid(f"taken: a bitmap of at most {-(-local_total // 8)} bytes, got {len(req.taken)}")
+    if len(req.consumer) > MAX_CONSUMER_TOKEN:
+        raise invalid(f"consumer: a token of at most {MAX_CONSUMER_TOKEN} bytes, got {len(req.consumer)}")
     # The request's fields of the same name and meaning, then what the checks above made.
     same = {name: getattr(req, name) for name in _FROM_REQUEST}
     the_plan = Plan(

@@ -48,6 +48,7 @@ from .config import ServerConfig
 from .datasets import DatasetSource, MapDataset, parse_spec
 from .iterators import is_iterable
 from .jobs import JobRegistry
+from .journal import StateDir
 from .metrics import Metrics
 from .orders import Orders
 from .ring import SlotRing
@@ -122,6 +123,7 @@ class Server:
         # Settings that read files fail here, naming the setting, before anything starts.
         credentials = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
         tokens = Tokens(cfg.tokens.split(","), cfg.token_file or None)
+        state = StateDir(cfg.state_dir, cfg.max_jobs) if cfg.state_dir else None
         removed = shm.remove_stale()
         if removed:
             log.warning("removed %d shared-memory segment(s) left by a stopped server", len(removed))
@@ -135,7 +137,7 @@ class Server:
             self._ring = SlotRing(
                 cfg.num_slots, _shm_budget(cfg.shm_bytes), max_slots=max_slots, linger=cfg.linger_s
             )
-            self.jobs = JobRegistry(cfg.job_idle_s, cfg.max_jobs)
+            self.jobs = JobRegistry(cfg.job_idle_s, cfg.max_jobs, state, cfg.rejoin_s)
             self.service = LoaderService(
                 built,
                 frozenset(registry),
@@ -259,6 +261,9 @@ class Server:
                     server.stop(grace).wait(_STOP_TIMEOUT)
             self._grpc = self._health_grpc = None
             self.metrics.close()
+            jobs: JobRegistry | None = getattr(self, "jobs", None)  # None: closed before it was made
+            if jobs is not None:
+                jobs.close()
             for threads in self._threads:
                 threads.shutdown(wait=False)
             self._threads = []

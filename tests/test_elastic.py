@@ -300,7 +300,7 @@ def _first(batch: Sequence[torch.Tensor]) -> float:
     return float(batch[0].flatten()[0])
 
 
-@pytest.mark.parametrize("server_too", [True])
+@pytest.mark.parametrize("server_too", [True, False])
 def test_a_dynamic_job_restarted_whole_continues_with_fewer_consumers(
     tmp_path: Path, server_too: bool
 ) -> None:

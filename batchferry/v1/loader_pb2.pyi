@@ -252,7 +252,7 @@ class Layout(_message.Message):
     def __init__(self, root: _Optional[_Union[Node, _Mapping]] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class OpenStream(_message.Message):
-    __slots__ = ("dataset", "batch_size", "shuffle", "sampler_state", "drop_last", "collate", "epoch", "start_batch", "credits", "chunk_bytes", "transport", "mode", "job", "rank", "world_size", "seed", "replica_index", "num_replicas", "taken", "any_order", "client_batches", "stripe", "stripes", "compression", "groups", "unbatched", "num_iterators", "base_seed", "places", "next_iterator", "consumed")
+    __slots__ = ("dataset", "batch_size", "shuffle", "sampler_state", "drop_last", "collate", "epoch", "start_batch", "credits", "chunk_bytes", "transport", "mode", "job", "rank", "world_size", "seed", "replica_index", "num_replicas", "taken", "any_order", "client_batches", "stripe", "stripes", "compression", "groups", "unbatched", "num_iterators", "base_seed", "places", "next_iterator", "consumed", "resume", "consumer")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHUFFLE_FIELD_NUMBER: _ClassVar[int]
@@ -284,6 +284,8 @@ class OpenStream(_message.Message):
     PLACES_FIELD_NUMBER: _ClassVar[int]
     NEXT_ITERATOR_FIELD_NUMBER: _ClassVar[int]
     CONSUMED_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     batch_size: int
     shuffle: bool
@@ -315,7 +317,9 @@ class OpenStream(_message.Message):
     places: _containers.RepeatedCompositeFieldContainer[IteratorPlace]
     next_iterator: int
     consumed: bytes
-    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., sampler_state: _Optional[bytes] = ..., drop_last: _Optional[bool] = ..., collate: _Optional[str] = ..., epoch: _Optional[int] = ..., start_batch: _Optional[int] = ..., credits: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., seed: _Optional[int] = ..., replica_index: _Optional[int] = ..., num_replicas: _Optional[int] = ..., taken: _Optional[bytes] = ..., any_order: _Optional[bool] = ..., client_batches: _Optional[bool] = ..., stripe: _Optional[int] = ..., stripes: _Optional[int] = ..., compression: _Optional[_Union[Codec, str]] = ..., groups: _Optional[bool] = ..., unbatched: _Optional[bool] = ..., num_iterators: _Optional[int] = ..., base_seed: _Optional[int] = ..., places: _Optional[_Iterable[_Union[IteratorPlace, _Mapping]]] = ..., next_iterator: _Optional[int] = ..., consumed: _Optional[bytes] = ...) -> None: ...
+    resume: bool
+    consumer: bytes
+    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., sampler_state: _Optional[bytes] = ..., drop_last: _Optional[bool] = ..., collate: _Optional[str] = ..., epoch: _Optional[int] = ..., start_batch: _Optional[int] = ..., credits: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., seed: _Optional[int] = ..., replica_index: _Optional[int] = ..., num_replicas: _Optional[int] = ..., taken: _Optional[bytes] = ..., any_order: _Optional[bool] = ..., client_batches: _Optional[bool] = ..., stripe: _Optional[int] = ..., stripes: _Optional[int] = ..., compression: _Optional[_Union[Codec, str]] = ..., groups: _Optional[bool] = ..., unbatched: _Optional[bool] = ..., num_iterators: _Optional[int] = ..., base_seed: _Optional[int] = ..., places: _Optional[_Iterable[_Union[IteratorPlace, _Mapping]]] = ..., next_iterator: _Optional[int] = ..., consumed: _Optional[bytes] = ..., resume: _Optional[bool] = ..., consumer: _Optional[bytes] = ...) -> None: ...
 
 class IteratorPlace(_message.Message):
     __slots__ = ("batches", "state")

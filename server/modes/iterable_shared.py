@@ -109,11 +109,11 @@ class SharedIterableEpoch(SharedEpoch):
     def finished(self) -> bool:
         return self.producer.end is not None and not self.members
 
-    def enter(self, consumer: int, start: int) -> int:
+    def enter(self, consumer: int, start: int, resume: bool = False) -> int:
         """As in shared mode; but a batch nobody holds any more cannot be made again: a
-        consumer that would start before the oldest one held starts there."""
+        consumer that would start before the oldest one held starts there, resuming or not."""
         with self._cond:
-            first = super().enter(consumer, start)
+            first = super().enter(consumer, start, resume)
             if first < self.producer.made and first not in self._entries:
                 held = [p for p in self._entries if p >= first]
                 first = min(held) if held else self.producer.made
@@ -135,7 +135,7 @@ def send(stream: Stream) -> Generator[bytes, None, bool]:
 
     work = job.epoch_state(plan.epoch, make)
     assert isinstance(work, SharedIterableEpoch)
-    first = position = work.enter(consumer.id, plan.local_start)
+    first = position = work.enter(consumer.id, plan.local_start, plan.resume)
     stream.progress(position)
     messages.on_credit.append(lambda taken: work.consume(consumer.id, first + taken))
     yield framing.start_frame(0, stream.order, position)

@@ -16,9 +16,13 @@ one it keeps goes back after later ones, so releases past that prefix wait in
 is past it on both: released to the ring, or abandoned (LINGERING) if a consumer's
 stream ended while holding it, or detached if a consumer keeps the batch. Nobody
 builds beyond ``min(consumed) + window``, so the slowest consumer applies
-backpressure within a bounded window; one that leaves stops counting. A consumer
+backpressure within a bounded window; one that leaves stops counting. A new consumer
 joining an epoch in progress starts at the slowest consumer's position (the oldest
-batch still held), or at its own resume point if that is later.
+batch still held), or at its own resume point if that is later. A resuming one (a
+reconnect, or a loaded state: it had a position) starts exactly there, even behind
+the slowest: the batches it needs that were let go are built again, for it alone,
+and the window waits for it (after a server restart, whoever reconnects first must
+not move the epoch past the others).
 
 Every method takes the job's condition (``Job.cond``) itself; an entry's ``lock``
 is taken without it, and ring leases (a leaf lock) are let go under it.
@@ -88,11 +92,12 @@ class SharedEpoch(EpochState):
         with self._cond:
             return len(self._entries)
 
-    def enter(self, consumer: int, start: int) -> int:
-        """Join at ``start``, or at the slowest consumer's position if that is later."""
+    def enter(self, consumer: int, start: int, resume: bool = False) -> int:
+        """Join at ``start``: exactly there when resuming, else at the slowest consumer's
+        position if that is later."""
         with self._cond:
             self.join(consumer)
-            first = max(start, min(self.consumed.values())) if self.consumed else start
+            first = max(start, min(self.consumed.values())) if self.consumed and not resume else start
             self.consumed[consumer] = self.released[consumer] = first
             self._early[consumer] = set()
             return first
@@ -252,7 +257,7 @@ def send(stream: Stream) -> Generator[bytes, None, bool]:
     window = max(1, min(2 * plan.credits, stream.ring_slots // 2))
     work = job.epoch_state(plan.epoch, lambda: SharedEpoch(plan.local_total, window, job.cond))
     assert isinstance(work, SharedEpoch)
-    first = position = work.enter(consumer.id, plan.local_start)
+    first = position = work.enter(consumer.id, plan.local_start, plan.resume)
     total = plan.local_total
     stream.progress(position)
     # Consumption counts the moment the credit arrives (late joiners start there).
