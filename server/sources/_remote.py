@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import posixpath
 import re
@@ -71,6 +72,7 @@ _GLOB = re.compile(r"[*?\[]")
 _BACKOFF_S, _BACKOFF_MAX_S = 0.25, 8.0  # first wait, doubling up to this
 _CONNECT_TIMEOUT_S, _READ_TIMEOUT_S = 10, 60
 _ENV_PREFIXES = ("AWS_", "FSSPEC_", "GOOGLE_", "GCS", "BOTO")
+_LISTING_FRESH_S = 120.0  # how long a listing stands for the processes of the server that made it
 
 
 def is_url(path: str | os.PathLike[str]) -> bool:
@@ -300,8 +302,32 @@ class Store:
         version = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or ""
         return RemoteFile(url, int(size), str(version))
 
+    def _listed(self, what: str, compute: Callable[[], list[RemoteFile]]) -> list[RemoteFile]:
+        """A listing, reused from the cache's index folder when made in the last
+        ``_LISTING_FRESH_S`` seconds: a server's worker processes, started after it, see the
+        files it listed without asking the store again (nor loading its client)."""
+        path = self.cache.index / f"list-{hashlib.sha256(what.encode()).hexdigest()[:24]}.json"
+        try:
+            data = json.loads(path.read_text())
+            if 0 <= time.time() - data["time"] < _LISTING_FRESH_S:
+                return [RemoteFile(str(u), int(n), str(v)) for u, n, v in data["files"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # none, stale or unreadable: list again
+        files = compute()
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with contextlib.suppress(OSError):
+            tmp.write_text(
+                json.dumps({"time": time.time(), "files": [[f.url, f.size, f.version] for f in files]})
+            )
+            os.replace(tmp, path)
+        return files
+
     def info(self, url: str) -> RemoteFile:
         """The file at ``url``; ``ValueError`` naming it when it cannot be found or reached."""
+        check_url(url)
+        return self._listed(f"info {url}", lambda: [self._info(url)])[0]
+
+    def _info(self, url: str) -> RemoteFile:
         check_url(url)
         fs = _filesystem(_URL.match(url).group(1).lower())  # type: ignore[union-attr]  # checked
         try:
@@ -314,11 +340,15 @@ class Store:
 
     def expand(self, pattern: str, expand: Callable[[str], list[str]]) -> list[RemoteFile]:
         """The files a URL names: ``expand`` its brace patterns, then match ``*``/``?``/``[..]``."""
+        check_url(pattern)
+        return self._listed(f"expand {pattern}", lambda: self._expand(pattern, expand))
+
+    def _expand(self, pattern: str, expand: Callable[[str], list[str]]) -> list[RemoteFile]:
         out: list[RemoteFile] = []
         for url in expand(pattern):
             check_url(url)
             if not _GLOB.search(url):
-                out.append(self.info(url))
+                out.append(self._info(url))
                 continue
             fs = _filesystem(_URL.match(url).group(1).lower())  # type: ignore[union-attr]  # checked
             try:
@@ -334,6 +364,9 @@ class Store:
     def find(self, root: str) -> list[RemoteFile]:
         """Every file under the folder URL ``root``, sorted by URL."""
         check_url(root)
+        return self._listed(f"find {root}", lambda: self._find(root))
+
+    def _find(self, root: str) -> list[RemoteFile]:
         fs = _filesystem(_URL.match(root).group(1).lower())  # type: ignore[union-attr]  # checked
         try:
             found = self._retry(root, lambda: fs.find(root.rstrip("/") + "/", detail=True))
@@ -386,11 +419,12 @@ class Store:
                 future.result()
         return [self.fetch(f, s) for f, s in zip(files, samples, strict=True)]
 
-    def fetch_ahead(self, files: Sequence[RemoteFile]) -> None:
-        """Start fetching the next files a reader will need, at most ``fetch_ahead`` of them,
-        and no more than half the cache (so that they do not evict what is being read)."""
+    def fetch_ahead(self, files: Sequence[RemoteFile], count: int | None = None) -> None:
+        """Start fetching the next files a reader will need, at most ``count`` (default
+        ``fetch_ahead``) of them, and no more than half the cache (so that they do not evict
+        what is being read); ``fetch_threads`` download at once."""
         budget = self.settings.cache_bytes // 2
-        for f in files[: self.settings.fetch_ahead]:
+        for f in files[: self.settings.fetch_ahead if count is None else count]:
             budget -= f.size
             if budget < 0:
                 break

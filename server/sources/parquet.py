@@ -56,6 +56,7 @@ class ParquetDataset:
             self._remote = _listing(self.store, self.path)
             self.root: str | Path = self.path.rstrip("/") if not self.path.endswith(".parquet") else ""
             self.files: list[str] | list[Path] = [f.url for f in self._remote]
+            self.store.fetch_ahead(self._remote, len(self._remote))  # their footers are read next
         else:
             self._local(Path(local_path(str(path))))
         schema = None

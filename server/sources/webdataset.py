@@ -160,14 +160,22 @@ def _stored_index(
     return None
 
 
-def load_remote_index(store: Store, f: RemoteFile) -> _Shard:
-    """A remote shard's index, from the cache's index folder, or built from the shard fetched."""
+def load_remote_index(store: Store, f: RemoteFile, *, stored_only: bool = False) -> _Shard | None:
+    """A remote shard's index, from the cache's index folder, or built from the shard fetched
+    (``stored_only``: None instead)."""
     stamp = {"version": _INDEX_VERSION, "size": f.size}
     cached = store.index_path(f, ".index.json")  # the key changes with the object's version
     samples = _stored_index(cached, stamp)
+    if samples is None and stored_only:
+        return None
     if samples is None:
         samples = store.read(f, None, lambda path: _build_index(path, f.url, cached, stamp))
     return _Shard(f.url, f.size, samples)
+
+
+def _must(shard: _Shard | None) -> _Shard:
+    assert shard is not None  # built when not stored
+    return shard
 
 
 class TarShardDataset:
@@ -211,7 +219,15 @@ class TarShardDataset:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.decoder = decoder or ImageDecode()
         if self.store is not None:
-            self._shards = [load_remote_index(self.store, f) for f in self._remote]
+            stored = [load_remote_index(self.store, f, stored_only=True) for f in self._remote]
+            # The shards not indexed yet download together, while the first are scanned.
+            self.store.fetch_ahead(
+                [f for f, i in zip(self._remote, stored, strict=True) if i is None], len(stored)
+            )
+            self._shards = [
+                i or _must(load_remote_index(self.store, f))
+                for f, i in zip(self._remote, stored, strict=True)
+            ]
         else:
             self._shards = [load_index(Path(p), self.root, self.cache_dir) for p in paths]
         counts = [len(s.samples) for s in self._shards]
