@@ -243,6 +243,11 @@ def _bench(args: argparse.Namespace) -> int:
 
         ids.remove("BYTES")
         bytes_main(reps=args.reps, num_workers=args.num_workers, out=Path(args.out or RESULTS))
+    if "S3" in ids:
+        from batchferry.benchmarks.streaming import main as streaming_main
+
+        ids.remove("S3")
+        streaming_main(out=Path(args.out or RESULTS))
     if "G2" in ids:
         from batchferry.benchmarks.offload import main as offload_main
 
@@ -364,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         "SCALE (replicas), MEM (memory bounds), NET (a client on another network host, needs root), "
         "NETZ (W2 and W4T to another host with and without compression, needs root), "
         "HOSTILE (budgets under hostile clients), BYTES (byte stream by stripe count), "
+        "S3 (shards streamed from a local S3 server against webdataset, LitData, torch + fsspec), "
         "G1 and G2 (need CUDA), or all (the harness's workloads)",
     )
     bench.add_argument("--reps", type=int, default=3)
