@@ -103,6 +103,17 @@ def test_http_and_globs_read_as_local_files(tmp_path: Path, http_server: HTTP) -
         assert [f.url for f in globbed] == [f.url for f in braced] and len(braced) == 3
 
 
+def test_file_urls_are_local_paths(tmp_path: Path) -> None:
+    local = _datasets(tmp_path)
+    for name in ("npy", "webdataset"):
+        as_url, as_path = (
+            parse_spec(local[name].format(f"file://{tmp_path}")),
+            parse_spec(local[name].format(tmp_path)),
+        )
+        assert_same(list(TorchLoader(as_url, 4)), list(TorchLoader(as_path, 4)), name)  # type: ignore[arg-type]
+        assert getattr(as_url, "store", None) is None  # read in place, not through the cache
+
+
 def test_a_download_cut_midway_is_retried_and_never_read_half(tmp_path: Path, http_server: HTTP) -> None:
     payload = os.urandom(300_000)
     (http_server.root / "blob.bin").write_bytes(payload)
