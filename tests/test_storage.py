@@ -273,6 +273,7 @@ def test_fetch_ahead_brings_the_next_files_and_no_more(tmp_path: Path, s3: S3) -
         f"s3://AKIAIOSFODNN7EXAMPLE:{SECRET}@data/x.npy",
         f"https://example.com/x.npy?X-Amz-Credential=AKIA&X-Amz-Signature={SECRET}",
         f"gs://bucket/x.npy?access_token={SECRET}",
+        f"s3://data/x.npy::s3://AKIAIOSFODNN7EXAMPLE:{SECRET}@data/y.npy",
     ],
 )
 def test_a_spec_with_credentials_is_refused_without_echoing_them(

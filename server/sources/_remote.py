@@ -102,7 +102,7 @@ def check_url(url: str) -> None:
 def refuse_credentials(text: str) -> None:
     """``ValueError`` (not repeating it) if a URL in ``text`` carries credentials."""
     how = "give them as s3fs, gcsfs or fsspec take them: environment, config files, instance roles"
-    for url in re.findall(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s,]*", text):
+    for url in re.findall(r"[a-zA-Z][a-zA-Z0-9+.-]*://(?:(?!::)[^\s,])*", text):  # "::" joins shards
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if "@" in parts.netloc:
