@@ -88,6 +88,8 @@ BENCHES: dict[str, Bench] = {
                   "network:compression_main", ("reps", "num_workers", "scale", "link_rates")),
     "ITER": Bench("an IterableDataset against torch's DataLoader over it", "iterable:main",
                   ("reps", "num_workers")),
+    "S3": Bench("shards from a local S3 server against webdataset, LitData and torch + fsspec",
+                "streaming:main"),
     "G1": Bench("batches to a GPU under a training step (needs CUDA)", "gpu:main"),
     "G2": Bench("a trainer on 2 cores fed by a server on the others (needs CUDA)", "offload:main",
                 ("device",)),

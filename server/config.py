@@ -188,6 +188,17 @@ class ServerConfig:
         0, "also answer grpc.health.v1 in plaintext on this port (for probes that speak no TLS); 0: off"
     )
     metrics_port: int = _setting(0, "serve Prometheus metrics over plain HTTP on this port of host; 0: off")
+    cache_dir: str = _setting(
+        "", "directory caching files read from object storage (default $XDG_CACHE_HOME/batchferry/remote)"
+    )
+    cache_bytes: int = _setting(
+        10 << 30,
+        "files held in cache_dir together, e.g. 10GiB (least recently used go first)",
+        parse=parse_size,
+    )
+    fetch_ahead: int = _setting(2, "files (shards) of a remote dataset fetched ahead of need, per process")
+    fetch_threads: int = _setting(8, "concurrent downloads from object storage, per process")
+    fetch_retries: int = _setting(4, "retries (with backoff) of a failed download before its sample fails")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -208,6 +219,13 @@ class ServerConfig:
             raise ValueError(f"max_streams_per_peer must be >= 1, got {self.max_streams_per_peer}")
         if self.max_iterators < 1:
             raise ValueError(f"max_iterators must be >= 1, got {self.max_iterators}")
+        if self.cache_bytes < 1:
+            raise ValueError(f"cache_bytes must be > 0, got {self.cache_bytes}")
+        if self.fetch_threads < 1:
+            raise ValueError(f"fetch_threads must be >= 1, got {self.fetch_threads}")
+        for name in ("fetch_ahead", "fetch_retries"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_jobs < 1:
             raise ValueError(f"max_jobs must be >= 1, got {self.max_jobs}")
         if not 0 <= self.group_bytes <= 1 << 30:

@@ -36,6 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from .iterators import is_iterable
 from .sources import MissingDependency, NpyDataset, SyntheticDataset
+from .sources._remote import StorageSettings, redact, refuse_credentials, using
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -71,14 +72,19 @@ class MapDataset(Protocol):
 
 @dataclass(frozen=True)
 class DatasetSource:
-    """What a worker needs to get the dataset: a spec to rebuild, or the object itself."""
+    """What a worker needs to get the dataset: a spec to rebuild (with the server's settings of
+    object storage), or the object itself."""
 
     spec: str | None = None
     obj: Any = None
+    storage: StorageSettings | None = None
 
     def build(self) -> Any:
         """The dataset: map-style, or an IterableDataset (docs/iterable.md)."""
-        return parse_spec(self.spec) if self.spec is not None else self.obj
+        if self.spec is None:
+            return self.obj
+        with using(self.storage):
+            return parse_spec(self.spec)
 
 
 def _python(rest: str) -> Any:
@@ -133,21 +139,27 @@ def _factory(kind: str) -> Callable[[str], Any]:
 
 
 def parse_spec(spec: str) -> Any:
-    """Build the dataset a spec names; ``ValueError`` naming the spec and what is wrong."""
+    """Build the dataset a spec names: map-style or an IterableDataset; ``ValueError``
+    naming the spec and what is wrong.
+
+    Messages show the spec with any URL's credentials hidden; a spec carrying them is refused.
+    """
+    shown = redact(spec)
     kind, sep, rest = spec.partition(":")
     if not sep or not kind:
         raise ValueError(
-            f"dataset spec {spec!r} has no kind; expected KIND:..., kinds: {', '.join(dataset_kinds())}"
+            f"dataset spec {shown!r} has no kind; expected KIND:..., kinds: {', '.join(dataset_kinds())}"
         )
     try:
+        refuse_credentials(rest)
         dataset = _factory(kind)(rest)
     except MissingDependency as exc:
-        raise MissingDependency(f"dataset spec {spec!r}: {exc}", name=exc.name) from exc
+        raise MissingDependency(f"dataset spec {shown!r}: {exc}", name=exc.name) from exc
     except ValueError as exc:
-        raise ValueError(f"dataset spec {spec!r}: {exc}") from exc
+        raise ValueError(f"dataset spec {shown!r}: {exc}") from exc
     if not (isinstance(dataset, MapDataset) or is_iterable(dataset)):
         raise ValueError(
-            f"dataset spec {spec!r}: got a {type(dataset).__name__}, not a map-style dataset "
+            f"dataset spec {shown!r}: got a {type(dataset).__name__}, not a map-style dataset "
             "or an IterableDataset"
         )
     return dataset

@@ -45,7 +45,7 @@ from . import compression
 from .auth import AuthInterceptor, Tokens, server_credentials
 from .collate import CollateFn, SlotCollate, collate_names, get_collate
 from .config import ServerConfig
-from .datasets import DatasetSource, MapDataset, parse_spec
+from .datasets import DatasetSource, MapDataset
 from .iterators import is_iterable
 from .jobs import JobRegistry
 from .journal import StateDir
@@ -53,6 +53,7 @@ from .metrics import Metrics
 from .orders import Orders
 from .ring import SlotRing
 from .servicer import LoaderService
+from .sources._remote import StorageSettings
 from .workers import WorkerPool
 
 __all__ = ["Server", "ServerConfig"]
@@ -104,11 +105,13 @@ class Server:
         self.service: LoaderService | None = None
         sources: dict[str, DatasetSource] = {}
         built: dict[str, Any] = {}
+        storage = StorageSettings.of(self.config)  # for specs that name files in object storage
         for name, ds in datasets.items():
             if not name or not isinstance(name, str):
                 raise ValueError(f"dataset names must be non-empty strings, got {name!r}")
             if isinstance(ds, str):
-                sources[name], built[name] = DatasetSource(spec=ds), parse_spec(ds)
+                sources[name] = DatasetSource(spec=ds, storage=storage)
+                built[name] = sources[name].build()
             elif isinstance(ds, MapDataset) or is_iterable(ds):
                 sources[name], built[name] = DatasetSource(obj=ds), ds
             else:

@@ -85,7 +85,7 @@ def test_flags_win_over_environment_which_wins_over_the_file(tmp_path: Path) -> 
     ("text", "needle"),
     [
         ("num_worker = 2", "unknown key 'num_worker'; did you mean 'num_workers'?"),
-        ("colour = 2", "unknown key 'colour'; known keys: chunk_bytes"),
+        ("colour = 2", "unknown key 'colour'; known keys: cache_bytes"),
         ('port = "high"', "key 'port': must be an integer, got 'high'"),
         ("port = 70000", "key 'port': port must be in [0, 65535], got 70000"),
         ("num_workers = true", "key 'num_workers': must be an integer, got True"),

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import torch
-from restart_data import SAMPLES, ids, ids_file, loader, serving, torch_epoch
 
 from batchferry import cli
 from batchferry.server import Server
@@ -20,6 +19,7 @@ from batchferry.v1 import loader_pb2 as pb
 
 from checks import assert_same
 from processes import ServeProcess
+from restart_data import SAMPLES, ids, ids_file, loader, serving, torch_epoch
 
 
 def _take(its: list[Any], counts: list[int]) -> list[list[Any]]:

@@ -1,4 +1,8 @@
-"""``npy:PATH[,labels=PATH]``: rows of a memory-mapped ``.npy`` file, optionally with labels."""
+"""``npy:PATH[,labels=PATH]``: rows of a memory-mapped ``.npy`` file, optionally with labels.
+
+Either path may be a URL of object storage (see :mod:`._remote`): the file is fetched
+into the cache whole, then mapped from there.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import torch
 
 from ._common import split_options
 from ._gather import Gather, collated_dtype, take_array
+from ._remote import Store, exists, is_url, read_file, where
 
 __all__ = ["NpyDataset", "from_spec"]
 
@@ -18,18 +23,22 @@ __all__ = ["NpyDataset", "from_spec"]
 class NpyDataset:
     """Rows of a memory-mapped ``.npy`` file, optionally with labels (Python scalars, as ``.item()``)."""
 
-    def __init__(self, path: str | Path, labels: str | Path | None = None) -> None:
-        self.path = Path(path)
-        self.labels_path = Path(labels) if labels is not None else None
+    def __init__(
+        self, path: str | Path, labels: str | Path | None = None, store: Store | None = None
+    ) -> None:
+        self.path = where(path)
+        self.labels_path = where(labels) if labels is not None else None
+        remote = is_url(self.path) or (self.labels_path is not None and is_url(self.labels_path))
+        self.store = (store or Store()) if remote else None
         self._open()
 
     def _open(self) -> None:
-        self.data = np.load(self.path, mmap_mode="r")
+        self.data = read_file(self.path, _load, self.store)
         if self.data.ndim < 1:
             raise ValueError(f"{self.path}: a dataset array needs at least one dimension")
         self.labels = None
         if self.labels_path is not None:
-            self.labels = np.load(self.labels_path, mmap_mode="r")
+            self.labels = read_file(self.labels_path, _load, self.store)
             if len(self.labels) != len(self.data):
                 raise ValueError(
                     f"{self.labels_path} has {len(self.labels)} labels for {len(self.data)} samples"
@@ -37,11 +46,12 @@ class NpyDataset:
 
     # Pickle by path: a memmap would otherwise be pickled with all its data.
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "labels_path": self.labels_path}
+        return {"path": self.path, "labels_path": self.labels_path, "store": self.store}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path = state["path"]
         self.labels_path = state["labels_path"]
+        self.store = state["store"]
         self._open()
 
     def __len__(self) -> int:
@@ -71,10 +81,14 @@ class NpyDataset:
         return lambda idx, w: [take_array(data, idx, w), take_array(labels, idx, w, label_dtype)]
 
 
+def _load(path: Path) -> Any:
+    return np.load(path, mmap_mode="r")
+
+
 def from_spec(rest: str) -> NpyDataset:
     path, opts = split_options(rest, {"labels"})
-    if not Path(path).is_file():
+    if not exists(path):
         raise ValueError(f"no such file {path!r}")
-    if "labels" in opts and not Path(opts["labels"]).is_file():
+    if "labels" in opts and not exists(opts["labels"]):
         raise ValueError(f"labels: no such file {opts['labels']!r}")
     return NpyDataset(path, opts.get("labels"))

@@ -8,6 +8,10 @@ become tensors gathered with one take per column, strings stay strings.
 The file footers are read at start (a corrupt file fails then, by name); each
 file's rows are read once per process when a sample first needs them, and held in
 memory, decompressed.
+
+``PATH`` may be a URL of object storage (see :mod:`._remote`): a ``.parquet`` file, a
+brace or ``*`` pattern of them, or a folder (every ``*.parquet`` under it). Each file
+is fetched into the cache whole; reading one starts fetching the next ``fetch_ahead``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from . import _arrow
 from ._common import SampleError, relative, require, split_options
 from ._gather import Gather
 from ._images import ImageDecode
+from ._remote import FetchError, RemoteFile, Store, is_url, local_path
 
 __all__ = ["ParquetDataset", "from_spec"]
 
@@ -40,9 +45,51 @@ class ParquetDataset:
         >>> ds[0]["embedding"].shape
     """
 
-    def __init__(self, path: str | Path, columns: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, path: str | Path, columns: Sequence[str] | None = None, store: Store | None = None
+    ) -> None:
         pq = _pq()
-        self.path = Path(path)
+        self.store: Store | None = None
+        self._remote: list[RemoteFile] = []
+        if is_url(path):
+            self.path: str | Path = str(path)
+            self.store = store or Store()
+            self._remote = _listing(self.store, self.path)
+            self.root: str | Path = self.path.rstrip("/") if not self.path.endswith(".parquet") else ""
+            self.files: list[str] | list[Path] = [f.url for f in self._remote]
+            self.store.fetch_ahead(self._remote, len(self._remote))  # their footers are read next
+        else:
+            self._local(Path(local_path(str(path))))
+        schema = None
+        counts = []
+        for i in range(len(self.files)):
+            try:
+                meta = self._read(i, None, pq.ParquetFile)
+            except FetchError:
+                raise
+            except Exception as exc:
+                raise ValueError(f"{self._name(i)}: not a readable Parquet file: {exc}") from exc
+            file_schema = meta.schema_arrow
+            counts.append(meta.metadata.num_rows)
+            names = list(columns) if columns else file_schema.names
+            missing = [c for c in names if c not in file_schema.names]
+            if missing:
+                raise ValueError(
+                    f"{self._name(i)}: no column(s) {', '.join(map(repr, missing))}; "
+                    f"it has {', '.join(file_schema.names)}"
+                )
+            if schema is None:
+                schema = file_schema
+                self.columns = names
+            elif any(schema.field(c).type != file_schema.field(c).type for c in self.columns):
+                raise ValueError(f"{self._name(i)}: column types differ from {self._name(0)}'s")
+        self._kinds = [(c.name, c.kind) for c in _arrow.column_kinds(schema, self.columns)]
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._loaded: dict[int, list[_arrow.Column]] = {}  # file -> its columns, read on first use
+        self._decoder = ImageDecode()
+
+    def _local(self, path: Path) -> None:
+        self.path = path
         if self.path.is_dir():
             self.root = self.path
             self.files = sorted(p for p in self.path.rglob("*.parquet") if p.is_file())
@@ -52,35 +99,20 @@ class ParquetDataset:
             self.root, self.files = self.path.parent, [self.path]
         else:
             raise ValueError(f"no such file or directory {str(path)!r}")
-        schema = None
-        counts = []
-        for f in self.files:
-            try:
-                meta = pq.ParquetFile(f)
-            except Exception as exc:
-                raise ValueError(f"{relative(f, self.root)}: not a readable Parquet file: {exc}") from exc
-            file_schema = meta.schema_arrow
-            counts.append(meta.metadata.num_rows)
-            names = list(columns) if columns else file_schema.names
-            missing = [c for c in names if c not in file_schema.names]
-            if missing:
-                raise ValueError(
-                    f"{relative(f, self.root)}: no column(s) {', '.join(map(repr, missing))}; "
-                    f"it has {', '.join(file_schema.names)}"
-                )
-            if schema is None:
-                schema = file_schema
-                self.columns = names
-            elif any(schema.field(c).type != file_schema.field(c).type for c in self.columns):
-                first = relative(self.files[0], self.root)
-                raise ValueError(f"{relative(f, self.root)}: column types differ from {first}'s")
-        self._kinds = [(c.name, c.kind) for c in _arrow.column_kinds(schema, self.columns)]
-        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._loaded: dict[int, list[_arrow.Column]] = {}  # file -> its columns, read on first use
-        self._decoder = ImageDecode()
+
+    def _name(self, f: int) -> str:
+        """File ``f`` as messages name it: relative to the folder given, or its URL."""
+        return self._remote[f].url if self._remote else relative(self.files[f], self.root)
+
+    def _read(self, f: int, index: int | None, reader: Any) -> Any:
+        """``reader(local path of file f)``, fetching it first (and the next ones) if remote."""
+        if self.store is None:
+            return reader(self.files[f])
+        self.store.fetch_ahead(self._remote[f + 1 :])
+        return self.store.read(self._remote[f], index, reader)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (ParquetDataset, (self.path, self.columns))
+        return (ParquetDataset, (self.path, self.columns, self.store))
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -89,11 +121,14 @@ class ParquetDataset:
         """File ``f``'s columns, read on first use (``index``: the sample that needs it)."""
         columns = self._loaded.get(f)
         if columns is None:
-            name = relative(self.files[f], self.root)
+            name = self._name(f)
             try:
-                table = _pq().read_table(self.files[f], columns=self.columns).combine_chunks()
+                read = _pq().read_table
+                table = self._read(f, index, lambda p: read(p, columns=self.columns)).combine_chunks()
                 columns = _arrow.column_kinds(table.schema, self.columns)
                 _arrow.bind(columns, table, lambda column: name)
+            except SampleError:
+                raise
             except Exception as exc:
                 raise SampleError(index, name, f"cannot read: {exc}") from exc
             self._loaded[f] = columns
@@ -123,6 +158,18 @@ class ParquetDataset:
             return _arrow.gather_columns(parts, len(idx), writer)
 
         return gather
+
+
+def _listing(store: Store, url: str) -> list[RemoteFile]:
+    """The Parquet files a URL names: itself, a pattern's matches, or a folder's ``*.parquet``."""
+    from .webdataset import expand_braces  # noqa: PLC0415  (one brace syntax for every source)
+
+    if url.endswith(".parquet"):
+        return store.expand(url, expand_braces)
+    files = [f for f in store.find(url) if f.url.endswith(".parquet")]
+    if not files:
+        raise ValueError(f"no *.parquet files under {url!r}")
+    return files
 
 
 def from_spec(rest: str) -> ParquetDataset:

@@ -12,6 +12,11 @@ once per shard by one pass over its headers and cached beside the shard
 is not writable; an index is rebuilt when its shard's size or time changes.
 Shards must be uncompressed tar files.
 
+``SHARDS`` may be URLs of object storage (see :mod:`._remote`), with brace patterns
+and ``*``/``?`` globs: each shard is fetched into the cache whole, its index built
+once and kept in the cache (outside its size limit, keyed by the shard's version),
+and reading a shard starts fetching the next ``fetch_ahead``.
+
 Members decode by extension: images (``jpg``, ``png``, ... through Pillow, see
 :mod:`._images`) to uint8 CHW tensors; ``cls``/``cls2``/``index``/``inx``/``id`` to
 int; ``txt``/``text`` to str; ``json`` to its value; ``npy`` to a tensor; anything
@@ -39,6 +44,7 @@ import torch
 
 from ._common import SampleError, relative, split_options
 from ._images import ImageDecode, pillow
+from ._remote import RemoteFile, Store, is_url, local_path
 
 __all__ = ["TarShardDataset", "expand_braces", "from_spec"]
 
@@ -73,7 +79,7 @@ def expand_braces(pattern: str) -> list[str]:
 
 @dataclass(frozen=True)
 class _Shard:
-    path: Path
+    path: Path | str  # a URL for a remote shard
     size: int
     # Per sample: key, and per extension (data offset, size, member name).
     samples: list[tuple[str, dict[str, tuple[int, int, str]]]]
@@ -115,16 +121,14 @@ def load_index(shard: Path, root: Path, cache_dir: Path | None = None) -> _Shard
         raise ValueError(f"{name}: {exc.strerror or exc}") from exc
     stamp = {"version": _INDEX_VERSION, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     cached = _index_path(shard, cache_dir)
-    try:
-        data = json.loads(cached.read_text())
-        if {k: data.get(k) for k in stamp} == stamp:
-            samples = [
-                (key, {e: (int(v[0]), int(v[1]), str(v[2])) for e, v in f.items()})
-                for key, f in data["samples"]
-            ]
-            return _Shard(shard, stat.st_size, samples)
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        pass  # missing or stale: build it
+    samples = _stored_index(cached, stamp)  # None when missing or stale: build it
+    return _Shard(shard, stat.st_size, samples or _build_index(shard, name, cached, stamp))
+
+
+def _build_index(
+    shard: Path, name: str, cached: Path, stamp: dict[str, int]
+) -> list[tuple[str, dict[str, tuple[int, int, str]]]]:
+    """Scan the shard's headers; keep the index in ``cached`` where that can be written."""
     try:
         samples = _scan(shard)
     except (OSError, tarfile.TarError, EOFError) as exc:
@@ -138,7 +142,40 @@ def load_index(shard: Path, root: Path, cache_dir: Path | None = None) -> _Shard
         tmp.replace(cached)  # atomic: concurrent builders write the same content
     except OSError:
         pass  # a read-only place: the index lives in memory only
-    return _Shard(shard, stat.st_size, samples)
+    return samples
+
+
+def _stored_index(
+    cached: Path, stamp: dict[str, int]
+) -> list[tuple[str, dict[str, tuple[int, int, str]]]] | None:
+    try:
+        data = json.loads(cached.read_text())
+        if {k: data.get(k) for k in stamp} == stamp:
+            return [
+                (key, {e: (int(v[0]), int(v[1]), str(v[2])) for e, v in f.items()})
+                for key, f in data["samples"]
+            ]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        pass
+    return None
+
+
+def load_remote_index(store: Store, f: RemoteFile, *, stored_only: bool = False) -> _Shard | None:
+    """A remote shard's index, from the cache's index folder, or built from the shard fetched
+    (``stored_only``: None instead)."""
+    stamp = {"version": _INDEX_VERSION, "size": f.size}
+    cached = store.index_path(f, ".index.json")  # the key changes with the object's version
+    samples = _stored_index(cached, stamp)
+    if samples is None and stored_only:
+        return None
+    if samples is None:
+        samples = store.read(f, None, lambda path: _build_index(path, f.url, cached, stamp))
+    return _Shard(f.url, f.size, samples)
+
+
+def _must(shard: _Shard | None) -> _Shard:
+    assert shard is not None  # built when not stored
+    return shard
 
 
 class TarShardDataset:
@@ -156,21 +193,44 @@ class TarShardDataset:
         fields: Sequence[str] | None = None,
         cache_dir: str | Path | None = None,
         decoder: ImageDecode | None = None,
+        store: Store | None = None,
     ) -> None:
-        if isinstance(shards, str):
-            paths = [Path(p) for part in shards.split("::") for p in expand_braces(part)]
+        names = shards.split("::") if isinstance(shards, str) else [str(p) for p in shards]
+        self.store: Store | None = None
+        self._remote: list[RemoteFile] = []
+        if any(is_url(n) for n in names):
+            if not all(is_url(n) for n in names):
+                raise ValueError("shards are either all URLs or all local paths")
+            self.store = store or Store()
+            self._remote = [f for n in names for f in self.store.expand(n, expand_braces)]
+            paths: list[Path] | list[str] = [f.url for f in self._remote]
+        elif isinstance(shards, str):
+            paths = [Path(local_path(p)) for part in names for p in expand_braces(part)]
         else:
-            paths = [Path(p) for p in shards]
+            paths = [Path(local_path(p)) for p in names]
         if not paths:
             raise ValueError("no shards given")
         self.paths = paths
-        self.root = Path(os.path.commonpath([p.resolve().parent for p in paths]))
+        self.root = (
+            Path() if self.store else Path(os.path.commonpath([Path(p).resolve().parent for p in paths]))
+        )
         self.fields = [f.split("|") for f in fields] if fields else None
         if self.fields is not None and any(not alt for f in self.fields for alt in f):
             raise ValueError(f"fields: empty field name in {fields!r}")
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.decoder = decoder or ImageDecode()
-        self._shards = [load_index(p, self.root, self.cache_dir) for p in paths]
+        if self.store is not None:
+            stored = [load_remote_index(self.store, f, stored_only=True) for f in self._remote]
+            # The shards not indexed yet download together, while the first are scanned.
+            self.store.fetch_ahead(
+                [f for f, i in zip(self._remote, stored, strict=True) if i is None], len(stored)
+            )
+            self._shards = [
+                i or _must(load_remote_index(self.store, f))
+                for f, i in zip(self._remote, stored, strict=True)
+            ]
+        else:
+            self._shards = [load_index(Path(p), self.root, self.cache_dir) for p in paths]
         counts = [len(s.samples) for s in self._shards]
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._fds: dict[int, int] = {}  # shard -> descriptor, opened per process on first read
@@ -179,7 +239,7 @@ class TarShardDataset:
 
     def __reduce__(self) -> tuple[Any, ...]:
         fields = ["|".join(f) for f in self.fields] if self.fields else None
-        return (_rebuild, (self.paths, fields, self.cache_dir, self.decoder))
+        return (_rebuild, (self.paths, fields, self.cache_dir, self.decoder, self.store))
 
     def __del__(self) -> None:
         for fd in getattr(self, "_fds", {}).values():
@@ -195,12 +255,26 @@ class TarShardDataset:
         s = int(np.searchsorted(self._starts, index, side="right")) - 1
         return self._shards[s], s
 
+    def _name(self, shard: _Shard) -> str:
+        """A shard as messages name it: relative to the shards' folder, or its URL."""
+        return str(shard.path) if self.store else relative(shard.path, self.root)
+
+    def _open(self, index: int, s: int, shard: _Shard) -> int:
+        """A descriptor of shard ``s``: remote ones fetched first, the next ones fetched ahead."""
+        if self.store is None:
+            return os.open(shard.path, os.O_RDONLY)
+        self.store.fetch_ahead(self._remote[s + 1 :])
+        # Only a few shards stay open, so that the cache can free the space of evicted ones.
+        while len(self._fds) > self.store.settings.fetch_ahead + 1:
+            os.close(self._fds.pop(next(iter(self._fds))))
+        return self.store.read(self._remote[s], index, lambda path: os.open(path, os.O_RDONLY))
+
     def _read(self, index: int, s: int, shard: _Shard, offset: int, size: int, member: str) -> bytes:
-        where = f"{relative(shard.path, self.root)} (member {member})"
+        where = f"{self._name(shard)} (member {member})"
         fd = self._fds.get(s)
         try:
             if fd is None:
-                fd = os.open(shard.path, os.O_RDONLY)
+                fd = self._open(index, s, shard)
                 if os.fstat(fd).st_size != shard.size:
                     os.close(fd)
                     raise SampleError(index, where, "the shard changed since its index was built")
@@ -243,7 +317,7 @@ class TarShardDataset:
         def value(ext: str) -> Any:
             offset, size, member = members[ext]
             data = self._read(index, s, shard, offset, size, member)
-            return self._decode(index, ext, data, f"{relative(shard.path, self.root)} (member {member})")
+            return self._decode(index, ext, data, f"{self._name(shard)} (member {member})")
 
         if self.fields is None:
             return {"__key__": key, **{ext: value(ext) for ext in members}}
@@ -253,7 +327,7 @@ class TarShardDataset:
             if ext is None:
                 raise SampleError(
                     index,
-                    relative(shard.path, self.root),
+                    self._name(shard),
                     f"key {key!r} has no {'|'.join(alternatives)} member",
                 )
             out.append(value(ext))
@@ -264,9 +338,13 @@ class TarShardDataset:
 
 
 def _rebuild(
-    paths: list[Path], fields: list[str] | None, cache_dir: Path | None, decoder: ImageDecode
+    paths: list[Path] | list[str],
+    fields: list[str] | None,
+    cache_dir: Path | None,
+    decoder: ImageDecode,
+    store: Store | None = None,
 ) -> TarShardDataset:
-    return TarShardDataset(paths, fields=fields, cache_dir=cache_dir, decoder=decoder)
+    return TarShardDataset(paths, fields=fields, cache_dir=cache_dir, decoder=decoder, store=store)
 
 
 def from_spec(rest: str) -> TarShardDataset:
