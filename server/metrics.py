@@ -16,9 +16,9 @@ jobs) are read when scraped, so they cost nothing between scrapes.
 Labels stay bounded: ``dataset`` (the server's own), ``mode`` (4), ``transport``
 (``shm``, ``grpc``), ``state`` (the ring's 4), registered gRPC methods and the 17 status
 codes. A job's name (chosen by its clients) labels only scrape-time series, which
-vanish with the job; so does a stream's name (``stream``, ``blocked_by``: its number,
-peer and dataset, at most max_streams of them) in the hoard gauges, which name who
-holds the slots a stream waits for. Nothing else is labelled by peer, port or batch.
+vanish with the job; so does a stream's name (``stream``, ``blocked_by``: its number
+and dataset, at most max_streams of them) in the hoard gauges, which name who holds
+the slots a stream waits for. Nothing is labelled by peer, port or batch.
 
 >>> from prometheus_client import generate_latest
 >>> metrics = Metrics()

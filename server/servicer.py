@@ -316,7 +316,10 @@ class LoaderService:
             taker = consumer
             messages.on_credit.append(lambda taken: setattr(taker, "taken", taken))
         messages.start(the_plan.credits)
-        owner = self._ring.open_owner(f"{next(self._stream_ids)} {peer} {the_plan.dataset}")
+        number = next(self._stream_ids)
+        # Metrics name it without the peer (labels stay free of addresses); the log says who.
+        log.debug("stream %d: %s reads %s", number, peer, the_plan.dataset)
+        owner = self._ring.open_owner(f"{number} {the_plan.dataset}")
         ticket = self._pool.open_stream()
         # Client-chosen batches (a batch_sampler) come with batch_size 1 but are any size.
         group_key = (the_plan.dataset, the_plan.collate, the_plan.batch_size, the_plan.client_batches)

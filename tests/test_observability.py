@@ -225,17 +225,22 @@ def test_metric_names_follow_prometheus_conventions_and_are_documented(tensor_ds
         "batchferry_streams_open", "batchferry_job_consumers", "batchferry_job_consumer_lag_batches",
         "batchferry_grpc_handled",
     } <= names  # fmt: skip
-    # The README's table names every metric, counters with their _total, and no other.
+    # The README's table, with those of the manual pages under docs/, names every metric,
+    # counters with their _total, and no other.
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Observability", 1)[1].split("\n## ", 1)[0]
-    documented = set(re.findall(r"^\| `(batchferry_\w+)`", section, re.MULTILINE))
+    pages = [section, *(page.read_text() for page in sorted((ROOT / "docs").glob("*.md")))]
+    documented = {
+        name for text in pages for name in re.findall(r"^\| `(batchferry_\w+)`", text, re.MULTILINE)
+    }
     exposed = {f.name + ("_total" if f.type == "counter" else "") for f in ours}
     assert documented == exposed
 
 
-# Label names a series may carry, and nothing else: no peer, port or batch index.
+# Label names a series may carry, and nothing else: no peer, port or batch index. A stream's
+# name (``stream``, ``blocked_by``) labels only series of open streams (at most max_streams).
 _BOUNDED_LABELS = {"dataset", "mode", "transport", "state", "grpc_service", "grpc_method", "grpc_code",
-                   "job", "rank", "consumer", "le"}  # fmt: skip
+                   "job", "rank", "consumer", "le", "stream", "blocked_by"}  # fmt: skip
 
 
 def _ours(series: Series) -> set[tuple[str, frozenset[tuple[str, str]]]]:
