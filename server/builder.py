@@ -36,7 +36,7 @@ from batchferry.v1 import loader_pb2 as _pb2
 
 from .iterators import IterStep
 from .plan import Plan
-from .ring import Lease, RingExhausted, SlotRing
+from .ring import Lease, Owner, RingExhausted, SlotRing
 from .status import Abort, StreamGone
 from .workers import Result, Task, WorkerPool
 
@@ -55,12 +55,15 @@ class Counters:
 
     built: int = 0
     gathered: int = 0  # of which built by the vectorised gather
+    slowest: float = 0.0  # seconds of the longest build yet (what a slot wait is bounded by)
     observe: Callable[[Plan, Result], None] | None = None  # told of every finished build (metrics)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count(
         self, result: Result, also: Callable[[int], None] | None = None, plan: Plan | None = None
     ) -> None:
+        with self._lock:
+            self.slowest = max(self.slowest, result.seconds)
         if result.layouts:  # a group cut short by a later batch delivers those before it
             with self._lock:
                 self.built += len(result.layouts)
@@ -166,6 +169,7 @@ class Builder:
     max_bytes: int
     acquire_timeout: float
     ticket: tuple[int, int] = (0, 0)
+    owner: Owner = field(default_factory=lambda: Owner(""))  # the stream's account at the ring
     on_built: Callable[[int], None] | None = None
 
     def start(
@@ -226,7 +230,7 @@ class Builder:
         want = self.min_bytes + (len(indices) - 1) * room
         try:
             lease = self.ring.acquire(
-                want, timeout=self.acquire_timeout if wait else 0.0, cancelled=self._gone
+                want, timeout=self.acquire_timeout if wait else 0.0, cancelled=self._gone, owner=self.owner
             )
         except RingExhausted as exc:
             raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc

@@ -16,7 +16,9 @@ jobs) are read when scraped, so they cost nothing between scrapes.
 Labels stay bounded: ``dataset`` (the server's own), ``mode`` (4), ``transport``
 (``shm``, ``grpc``), ``state`` (the ring's 4), registered gRPC methods and the 17 status
 codes. A job's name (chosen by its clients) labels only scrape-time series, which
-vanish with the job; nothing is labelled by peer, port or batch.
+vanish with the job; so does a stream's name (``stream``, ``blocked_by``: its number
+and dataset, at most max_streams of them) in the hoard gauges, which name who holds
+the slots a stream waits for. Nothing is labelled by peer, port or batch.
 
 >>> from prometheus_client import generate_latest
 >>> metrics = Metrics()
@@ -59,6 +61,7 @@ _BUILD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 
 _SEND_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 )  # fmt: skip
+_SLOT_WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _STOP_TIMEOUT = 5.0
 
 # What a stream hands each batch's frames through: (frames, transport, batch) -> frames.
@@ -116,6 +119,11 @@ class Metrics:
             "Payload bytes of the batches sent, by either transport.",
             ["dataset", "mode", "transport"], registry=r,
         )  # fmt: skip
+        self._slot_wait = Histogram(
+            "batchferry_slot_wait_seconds",
+            "Time a stream was blocked for a ring slot (its first, or the next with none in flight).",
+            buckets=_SLOT_WAIT_BUCKETS, registry=r,
+        )  # fmt: skip
         self._handled = Counter(
             "batchferry_grpc_handled",
             "RPCs completed, by method and gRPC status code (CANCELLED: the client went away).",
@@ -129,6 +137,10 @@ class Metrics:
         self.port = 0
 
     # -- what the server wires in --------------------------------------------------------
+    def slot_waited(self, seconds: float) -> None:
+        """A stream's blocked wait for a slot ended (``SlotRing.on_wait``)."""
+        self._slot_wait.observe(seconds)
+
     def watch(self, *, ring: SlotRing, pool: WorkerPool, jobs: JobRegistry, service: LoaderService) -> None:
         """Read these at every scrape (until :meth:`close`)."""
         self._state.watched = _Watched(ring, pool, jobs, service)
@@ -249,6 +261,17 @@ class _StateCollector(Collector):
             "batchferry_ring_budget_bytes", "The shared-memory budget of every segment (shm_bytes).",
             value=stats.max_bytes,
         )  # fmt: skip
+        yield GaugeMetricFamily(
+            "batchferry_ring_kept_bytes",
+            "Shared memory of slots out of the ring that clients still map (kept or reclaimed batches).",
+            value=stats.kept_bytes,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "batchferry_slots_reclaimed",
+            "Held slots taken out of the ring for a waiting stream (their clients keep the batches).",
+            value=w.ring.reclaimed_total,
+        )  # fmt: skip
+        yield from _hoard_families(w.ring)
         yield GaugeMetricFamily("batchferry_workers", "Worker processes.", value=w.pool.num_workers)
         yield CounterMetricFamily(
             "batchferry_worker_restarts", "Worker processes replaced after dying.", value=w.pool.restarts
@@ -261,6 +284,29 @@ class _StateCollector(Collector):
             "batchferry_streams_open", "StreamBatches calls open.", value=w.service.open_streams
         )
         yield from _job_families(w.jobs)
+
+
+def _hoard_families(ring: SlotRing) -> Iterator[Metric]:
+    """Per open stream (series vanish with it): the slots its client holds, and for a
+    stream blocked for a slot, how long so far and the stream holding the most."""
+    held = GaugeMetricFamily(
+        "batchferry_stream_slots_held", "Slots an open stream's client holds mapped.", labels=["stream"]
+    )
+    waiting = GaugeMetricFamily(
+        "batchferry_stream_slot_wait_seconds",
+        "How long an open stream has been blocked for a slot so far; blocked_by: the stream whose "
+        "client held the most slots meanwhile.",
+        labels=["stream", "blocked_by"],
+    )
+    now = time.monotonic()
+    for owner in ring.owners():
+        if owner.held:
+            held.add_metric([owner.label], owner.held)
+        since = owner.waiting_since
+        if since is not None:
+            waiting.add_metric([owner.label, owner.blocked_by], now - since)
+    yield held
+    yield waiting
 
 
 def _job_families(registry: JobRegistry) -> Iterator[Metric]:

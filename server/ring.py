@@ -17,7 +17,21 @@ exactly one state, and only the ring changes it, under its lock::
 * RETIRED: unlinked and out of the ring. Its memory lives while some client maps
   it (a batch the client keeps) and counts until the last such mapping is gone.
 
+Hoards: a LEASED slot sent to a client to map (:meth:`Lease.hold`) may be taken out of
+the ring (*reclaimed*) while another stream waits: it stays LEASED and its name
+valid, so the client reads it intact, but it is never reused; the ring allocates a
+replacement within the budget, and the slot retires when the client lets go. A
+stream waiting for a slot is served before streams that lease more (fewest leases
+first, then first come), and one that leases nothing adds a slot at once where the
+ring may grow. The ring reclaims only from a stream holding more than its hold
+share (:meth:`SlotRing.hold_share`). Every wait is timed per stream (:class:`Owner`),
+with the stream whose hoard it waited on, for metrics.
+
 Budget: the bytes of every live segment, in every state, never exceed ``max_bytes``.
+Slots out of the ring (reclaimed, LINGERING, RETIRED still mapped) count too; while
+they take half of it or more, the ring lends no slot to be held (:meth:`SlotRing.lends`:
+streams then send copies on the byte stream), so kept batches can never crowd out
+the ring that every stream builds in.
 A batch that can never fit, or a full ``/dev/shm``, gets :class:`RingExhausted`
 naming the budget and the bytes asked for; the ring is left as it was. Slots start
 small and grow to the largest batch seen plus a margin, so a steady workload reuses
@@ -40,7 +54,16 @@ import numpy as np
 
 from batchferry import shm
 
-__all__ = ["Lease", "RingExhausted", "SlotRing", "SlotState"]
+__all__ = [
+    "KEPT_SHARE",
+    "WAIT_SLACK",
+    "Lease",
+    "Owner",
+    "RingExhausted",
+    "SlotRing",
+    "SlotState",
+    "wait_bound",
+]
 
 _GROWTH = 1.25
 _ROUND = 1 << 20
@@ -48,6 +71,12 @@ _ROUND = 1 << 20
 _ADD_AFTER = 0.5
 _WAIT = 0.05  # seconds between looks at lingering and retired slots while waiting
 _PROBE_BYTES = 16
+# Of the budget, what slots out of the ring (batches clients keep mapped) may take before
+# the ring lends no more slots to hold: the rest stays the ring's to build in.
+KEPT_SHARE = 0.5
+# The stated bound on a stream's wait for a slot, beyond the longest build in progress
+# (that build's slot is the one it may wait for): turns, wake-ups and a busy host.
+WAIT_SLACK = 1.0
 
 
 class RingExhausted(Exception):
@@ -67,20 +96,39 @@ class _Slot:
     state: SlotState = SlotState.FREE
     lease: Lease | None = None
     until: float = 0.0  # LINGERING: when it retires
+    held: bool = False  # LEASED: mapped by a client, not being built into
+    reclaimed: bool = False  # LEASED, out of the ring: retires when its lease ends
 
     @property
     def capacity(self) -> int:
         return self.segment.size
 
 
+class Owner:
+    """One stream's account at the ring: its leases, and its wait for a slot if any."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label  # names the stream in metrics and logs
+        self.leases = 0
+        self.held = 0  # of which mapped by its client
+        self.waiting_since: float | None = None
+        self.blocked_by: str = ""  # the largest holder while it waited (label)
+        self.reclaimed = 0  # slots the ring took out of this stream's hoard
+        self.longest_wait = 0.0  # seconds, of any one acquire
+
+
+_NOBODY = Owner("")
+
+
 class Lease:
     """One acquisition of one slot: the only handle that can give it back."""
 
-    __slots__ = ("_ring", "_slot")
+    __slots__ = ("_owner", "_ring", "_slot")
 
-    def __init__(self, ring: SlotRing, slot: _Slot) -> None:
+    def __init__(self, ring: SlotRing, slot: _Slot, owner: Owner) -> None:
         self._ring = ring
         self._slot = slot
+        self._owner = owner
 
     @property
     def name(self) -> str:
@@ -97,6 +145,11 @@ class Lease:
     @property
     def active(self) -> bool:
         return self._slot.lease is self
+
+    def hold(self) -> None:
+        """The slot is sent to a client that maps it: the ring may reclaim it for a stream
+        that waits while this one holds more than its share."""
+        self._ring._hold(self)
 
     def release(self) -> None:
         """LEASED -> FREE: nobody reads the slot any more."""
@@ -121,6 +174,8 @@ class RingStats:
     slots: dict[SlotState, int] = field(default_factory=dict)
     bytes: dict[SlotState, int] = field(default_factory=dict)
     max_bytes: int = 0
+    reclaimed: int = 0  # LEASED slots taken out of the ring, until their clients let go
+    kept_bytes: int = 0  # of every slot out of the ring: what KEPT_SHARE bounds
 
     @property
     def total_bytes(self) -> int:
@@ -150,6 +205,13 @@ class SlotRing:
         # wait (a stream that already has builds in flight) is refused, so freed slots
         # go first to the streams that have none: a busy stream cannot starve an idle one.
         self._waiting = 0
+        # Blocked acquires in arrival order (seq, owner): served fewest leases first.
+        self._queue: list[tuple[int, Owner]] = []
+        self._seq = 0
+        self._owners: set[Owner] = set()  # open streams
+        self.reclaimed_total = 0
+        # Told of every blocked acquire once it ends: (owner, seconds waited, whose hoard).
+        self.on_wait: Callable[[Owner, float, str], None] | None = None
         self._closed = False
         self._slots: list[_Slot] = []  # every live segment, in any state
         self._arena = shm.Arena()
@@ -195,7 +257,45 @@ class SlotRing:
                 of = [s for s in self._slots if s.state is state]
                 out.slots[state] = len(of)
                 out.bytes[state] = sum(s.capacity for s in of)
+            out.reclaimed = sum(s.reclaimed for s in self._slots)
+            out.kept_bytes = self._kept()
             return out
+
+    # -- streams and their hoards ---------------------------------------------------------
+    def open_owner(self, label: str) -> Owner:
+        """An account for one stream (its leases and waits); :meth:`close_owner` at its end."""
+        owner = Owner(label)
+        with self._cond:
+            self._owners.add(owner)
+        return owner
+
+    def close_owner(self, owner: Owner) -> None:
+        with self._cond:
+            self._owners.discard(owner)
+            self._cond.notify_all()
+
+    def owners(self) -> list[Owner]:
+        """The open streams' accounts (for metrics: who holds what, who waits)."""
+        with self._cond:
+            return list(self._owners)
+
+    def lends(self) -> bool:
+        """Whether a slot may be sent to a client to hold: slots out of the ring take less
+        than ``KEPT_SHARE`` of the budget (else the stream sends a copy)."""
+        with self._cond:
+            self._sweep()
+            return self._kept() < KEPT_SHARE * self.max_bytes
+
+    def hold_share(self, slot_bytes: int) -> int:
+        """Slots of ``slot_bytes`` one stream's client may hold now: with every open stream
+        holding this many, each still has one to build in (0 while the ring lends none)."""
+        if not self.lends():
+            return 0
+        with self._cond:
+            return self._share_of(slot_bytes)
+
+    def _kept(self) -> int:
+        return sum(s.capacity for s in self._slots if s.reclaimed or s.state in _OUT)
 
     def segment_names(self) -> list[str]:
         with self._cond:
@@ -203,16 +303,21 @@ class SlotRing:
             return [self.probe_name, *names]
 
     def _ring(self) -> list[_Slot]:
-        return [s for s in self._slots if s.state in (SlotState.FREE, SlotState.LEASED)]
+        return [s for s in self._slots if s.state in (SlotState.FREE, SlotState.LEASED) and not s.reclaimed]
 
     def _used(self) -> int:
         return _PROBE_BYTES + sum(s.capacity for s in self._slots)
 
     # -- leases -----------------------------------------------------------------------
     def acquire(
-        self, min_bytes: int, *, timeout: float, cancelled: Callable[[], bool] = lambda: False
+        self,
+        min_bytes: int,
+        *,
+        timeout: float,
+        cancelled: Callable[[], bool] = lambda: False,
+        owner: Owner = _NOBODY,
     ) -> Lease | None:
-        """A lease on a slot of at least ``min_bytes``.
+        """A lease on a slot of at least ``min_bytes``, for ``owner``'s stream.
 
         None when ``timeout`` passes (0: do not wait), ``cancelled()`` turns true or the
         ring closes. ``RingExhausted`` when the batch can never fit the budget or
@@ -230,9 +335,13 @@ class SlotRing:
                 if self._closed or self._waiting:
                     return None
                 self._sweep()
-                return self._lease(self._take(min_bytes, waited=0.0))
+                return self._lease(self._take(min_bytes, waited=0.0), owner)
         with self._cond:
             self._waiting += 1
+            self._seq += 1
+            me = (self._seq, owner)
+            self._queue.append(me)
+            owner.waiting_since = start
         try:
             while True:
                 # ``cancelled`` asks the stream (gRPC's own locks): never under ``_cond``.
@@ -242,7 +351,7 @@ class SlotRing:
                     if self._closed:
                         return None
                     self._sweep()
-                    lease = self._lease(self._take(min_bytes, waited=time.monotonic() - start))
+                    lease = self._queued_take(me, min_bytes, time.monotonic() - start)
                     if lease is not None:
                         return lease
                     remaining = deadline - time.monotonic()
@@ -252,6 +361,58 @@ class SlotRing:
         finally:
             with self._cond:
                 self._waiting -= 1
+                self._queue.remove(me)
+                owner.waiting_since = None
+                waited = time.monotonic() - start
+                owner.longest_wait = max(owner.longest_wait, waited)
+                self._cond.notify_all()  # the next in line may take what this one did not
+            if self.on_wait is not None:
+                self.on_wait(owner, waited, owner.blocked_by)
+
+    def _queued_take(self, me: tuple[int, Owner], min_bytes: int, waited: float) -> Lease | None:
+        """A slot for a blocked acquire whose turn it is (caller holds ``_cond``).
+
+        Turns go fewest leases first, then first come: a stream holding nothing takes the
+        next free slot before streams that hold some. A stream that leases less than its
+        share and finds no slot adds one at once, or reclaims one of a hoard above share.
+        """
+        owner = me[1]
+        line = sorted(self._queue, key=lambda w: (w[1].leases, w[0]))
+        free = sum(s.state is SlotState.FREE for s in self._slots)
+        if line.index(me) >= max(1, free):
+            return None
+        under_share = owner.leases <= self._share_of(min_bytes)
+        lease = self._lease(self._take(min_bytes, waited=_ADD_AFTER if under_share else waited), owner)
+        if lease is None and under_share and self._reclaim(owner):
+            lease = self._lease(self._take(min_bytes, waited=_ADD_AFTER), owner)
+        if lease is None:
+            holder = max(self._owners, key=lambda o: o.held, default=None)
+            owner.blocked_by = holder.label if holder is not None and holder.held else ""
+        return lease
+
+    def _share_of(self, slot_bytes: int) -> int:
+        """The hold share at ``slot_bytes`` (caller holds ``_cond``; see :meth:`hold_share`)."""
+        return max(1, self.fits(slot_bytes) // max(1, len(self._owners)) - 1)
+
+    def _reclaim(self, waiter: Owner) -> bool:
+        """Take the oldest held slot of the stream holding most above its share out of the
+        ring (caller holds ``_cond``): its client keeps reading it; a replacement may come."""
+        over = [
+            s for s in self._slots if s.held and not s.reclaimed and s.lease is not None
+            and s.lease._owner is not waiter
+            and s.lease._owner.held > self._share_of(s.capacity)
+        ]  # fmt: skip
+        if not over:
+            return False
+        by = max({s.lease._owner for s in over if s.lease is not None}, key=lambda o: o.held)
+        slot = next(s for s in over if s.lease is not None and s.lease._owner is by)
+        slot.reclaimed = True
+        by.held -= 1
+        by.leases -= 1
+        by.reclaimed += 1
+        self.reclaimed_total += 1
+        self._cond.notify_all()
+        return True
 
     @property
     def waiting(self) -> int:
@@ -259,17 +420,29 @@ class SlotRing:
         with self._cond:
             return self._waiting
 
-    def _lease(self, slot: _Slot | None) -> Lease | None:
+    def _lease(self, slot: _Slot | None, owner: Owner) -> Lease | None:
         """Lease ``slot`` (caller holds ``_cond``)."""
         if slot is None:
             return None
-        slot.state, slot.lease = SlotState.LEASED, Lease(self, slot)
+        slot.state, slot.lease = SlotState.LEASED, Lease(self, slot, owner)
+        owner.leases += 1
         return slot.lease
+
+    def _hold(self, lease: Lease) -> None:
+        with self._cond:
+            slot = lease._slot
+            if slot.lease is lease and not slot.held and not slot.reclaimed:
+                slot.held = True
+                lease._owner.held += 1
 
     def fits(self, min_bytes: int) -> int:
         """How many slots for batches of ``min_bytes`` the ring can have: what the byte
-        budget holds at the size a new slot gets, at most ``max_slots``."""
-        return max(1, min(self.max_slots, self.max_bytes // _new_slot_bytes(min_bytes)))
+        budget holds at the size a new slot gets, at most ``max_slots``. Slots out of the
+        ring take their room until clients let go (at most ``KEPT_SHARE`` of it, see
+        :meth:`lends`)."""
+        with self._cond:
+            room = self.max_bytes - min(self._kept(), int(KEPT_SHARE * self.max_bytes))
+        return max(1, min(self.max_slots, room // _new_slot_bytes(min_bytes)))
 
     def _take(self, min_bytes: int, waited: float) -> _Slot | None:
         """A FREE slot fit for ``min_bytes``, grown or added if need be (caller holds ``_cond``)."""
@@ -319,9 +492,15 @@ class SlotRing:
             if slot.lease is not lease:
                 return  # already ended: idempotent
             slot.lease = None
+            if not slot.reclaimed:  # a reclaimed slot left its owner's account then
+                lease._owner.leases -= 1
+                lease._owner.held -= slot.held
+            slot.held = False
             if self._closed:
                 return
-            if to is SlotState.FREE:
+            if slot.reclaimed and to is not SlotState.LINGERING:
+                self._retire(slot)  # out of the ring: never FREE again
+            elif to is SlotState.FREE:
                 slot.state = SlotState.FREE
             elif to is SlotState.LINGERING:
                 slot.state, slot.until = SlotState.LINGERING, time.monotonic() + self.linger
@@ -366,6 +545,15 @@ class SlotRing:
         if self._probe is not None:
             self._probe.close()
         self._arena.close()
+
+
+_OUT = (SlotState.LINGERING, SlotState.RETIRED)
+
+
+def wait_bound(build_seconds: float) -> float:
+    """The longest a stream waits for a slot while the server is not overloaded: one
+    build (the longest in progress, ``build_seconds``) plus ``WAIT_SLACK``."""
+    return build_seconds + WAIT_SLACK
 
 
 def _new_slot_bytes(min_bytes: int) -> int:

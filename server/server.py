@@ -154,6 +154,7 @@ class Server:
                 metrics=self.metrics,
             )
             self.metrics.watch(ring=self._ring, pool=self._pool, jobs=self.jobs, service=self.service)
+            self._ring.on_wait = lambda _owner, seconds, _by: self.metrics.slot_waited(seconds)
             # Streams are limited by the service itself; the spare threads keep health
             # checks and listings answered while every stream slot is taken.
             self._threads = [_DaemonThreads(cfg.max_streams + _SPARE_RPCS), _DaemonThreads(_SPARE_RPCS)]

@@ -16,6 +16,7 @@ touches another.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -41,7 +42,7 @@ from .metrics import Metrics
 from .modes import sender_for
 from .orders import Orders
 from .plan import MAX_NAME, Catalog, Plan, plan
-from .ring import SlotRing
+from .ring import Owner, SlotRing
 from .samples import check_sample_bytes, sample_plan, take_sample
 from .status import Abort, StreamGone, invalid
 from .stream import GroupHistory, GroupSize, Stream
@@ -99,6 +100,7 @@ class LoaderService:
         self._closing = threading.Event()
         self._samples = {name: _first_sample(ds) for name, ds in datasets.items()}
         self._groups = GroupHistory()
+        self._stream_ids = itertools.count(1)  # names each stream's ring account
         self._infos = [
             _pb2.DatasetInfo(
                 name=name,
@@ -328,6 +330,10 @@ class LoaderService:
             taker = consumer
             messages.on_credit.append(lambda taken: setattr(taker, "taken", taken))
         messages.start(the_plan.credits)
+        number = next(self._stream_ids)
+        # Metrics name it without the peer (labels stay free of addresses); the log says who.
+        log.debug("stream %d: %s reads %s", number, peer, the_plan.dataset)
+        owner = self._ring.open_owner(f"{number} {the_plan.dataset}")
         ticket = self._pool.open_stream()
         # Client-chosen batches (a batch_sampler) come with batch_size 1 but are any size.
         group_key = (the_plan.dataset, the_plan.collate, the_plan.batch_size, the_plan.client_batches)
@@ -335,11 +341,11 @@ class LoaderService:
             plan=the_plan,
             order=order,
             messages=messages,
-            builder=self._builder(the_plan, order, job, active, ticket),
+            builder=self._builder(the_plan, order, job, active, ticket, owner),
             active=active,
             ring_slots=self._ring.target_slots,
             share=self._share,
-            hold_share=self._hold_share,
+            hold_share=self._ring.hold_share,
             workers=max(1, self._pool.num_workers),
             group=GroupSize(
                 min(self._config.group_bytes, self._ring.max_bytes // self._ring.target_slots)
@@ -364,6 +370,7 @@ class LoaderService:
             self._check_client(messages)
         finally:
             self._pool.close_stream(ticket)  # its builds not yet started are skipped
+            self._ring.close_owner(owner)
             self._groups.put(group_key, stream.group.state())
             if job is not None and consumer is not None:
                 self._jobs.leave(job, consumer)
@@ -371,12 +378,6 @@ class LoaderService:
     def _share(self) -> int:
         """Slots one stream may take now: the ring split among the open streams (at least 4)."""
         return max(_MIN_SHARE, self._ring.max_slots // max(1, self.open_streams))
-
-    def _hold_share(self, slot_bytes: int) -> int:
-        """Slots of ``slot_bytes`` one same-host client may hold now: with every open
-        stream holding this many, each still has one to build in (at least 1)."""
-        streams = max(1, self.open_streams)
-        return max(1, self._ring.fits(slot_bytes) // streams - 1)
 
     def _check_client(self, messages: ClientMessages) -> None:
         if messages.error is not None:
@@ -401,7 +402,13 @@ class LoaderService:
             )
 
     def _builder(
-        self, the_plan: Plan, order: Any, job: Job | None, active: Any, ticket: tuple[int, int]
+        self,
+        the_plan: Plan,
+        order: Any,
+        job: Job | None,
+        active: Any,
+        ticket: tuple[int, int],
+        owner: Owner | None = None,
     ) -> Builder:
         def count_for_job(batches: int) -> None:
             if job is not None:
@@ -418,6 +425,7 @@ class LoaderService:
             max_bytes=self._config.max_batch_bytes,
             acquire_timeout=self._config.slot_timeout_s,
             ticket=ticket,
+            owner=owner or Owner(""),
             on_built=count_for_job,
         )
 

@@ -148,7 +148,8 @@ class Stream:
 
         A same-host client holding more slots than a reading loop needs (its credits,
         plus the few batches a loop keeps), or than its hold share of the ring, gets the
-        bytes instead: it cannot starve the ring by never letting go.
+        bytes instead: it cannot starve the ring by never letting go. What it already
+        holds above its share the ring may reclaim for a stream that waits (ring.py).
 
         A batch that failed is one error frame on either transport; ``held`` is released
         once it is out (the client has no slot to release).
@@ -160,6 +161,8 @@ class Stream:
             return self.observe(framing.error_frames(built, held.release), transport, built)
         hold = min(self.plan.credits + _HOLD_MARGIN, self.hold_share(built.lease.capacity))
         if self.plan.shm and self.messages.held < hold:
+            if held is built.lease:  # this stream's own slot: the ring may reclaim it
+                built.lease.hold()
             self.messages.hold(built.index, held)
             return self.observe(iter([framing.shm_frame(built)]), "shm", built)
         frames = framing.byte_frames(built, self.plan.chunk_bytes, held.release, self.plan.codec, self.trials)

@@ -208,9 +208,14 @@ class SharedEpoch(EpochState):
     def _collect(self) -> None:
         consumers = self.consumed
         floor = min(min(consumers[c], self.released[c]) for c in consumers) if consumers else None
-        for position in [p for p in self._entries if floor is None or p < floor]:
+        # A consumer that holds slots and never releases them holds at most a window of
+        # batches taken by all: older ones leave the ring, still mapped by it (see SlotRing).
+        taken = min(consumers.values(), default=0) - self.window
+        for position in [p for p in self._entries if floor is None or p < max(floor, taken)]:
             entry = self._entries.pop(position)
             entry.collected = True
+            if floor is not None and position >= floor:
+                entry.fate = max(entry.fate, _Fate.ABANDON)
             _let_go(entry)
         self._cond.notify_all()
 
