@@ -110,8 +110,7 @@ class Server:
             if not name or not isinstance(name, str):
                 raise ValueError(f"dataset names must be non-empty strings, got {name!r}")
             if isinstance(ds, str):
-                sources[name] = DatasetSource(spec=ds, storage=storage)
-                built[name] = sources[name].build()
+                sources[name] = DatasetSource(spec=ds, storage=storage)  # built below
             elif isinstance(ds, MapDataset) or is_iterable(ds):
                 sources[name], built[name] = DatasetSource(obj=ds), ds
             else:
@@ -135,8 +134,12 @@ class Server:
         cleanup.close_at_exit(self)
         try:
             max_slots = 4 * cfg.num_slots
-            # Workers keep a mapping per slot; the ring may add slots under load.
-            self._pool = WorkerPool(sources, registry, cfg.num_workers, max_slots)
+            # Workers keep a mapping per slot; the ring may add slots under load. They
+            # import while this process builds the datasets (listings, downloads), then
+            # load theirs from what that left.
+            self._pool = WorkerPool(sources, registry, cfg.num_workers, max_slots, start=False)
+            built = {n: built[n] if n in built else source.build() for n, source in sources.items()}
+            self._pool.start()
             self._ring = SlotRing(
                 cfg.num_slots, _shm_budget(cfg.shm_bytes), max_slots=max_slots, linger=cfg.linger_s
             )

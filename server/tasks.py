@@ -30,6 +30,7 @@ from .iterators import Exhausted, HostedIterators, IterStep
 __all__ = ["Result", "Task", "TaskRunner", "worker_main"]
 
 _PRUNE_EVERY = 0.2  # seconds between drops of mappings of slots the ring replaced
+GO = "go"  # on a gated worker's task queue: load the datasets (WorkerPool.start)
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ def worker_main(
     results: Connection,
     parent_pid: int,
     strict: bool,
+    gated: bool = False,
 ) -> None:
     """A worker's life. ``strict`` (the pool's first workers): a dataset that cannot be
     loaded fails the start, naming it. A replacement instead builds what it can: a
@@ -198,6 +200,9 @@ def worker_main(
     torch.set_num_threads(1)
     # Ctrl-C in a terminal reaches the whole process group: the server decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if gated and tasks.get() != GO:  # None: the pool closed before it started
+        results.close()
+        return
     runner = TaskRunner(sources, collates, max_segments, tickets)
     broken = []
     for name in sources:

@@ -48,6 +48,7 @@ from .collate import CollateFn, SlotCollate
 from .datasets import DatasetSource
 from .failures import DIED, death
 from .iterators import host_of
+from .tasks import GO as _GO
 from .tasks import Result, Task, TaskRunner, worker_main
 
 __all__ = ["MAX_ATTEMPTS", "Result", "Task", "WorkerPool"]
@@ -79,7 +80,12 @@ class WorkerPool:
         collates: dict[str, SlotCollate | CollateFn],
         num_workers: int,
         max_segments: int = 64,
+        *,
+        start: bool = True,
     ) -> None:
+        """``start=False`` spawns the workers but leaves them waiting, their imports done,
+        until :meth:`start`: the server builds its datasets meanwhile (listings, downloads),
+        and the workers load theirs from what that left (a warm cache) once told to."""
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.num_workers = num_workers
@@ -116,15 +122,29 @@ class WorkerPool:
             for i in range(num_workers):
                 self._queues.append(self._ctx.Queue())
                 self._results.append(None)  # type: ignore[arg-type]  # _spawn sets it
-                self._procs.append(self._spawn(i))
-            self._wait_ready(set(range(num_workers)))
+                self._procs.append(self._spawn(i, gated=True))
+        except BaseException:
+            self.close()
+            raise
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Let the first workers load the datasets; return once every one has (a worker
+        that cannot fails the start, naming the dataset). Once only; inline: nothing to do."""
+        if self._inline is not None or self._dispatcher is not None:
+            return
+        try:
+            for q in self._queues:
+                q.put(_GO)
+            self._wait_ready(set(range(self.num_workers)))
         except BaseException:
             self.close()
             raise
         self._dispatcher = threading.Thread(target=self._dispatch, name="batchferry-results", daemon=True)
         self._dispatcher.start()
 
-    def _spawn(self, index: int, *, strict: bool = True) -> Any:
+    def _spawn(self, index: int, *, strict: bool = True, gated: bool = False) -> Any:
         """Start worker ``index`` on its task queue, with a fresh result pipe."""
         reader, writer = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
@@ -139,6 +159,7 @@ class WorkerPool:
                 writer,
                 os.getpid(),
                 strict,
+                gated,
             ),
             name=f"batchferry-worker-{index}",
             daemon=True,
