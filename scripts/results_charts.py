@@ -1,13 +1,15 @@
 """Draw the performance page's charts from the results files in docs/results.
 
-``python3 scripts/results_charts.py`` (needs the bench extra's matplotlib); the harness
-draws its own (``batchferry bench W1 ...`` writes a PNG beside its JSON), this covers the
-other benchmarks, so each chart comes from the file the page cites.
+``python3 scripts/results_charts.py [FILE.json ...]`` (needs the bench extra's matplotlib;
+no names: every chart); the harness draws its own (``batchferry bench W1 ...`` writes a
+PNG beside its JSON), this covers the other benchmarks, so each chart comes from the
+file the page cites.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,23 @@ def netz(r: dict[str, Any]) -> tuple[str, str, dict[str, float]]:
     return "NETZ: to another host, with and without lz4", "GB/s delivered", bars
 
 
+def iterable(r: dict[str, Any]) -> tuple[str, str, dict[str, float]]:
+    bars = {f"torch\n{k}": v["batches_per_s"] for k, v in r["torch"].items()}
+    bars |= {f"batchferry\n{k}": v["batches_per_s"] for k, v in r["batchferry"].items()}
+    return "ITER: W1's rows as an IterableDataset", "batches/s", bars
+
+
+def s3_images(r: dict[str, Any]) -> tuple[str, str, dict[str, float]]:
+    loaders = r["workloads"]["S3-images"]["loaders"]
+    bars = {
+        f"{name}\n{when}": res[f"{key}_samples_per_s"]
+        for name, res in loaders.items()
+        if "error" not in res
+        for when, key in (("cold", "cold"), ("warm", "warm"))
+    }
+    return "S3: image shards from S3, cold (with start-up) and warm", "samples/s", bars
+
+
 CHARTS: dict[str, Callable[[dict[str, Any]], tuple[str, str, dict[str, float]]]] = {
     "2026-11-27-W5.json": w5,
     "2026-11-27-G1-NVIDIA_H200-final.json": g1,
@@ -89,11 +108,16 @@ CHARTS: dict[str, Callable[[dict[str, Any]], tuple[str, str, dict[str, float]]]]
     "2026-11-27-BYTES-16cpu.json": byte_stream,
     "2026-11-27-NET.json": net,
     "2026-11-27-NETZ-groups.json": netz,
+    "2026-12-07-ITER.json": iterable,
+    "2026-12-07-S3.json": s3_images,
 }
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
+    """Draw the charts of ``names`` (results file names), or every chart."""
     for name, extract in CHARTS.items():
+        if names and name not in names:
+            continue
         title, ylabel, bars = extract(json.loads((RESULTS / name).read_text()))
         _bars(
             (RESULTS / name).with_suffix(".png"),
@@ -105,4 +129,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
