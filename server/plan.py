@@ -14,6 +14,7 @@ from batchferry import protocol, sampling, wire
 from batchferry.v1 import loader_pb2 as _pb2
 
 from .jobs import JobSettings
+from .journal import MAX_TOKEN as MAX_CONSUMER_TOKEN  # journaled with each batch handed out
 from .status import Abort, invalid
 
 __all__ = ["MAX_CREDITS", "MAX_WORLD_SIZE", "Catalog", "Plan", "plan", "shown"]
@@ -22,7 +23,6 @@ MAX_CREDITS = 64
 MAX_WORLD_SIZE = 1 << 16
 MAX_NAME = 256  # characters in a dataset, collate or job name
 MAX_STRIPES = 16  # streams one client may split a replica's part of an epoch into
-MAX_CONSUMER_TOKEN = 64  # bytes: a consumer's token is journaled with each batch handed to it
 MAX_ITERATOR_STATE = 1 << 20  # bytes of one iterator's saved state_dict() a resumed stream sends
 # OpenStream fields a Plan takes as they are (once plan() has checked them).
 _FROM_REQUEST = (
@@ -118,12 +118,19 @@ class Plan:
 
 def _left(consumed: bytes, length: int) -> int:
     """Samples of the epoch's order that ``consumed`` leaves (a bitmap over its positions)."""
-    bits = protocol.Bitmap(consumed).bits()
-    if len(consumed) > -(-length // 8) or bits[length:].any():
-        raise invalid(
-            f"consumed: a bitmap over the epoch's {length} samples ({-(-length // 8)} bytes, no bit "
+    need = -(-length // 8)
+
+    def refuse() -> Abort:
+        return invalid(
+            f"consumed: a bitmap over the epoch's {length} samples ({need} bytes, no bit "
             f"past the last sample), got {len(consumed)} bytes"
         )
+
+    if len(consumed) > need:  # before unpacking: one byte becomes eight
+        raise refuse()
+    bits = protocol.Bitmap(consumed).bits()
+    if bits[length:].any():
+        raise refuse()
     return length - int(bits.sum())
 
 
