@@ -25,7 +25,9 @@ from batchferry.protocol import Bitmap
 __all__ = ["merge_states", "rank_took", "rescaled"]
 
 # Keys every state of one job agrees on; "world_size" is checked apart.
-_SAME_JOB = ("version", "dataset", "batch_size", "shuffle", "drop_last", "unbatched", "mode", "job", "epoch")
+_SAME_JOB = (
+    "version", "dataset", "batch_size", "shuffle", "drop_last", "unbatched", "mode", "job", "seed", "epoch",
+)  # fmt: skip
 
 
 def rank_took(

@@ -79,6 +79,8 @@ def state_of(
         # The world it was saved in (a loader in another world maps it, or says why not).
         **{key: getattr(config, key) for key in _WORLD},
         **({k: v for k, v in asdict(world).items() if k != "sampler_world"} if world is not None else {}),
+        # Job modes order epoch e by seed + e: a position means nothing under another seed.
+        **({"seed": config.seed} if config.mode != "independent" else {}),
         "epoch": epoch,
         # True while an epoch has begun (its draws made) and not ended.
         "in_epoch": False,
@@ -179,6 +181,12 @@ def _check_place(config: LoaderConfig, world: World, state: dict[str, Any]) -> N
         raise InvalidArgument(
             f"state_dict was saved in job {state['job']!r}; this loader is in job {config.job!r}: "
             f"pass job={state['job']!r} to continue it"
+        )
+    if config.mode != "independent" and "seed" in state and state["seed"] != config.seed:
+        raise InvalidArgument(
+            f"state_dict was saved with seed={state['seed']!r}; this loader has seed={config.seed!r}: "
+            "job modes order epoch e by seed + e, so a position under one seed means nothing under "
+            f"another; pass seed={state['seed']!r} to continue it"
         )
     if world.length is not None:
         check_length(config, state.get("length"), world.length)

@@ -184,6 +184,7 @@ def test_ranks_saved_at_different_steps_merge(server: Server, tensor_ds) -> None
         ({"mode": "independent", "job": None, "rank": 0, "world_size": 1}, "mode"),
         ({"job": "another"}, "job 'another'"),
         ({"dataset": "plain"}, "dataset"),
+        ({"seed": 2}, "seed=1"),  # the job's order: a forgotten job's server cannot tell
     ],
 )
 def test_states_that_cannot_be_mapped_are_refused(
