@@ -58,6 +58,7 @@ class EpochStart:
     base_seed: int = 0
     places: tuple[tuple[int, bytes], ...] = ()
     next_iterator: int = 0
+    loaded: bool = False  # the epoch of a loaded state: it continues a position, whatever it is
 
 
 class Epoch:
@@ -122,7 +123,7 @@ class Epoch:
         self._partial_end = not config.drop_last and bool(connection.dataset_length % config.batch_size)
         # Streams continue a position (OpenStream.resume): every one from a loaded state, and
         # each reopened one (its first open received a start frame).
-        self._resumed = start.batch > 0 or bool(start.done)
+        self._resumed = start.loaded or start.batch > 0 or bool(start.done)
         self._opened: set[int] = set()
         self._open()
 

@@ -257,6 +257,10 @@ class DataLoader(Generic[_T_co]):
         self._initial_state = self.generator.get_state() if self.generator is not None else None
         self._epoch = 0
         self._resume: Resume | None = None
+        # A state was loaded and its epoch not yet begun: the job's server is told that the
+        # epoch continues a position, even one with nothing taken (a checkpoint at an epoch's
+        # start or end), so a job restarted from a checkpoint gets back what came after it.
+        self._loaded = False
         self._saved_length: int | None = None  # of a loaded state, checked at the next iter()
         self._active: Epoch | None = None  # the newest iterator
         self._epochs: weakref.WeakSet[Epoch] = weakref.WeakSet()  # every live one
@@ -423,6 +427,7 @@ class DataLoader(Generic[_T_co]):
         """
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+        self._loaded = self._loaded and epoch == self.epoch
         self._resume = None
         gen = self._order_generator
         if gen is not None and self._initial_state is not None and epoch != self._epoch:
@@ -467,6 +472,7 @@ class DataLoader(Generic[_T_co]):
                 self.generator = self.generator or self._order_generator
             self._order_generator.set_state(sampling.generator_from_state(gen_state).get_state())
         self._epoch, self._resume = epoch, resume
+        self._loaded = True
 
     def _world(self, ask: bool) -> World:
         """Where this loader reads from; without ``ask``, only what its servers have said."""
@@ -502,7 +508,7 @@ class DataLoader(Generic[_T_co]):
         try:
             if self._connection.dataset_info().iterable:
                 self._check_iterable()
-            start = self._epoch_start()
+            start = replace(self._epoch_start(), loaded=self._loaded)
             self.transport  # noqa: B018 - fails fast (NotFound, ServerUnavailable) before a stream opens
             check_length(self.config, self._saved_length, self._connection.dataset_length)
             self._saved_length = None
@@ -524,6 +530,7 @@ class DataLoader(Generic[_T_co]):
             torch.set_rng_state(global_rng)
             raise
         self._resume = None
+        self._loaded = False
         self._epoch = start.epoch + 1
         self._iterated = True
         self._active = it

@@ -260,6 +260,8 @@ class JobRegistry:
             for job in self._jobs.values():
                 if job.journal is not None:
                     job.journal.close()
+            if self._state is not None:
+                self._state.close()
 
     def jobs(self) -> list[Job]:
         with self._lock:

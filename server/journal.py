@@ -23,13 +23,14 @@ goes first.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 __all__ = ["EpochRecord", "Journal", "StateDir"]
 
@@ -38,6 +39,8 @@ log = logging.getLogger("batchferry.server")
 _SUFFIX = ".journal"
 _VERSION = 1
 ANYONE = ""  # the holder of batches reserved for whichever consumer comes back
+MAX_TOKEN = 64  # bytes of a consumer's token (OpenStream.consumer; the plan refuses longer)
+_LOCK = ".lock"
 
 
 @dataclass
@@ -78,7 +81,7 @@ class Journal:
             return
         try:
             header = json.loads(lines[0])
-        except ValueError:
+        except (ValueError, RecursionError):
             header = None
         if (
             not isinstance(header, dict)
@@ -92,10 +95,11 @@ class Journal:
                 continue
             try:
                 self._apply(json.loads(line))
-            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
                 log.warning("journal %s: line %d skipped (%s)", self.path, number, exc or type(exc).__name__)
 
     def _apply(self, record: dict[str, Any]) -> None:
+        """Apply one line; ``ValueError`` (or a lookup error) for a line that is not one."""
         epoch = record["e"]
         if not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"bad epoch {epoch!r}")
@@ -113,7 +117,9 @@ class Journal:
             ledger.done.clear()
             ledger.holder = dict.fromkeys(ledger.holder, ANYONE)
             return
-        kind = next(k for k in ("h", "b", "d") if k in record)
+        kind = next((k for k in ("h", "b", "d") if k in record), None)
+        if kind is None:
+            raise ValueError("no change in the line")
         positions = record[kind]
         if not isinstance(positions, list) or not all(
             isinstance(p, int) and 0 <= p < ledger.num_batches for p in positions
@@ -121,8 +127,9 @@ class Journal:
             raise ValueError(f"bad positions in {kind!r}")
         if kind == "h":
             token = record["u"]
-            if not isinstance(token, str):
-                raise ValueError(f"bad token {token!r}")
+            if not isinstance(token, str) or len(token) > 2 * MAX_TOKEN:
+                raise ValueError("bad token")
+            bytes.fromhex(token)  # ValueError: not one of ours
             if token != ANYONE:
                 ledger.tokens.add(token)
             for p in positions:
@@ -228,8 +235,26 @@ class StateDir:
             probe = self.path / f".probe-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
+            # Two servers writing one job's journal would each hand out the other's
+            # batches after a restart: one server per directory, held while it runs
+            # (the kernel lets go when the process dies, -9 included).
+            self._lock: IO[bytes] | None = open(self.path / _LOCK, "ab")  # noqa: SIM115
         except OSError as exc:
             raise ValueError(f"state_dir {path!r} is not a writable directory: {exc}") from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.close()
+            raise ValueError(
+                f"state_dir {path!r} is in use by another running server; give each server "
+                "(each replica) a state directory of its own"
+            ) from None
+
+    def close(self) -> None:
+        """Let the next server have the directory."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def file(self, job: str) -> Path:
         return self.path / (hashlib.sha256(job.encode()).hexdigest()[:32] + _SUFFIX)

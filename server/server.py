@@ -192,6 +192,8 @@ class Server:
                 self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         except BaseException:
             self.close()
+            if state is not None:
+                state.close()  # the registry that owns it may not exist yet
             raise
         replica = f" as replica {cfg.replica_index} of {cfg.num_replicas}" if cfg.num_replicas > 1 else ""
         log.info(

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from batchferry import cli
+from batchferry.client import merge_states
 from batchferry.server import Server
 from batchferry.server.jobs import JobSettings
 from batchferry.server.journal import StateDir
@@ -120,6 +121,35 @@ def test_a_dynamic_job_resumed_from_a_checkpoint_repeats_what_came_after_it(tmp_
     assert sorted(ids([b for seq in head + rest for b in seq])) == list(range(SAMPLES))
 
 
+@pytest.mark.parametrize("where", ["nothing taken", "an epoch's end"])
+def test_a_dynamic_job_resumed_from_a_checkpoint_with_nothing_taken_gets_the_whole_epoch(
+    tmp_path: Path, where: str
+) -> None:
+    """The checkpoint holds no batch of the epoch (saved before the first, or after the
+    last of the one before); what the dead consumers took after it comes again."""
+    with Server({"ids": f"npy:{ids_file(tmp_path)}"}, port=0, num_workers=1, rejoin_s=1.0) as srv:
+        before = [loader(srv.address, "dynamic", "ckpt0") for _ in range(2)]
+        if where == "an epoch's end":
+            _rest([iter(ld) for ld in before])
+        its = [iter(ld) for ld in before]
+        states = [ld.state_dict() for ld in before]  # the epoch begun (its batches on the way), or not
+        _take(its, [5, 3])  # taken after the checkpoint: the job loses them when it restarts from it
+        for ld in before:
+            ld.close()
+        epoch = 1 if where == "an epoch's end" else 0
+        after = [loader(srv.address, "dynamic", "ckpt0") for _ in range(2)]
+        try:
+            for ld in after:
+                ld.load_state_dict(merge_states(states))
+            assert all(ld.epoch == epoch for ld in after)
+            rest = _rest([iter(ld) for ld in after])
+        finally:
+            for ld in after:
+                ld.close()
+    got = ids([b for seq in rest for b in seq])
+    assert sorted(got) == list(range(SAMPLES))
+
+
 def test_batches_of_a_consumer_that_never_comes_back_go_to_others_after_the_grace(tmp_path: Path) -> None:
     state = tmp_path / "state"
     with serving(tmp_path, ["--state-dir", str(state), "--rejoin-s", "1"]) as server:
@@ -129,7 +159,7 @@ def test_batches_of_a_consumer_that_never_comes_back_go_to_others_after_the_grac
             head = _take(its, [6, 4])
             server.kill()
             goes.close()  # its trainer died with the server: it never reconnects
-            (journal,) = state.iterdir()
+            (journal,) = state.glob("*.journal")
             with journal.open("ab") as f:
                 f.write(b'{"e":0,"h":[5')  # a line half written when the server was killed
             server.start()
@@ -171,6 +201,39 @@ def test_a_journal_skips_a_torn_last_line_and_appends_after_it(
     other = state.open("job", replace(settings, batch_size=6), 8)
     assert other.take(0, 10) is None
     other.close()
+    state.close()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b'{"e":0}', b"[" * 100_000 + b"]" * 100_000, b'{"e":0,"h":[3],"u":"not-hex"}', b"\xff\xfe"],
+    ids=["no change", "nested deep", "token not hex", "not text"],
+)
+def test_a_journal_line_that_is_not_one_is_skipped(tmp_path: Path, line: bytes) -> None:
+    settings = JobSettings(
+        mode=pb.MODE_DYNAMIC, dataset="ids", batch_size=5, shuffle=True, drop_last=False,
+        collate="default", seed=7, world_size=1,
+    )  # fmt: skip
+    state = StateDir(str(tmp_path), max_files=4)
+    journal = state.open("job", settings, 8)
+    journal.begin(0, 10)
+    journal.handed(0, [0], b"\x01")
+    journal.close()
+    with state.file("job").open("ab") as f:
+        f.write(line + b"\n" + b'{"e":0,"d":[0]}\n')
+    again = state.open("job", settings, 8).take(0, 10)
+    state.close()
+    assert again is not None
+    assert (again.holder, again.done) == ({}, {0})
+
+
+def test_a_state_dir_serves_one_server_at_a_time(tmp_path: Path) -> None:
+    ds = {"t": torch.utils.data.TensorDataset(torch.arange(4))}
+    with Server(ds, port=0, num_workers=0, state_dir=str(tmp_path)):
+        with pytest.raises(ValueError, match=r"state_dir .* is in use by another running server"):
+            Server(ds, port=0, num_workers=0, state_dir=str(tmp_path))
+    with Server(ds, port=0, num_workers=0, state_dir=str(tmp_path)):
+        pass  # the first let go when it closed
 
 
 def test_a_state_dir_that_cannot_be_written_is_refused_at_startup(tmp_path: Path, capsys: Any) -> None:

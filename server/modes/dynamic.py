@@ -110,7 +110,10 @@ class DynamicEpoch(EpochState):
             self._tokens[consumer] = token
             self._taken.setdefault(consumer, set())
             acked = self._acked.setdefault(consumer, set())
-            if resume and positions.size and alone and token not in self._seen and self._history():
+            # A consumer continuing a position (a loaded state: perhaps one with nothing
+            # taken) that the epoch has never seen, arriving to an empty epoch with a past:
+            # the job restarted from a checkpoint.
+            if resume and alone and token not in self._seen and self._history():
                 self._checkpoint()
             taken = {int(p) for p in positions}
             mine = self._reserved.pop(token, set())
