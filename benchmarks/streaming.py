@@ -509,6 +509,9 @@ def _settings(endpoint: str, samples: dict[str, Any], lit: bool) -> dict[str, An
 
 
 def main(out: Path) -> dict[str, Any]:
+    missing = [m for m in ("moto", "boto3", "s3fs", "webdataset") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"bench S3 needs {', '.join(missing)}: pip install -e '.[bench-s3]'")
     try:
         import litdata  # noqa: F401
 
