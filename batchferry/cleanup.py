@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import queue
 import threading
 import weakref
 from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["close_at_exit", "forget_at_exit", "later", "start"]
+__all__ = ["close_at_exit", "forget_at_exit", "later", "process_alive", "start"]
 
 log = logging.getLogger("batchferry")
 
@@ -92,3 +93,15 @@ def _close_all() -> None:
                 obj.close()
             except Exception:
                 log.debug("closing %r at exit failed", obj, exc_info=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists: what leftovers named for their maker (a cache's
+    partial download, a benchmark's network namespace) are judged stale by."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's, and alive
+    return True

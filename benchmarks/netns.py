@@ -28,6 +28,8 @@ from itertools import count
 from types import FrameType, TracebackType
 from typing import Any
 
+from batchferry.cleanup import process_alive
+
 __all__ = ["PREFIX", "Hosts", "sigterm_unwinds", "unavailable"]
 
 PREFIX = "bfnet"
@@ -37,21 +39,11 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale() -> None:
     """Namespaces of earlier runs whose process is gone (killed before it could clean up)."""
     for line in _ip("netns", "list", check=False).stdout.splitlines():
         match = re.match(rf"({PREFIX}(\d+)-\S+)", line)
-        if match and not _alive(int(match.group(2))):
+        if match and not process_alive(int(match.group(2))):
             _ip("netns", "del", match.group(1), check=False)
 
 

@@ -26,6 +26,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from batchferry.cleanup import process_alive
 from batchferry.errors import DatasetError
 
 __all__ = ["CacheFull", "FileCache"]
@@ -47,16 +48,6 @@ def _locked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class FileCache:
@@ -81,7 +72,7 @@ class FileCache:
         """Downloads left by processes that died: never read, only in the way."""
         for entry in os.scandir(self.part):
             pid = entry.name.rsplit(".", 2)[-2] if entry.name.count(".") >= 2 else ""
-            if not pid.isdigit() or not _alive(int(pid)):
+            if not pid.isdigit() or not process_alive(int(pid)):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
 

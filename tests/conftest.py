@@ -6,13 +6,12 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from batchferry import shm
 from batchferry.client.options import COMPRESSION_ENV
 from batchferry.server import Server
 from batchferry.server.compression import MIN_RATIO_ENV
 
 from checks import leaked_segments
-from processes import ServeProcess
+from processes import ServeProcess, serving
 from toy_datasets import RESTART_SPEC, Nested, Plain, VarLen
 
 # BATCHFERRY_TEST_COMPRESSION=lz4 (or zstd) runs the tests with every loader's byte
@@ -48,10 +47,5 @@ def server(tensor_ds: torch.utils.data.TensorDataset) -> Iterator[Server]:
 @pytest.fixture
 def restartable() -> Iterator[ServeProcess]:
     """``batchferry serve`` of ``syn`` (RESTART_SPEC) in a process of its own, to kill and start again."""
-    server = ServeProcess(f"syn={RESTART_SPEC}")
-    server.start()
-    try:
+    with serving(f"syn={RESTART_SPEC}") as server:
         yield server
-    finally:
-        server.stop()
-        shm.remove_stale()  # what a killed server left

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import psutil
 
@@ -68,6 +69,20 @@ class ServeProcess:
             assert self.proc.stdout is not None
             self.proc.stdout.close()
             self.proc = None
+
+
+@contextlib.contextmanager
+def serving(dataset: str, extra: Sequence[str] = ()) -> Iterator[ServeProcess]:
+    """A started :class:`ServeProcess`, stopped after, with what a kill of it left removed."""
+    from batchferry import shm
+
+    server = ServeProcess(dataset, extra=extra)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shm.remove_stale()
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, every: float = 0.02) -> bool:

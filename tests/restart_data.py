@@ -12,9 +12,9 @@ import torch
 from torch.utils.data import DataLoader as TorchLoader
 from torch.utils.data import Subset
 
-from batchferry import shm
 from batchferry.client import DataLoader
 
+import processes
 from processes import ServeProcess
 
 SAMPLES = 300
@@ -32,13 +32,8 @@ def ids_file(directory: Path) -> Path:
 @contextlib.contextmanager
 def serving(directory: Path, extra: Sequence[str] = ()) -> Iterator[ServeProcess]:
     """``ids`` served by a killable process on a fixed port."""
-    server = ServeProcess(f"ids=npy:{ids_file(directory)}", extra=extra)
-    server.start()
-    try:
+    with processes.serving(f"ids=npy:{ids_file(directory)}", extra) as server:
         yield server
-    finally:
-        server.stop()
-        shm.remove_stale()  # what a killed server left
 
 
 def loader(address: str, mode: str, job: str, **kw: Any) -> DataLoader[Any]:

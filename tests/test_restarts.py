@@ -27,6 +27,11 @@ from processes import ServeProcess
 from restart_data import SAMPLES, ids, ids_file, loader, serving, torch_epoch
 
 RUNS = int(os.environ.get("BATCHFERRY_RESTART_RUNS", "20"))
+# A dynamic job's settings, for journals written by hand.
+JOURNALED = JobSettings(
+    mode=pb.MODE_DYNAMIC, dataset="ids", batch_size=5, shuffle=True, drop_last=False,
+    collate="default", seed=7, world_size=1,
+)  # fmt: skip
 
 
 def _take(its: list[Any], counts: list[int]) -> list[list[Any]]:
@@ -175,10 +180,7 @@ def test_batches_of_a_consumer_that_never_comes_back_go_to_others_after_the_grac
 def test_a_journal_skips_a_torn_last_line_and_appends_after_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = JobSettings(
-        mode=pb.MODE_DYNAMIC, dataset="ids", batch_size=5, shuffle=True, drop_last=False,
-        collate="default", seed=7, world_size=1,
-    )  # fmt: skip
+    settings = JOURNALED
     state = StateDir(str(tmp_path), max_files=4)
     journal = state.open("job", settings, 8)
     journal.begin(0, 10)
@@ -210,10 +212,7 @@ def test_a_journal_skips_a_torn_last_line_and_appends_after_it(
     ids=["no change", "nested deep", "token not hex", "not text"],
 )
 def test_a_journal_line_that_is_not_one_is_skipped(tmp_path: Path, line: bytes) -> None:
-    settings = JobSettings(
-        mode=pb.MODE_DYNAMIC, dataset="ids", batch_size=5, shuffle=True, drop_last=False,
-        collate="default", seed=7, world_size=1,
-    )  # fmt: skip
+    settings = JOURNALED
     state = StateDir(str(tmp_path), max_files=4)
     journal = state.open("job", settings, 8)
     journal.begin(0, 10)
