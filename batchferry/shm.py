@@ -49,6 +49,7 @@ __all__ = [
     "Segment",
     "capacity",
     "owned_by",
+    "owner_gone",
     "privatize",
     "remove_stale",
     "stale",
@@ -350,6 +351,20 @@ def _owner_alive(token: str) -> bool:
     finally:
         os.close(fd)  # releases our lock, if we took it
     return False
+
+
+def owner_gone(name: str, wait: float = _LOCK_WAIT) -> bool:
+    """Whether the owner of segment ``name`` has ended, or ends within ``wait`` seconds
+    (an owner closing unlinks its segments a moment before it lets go of its lock)."""
+    match = _SEGMENT.match(name)
+    if match is None:
+        return False
+    deadline = time.monotonic() + wait
+    while _owner_alive(match.group(1)):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def _tokens() -> dict[str, list[str]]:

@@ -74,8 +74,8 @@ CLOSE_GRACE = 2.0  # seconds the server gets to end a stream we close early
 _JOIN = 5.0
 
 
-class _ReceiverLost(Exception):
-    pass
+class _OwnerLost(Exception):
+    """The process that owned a slot ended, and its slots with it."""
 
 
 @dataclass
@@ -186,7 +186,7 @@ class EpochStream:
         except grpc.RpcError as exc:
             if not self._closed:
                 self._ready.put(from_rpc_error(exc))
-        except _ReceiverLost as exc:
+        except _OwnerLost as exc:
             if not self._closed:
                 self._ready.put(ServerUnavailable(str(exc)))
                 self._call.cancel()
@@ -220,7 +220,9 @@ class EpochStream:
             mapping = self._segments.map(header.slot)
         except OSError as exc:
             if self._relayed:  # the receiver ended, and its slots went with it: reconnect
-                raise _ReceiverLost(f"cannot map slot {header.slot} of the receiver process: {exc}") from exc
+                raise _OwnerLost(f"cannot map slot {header.slot} of the receiver process: {exc}") from exc
+            if shm.owner_gone(header.slot):  # a frame sent just before the server died: reconnect
+                raise _OwnerLost(f"cannot map slot {header.slot} of a server that has ended: {exc}") from exc
             raise ValueError(f"cannot map slot {header.slot}: {exc}") from exc
         if size > mapping.nbytes:
             raise ValueError(f"batch {header.index} spans {size} bytes of a {mapping.nbytes}-byte slot")

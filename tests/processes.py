@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -83,6 +84,18 @@ def serving(dataset: str, extra: Sequence[str] = ()) -> Iterator[ServeProcess]:
     finally:
         server.stop()
         shm.remove_stale()
+
+
+@contextlib.contextmanager
+def back_after(delay: float, start: Callable[[], object]) -> Iterator[None]:
+    """``start()`` (a server's, a storage server's) ``delay`` seconds from now, in a thread
+    joined on the way out, also when the block fails: no process outlives its test."""
+    timer = threading.Timer(delay, start)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.join()
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, every: float = 0.02) -> bool:

@@ -14,7 +14,6 @@ import importlib
 import os
 import pickle
 import signal
-import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +35,7 @@ from batchferry.v1 import loader_pb2 as _pb2
 
 import iterable_data
 from iterable_data import CorruptItem
-from processes import ServeProcess
+from processes import ServeProcess, back_after
 from reading import outcomes, read_concurrently
 
 DATASETS = iterable_data.datasets()
@@ -393,10 +392,8 @@ def test_a_python_spec_continues_across_a_server_restart(monkeypatch: pytest.Mon
             it = iter(loader)
             got = [next(it) for _ in range(3)]
             server.kill()
-            restart = threading.Timer(1.0, server.start)  # away for a while
-            restart.start()
-            got += list(it)
-            restart.join()
+            with back_after(1.0, server.start):  # away for a while
+                got += list(it)
     finally:
         server.stop()
         shm.remove_stale()  # what the killed server left

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 import torch
 from torch.utils.data import DataLoader as TorchLoader
 from torch.utils.data import DistributedSampler
 
-from batchferry import errors
+from batchferry import errors, shm
 from batchferry.client import DataLoader, connection
+from batchferry.client import stream as stream_mod
+from batchferry.client.segments import SegmentCache
 from batchferry.server import parse_spec
 
 from checks import assert_same
-from processes import ServeProcess
+from processes import ServeProcess, back_after, wait_until
 from toy_datasets import RESTART_SPEC
 
 SPEC = RESTART_SPEC  # served as "syn" by the restartable fixture
@@ -34,11 +37,59 @@ def test_server_restart_mid_epoch_loses_and_repeats_nothing(
         it = iter(loader)
         got = [next(it) for _ in range(5)]
         getattr(restartable, stop)()  # the stream is live: a SIGTERM'd server ends it with UNAVAILABLE
-        restart = threading.Timer(1.0, restartable.start)  # the server is away for a while
-        restart.start()
-        got += list(it)  # blocks while the server is away, then continues
-        restart.join()
+        with back_after(1.0, restartable.start):  # the server is away for a while
+            got += list(it)  # blocks while the server is away, then continues
     assert_same(got, expected)
+
+
+def test_a_frame_read_after_the_server_died_and_its_slots_went_is_read_again(
+    restartable: ServeProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frame the server sent just before kill -9 may be read after its reaper unlinked
+    the slot it names: the server is gone, so the loader reconnects (never a protocol
+    error) and the batch comes again from the restarted server."""
+    ds = parse_spec(SPEC)
+    expected = list(TorchLoader(ds, 16, shuffle=True, generator=torch.Generator().manual_seed(9)))
+    held, go = threading.Event(), threading.Event()
+    slots: list[str] = []
+    from_slot = stream_mod.EpochStream._from_slot
+
+    def gated(self: stream_mod.EpochStream, header: Any) -> Any:
+        if not slots:  # the first frame read after the gate is set waits here
+            slots.append(header.slot)
+            held.set()
+            go.wait(30)
+        return from_slot(self, header)
+
+    with DataLoader(restartable.address, "syn", 16, True, seed=9, timeout=30, transport="shm") as loader:
+        it = iter(loader)
+        got = [next(it) for _ in range(3)]
+        monkeypatch.setattr(stream_mod.EpochStream, "_from_slot", gated)
+        while not wait_until(held.is_set, timeout=1):
+            got.append(next(it))
+        restartable.kill()
+        assert wait_until(lambda: not (shm.SHM_DIR / slots[0]).exists())  # the reaper's work
+        go.set()
+        with back_after(0.5, restartable.start):
+            got += list(it)
+        assert loader.stats().reconnects == 1
+    assert_same(got, expected)
+
+
+def test_a_slot_missing_on_a_live_server_is_a_malformed_stream(
+    restartable: ServeProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The counterpart: while the server lives, a slot it names that cannot be mapped is
+    its fault, reported as such, not retried by reconnecting."""
+
+    def gone(self: SegmentCache, name: str) -> Any:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(SegmentCache, "map", gone)
+    with DataLoader(restartable.address, "syn", 16, timeout=30, transport="shm") as loader:
+        with pytest.raises(errors.ProtocolError, match="cannot map slot"):
+            list(loader)
+        assert loader.stats().reconnects == 0
 
 
 def test_a_server_back_on_another_transport_is_read_by_as_many_streams(

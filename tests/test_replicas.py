@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Iterator
 
 import grpc
@@ -19,7 +18,7 @@ from batchferry.server import Server, parse_spec
 from batchferry.v1 import loader_pb2 as pb
 
 from checks import assert_same
-from processes import ServeProcess, free_port
+from processes import ServeProcess, back_after, free_port
 from reading import in_step, read_concurrently
 
 SPEC = "synthetic:n=300,shape=6,seed=4"  # 19 batches of 16: not a multiple of 3
@@ -199,10 +198,8 @@ def test_a_killed_replica_is_retried_within_timeout() -> None:
             it = iter(loader)
             got = [next(it) for _ in range(7)]
             reps[1].kill()
-            restart = threading.Timer(1.0, reps[1].start)
-            restart.start()
-            got += list(it)  # waits for replica 1, then continues
-            restart.join()
+            with back_after(1.0, reps[1].start):
+                got += list(it)  # waits for replica 1, then continues
         assert_same(got, expected)
 
         with DataLoader([r.address for r in reps], "syn", 16, timeout=1.5) as loader:

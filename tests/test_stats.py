@@ -22,7 +22,7 @@ from batchferry.client import connection as loader_mod
 from batchferry.client.stats import LOG_STATS_ENV
 from batchferry.server import Server
 
-from processes import ServeProcess
+from processes import ServeProcess, back_after
 from toy_datasets import Slow
 
 # 256 samples of float32[16] and an int64 label: in batches of 16 every tensor is a
@@ -243,10 +243,8 @@ def test_a_server_restart_counts_one_reconnect_and_its_wait(
         got = [next(it) for _ in range(5)]
         before = loader.stats()
         restartable.kill()
-        restart = threading.Timer(1.0, restartable.start)
-        restart.start()
-        got += list(it)  # blocks in next() while the server is away
-        restart.join()
+        with back_after(1.0, restartable.start):
+            got += list(it)  # blocks in next() while the server is away
         s = loader.stats()
     consistent(s)
     assert before.reconnects == 0 and s.reconnects == 1

@@ -7,7 +7,6 @@ import hashlib
 import multiprocessing
 import os
 import re
-import threading
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from batchferry.server.sources.webdataset import expand_braces
 
 import datasets_data as data
 from checks import assert_same
+from processes import back_after
 from storage_servers import BUCKET, HTTP, S3, AuthS3, auth_s3, http_server, s3, s3_env, s3_server
 
 __all__ = ["auth_s3", "http_server", "s3", "s3_server"]  # fixtures, used by name
@@ -157,12 +157,8 @@ def test_s3_back_within_the_retries_is_read(tmp_path: Path, s3: S3) -> None:
     store = Store(StorageSettings(cache_dir=str(tmp_path / "cache"), fetch_retries=6))
     f = store.info(f"s3://{BUCKET}/back/blob.bin")
     s3.stop()
-    restart = threading.Timer(1.0, s3.start)
-    restart.start()
-    try:
+    with back_after(1.0, s3.start):
         assert store.fetch(f, sample=0).read_bytes() == payload
-    finally:
-        restart.join()
 
 
 def test_a_file_larger_than_the_cache_is_a_clear_error(tmp_path: Path, s3: S3) -> None:
