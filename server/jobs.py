@@ -148,8 +148,13 @@ class Job:
                     state.close()
                     pruned = True
             if pruned and self.journal is not None:
-                kept = {e: s.record() for e, s in self.epochs.items()}
-                self.journal.compact({e: r for e, r in kept.items() if r is not None})
+                self.journal.compact(self.records())
+
+    def records(self) -> dict[int, EpochRecord]:
+        """The ledgers of the epochs kept, as the journal keeps them."""
+        with self.cond:
+            kept = {e: s.record() for e, s in self.epochs.items()}
+            return {e: r for e, r in kept.items() if r is not None}
 
     def close(self) -> None:
         """The job is forgotten: so are its epoch states."""
@@ -201,6 +206,8 @@ class JobRegistry:
                     journal=journal,
                     rejoin_s=self._rejoin_s,
                 )
+                if journal is not None:
+                    journal.live = job.records
             if not job.consumers and settings.world_size != job.settings.world_size:
                 job.resize(settings.world_size, epoch)  # the job came back in another size
             for f in fields(JobSettings):

@@ -13,8 +13,11 @@ per change of an epoch's ledger::
 Each line goes out in one ``os.write`` as it happens, so a process killed with -9
 loses nothing (the kernel has it); there is no fsync per line, so a machine that
 loses power may lose the last lines. A file is rewritten (compacted: the live
-epochs' ledgers, fsynced, then renamed over the old one) when it is opened and when
-an epoch is pruned, so it holds the ledgers of the newest epochs a job keeps, no more.
+epochs' ledgers, fsynced, then renamed over the old one) when it is opened, when an
+epoch is pruned, and when the lines appended since outgrow the ledgers
+(``COMPACT_GROWTH`` times the compacted file, at least ``COMPACT_MIN_BYTES``): it holds
+the ledgers of the newest epochs a job keeps, and a consumer that comes and goes
+without end cannot make it grow without bound.
 A line that cannot be read (the half-written last line of a killed process, say) is
 skipped with a warning. At most ``max_files`` journals: the least recently written
 goes first.
@@ -28,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -41,6 +45,8 @@ _VERSION = 1
 ANYONE = ""  # the holder of batches reserved for whichever consumer comes back
 MAX_TOKEN = 64  # bytes of a consumer's token (OpenStream.consumer; the plan refuses longer)
 _LOCK = ".lock"
+COMPACT_GROWTH = 4  # appended bytes, in compacted files' worth, that make it compact again
+COMPACT_MIN_BYTES = 1 << 20
 
 
 @dataclass
@@ -69,6 +75,10 @@ class Journal:
         self._fd = -1
         self._broken = False  # a write failed: serving goes on without the journal
         self._closed = False
+        # The job's live ledgers, for compacting as lines pile up (None: only when told).
+        self.live: Callable[[], dict[int, EpochRecord]] | None = None
+        self._appended = 0  # bytes since the last compaction
+        self._allowed = COMPACT_MIN_BYTES  # ... before the next
         if path.exists():
             self._read()
         self.compact({})
@@ -150,7 +160,8 @@ class Journal:
 
     # -- lines ----------------------------------------------------------------------------
     def begin(self, epoch: int, num_batches: int) -> None:
-        self._write({"e": epoch, "n": num_batches})
+        # Never compacts: the epoch being made is not among the job's live ledgers yet.
+        self._write({"e": epoch, "n": num_batches}, compact=False)
 
     def handed(self, epoch: int, positions: list[int], token: bytes) -> None:
         self._write({"e": epoch, "h": positions, "u": token.hex()})
@@ -166,16 +177,23 @@ class Journal:
     def reset(self, epoch: int) -> None:
         self._write({"e": epoch, "r": 1})
 
-    def _write(self, record: dict[str, Any]) -> None:
+    def _write(self, record: dict[str, Any], *, compact: bool = True) -> None:
+        """One line, after the change it records is made in memory (a compaction right
+        after it writes the ledgers with the change)."""
         if self._broken or self._closed:
             return
+        line = _line(record)
         try:
-            os.write(self._fd, _line(record))
+            os.write(self._fd, line)
         except OSError as exc:
             self._broken = True  # serving goes on; only the guarantee across a restart is lost
             log.error(
                 "journal %s: cannot write (%s); a restart may repeat batches of this job", self.path, exc
             )
+            return
+        self._appended += len(line)
+        if compact and self.live is not None and self._appended > self._allowed:
+            self.compact(self.live())
 
     def compact(self, live: dict[int, EpochRecord]) -> None:
         """Rewrite the file as ``live`` (the epochs now kept) and the ledgers read back."""
@@ -195,10 +213,11 @@ class Journal:
             lines += [_line({"e": epoch, "h": ps, "u": token}) for token, ps in by_token.items()]
             lines.append(_line({"e": epoch, "d": sorted(ledger.done)}))
         temporary = self.path.with_suffix(".tmp")
+        content = b"".join(lines)
         try:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                os.write(fd, b"".join(lines))
+                os.write(fd, content)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -207,6 +226,7 @@ class Journal:
                 os.close(self._fd)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
             self._broken = False
+            self._appended, self._allowed = 0, max(COMPACT_MIN_BYTES, COMPACT_GROWTH * len(content))
         except OSError as exc:
             self._broken = True
             log.error(

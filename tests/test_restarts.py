@@ -12,14 +12,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import grpc
+import numpy as np
 import pytest
 import torch
 
 from batchferry import cli
 from batchferry.client import merge_states
 from batchferry.server import Server
-from batchferry.server.jobs import JobSettings
-from batchferry.server.journal import StateDir
+from batchferry.server.jobs import JobRegistry, JobSettings
+from batchferry.server.journal import COMPACT_MIN_BYTES, StateDir
+from batchferry.server.modes.dynamic import MAX_EPOCH_TOKENS, DynamicEpoch
+from batchferry.server.status import Abort
 from batchferry.v1 import loader_pb2 as pb
 
 from checks import assert_same
@@ -204,6 +208,55 @@ def test_a_journal_skips_a_torn_last_line_and_appends_after_it(
     assert other.take(0, 10) is None
     other.close()
     state.close()
+
+
+def test_a_journal_stays_bounded_while_consumers_come_and_go(tmp_path: Path) -> None:
+    """Consumers that take a batch and leave, again and again, add lines to one epoch
+    without end: the journal compacts as they pile up, and keeps the ledger exact."""
+    state = StateDir(str(tmp_path), max_files=4)
+    registry = JobRegistry(state=state)
+    job, consumer = registry.join("job", JOURNALED, "peer", 0, 0)
+    epoch = job.epoch_state(0, lambda: DynamicEpoch(64, job.cond, epoch=0, journal=job.journal))
+    assert isinstance(epoch, DynamicEpoch)
+    tokens = [bytes([k]) * 16 for k in range(1, 9)]
+    largest = 0
+    for n in range(30_000):
+        epoch.enter(consumer.id, tokens[n % len(tokens)], np.array([], dtype=np.int64), False)
+        position = epoch.take(consumer.id)
+        assert position is not None
+        if n % 1000 == 0:
+            epoch.ack(consumer.id, position)  # done for good when the consumer leaves
+        epoch.depart(consumer.id)  # the rest goes back to the queue
+        largest = max(largest, state.file("job").stat().st_size)
+    # Some 2 MB of lines went out; the file never held more than one compaction's allowance.
+    assert largest <= COMPACT_MIN_BYTES + 4096
+    expected = epoch.record()
+    registry.close()
+    again = StateDir(str(tmp_path), max_files=4)
+    back = again.open("job", JOURNALED, 8).take(0, 64)
+    again.close()
+    assert back is not None
+    assert (back.holder, back.done, back.tokens) == (expected.holder, expected.done, expected.tokens)
+    assert len(back.done) == 30
+
+
+def test_an_epoch_takes_a_bounded_number_of_loaders(tmp_path: Path) -> None:
+    """Every token an epoch has seen is remembered (and journaled): one loader more than
+    it takes is refused by name, while a loader it knows still comes back."""
+    registry = JobRegistry(state=StateDir(str(tmp_path), max_files=4))
+    job, consumer = registry.join("job", JOURNALED, "peer", 0, 0)
+    epoch = job.epoch_state(0, lambda: DynamicEpoch(8, job.cond, epoch=0, journal=job.journal))
+    assert isinstance(epoch, DynamicEpoch)
+    nothing = np.array([], dtype=np.int64)
+    for n in range(MAX_EPOCH_TOKENS):
+        epoch.enter(consumer.id, n.to_bytes(16, "big"), nothing, False)
+        epoch.depart(consumer.id)
+    with pytest.raises(Abort, match=f"has had {MAX_EPOCH_TOKENS} loaders") as refused:
+        epoch.enter(consumer.id, MAX_EPOCH_TOKENS.to_bytes(16, "big"), nothing, False)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    epoch.enter(consumer.id, (7).to_bytes(16, "big"), nothing, False)
+    assert epoch.take(consumer.id) == 0
+    registry.close()
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,9 @@ it. A resuming consumer with a token the epoch never saw, arriving while nobody 
 in it, is a job restarted from a checkpoint: every batch handed out is RESERVED for
 whichever loaded state claims it (see :meth:`DynamicEpoch._checkpoint`).
 
+An epoch remembers every token it has seen (the journal keeps them too), so it
+takes at most ``MAX_EPOCH_TOKENS`` loaders; one more is refused (RESOURCE_EXHAUSTED).
+
 The epoch is finished when every batch is DONE; a consumer with nothing to take
 waits while others still hold batches that might come back. Every method takes
 the job's condition (``Job.cond``) itself.
@@ -28,10 +31,12 @@ import time
 from collections import deque
 from collections.abc import Generator
 
+import grpc
 import numpy as np
 
 from batchferry.server.jobs import EpochState
 from batchferry.server.journal import EpochRecord, Journal
+from batchferry.server.status import Abort
 from batchferry.server.stream import Stream
 
 __all__ = ["DynamicEpoch", "send"]
@@ -40,6 +45,7 @@ log = logging.getLogger("batchferry.server")
 
 _POLL = 0.02  # seconds between looks while other consumers hold the work
 _NEW, _TAKEN, _RESERVED, _DONE = range(4)  # a batch's state in the ledger
+MAX_EPOCH_TOKENS = 4096  # loaders one epoch of a job takes: a job of 1024 ranks, restarted 3 times
 ANYONE_TOKEN = b""  # reservations after a checkpoint restart: for whichever consumer took them
 
 
@@ -105,6 +111,12 @@ class DynamicEpoch(EpochState):
         """``consumer`` (``token``) joins, having taken ``positions`` before (from an earlier
         stream, a server that has restarted since, or a loaded state)."""
         with self._cond:
+            if token not in self._seen and len(self._seen) >= MAX_EPOCH_TOKENS:
+                raise Abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"epoch {self._epoch} of this dynamic job has had {MAX_EPOCH_TOKENS} loaders, the "
+                    "most one epoch takes; give this loader another job name, or begin the next epoch",
+                )
             alone = not self.members
             self.join(consumer)
             self._tokens[consumer] = token
