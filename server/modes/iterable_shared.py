@@ -24,7 +24,7 @@ from batchferry.server.status import Abort
 from batchferry.server.stream import Stream
 
 from .iterable import Steps
-from .shared import _POLL, SharedEpoch, _SharedHeld
+from .shared import SharedBatch, SharedEpoch, deliver, window
 
 __all__ = ["Producer", "SharedIterableEpoch", "send"]
 
@@ -125,47 +125,31 @@ class SharedIterableEpoch(SharedEpoch):
 
 
 def send(stream: Stream) -> Generator[bytes, None, bool]:
-    plan, messages = stream.plan, stream.messages
-    job, consumer = stream.job, stream.consumer
-    assert job is not None and consumer is not None  # the servicer joins job modes
-    window = max(1, min(2 * plan.credits, stream.ring_slots // 2))
+    job = stream.job
+    assert job is not None  # the servicer joins job modes
 
     def make() -> SharedIterableEpoch:
-        return SharedIterableEpoch(window, job.cond, Producer(plan, stream.builder, window))
+        size = window(stream)
+        return SharedIterableEpoch(size, job.cond, Producer(stream.plan, stream.builder, size))
 
-    work = job.epoch_state(plan.epoch, make)
+    work = job.epoch_state(stream.plan.epoch, make)
     assert isinstance(work, SharedIterableEpoch)
-    first = position = work.enter(consumer.id, plan.local_start, plan.resume)
-    stream.progress(position)
-    messages.on_credit.append(lambda taken: work.consume(consumer.id, first + taken))
-    yield framing.start_frame(0, stream.order, position)
-    try:
-        while True:
-            if not stream.active() or not messages.open:
-                return False
-            end = work.producer.end
-            if end is not None and position >= end:
-                break
-            if not work.may_build(position):
-                work.wait(_POLL)  # the slowest consumer holds the window
-                continue
-            entry, mine = work.claim(position)
-            if mine:
-                built = None
-                try:
-                    built = work.producer.make(position)
-                finally:
-                    work.publish_built(entry, built)
-            built = work.finish(entry, stream.builder, stream)
-            if built is None:
-                continue  # past the end (the loop ends), or its maker failed (it raises)
-            if not messages.wait_for(position - first, stream.active):
-                return False
-            yield from stream.frames(built, held=_SharedHeld(work, consumer.id, position))
-            position += 1
-            stream.progress(position)
-        work.completed = True
-        return True
-    finally:
-        work.leave(consumer.id)
-        job.prune_epochs()
+
+    def ended(position: int) -> bool:
+        return work.producer.end is not None and position >= work.producer.end
+
+    def claim(position: int) -> SharedBatch:
+        entry, mine = work.claim(position)
+        if mine:
+            built = None
+            try:
+                built = work.producer.make(position)
+            finally:
+                work.publish_built(entry, built)
+        return entry
+
+    return (
+        yield from deliver(
+            stream, work, lambda p: framing.start_frame(0, stream.order, p), ended=ended, claim=claim
+        )
+    )

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import enum
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 from batchferry.server.builder import Build, Builder, Built
@@ -40,7 +40,7 @@ from batchferry.server.jobs import EpochState
 from batchferry.server.status import Abort, StreamGone
 from batchferry.server.stream import Stream
 
-__all__ = ["SharedBatch", "SharedEpoch", "send"]
+__all__ = ["SharedBatch", "SharedEpoch", "deliver", "send", "window"]
 
 _POLL = 0.02  # seconds between looks while the slowest consumer holds the window
 
@@ -255,18 +255,58 @@ class _SharedHeld:
         self.epoch.done(self.consumer, self.position, _Fate.ABANDON)
 
 
-def send(stream: Stream) -> Generator[bytes, None, bool]:
-    plan, messages, builder = stream.plan, stream.messages, stream.builder
-    job, consumer = stream.job, stream.consumer
+def window(stream: Stream) -> int:
+    """How far a shared epoch builds past its slowest consumer."""
+    return max(1, min(2 * stream.plan.credits, stream.ring_slots // 2))
+
+
+def deliver(
+    stream: Stream,
+    work: SharedEpoch,
+    start_frame: Callable[[int], bytes],
+    *,
+    ended: Callable[[int], bool],
+    claim: Callable[[int], SharedBatch],
+) -> Generator[bytes, None, bool]:
+    """A consumer's stream of a shared epoch (``work``), in either shared mode: it joins
+    the epoch, and is sent each position from where it starts, once the window lets it
+    be built and the client has credit, until ``ended(position)``. ``claim(position)``
+    gives the position's batch, started by this consumer or found started by another."""
+    messages, job, consumer = stream.messages, stream.job, stream.consumer
     assert job is not None and consumer is not None  # the servicer joins job modes
-    window = max(1, min(2 * plan.credits, stream.ring_slots // 2))
-    work = job.epoch_state(plan.epoch, lambda: SharedEpoch(plan.local_total, window, job.cond))
-    assert isinstance(work, SharedEpoch)
-    first = position = work.enter(consumer.id, plan.local_start, plan.resume)
-    total = plan.local_total
+    first = position = work.enter(consumer.id, stream.plan.local_start, stream.plan.resume)
     stream.progress(position)
     # Consumption counts the moment the credit arrives (late joiners start there).
     messages.on_credit.append(lambda taken: work.consume(consumer.id, first + taken))
+    yield start_frame(position)
+    try:
+        while not ended(position):
+            if not stream.active() or not messages.open:
+                return False
+            if not work.may_build(position):
+                work.wait(_POLL)  # the slowest consumer holds the window
+                continue
+            built = work.finish(claim(position), stream.builder, stream)
+            if built is None:
+                continue  # its builder gave up (built again), or the epoch ended before it
+            if not messages.wait_for(position - first, stream.active):
+                return False
+            yield from stream.frames(built, held=_SharedHeld(work, consumer.id, position))
+            position += 1
+            stream.progress(position)
+        work.completed = True
+        return True
+    finally:
+        work.leave(consumer.id)
+        job.prune_epochs()
+
+
+def send(stream: Stream) -> Generator[bytes, None, bool]:
+    plan, builder, job = stream.plan, stream.builder, stream.job
+    assert job is not None  # the servicer joins job modes
+    total = plan.local_total
+    work = job.epoch_state(plan.epoch, lambda: SharedEpoch(total, window(stream), job.cond))
+    assert isinstance(work, SharedEpoch)
 
     def ensure(p: int, wait: bool) -> SharedBatch:
         entry, mine = work.claim(p)
@@ -278,28 +318,11 @@ def send(stream: Stream) -> Generator[bytes, None, bool]:
                 work.publish(entry, build)
         return entry
 
-    yield stream.start_frame(position)
-    try:
-        while position < total:
-            if not stream.active() or not messages.open:
-                return False
-            if not work.may_build(position):
-                work.wait(_POLL)  # the slowest consumer holds the window
-                continue
-            entry = ensure(position, wait=True)
-            for ahead in range(position + 1, min(position + 1 + plan.credits, total)):
-                if work.may_build(ahead):
-                    ensure(ahead, wait=False)
-            built = work.finish(entry, builder, stream)
-            if built is None:
-                continue  # its builder gave up: build it again
-            if not messages.wait_for(position - first, stream.active):
-                return False
-            yield from stream.frames(built, held=_SharedHeld(work, consumer.id, position))
-            position += 1
-            stream.progress(position)
-        work.completed = True
-        return True
-    finally:
-        work.leave(consumer.id)
-        job.prune_epochs()
+    def claim(position: int) -> SharedBatch:
+        entry = ensure(position, wait=True)
+        for ahead in range(position + 1, min(position + 1 + plan.credits, total)):
+            if work.may_build(ahead):
+                ensure(ahead, wait=False)
+        return entry
+
+    return (yield from deliver(stream, work, stream.start_frame, ended=lambda p: p >= total, claim=claim))
