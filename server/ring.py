@@ -284,15 +284,17 @@ class SlotRing:
         than ``KEPT_SHARE`` of the budget (else the stream sends a copy)."""
         with self._cond:
             self._sweep()
-            return self._kept() < KEPT_SHARE * self.max_bytes
+            return self._lending()
+
+    def _lending(self) -> bool:
+        return self._kept() < KEPT_SHARE * self.max_bytes
 
     def hold_share(self, slot_bytes: int) -> int:
         """Slots of ``slot_bytes`` one stream's client may hold now: with every open stream
-        holding this many, each still has one to build in (0 while the ring lends none)."""
-        if not self.lends():
-            return 0
+        holding this many, each still has one to build in (0 while the ring lends none).
+        Asked per batch sent, so it does not sweep: the acquire before it just did."""
         with self._cond:
-            return self._share_of(slot_bytes)
+            return self._share_of(slot_bytes) if self._lending() else 0
 
     def _kept(self) -> int:
         return sum(s.capacity for s in self._slots if s.reclaimed or s.state in _OUT)

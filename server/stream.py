@@ -159,8 +159,12 @@ class Stream:
         if built.error is not None:
             transport = "shm" if self.plan.shm else "grpc"
             return self.observe(framing.error_frames(built, held.release), transport, built)
-        hold = min(self.plan.credits + _HOLD_MARGIN, self.hold_share(built.lease.capacity))
-        if self.plan.shm and self.messages.held < hold:
+        held_now = self.messages.held
+        if (
+            self.plan.shm
+            and held_now < self.plan.credits + _HOLD_MARGIN
+            and held_now < self.hold_share(built.lease.capacity)  # asks the ring: last
+        ):
             if held is built.lease:  # this stream's own slot: the ring may reclaim it
                 built.lease.hold()
             self.messages.hold(built.index, held)
