@@ -61,6 +61,11 @@ class Bitmap:
         raw = np.frombuffer(bytes(self._bytes), dtype=np.uint8)
         return np.unpackbits(raw, bitorder="little").astype(bool)
 
+    def mask(self, length: int) -> np.ndarray:
+        """One bool per index below ``length``: bits past it dropped, missing ones False."""
+        bits = self.bits()[:length]
+        return np.pad(bits, (0, length - len(bits)))
+
     def positions(self, limit: int) -> np.ndarray:
         """The taken indices below ``limit``."""
         return np.flatnonzero(self.bits()[:limit])

@@ -25,6 +25,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from batchferry.protocol import Bitmap
+
 __all__ = [
     "EpochOrder",
     "begin_iteration",
@@ -32,6 +34,7 @@ __all__ = [
     "num_batches",
     "remaining",
     "replay_epoch",
+    "rest_order",
     "seeded_order",
     "shard_length",
     "sharded_order",
@@ -190,23 +193,27 @@ def sharded_order(
     of the shard is ``perm[(r + world_size * p) % n]``. ``base`` is that epoch's
     ``seeded_order`` when the caller has it already. ``consumed`` (a bitmap over the
     order's positions) marks what earlier worlds of a resized job took: the rest of
-    the order, in order, is what this world splits the same way.
+    the order (:func:`rest_order`, or ``base`` when the caller has it already), in
+    order, is what this world splits the same way.
     """
-    if shuffle and base is None:
-        base = seeded_order(length, shuffle, seed, epoch)
-    if not shuffle:
-        base = None
     if consumed:
-        keep = torch.from_numpy(remaining(length, consumed))
-        base = base[keep] if base is not None else keep.int()
+        base = rest_order(length, shuffle, seed, epoch, consumed) if base is None else base
         length = len(base)
+    elif not shuffle:
+        base = None
+    elif base is None:
+        base = seeded_order(length, shuffle, seed, epoch)
     count = shard_length(length, world_size, drop_last)
     return EpochOrder(length, count, base, offset=rank, stride=world_size)
 
 
+def rest_order(length: int, shuffle: bool, seed: int, epoch: int, consumed: bytes) -> torch.Tensor:
+    """The indices of an epoch's order (``seeded_order``) left after ``consumed``, in order."""
+    keep = torch.from_numpy(remaining(length, consumed))
+    base = seeded_order(length, shuffle, seed, epoch)
+    return base[keep] if base is not None else keep.int()
+
+
 def remaining(length: int, consumed: bytes) -> np.ndarray:
     """The positions of an epoch's order of ``length`` that ``consumed`` (a bitmap) leaves, in order."""
-    bits = np.unpackbits(np.frombuffer(consumed, dtype=np.uint8), bitorder="little")[:length].astype(bool)
-    if len(bits) < length:
-        bits = np.concatenate([bits, np.zeros(length - len(bits), dtype=bool)])
-    return np.flatnonzero(~bits)
+    return np.flatnonzero(~Bitmap(consumed).mask(length))

@@ -22,7 +22,7 @@ from batchferry import sampling
 from batchferry.errors import InvalidArgument
 from batchferry.protocol import Bitmap
 
-__all__ = ["merge_states", "rank_took", "rescaled"]
+__all__ = ["merge_states", "rescaled"]
 
 # Keys every state of one job agrees on; "world_size" is checked apart.
 _SAME_JOB = (
@@ -30,30 +30,20 @@ _SAME_JOB = (
 )  # fmt: skip
 
 
-def rank_took(
-    length: int, consumed: bytes, world: int, rank: int, batches: np.ndarray, batch_size: int, drop_last: bool
-) -> np.ndarray:
-    """The positions of the epoch's order that ``rank`` of ``world`` took in ``batches``
-    (its batch indices), after ``consumed`` was taken by earlier worlds."""
-    rest = sampling.remaining(length, consumed)
-    if not len(rest) or not len(batches):
-        return np.empty(0, dtype=np.int64)
-    per_rank = sampling.shard_length(len(rest), world, drop_last)
-    ks = (np.asarray(batches, dtype=np.int64)[:, None] * batch_size + np.arange(batch_size)).ravel()
-    ks = ks[ks < per_rank]
-    took: np.ndarray = rest[(rank + world * ks) % len(rest)]
-    return took
-
-
 def rescaled(
     length: int, consumed: bytes, world: int, took: dict[int, np.ndarray], batch_size: int, drop_last: bool
 ) -> bytes:
-    """``consumed`` and what each rank of ``world`` took (rank -> its batch indices)."""
-    bits = np.zeros(length, dtype=bool)
-    old = Bitmap(consumed).bits()[:length]
-    bits[: len(old)] = old
+    """``consumed`` and what each rank of ``world`` took (rank -> its batch indices), after
+    ``consumed`` was taken by earlier worlds: rank r's k-th sample is position
+    ``r + world * k`` of the rest of the order (padded by repeating it, as DistributedSampler)."""
+    bits = Bitmap(consumed).mask(length)
+    rest = np.flatnonzero(~bits)
+    if not len(rest):
+        return bytes(Bitmap.from_bits(bits))
+    per_rank = sampling.shard_length(len(rest), world, drop_last)
     for rank, batches in took.items():
-        bits[rank_took(length, consumed, world, rank, batches, batch_size, drop_last)] = True
+        ks = (np.asarray(batches, dtype=np.int64)[:, None] * batch_size + np.arange(batch_size)).ravel()
+        bits[rest[(rank + world * ks[ks < per_rank]) % len(rest)]] = True
     return bytes(Bitmap.from_bits(bits))
 
 
@@ -97,10 +87,11 @@ def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if mode == "sharded":
         return _merge_sharded(states)
     if mode == "dynamic":
-        done = Bitmap()
-        for s in states:
-            for index in Bitmap(_taken_bitmap(s)).positions(1 << 62):
-                done.add(int(index))
+        taken = [np.frombuffer(_taken_bitmap(s), dtype=np.uint8) for s in states]
+        union = np.zeros(max(len(raw) for raw in taken), dtype=np.uint8)
+        for raw in taken:
+            union[: len(raw)] |= raw
+        done = Bitmap(union.tobytes().rstrip(b"\0"))
         return dict(first, in_epoch=True, done=bytes(done), batch=len(done))
     positions = {(s.get("in_epoch"), s.get("batch"), s.get("done", b"")) for s in states}
     if len(positions) > 1:

@@ -59,7 +59,7 @@ class Orders:
             key: _Key = ("state", plan.length, plan.sampler_state)
         elif plan.consumed:  # the rest of a resized epoch: every rank of the new world shares it
             digest = hashlib.sha256(plan.consumed).digest()
-            key = ("rest", plan.length, plan.shuffle and plan.seed + plan.epoch, digest)
+            key = ("rest", plan.length, plan.seed + plan.epoch if plan.shuffle else None, digest)
         else:
             key = ("seed", plan.length, plan.seed + plan.epoch)
         with self._lock:
@@ -97,11 +97,9 @@ class Orders:
             assert order.base is not None
             return _Permutation(order.base, (order.state_after_order, order.state_after_epoch))
         if key[0] == "rest":
-            order = sampling.sharded_order(
-                plan.length, plan.shuffle, plan.seed, plan.epoch, 0, 1, False, consumed=plan.consumed
+            return _Permutation(
+                sampling.rest_order(plan.length, plan.shuffle, plan.seed, plan.epoch, plan.consumed)
             )
-            assert order.base is not None
-            return _Permutation(order.base)
         base = sampling.seeded_order(plan.length, True, plan.seed, plan.epoch)
         assert base is not None
         return _Permutation(base)
@@ -111,10 +109,9 @@ class Orders:
         base = perm.base if perm is not None else None
         if plan.mode == _pb2.MODE_SHARDED:
             # A resized epoch's base is already the rest of its order (see _make).
-            length = len(base) if plan.consumed and base is not None else plan.length
             return sampling.sharded_order(
-                length, plan.shuffle or bool(plan.consumed), plan.seed, plan.epoch, plan.rank,
-                plan.world_size, plan.drop_last, base=base,
+                plan.length, plan.shuffle, plan.seed, plan.epoch, plan.rank, plan.world_size,
+                plan.drop_last, base=base, consumed=plan.consumed,
             )  # fmt: skip
         after_order, after_epoch = perm.states if perm is not None else (b"", b"")
         return sampling.EpochOrder(

@@ -41,12 +41,12 @@ def _ours(
     )  # fmt: skip
 
 
-def _order(n: int, shuffle: bool) -> list[int]:
-    """The epoch's order, as DistributedSampler draws it."""
+def _order(n: int, shuffle: bool, draw: int = SEED + EPOCH) -> list[int]:
+    """The epoch's order, as DistributedSampler draws it (from seed + epoch)."""
     if not shuffle:
         return list(range(n))
     g = torch.Generator()
-    g.manual_seed(SEED + EPOCH)
+    g.manual_seed(draw)
     return torch.randperm(n, generator=g).tolist()
 
 
@@ -61,10 +61,10 @@ def _ids(batch: Sequence[torch.Tensor]) -> list[int]:
 
 
 def _expected_rest(
-    ds: Any, taken: set[int], world: int, bs: int, shuffle: bool, drop_last: bool
+    ds: Any, taken: set[int], world: int, bs: int, shuffle: bool, drop_last: bool, draw: int = SEED + EPOCH
 ) -> list[list[Any]]:
     """The new world's batches, by torch: DistributedSampler over what no old rank took, in order."""
-    rest = Subset(ds, [i for i in _order(len(ds), shuffle) if i not in taken])
+    rest = Subset(ds, [i for i in _order(len(ds), shuffle, draw) if i not in taken])
     samplers = [DistributedSampler(rest, world, r, shuffle=False, drop_last=drop_last) for r in range(world)]
     return [list(TorchLoader(rest, bs, sampler=sampler, drop_last=drop_last)) for sampler in samplers]
 
@@ -110,6 +110,24 @@ def test_sharded_resize_mid_epoch(
         assert len(seen) == len(set(seen)) and n - len(seen) < old * bs + new * bs
     else:  # each sample at least once; repeats are padding, fewer than one per rank
         assert set(seen) == set(range(n)) and len(seen) - n < old + new
+
+
+def test_resized_jobs_that_differ_in_shuffle_alone_keep_their_own_orders(server: Server, tensor_ds) -> None:
+    """The server keeps the rest of a resized epoch's order for its ranks, found by what
+    decides it: a job in order, and a shuffled one drawing from seed + epoch = 0, with the
+    same positions taken, each continue in their own order."""
+    for shuffle in (True, False):
+        job, seen, states = f"rest-{shuffle}", set(), []
+        for r in range(2):
+            kw: Any = {"seed": 0, "mode": "sharded", "job": job, "rank": r, "world_size": 2}
+            with DataLoader(server.address, "tensor", 4, shuffle, **kw) as loader:
+                it = iter(loader)
+                seen |= {i for _ in range(2) for i in _ids(next(it))}
+                states.append(loader.state_dict())
+        kw = {"seed": 0, "mode": "sharded", "job": job, "rank": 0, "world_size": 1}
+        with DataLoader(server.address, "tensor", 4, shuffle, **kw) as loader:
+            loader.load_state_dict(states[0])
+            assert_same(list(loader), _expected_rest(tensor_ds, seen, 1, 4, shuffle, False, draw=0)[0])
 
 
 def test_jobs_list_the_world_sizes_a_job_ran_in(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
