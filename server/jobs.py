@@ -118,6 +118,7 @@ class Job:
     epochs: dict[int, EpochState] = field(default_factory=dict)
     # The world sizes the job has run in, each with the epoch it began in (at most MAX_RESIZES).
     worlds: list[tuple[int, int]] = field(default_factory=list)
+    resizes: int = 0  # all of them: ``worlds`` keeps the last few
     epoch: int = 0  # the newest epoch a consumer has opened
     journal: Journal | None = None
     rejoin_s: float = 5.0  # after a restart: how long a consumer's batches wait for it
@@ -125,6 +126,7 @@ class Job:
     def resize(self, world_size: int, epoch: int) -> None:
         """Every consumer left, and the job comes back with ``world_size`` ranks."""
         self.settings = replace(self.settings, world_size=world_size)
+        self.resizes += 1
         self.worlds = [*self.worlds, (world_size, epoch)][-MAX_RESIZES:]
 
     def epoch_state(self, epoch: int, make: Callable[[], EpochState]) -> EpochState:

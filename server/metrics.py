@@ -338,13 +338,13 @@ def _job_families(registry: JobRegistry) -> Iterator[Metric]:
             per_epoch = max((c.total for c in members), default=0)
             positions = [c.epoch * per_epoch + c.taken for c in members]
             built_count = job.batches_built
-            worlds = list(job.worlds)
+            resized = job.resizes
         mode = protocol.MODE_NAMES.get(job.settings.mode, "unknown")
         consumers.add_metric([job.name, mode, job.settings.dataset], len(members))
         built.add_metric([job.name], built_count)
         epoch.add_metric([job.name], job.epoch)
         world.add_metric([job.name], job.settings.world_size)
-        resizes.add_metric([job.name], max(0, len(worlds) - 1))
+        resizes.add_metric([job.name], resized)
         front = max(positions, default=0)
         seen: dict[int, int] = {}
         for c, position in zip(members, positions, strict=True):

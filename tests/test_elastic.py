@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,9 @@ from torch.utils.data import DistributedSampler, Subset
 
 from batchferry import errors, shm
 from batchferry.client import DataLoader, merge_states
-from batchferry.server import Server, parse_spec
+from batchferry.server import Server, metrics, parse_spec
+from batchferry.server.jobs import MAX_RESIZES, JobRegistry, JobSettings
+from batchferry.v1 import loader_pb2 as pb
 
 from checks import assert_same
 from processes import ServeProcess
@@ -110,6 +113,20 @@ def test_sharded_resize_mid_epoch(
         assert len(seen) == len(set(seen)) and n - len(seen) < old * bs + new * bs
     else:  # each sample at least once; repeats are padding, fewer than one per rank
         assert set(seen) == set(range(n)) and len(seen) - n < old + new
+
+
+def test_a_job_counts_every_resize_beyond_the_sizes_it_lists() -> None:
+    settings = JobSettings(
+        mode=pb.MODE_SHARDED, dataset="tensor", batch_size=4, shuffle=True, drop_last=False,
+        collate="default", seed=SEED, world_size=1,
+    )  # fmt: skip
+    registry = JobRegistry()
+    for k in range(MAX_RESIZES + 4):  # 1, 2, 1, 2, ...: a resize each time but the first
+        job, consumer = registry.join("job", replace(settings, world_size=1 + k % 2), "peer", 0, k)
+        registry.leave(job, consumer)
+    counted = {f.name: f for f in metrics._job_families(registry)}["batchferry_job_resizes"]
+    assert [s.value for s in counted.samples if s.name.endswith("_total")] == [MAX_RESIZES + 3]
+    assert len(job.worlds) == MAX_RESIZES
 
 
 def test_resized_jobs_that_differ_in_shuffle_alone_keep_their_own_orders(server: Server, tensor_ds) -> None:
