@@ -226,7 +226,7 @@ def _bench(args: argparse.Namespace) -> int:
             takes = " ".join(f"--{o.replace('_', '-')}" for o in bench.options)
             print(f"{name:<10}{bench.summary}" + (f" [{takes}]" if takes else ""))
         return 0
-    names = [n for n in benches() if benches()[n].together] if args.names == ["all"] else args.names
+    names = [n for n, b in benches().items() if b.together] if args.names == ["all"] else args.names
     run(names, {option: getattr(args, option) for option in OPTIONS}, Path(args.out))
     return 0
 
@@ -247,7 +247,7 @@ def _client_flags() -> argparse.ArgumentParser:
 
 def _bench_parser(sub: Any) -> None:
     """``batchferry bench``: its options come from the benchmark registry."""
-    from batchferry.benchmarks.registry import BENCHES, DEFAULT_OUT, HARNESS_OPTIONS, OPTIONS
+    from batchferry.benchmarks.registry import BENCHES, DEFAULT_OUT, OPTIONS, takers
 
     bench = sub.add_parser(
         "bench",
@@ -259,10 +259,7 @@ def _bench_parser(sub: Any) -> None:
     bench.add_argument("names", nargs="+", metavar="NAME", help="benchmarks to run, 'list' or 'all'")
     bench.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default ./{DEFAULT_OUT})")
     for name, option in OPTIONS.items():
-        takers = (["workloads"] if name in HARNESS_OPTIONS else []) + [
-            b for b, entry in BENCHES.items() if name in entry.options
-        ]
-        where = f" ({', '.join(takers)})"
+        where = f" ({', '.join(takers(name))})"
         flag = "--" + name.replace("_", "-")
         if option.type is None:
             bench.add_argument(flag, dest=name, action="store_true", help=option.help + where)

@@ -15,7 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BENCHES", "DEFAULT_OUT", "HARNESS_OPTIONS", "OPTIONS", "Bench", "Option", "benches", "run"]
+__all__ = [
+    "BENCHES",
+    "DEFAULT_OUT",
+    "HARNESS_OPTIONS",
+    "OPTIONS",
+    "Bench",
+    "Option",
+    "benches",
+    "run",
+    "takers",
+]
 
 # Results go to the caller's working directory, never into the installed package.
 DEFAULT_OUT = Path("bench-results")
@@ -121,6 +131,12 @@ def _function(bench: Bench) -> Callable[..., Any]:
     return getattr(importlib.import_module(f"{__package__}.{module}"), name)  # type: ignore[no-any-return]
 
 
+def takers(option: str) -> list[str]:
+    """What takes ``option``: the workloads (the harness), and other benchmarks by name."""
+    named = sorted(n for n, b in BENCHES.items() if option in b.options)
+    return (["the workloads"] if option in HARNESS_OPTIONS else []) + named
+
+
 def run(names: Sequence[str], given: Mapping[str, Any], out: Path) -> None:
     """Run the benchmarks ``names`` in order with the options the user ``given`` (None: not
     given); ``ValueError`` names an unknown benchmark or an option none of them takes."""
@@ -131,10 +147,7 @@ def run(names: Sequence[str], given: Mapping[str, Any], out: Path) -> None:
     chosen = [known[n] for n in dict.fromkeys(names)]
     for option, value in given.items():
         if value is not None and value is not False and not any(option in b.options for b in chosen):
-            takers = sorted(n for n, b in known.items() if option in b.options and not b.together)
-            if any(option in b.options for b in known.values() if b.together):
-                takers.insert(0, "the workloads")
-            raise ValueError(f"--{option.replace('_', '-')} applies to {', '.join(takers)} only")
+            raise ValueError(f"--{option.replace('_', '-')} applies to {', '.join(takers(option))} only")
     done: set[str] = set()
     for name in dict.fromkeys(names):
         bench = known[name]

@@ -378,13 +378,8 @@ class DataLoader(Generic[_T_co]):
                     "has no len() either, as in torch"
                 )
             self._len_called = length = int(info.length)  # what torch compares batches with
-            if self.config.unbatched:
-                return length
-            return (
-                length // self.config.batch_size
-                if self.config.drop_last
-                else -(-length // self.config.batch_size)
-            )
+            # Unbatched (batch_size=None) is batch_size 1: its length in samples.
+            return sampling.num_batches(length, self.config.batch_size, self.config.drop_last)
         if self._sampling is not None:
             return len(self._sampling)
         length = len(self._dataset)

@@ -64,8 +64,7 @@ class Counters:
     ) -> None:
         with self._lock:
             self.slowest = max(self.slowest, result.seconds)
-        if result.layouts:  # a group cut short by a later batch delivers those before it
-            with self._lock:
+            if result.layouts:  # a group cut short by a later batch delivers those before it
                 self.built += len(result.layouts)
                 self.gathered += result.gathered
                 if also is not None:

@@ -114,7 +114,6 @@ class Owner:
         self.waiting_since: float | None = None
         self.blocked_by: str = ""  # the largest holder while it waited (label)
         self.reclaimed = 0  # slots the ring took out of this stream's hoard
-        self.longest_wait = 0.0  # seconds, of any one acquire
 
 
 _NOBODY = Owner("")
@@ -366,7 +365,6 @@ class SlotRing:
                 self._queue.remove(me)
                 owner.waiting_since = None
                 waited = time.monotonic() - start
-                owner.longest_wait = max(owner.longest_wait, waited)
                 self._cond.notify_all()  # the next in line may take what this one did not
             if self.on_wait is not None:
                 self.on_wait(owner, waited, owner.blocked_by)
