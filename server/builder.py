@@ -89,6 +89,11 @@ class Build:
     def index(self) -> int:
         return self.indices[0]
 
+    @property
+    def iterator(self) -> int:
+        """The IterableDataset iterator the step is of (-1: a map-style build)."""
+        return self.iterable.iterator if self.iterable is not None else -1
+
 
 @dataclass(frozen=True)
 class BatchFailure:
@@ -284,7 +289,7 @@ class Builder:
                 return self._built(build, result)
             if result.status == "exhausted":
                 build.lease.release()
-                return Built(build.index, build.lease, _pb2.Layout(), exhausted=True)
+                return Built(build.index, build.lease, _pb2.Layout(), iterator=build.iterator, exhausted=True)
             if result.status == "lost":  # an IterableDataset's iterator died with its process
                 build.lease.release()
                 raise Abort(
@@ -295,7 +300,10 @@ class Builder:
                 )
             if result.status == "error":  # the slot goes back once the error is sent
                 failure = BatchFailure.of(self.plan.dataset, build.index, result)
-                return Built(build.index, build.lease, _pb2.Layout(), seconds=result.seconds, error=failure)
+                return Built(
+                    build.index, build.lease, _pb2.Layout(), seconds=result.seconds, error=failure,
+                    iterator=build.iterator,
+                )  # fmt: skip
             build.lease.release()  # the worker is done with it
             if result.status == "closed":
                 raise Abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
@@ -313,16 +321,10 @@ class Builder:
     def _built(build: Build, result: Result) -> Built:
         layouts = [_pb2.Layout.FromString(raw) for raw in result.layouts]
         more = tuple(zip(build.indices[1 : len(layouts)], layouts[1:], strict=True))
-        if build.iterable is not None:
-            return Built(
-                build.index,
-                build.lease,
-                layouts[0],
-                seconds=result.seconds,
-                iterator=build.iterable.iterator,
-                iterator_state=result.iterator_state,
-            )
-        return Built(build.index, build.lease, layouts[0], more, result.seconds)
+        return Built(
+            build.index, build.lease, layouts[0], more, result.seconds,
+            iterator=build.iterator, iterator_state=result.iterator_state,
+        )  # fmt: skip
 
     def _restart(self, old: Build) -> Build:
         build = self._submit(

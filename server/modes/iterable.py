@@ -20,7 +20,7 @@ from collections.abc import Generator
 import grpc
 
 from batchferry.server import framing
-from batchferry.server.builder import Build
+from batchferry.server.builder import Build, Builder, Built
 from batchferry.server.iterators import IterStep
 from batchferry.server.plan import Plan
 from batchferry.server.status import Abort
@@ -73,47 +73,54 @@ class Steps:
         )
 
 
-def key_of(stream: Stream) -> tuple[int, int]:
-    """The stream's ticket, which names its iterators in the worker processes."""
-    key = stream.builder.ticket
-    if key == (0, 0):
+def hosting(ticket: tuple[int, int]) -> tuple[int, int]:
+    """A pool ticket, which names iterators in the worker processes ((0, 0): none was free)."""
+    if ticket == (0, 0):
         raise Abort(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "too many streams are open on this server to host another IterableDataset stream's iterators",
         )
-    return key
+    return ticket
+
+
+def next_built(builder: Builder, steps: Steps, pending: list[Build], window: int) -> Built | None:
+    """The iterators' next batch, in torch's round robin, with up to ``window`` steps kept
+    in flight in ``pending`` (oldest first); None once every iterator is exhausted."""
+    while True:
+        while len(pending) < window:
+            step = steps.next()
+            if step is None:
+                break
+            build = builder.start_step(step, wait=not pending)
+            if build is None:
+                steps.undo(step)
+                break
+            pending.append(build)
+        if not pending:
+            return None
+        built = builder.finish(pending.pop(0))
+        if not built.exhausted:
+            return built
+        steps.ended[built.iterator] = True
 
 
 def send(stream: Stream) -> Generator[bytes, None, bool]:
     plan, messages, builder = stream.plan, stream.messages, stream.builder
     sharded = plan.settings is not None
-    steps = Steps(plan, key_of(stream), plan.rank if sharded else 0, plan.world_size if sharded else 1)
+    steps = Steps(
+        plan, hosting(builder.ticket), plan.rank if sharded else 0, plan.world_size if sharded else 1
+    )
     pending: list[Build] = []  # in the order the steps were given
     position = plan.start_batch  # the epoch's next batch index
     sent = 0
     yield framing.start_frame(0, stream.order, position)
     try:
         while True:
-            granted = min(messages.granted - sent, plan.credits)
-            window = stream.build_window(granted)
-            while len(pending) < window:
-                step = steps.next()
-                if step is None:
-                    break
-                build = builder.start_step(step, wait=not pending)
-                if build is None:
-                    steps.undo(step)
-                    break
-                pending.append(build)
-            if not pending:
+            window = stream.build_window(min(messages.granted - sent, plan.credits))
+            built = next_built(builder, steps, pending, window)
+            if built is None:
                 return True  # every iterator is exhausted
-            build = pending.pop(0)
-            assert build.iterable is not None
-            built = builder.finish(build)
-            if built.exhausted:
-                steps.ended[build.iterable.iterator] = True
-                continue
-            built = dataclasses.replace(built, index=position, iterator=build.iterable.iterator)
+            built = dataclasses.replace(built, index=position)
             if not (yield from stream.send(built, sent)):
                 return False
             sent += 1

@@ -23,7 +23,7 @@ from batchferry.server.plan import Plan
 from batchferry.server.status import Abort
 from batchferry.server.stream import Stream
 
-from .iterable import Steps
+from .iterable import Steps, hosting, next_built
 from .shared import SharedBatch, SharedEpoch, deliver, window
 
 __all__ = ["Producer", "SharedIterableEpoch", "send"]
@@ -34,12 +34,7 @@ class Producer:
 
     def __init__(self, plan: Plan, builder: Builder, window: int) -> None:
         self._closed = False
-        self._ticket = builder.pool.open_stream()
-        if self._ticket == (0, 0):
-            raise Abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "too many streams are open on this server to host another IterableDataset stream's iterators",
-            )
+        self._ticket = hosting(builder.pool.open_stream())
         # Its own builder: its builds belong to the job, not to the consumer that starts them.
         self._builder = dataclasses.replace(builder, ticket=self._ticket, active=lambda: not self._closed)
         self._steps = Steps(plan, self._ticket, 0, 1)
@@ -60,7 +55,7 @@ class Producer:
             if position != self.made:
                 raise Abort(grpc.StatusCode.INTERNAL, f"batch {position} asked of a job at batch {self.made}")
             try:
-                built = self._next()
+                built = next_built(self._builder, self._steps, self._pending, self._window)
             except Abort as exc:
                 self._failure = exc
                 raise
@@ -70,26 +65,6 @@ class Producer:
             built = dataclasses.replace(built, index=self.made)
             self.made += 1
             return built
-
-    def _next(self) -> Built | None:
-        while True:
-            while len(self._pending) < self._window:
-                step = self._steps.next()
-                if step is None:
-                    break
-                build = self._builder.start_step(step, wait=not self._pending)
-                if build is None:
-                    self._steps.undo(step)
-                    break
-                self._pending.append(build)
-            if not self._pending:
-                return None
-            build = self._pending.pop(0)
-            assert build.iterable is not None
-            built = self._builder.finish(build)
-            if not built.exhausted:
-                return dataclasses.replace(built, iterator=build.iterable.iterator)
-            self._steps.ended[build.iterable.iterator] = True
 
     def close(self) -> None:
         with self._lock:
